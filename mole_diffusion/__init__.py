@@ -1,0 +1,23 @@
+"""mole-diffusion: Mixture of LoRA Experts (MoLE) for Stable Diffusion, on diffusers."""
+
+from .experts import Expert, ExpertError, load_expert
+from .gate_file import GateFileError, load_gates, save_gates
+from .gates import Gate
+from .inject import MoLE, inject_experts
+from .layers import MoLELayer
+from .pipelines import MoLEStableDiffusionPipeline
+
+__version__ = "0.1.0"
+__all__ = [
+    "Expert",
+    "ExpertError",
+    "Gate",
+    "GateFileError",
+    "MoLE",
+    "MoLELayer",
+    "MoLEStableDiffusionPipeline",
+    "inject_experts",
+    "load_expert",
+    "load_gates",
+    "save_gates",
+]

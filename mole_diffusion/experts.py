@@ -1,0 +1,227 @@
+"""Experts (METHOD.md section 1): LoRA files read into per-module (A, B, alpha / r), checked against the base.
+
+Formats: diffusers/PEFT safetensors (``save_lora_weights`` output, with or without ``lora_adapter_metadata``),
+PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``) and kohya/A1111 safetensors.
+Key conversion is diffusers' own (``lora_state_dict``, ``convert_*_to_peft``); scales follow the rules diffusers
+applies when it loads the same file, so one expert here equals ``load_lora_weights`` there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+class ExpertError(ValueError):
+    """A LoRA file that cannot be used: missing, unreadable, or not fitting the base model."""
+
+
+@dataclass
+class LoRAWeights:
+    down: torch.Tensor  # A: (r, d_in) or (r, C_in, kh, kw)
+    up: torch.Tensor  # B: (d_out, r) or (C_out, r, 1, 1)
+    scale: float  # alpha / r
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass
+class Expert:
+    """One LoRA: ``layers`` maps "unet.<module>" / "text_encoder.<module>" to its weights."""
+
+    name: str
+    path: str
+    layers: dict[str, LoRAWeights] = field(repr=False)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the converted tensors and scales: the same for a kohya file and its diffusers twin."""
+        digest = hashlib.sha256()
+        for module in sorted(self.layers):
+            lora = self.layers[module]
+            digest.update(f"{module}:{lora.scale!r}".encode())
+            for tensor in (lora.down, lora.up):
+                digest.update(str(tuple(tensor.shape)).encode())
+                digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExpertError(f"{path}: not a readable safetensors LoRA file ({e})") from e
+
+
+def _read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict] | None]:
+    """Tensors and, where the file has it, the LoraConfig dict per component (None: no metadata)."""
+    path = Path(path)
+    if not path.exists():
+        raise ExpertError(f"{path}: LoRA file not found")
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():  # a PEFT adapter folder
+            tensors, _ = _read_safetensors(_only_safetensors(path / "adapter_model.safetensors"))
+            config = json.loads((path / "adapter_config.json").read_text())
+            tensors = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+            return tensors, {"": config}
+        path = _only_safetensors(path / "pytorch_lora_weights.safetensors")
+    elif path.suffix != ".safetensors":
+        raise ExpertError(f"{path}: only .safetensors LoRA files are read (pickled files are never unpickled)")
+    tensors, metadata = _read_safetensors(path)
+    if "lora_adapter_metadata" not in metadata:
+        return tensors, None
+    packed = json.loads(metadata["lora_adapter_metadata"])  # {"unet.r": 4, "unet.lora_alpha": 8, ...}
+    configs: dict[str, dict] = {}
+    for key, value in packed.items():
+        component, _, option = key.partition(".")
+        configs.setdefault(component, {})[option] = value
+    return tensors, configs
+
+
+def _only_safetensors(path: Path) -> Path:
+    if not path.exists():
+        raise ExpertError(f"{path}: LoRA file not found (only .safetensors files are read)")
+    return path
+
+
+def _split_components(tensors: dict[str, torch.Tensor], text_encoder: nn.Module | None):
+    """diffusers' key conversion: kohya -> diffusers -> PEFT keys, split by component."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(tensors))
+    # Alphas are keyed by their lora_down key + ".alpha": run them through the same renaming as the tensors.
+    alpha_tensors = {k.removesuffix(".alpha"): torch.tensor(float(v)) for k, v in (network_alphas or {}).items()}
+    out = {}
+    for component in COMPONENTS:
+        for source, is_alpha in ((state_dict, False), (alpha_tensors, True)):
+            part = {k.removeprefix(f"{component}."): v for k, v in source.items() if k.startswith(f"{component}.")}
+            if component == "unet" and not any(k.startswith(f"{c}.") for c in COMPONENTS for k in source):
+                part = dict(source)  # unprefixed files are UNet LoRAs, as in diffusers
+            if not part:
+                continue
+            if component == "unet":
+                part = part if any("lora_A" in k for k in part) else convert_unet_state_dict_to_peft(part)
+            else:
+                part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+                if text_encoder is not None and not hasattr(text_encoder, "text_model"):
+                    part = {k.removeprefix("text_model."): v for k, v in part.items()}
+            out.setdefault(component, [{}, {}])[is_alpha].update(part)
+    return out
+
+
+def _scale(module: str, rank: int, config: dict | None, alphas: dict[str, torch.Tensor]) -> float:
+    """alpha / r as diffusers/PEFT would set it for ``module``."""
+    if config is not None:  # a LoraConfig: lora_alpha with per-module alpha_pattern
+        from peft.utils.other import get_pattern_key
+
+        alpha_pattern = config.get("alpha_pattern") or {}
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank))
+        return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    alpha = alphas.get(f"{module}.lora_A.weight")
+    return 1.0 if alpha is None else float(alpha) / rank  # no alpha: diffusers' alpha == rank
+
+
+def _check_fits(path, component: str, module_name: str, model: nn.Module, down: torch.Tensor, up: torch.Tensor):
+    where = f"{path}: {component}.{module_name}"
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ExpertError(f"{where}: the base model's {component} has no such module") from None
+    if isinstance(module, nn.Linear):
+        expected = ((down.shape[0], module.in_features), (module.out_features, down.shape[0]))
+    elif isinstance(module, nn.Conv2d) and module.groups == 1:
+        expected = ((down.shape[0], module.in_channels, *module.kernel_size), (module.out_channels, down.shape[0], 1, 1))
+    else:
+        raise ExpertError(f"{where}: LoRA on {type(module).__name__} is not supported (Linear and Conv2d are)")
+    if (tuple(down.shape), tuple(up.shape)) != expected:
+        raise ExpertError(
+            f"{where}: LoRA shapes lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)} do not fit the base "
+            f"module {module} (weight {tuple(module.weight.shape)}; expected lora_A {expected[0]}, lora_B {expected[1]})"
+        )
+
+
+def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module]) -> Expert:
+    """Read one LoRA and check every module against ``models`` ({"unet": ..., "text_encoder": ...}).
+
+    Raises ``ExpertError`` naming the file, the module and both shapes when anything does not fit.
+    Nothing is changed in ``models``.
+    """
+    tensors, configs = _read_lora_file(path)
+    unsupported = sorted(k for k in tensors if "dora_scale" in k or "lora_magnitude_vector" in k or ".hada_" in k or ".lokr_" in k)
+    if unsupported:
+        raise ExpertError(f"{path}: {unsupported[0]}: DoRA/LyCORIS (LoHa, LoKr) files are not LoRA experts")
+    if configs is not None and "" in configs:  # PEFT adapter folder: find the component whose modules it names
+        modules = {k.split(".lora_")[0] for k in tensors}
+        component = next((c for c in COMPONENTS if c in models and all(_has(models[c], m) for m in modules)), "unet")
+        tensors = {f"{component}.{k}": v for k, v in tensors.items()}
+        configs = {component: configs[""]}
+    try:
+        parts = _split_components(tensors, models.get("text_encoder"))
+    except ExpertError:
+        raise
+    except Exception as e:  # diffusers raises ValueError/KeyError on keys it cannot convert
+        raise ExpertError(f"{path}: diffusers could not convert its keys ({type(e).__name__}: {e})") from e
+    if not parts:
+        raise ExpertError(f"{path}: no LoRA weights for a UNet or text encoder found (keys start: {list(tensors)[:3]})")
+
+    layers: dict[str, LoRAWeights] = {}
+    for component, (state, alphas) in parts.items():
+        if component not in models:
+            raise ExpertError(f"{path}: has {component} weights but the pipeline has no {component}")
+        for key in sorted(state):
+            if key.endswith(".lora_A.weight"):
+                continue
+            if not key.endswith(".lora_B.weight"):
+                raise ExpertError(f"{path}: unexpected key {component}.{key} (expected lora_A/lora_B weights)")
+        for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
+            module = key.removesuffix(".lora_A.weight")
+            up = state.get(f"{module}.lora_B.weight")
+            if up is None:
+                raise ExpertError(f"{path}: {component}.{module} has lora_A but no lora_B")
+            down = state[key]
+            _check_fits(path, component, module, models[component], down, up)
+            config = None if configs is None else configs.get(component)
+            layers[f"{component}.{module}"] = LoRAWeights(down, up, _scale(module, down.shape[0], config, alphas))
+    return Expert(name=name, path=str(path), layers=layers)
+
+
+def _has(model: nn.Module, module_name: str) -> bool:
+    try:
+        model.get_submodule(module_name)
+        return True
+    except AttributeError:
+        return False
+
+
+def expert_paths(experts: dict[str, str | os.PathLike] | list[str | os.PathLike]) -> dict[str, str]:
+    """{name: path}; a list takes names from file stems (a folder's own name for folders)."""
+    if isinstance(experts, dict):
+        named = {str(k): str(v) for k, v in experts.items()}
+    else:
+        named = {}
+        for p in experts:
+            stem = Path(p).stem if Path(p).suffix == ".safetensors" else Path(p).name
+            if stem in named:
+                raise ExpertError(f"two experts are named {stem!r} ({named[stem]}, {p}); pass a dict name -> path")
+            named[stem] = str(p)
+    if not named:
+        raise ExpertError("no experts given")
+    return named

@@ -1,0 +1,120 @@
+"""Gate files: the gates' tensors in safetensors, with what they were trained for in the metadata.
+
+Metadata: format version, expert names in order, each expert's content hash, granularity, and the base
+model's name and a fingerprint of the adapted modules' shapes. ``load_gates`` refuses gates trained for
+other experts, another granularity or another base, and matches experts by name, so the order in which
+experts are passed does not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .inject import MoLE
+
+FORMAT = "mole-diffusion-gates"
+FORMAT_VERSION = "1"
+logger = logging.getLogger(__name__)
+
+
+class GateFileError(ValueError):
+    """A gate file that does not belong to the loaded base model and experts."""
+
+
+def base_fingerprint(mole: MoLE) -> str:
+    """sha256 of each adapted module's name and base weight shape."""
+    shapes = sorted(f"{name}:{tuple(layer.base_layer.weight.shape)}" for name, layer in mole.layers.items())
+    return hashlib.sha256("\n".join(shapes).encode()).hexdigest()
+
+
+def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> None:
+    """Write ``mole``'s gates to ``path`` atomically (a temporary file, then a rename)."""
+    tensors = {}
+    for name, gate in mole.gates.items():
+        for key, param in gate.named_parameters():
+            tensors[f"{name}.{key}"] = param.detach().float().cpu().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "expert_names": json.dumps(mole.expert_names),
+        "expert_hashes": json.dumps({e.name: e.content_hash for e in mole.experts}),
+        "granularity": mole.granularity,
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint(mole),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_gate_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise GateFileError(f"{path}: gate file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GateFileError(f"{path}: not a readable safetensors gate file ({e})") from e
+    if metadata.get("format") != FORMAT:
+        raise GateFileError(f"{path}: not a mole-diffusion gate file (metadata format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise GateFileError(f"{path}: gate file format version {metadata.get('format_version')}, this version reads {FORMAT_VERSION}")
+    return tensors, metadata
+
+
+@torch.no_grad()
+def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> None:
+    """Load gates saved by ``save_gates`` into ``mole``, after checking they were trained for it."""
+    tensors, meta = read_gate_file(path)
+    saved_names = json.loads(meta["expert_names"])
+    saved_hashes = json.loads(meta["expert_hashes"])
+    names = mole.expert_names
+    if sorted(saved_names) != sorted(names):
+        missing = [n for n in saved_names if n not in names]
+        extra = [n for n in names if n not in saved_names]
+        raise GateFileError(
+            f"{path}: gates were trained for experts {saved_names}, but {names} are loaded"
+            + (f" (missing: {missing})" if missing else "") + (f" (not in the gate file: {extra})" if extra else "")
+        )
+    hashes = {e.name: e.content_hash for e in mole.experts}
+    for name in saved_names:
+        if hashes[name] != saved_hashes[name]:
+            owner = next((n for n, h in saved_hashes.items() if h == hashes[name]), None)
+            hint = f"; it holds the LoRA the gates knew as {owner!r} (experts swapped?)" if owner else ""
+            raise GateFileError(
+                f"{path}: expert {name!r} ({mole.experts[names.index(name)].path}) is not the LoRA these gates were "
+                f"trained with (content hash {hashes[name][:12]} vs {saved_hashes[name][:12]}){hint}"
+            )
+    if meta["granularity"] != mole.granularity:
+        raise GateFileError(
+            f"{path}: gates have granularity {meta['granularity']!r}, experts were loaded with {mole.granularity!r}; "
+            f"load_experts(..., granularity={meta['granularity']!r})"
+        )
+    if meta["base_fingerprint"] != base_fingerprint(mole):
+        raise GateFileError(
+            f"{path}: gates were trained on another base model ({meta['base_model'] or 'unnamed'}, adapted-shape "
+            f"fingerprint {meta['base_fingerprint'][:12]}); this one ({base_model or 'unnamed'}) has "
+            f"{base_fingerprint(mole)[:12]}"
+        )
+    if meta["base_model"] and base_model and meta["base_model"] != base_model:
+        logger.warning("%s: gates were trained on %s, loading into %s (same shapes)", path, meta["base_model"], base_model)
+
+    order = [saved_names.index(n) for n in names]  # file's expert order -> loaded order
+    expected = {f"{g}.{k}" for g, gate in mole.gates.items() for k, _ in gate.named_parameters()}
+    if set(tensors) != expected:
+        raise GateFileError(f"{path}: gate tensors do not match the injected gates (first difference: {sorted(set(tensors) ^ expected)[:1]})")
+    for name, gate in mole.gates.items():
+        gate.weight.copy_(tensors[f"{name}.weight"][order])
+        gate.bias.copy_(tensors[f"{name}.bias"][order])
+        gate.log_temperature.copy_(tensors[f"{name}.log_temperature"])

@@ -1,0 +1,223 @@
+"""Injection: wrap every module an expert adapts in a ``MoLELayer`` and put a ``Gate`` on every block.
+
+``inject_experts`` is the one function that changes a model; ``MoLE`` (what it returns) switches experts on
+and off, holds constant weights, fuses them, and restores the original modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+from .experts import Expert
+from .gates import Gate
+from .layers import MoLELayer
+
+GRANULARITIES = ("block", "layer", "network")
+# METHOD.md section 2: one gate per Transformer2DModel / CLIPEncoderLayer; LoRAs outside one (resnet convs)
+# share their ResnetBlock2D's gate. A module in none of these gets a gate of its own.
+BLOCK_TYPES = (Transformer2DModel, CLIPEncoderLayer, ResnetBlock2D)
+
+
+def _gate_scope(component: str, model: nn.Module, module_name: str, granularity: str) -> str:
+    """Name (inside ``model``) of the module whose input the gate of ``module_name`` reads."""
+    if granularity == "layer":
+        return module_name
+    if granularity == "network":
+        # UNet: the prompt embedding (encoder_hidden_states), known before any adapted module runs.
+        # Text encoder: the token embeddings entering the encoder.
+        return "" if component == "unet" else module_name[: module_name.index("encoder.layers.")] + "encoder"
+    parts = module_name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        scope = ".".join(parts[:end])
+        if isinstance(model.get_submodule(scope), BLOCK_TYPES):
+            return scope
+    return module_name
+
+
+def _scope_input(scope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a gate reads, from its scope module's forward arguments."""
+    if isinstance(scope, nn.Module) and hasattr(scope, "conv_in") and hasattr(scope, "time_embedding"):  # a UNet
+        return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+    for key in ("hidden_states", "input_tensor", "inputs_embeds"):
+        if key in kwargs:
+            return kwargs[key]
+    return args[0]
+
+
+class MoLE:
+    """The experts injected into a pipeline's models, their gates, and the switches over them."""
+
+    def __init__(self, experts: list[Expert], granularity: str):
+        self.experts = experts
+        self.granularity = granularity
+        self.gates: dict[str, Gate] = {}  # "unet.down_blocks.0.attentions.0" -> Gate
+        self.layers: dict[str, MoLELayer] = {}  # "unet.down_blocks.0...to_q" -> MoLELayer
+        self._originals: dict[str, tuple[nn.Module, str, nn.Module]] = {}  # name -> (parent, attr, original)
+        self._gate_homes: dict[str, tuple[nn.Module, torch.utils.hooks.RemovableHandle]] = {}
+        self.active: list[str] = list(self.expert_names)
+        self.constant_weights: list[float] | None = None  # full length N, or None for learned gates
+        self.fused = False
+        self.record = False
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [p for gate in self.gates.values() for p in gate.parameters()]
+
+    # -- switching ------------------------------------------------------------------------------------
+    def set_experts(self, names: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> None:
+        """Active experts (None: all). With ``weights`` (in the order of ``names``), constant weights replace
+        the gates (NLA with those weights; all ones is the plain sum); masked experts weigh 0."""
+        if self.fused:
+            raise RuntimeError("experts are fused into the base weights: call unfuse_experts() first")
+        names = list(self.expert_names if names is None else names)
+        unknown = [n for n in names if n not in self.expert_names]
+        if unknown:
+            raise ValueError(f"unknown expert(s) {unknown}; loaded experts are {self.expert_names}")
+        if not names:
+            raise ValueError("masking every expert leaves nothing to mix; pass at least one expert name")
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if len(weights) != len(names):
+                raise ValueError(f"{len(weights)} weights given for {len(names)} experts {names}")
+            if any(w != w for w in weights):
+                raise ValueError(f"weights contain NaN: {weights}")
+            by_name = dict(zip(names, weights))
+            weights = [by_name.get(n, 0.0) for n in self.expert_names]
+        self.active, self.constant_weights = names, weights
+        mask = torch.tensor([n in names for n in self.expert_names])
+        for gate in self.gates.values():
+            gate.mask.copy_(mask)
+            if weights is not None:
+                gate.constant.copy_(torch.tensor([weights]))
+
+    # -- fusing ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Add the constant-weight delta into each base weight (zero-overhead inference)."""
+        if self.constant_weights is None:
+            raise RuntimeError("only constant weights can be fused: call set_experts(names, weights) first")
+        if self.fused:
+            return
+        for layer in self.layers.values():
+            weight = layer.base_layer.weight
+            layer.unfused_weight = weight.detach().to("cpu", copy=True)  # unfuse restores it bit for bit
+            weight.add_(layer.constant_delta_weight().to(weight.dtype))
+            layer.fused = True
+        self.fused = True
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        for layer in self.layers.values():
+            if layer.fused:
+                layer.base_layer.weight.copy_(layer.unfused_weight)
+                del layer.unfused_weight
+                layer.fused = False
+        self.fused = False
+
+    def remove(self) -> None:
+        """Put every original module back and drop gates and hooks."""
+        self.unfuse()
+        for parent, attr, original in self._originals.values():
+            setattr(parent, attr, original)
+        for home, handle in self._gate_homes.values():
+            handle.remove()
+            if hasattr(home, "mole_gate"):
+                del home.mole_gate
+        self.gates, self.layers, self._originals, self._gate_homes = {}, {}, {}, {}
+
+    # -- gate weights of the last run ----------------------------------------------------------------
+    def clear_history(self) -> None:
+        for gate in self.gates.values():
+            gate.history = []
+
+    def gate_history(self) -> dict[str, torch.Tensor]:
+        """{gate name: (calls, batch, N)}: for UNet gates one call per denoising step."""
+        return {name: torch.stack(g.history).cpu() for name, g in self.gates.items() if g.history}
+
+
+def inject_experts(
+    models: dict[str, nn.Module],
+    experts: list[Expert],
+    granularity: str = "block",
+    prior_weights: Sequence[float] | None = None,
+) -> MoLE:
+    """Wrap the modules the experts adapt and attach the gates; ``models`` is {"unet": ..., "text_encoder": ...}.
+
+    Experts must have been loaded against these models (``load_expert`` checks every shape first), so
+    nothing here can fail half-way.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    n = len(experts)
+    prior = torch.full((n,), 1.0 / n) if prior_weights is None else torch.tensor([float(w) for w in prior_weights])
+    if prior.shape != (n,) or not bool((prior > 0).all()):
+        raise ValueError(f"prior_weights must be {n} positive numbers (one per expert), got {prior_weights}")
+    mole = MoLE(experts, granularity)
+
+    module_names = sorted({m for e in experts for m in e.layers}, key=lambda m: (m.split(".")[0], m))
+    for full_name in module_names:
+        component, module_name = full_name.split(".", 1)
+        model = models[component]
+        base = model.get_submodule(module_name)
+        covering = [(i, e.layers[full_name]) for i, e in enumerate(experts) if full_name in e.layers]
+        lora_A = torch.cat([lora.down for _, lora in covering]).float()
+        lora_B = torch.cat([lora.up for _, lora in covering], dim=1).float()
+        rank_expert = torch.cat([torch.full((lora.rank,), i) for i, lora in covering])
+        rank_scale = torch.cat([torch.full((lora.rank,), lora.scale) for _, lora in covering])
+
+        scope = _gate_scope(component, model, module_name, granularity)
+        gate_name = f"{component}.{scope}" if scope else component
+        if gate_name not in mole.gates:
+            in_features = _gate_in_features(model, scope, base)
+            mole.gates[gate_name] = Gate(n, in_features, prior).to(base.weight.device)
+        layer = MoLELayer(base, lora_A, lora_B, rank_expert, rank_scale, mole.gates[gate_name])
+
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, layer)
+        mole._originals[full_name] = (parent, attr, base)
+        mole.layers[full_name] = layer
+
+    for gate_name, gate in mole.gates.items():
+        component, _, scope = gate_name.partition(".")
+        home = models[component].get_submodule(scope)  # for "layer" this is the MoLELayer itself
+        home.mole_gate = gate  # a submodule of its block, so .to(device/dtype) moves it along
+        handle = home.register_forward_pre_hook(_make_gate_hook(mole, gate), with_kwargs=True)
+        mole._gate_homes[gate_name] = (home, handle)
+    return mole
+
+
+def _gate_in_features(model: nn.Module, scope: str, base: nn.Module) -> int:
+    if scope == "":  # the UNet's network gate reads the prompt embedding
+        return model.config.cross_attention_dim
+    home = model.get_submodule(scope)
+    if home is base:
+        return base.in_features if isinstance(base, nn.Linear) else base.in_channels
+    if isinstance(home, Transformer2DModel):
+        return home.in_channels
+    if isinstance(home, ResnetBlock2D):
+        return home.in_channels
+    if hasattr(home, "layers"):  # a CLIP encoder (network gate)
+        return home.layers[0].embed_dim
+    return home.embed_dim  # CLIPEncoderLayer
+
+
+def _make_gate_hook(mole: MoLE, gate: Gate):
+    def hook(scope: nn.Module, args: tuple, kwargs: dict) -> None:
+        if mole.constant_weights is not None:
+            gate.weights = gate.constant
+        else:
+            gate.weights = gate(_scope_input(scope, args, kwargs))
+        if mole.record:
+            gate.history.append(gate.weights.detach())
+
+    return hook
