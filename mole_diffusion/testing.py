@@ -71,14 +71,17 @@ def make_clip_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def make_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random Stable Diffusion pipeline folder (loadable with ``from_pretrained``) to ``path``."""
+def make_tiny_pipeline(path: str | os.PathLike, seed: int = 0, **unet_config) -> Path:
+    """Write a tiny random Stable Diffusion pipeline folder (loadable with ``from_pretrained``) to ``path``.
+
+    ``unet_config`` overrides entries of ``TINY_UNET_CONFIG`` (for a differently shaped base).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     path = Path(path)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, **unet_config})
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     tokenizer = make_clip_tokenizer(path / "tokenizer")

@@ -80,10 +80,10 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
             del self.unet.__dict__["_mole"]
 
     def save_gates(self, path: str | os.PathLike) -> None:
-        save_gates(self._require_mole(), path, base_model=self.name_or_path or "")
+        save_gates(self._require_mole(), path, base_model=str(self.name_or_path or ""))
 
     def load_gates(self, path: str | os.PathLike) -> None:
-        load_gates(self._require_mole(), path, base_model=self.name_or_path or "")
+        load_gates(self._require_mole(), path, base_model=str(self.name_or_path or ""))
 
     @property
     def gate_weights(self) -> dict[str, torch.Tensor]:

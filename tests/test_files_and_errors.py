@@ -1,0 +1,135 @@
+"""Gate files (round trip and refusals) and bad LoRA files: clear errors, nothing changed."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import generate, load
+from mole_diffusion import ExpertError, GateFileError, MoLELayer
+from mole_diffusion.testing import make_tiny_lora, make_tiny_pipeline
+from test_pipeline import randomise_gates
+
+
+@pytest.fixture
+def trained(world, mole_pipe, tmp_path):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    randomise_gates(mole_pipe)
+    path = tmp_path / "gates.safetensors"
+    mole_pipe.save_gates(path)
+    return mole_pipe, path
+
+
+def test_gate_round_trip_is_exact_and_order_free(world, trained):
+    pipe, path = trained
+    expected = generate(pipe)
+    same = load(world["base"])
+    same.load_experts({"a": world["a"], "b": world["b"]})
+    same.load_gates(path)
+    np.testing.assert_array_equal(generate(same), expected)
+    fresh = load(world["base"])
+    fresh.load_experts({"b": world["b"], "a": world["a"]})  # the other order: matched by name
+    fresh.load_gates(path)
+    np.testing.assert_allclose(generate(fresh), expected, atol=1e-5)  # sums in another order: rounding only
+    for name, gate in pipe.mole.gates.items():
+        other = fresh.mole.gates[name]
+        assert torch.equal(gate.weight, other.weight[[1, 0]]) and torch.equal(gate.bias, other.bias[[1, 0]])
+        assert torch.equal(gate.log_temperature, other.log_temperature)
+
+
+def test_gate_file_refuses_other_experts(world, trained):
+    _, path = trained
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "c": world["c"]})
+    with pytest.raises(GateFileError, match=r"trained for experts \['a', 'b'\].*missing: \['b'\]"):
+        pipe.load_gates(path)
+
+
+def test_gate_file_refuses_swapped_experts(world, trained):
+    _, path = trained
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["b"], "b": world["a"]})
+    with pytest.raises(GateFileError, match=r"expert 'a'.*not the LoRA.*knew as 'b'"):
+        pipe.load_gates(path)
+
+
+def test_gate_file_refuses_other_granularity(world, trained):
+    _, path = trained
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]}, granularity="layer")
+    with pytest.raises(GateFileError, match="granularity 'block'"):
+        pipe.load_gates(path)
+
+
+def test_gate_file_refuses_other_base(world, trained, tmp_path):
+    _, path = trained
+    other = make_tiny_pipeline(tmp_path / "other", block_out_channels=(48, 64))
+    pipe = load(other)
+    pipe.load_experts({"a": make_tiny_lora(other, tmp_path / "a.safetensors", rank=4, alpha=2, seed=1),
+                       "b": make_tiny_lora(other, tmp_path / "b.safetensors", rank=2, alpha=4, seed=2)})
+    # other LoRA tensors too, so the expert hashes would refuse first: give the file this run's hashes
+    tensors = load_file(path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    import json
+    meta["expert_hashes"] = json.dumps({e.name: e.content_hash for e in pipe.mole.experts})
+    save_file(tensors, str(tmp_path / "g.safetensors"), metadata=meta)
+    with pytest.raises(GateFileError, match="another base model"):
+        pipe.load_gates(tmp_path / "g.safetensors")
+
+
+def test_gate_file_missing_or_not_a_gate_file(world, trained, tmp_path):
+    pipe, _ = trained
+    with pytest.raises(GateFileError, match="not found"):
+        pipe.load_gates(tmp_path / "nope.safetensors")
+    with pytest.raises(GateFileError, match="not a mole-diffusion gate file"):
+        pipe.load_gates(world["a"])
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(GateFileError, match="junk.safetensors: not a readable"):
+        pipe.load_gates(tmp_path / "junk.safetensors")
+
+
+def assert_untouched(pipe):
+    assert pipe.mole is None
+    assert not any(isinstance(m, MoLELayer) for m in pipe.unet.modules())
+
+
+def test_lora_that_does_not_fit_is_refused_before_any_change(world, mole_pipe, tmp_path):
+    other = make_tiny_pipeline(tmp_path / "other", block_out_channels=(48, 64))
+    wrong = make_tiny_lora(other, tmp_path / "wrong.safetensors", text_encoder=False)
+    with pytest.raises(ExpertError) as e:
+        mole_pipe.load_experts({"a": world["a"], "wrong": wrong})
+    message = str(e.value)
+    assert "wrong.safetensors" in message and "unet.down_blocks.0.attentions.0" in message
+    assert "(4, 48)" in message and "in_features=32" in message  # the file's shape and the base module's
+    assert_untouched(mole_pipe)
+
+
+def test_lora_for_a_missing_module_is_refused(world, mole_pipe, tmp_path):
+    tensors = load_file(world["b"])
+    tensors["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(2, 32)
+    tensors["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(32, 2)
+    save_file(tensors, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ExpertError, match=r"extra.safetensors: unet.no_such_block.to_q: .* no such module"):
+        mole_pipe.load_experts([tmp_path / "extra.safetensors"])
+    assert_untouched(mole_pipe)
+
+
+def test_missing_corrupt_and_pickled_files(mole_pipe, tmp_path):
+    with pytest.raises(ExpertError, match="nope.safetensors: LoRA file not found"):
+        mole_pipe.load_experts([tmp_path / "nope.safetensors"])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ExpertError, match="bad.safetensors: not a readable safetensors"):
+        mole_pipe.load_experts([tmp_path / "bad.safetensors"])
+    torch.save({"x": torch.zeros(1)}, tmp_path / "old.bin")
+    with pytest.raises(ExpertError, match="never unpickled"):
+        mole_pipe.load_experts([tmp_path / "old.bin"])
+    assert_untouched(mole_pipe)
+
+
+def test_bad_prior_weights(world, mole_pipe):
+    with pytest.raises(ValueError, match="prior_weights must be 2 positive numbers"):
+        mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, prior_weights=[1.0, 0.0])
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        mole_pipe.load_experts({"a": world["a"]}, granularity="pixel")

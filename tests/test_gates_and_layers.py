@@ -1,0 +1,122 @@
+"""Gate math (METHOD.md section 2, 4) and the concatenated low-rank product (section 3)."""
+
+import pytest
+import torch
+from torch import nn
+
+from mole_diffusion import Gate, MoLELayer
+from mole_diffusion.gates import token_mean_direction
+
+
+def random_gate(n=3, c=16, seed=0):
+    gate = Gate(n, c)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(n, c, generator=g))
+        gate.bias.copy_(torch.randn(n, generator=g))
+        gate.log_temperature.fill_(0.3)
+    return gate
+
+
+def test_untrained_gate_returns_prior_for_any_input():
+    prior = torch.tensor([0.2, 0.5, 0.3])
+    gate = Gate(3, 16, prior)
+    for shape in [(2, 77, 16), (2, 16, 8, 8), (2, 16, 32, 32), (2, 16)]:
+        out = gate(torch.randn(shape))
+        assert out.shape == (2, 3)
+        torch.testing.assert_close(out, prior.expand(2, 3))
+
+
+def test_gate_input_is_mean_token_direction_and_resolution_independent():
+    h = torch.randn(2, 16, 8, 8)
+    expected = (h / h.norm(dim=1, keepdim=True)).mean(dim=(2, 3))
+    torch.testing.assert_close(token_mean_direction(h), expected)
+    # the same feature map upsampled (each token repeated) gives the same gate input
+    torch.testing.assert_close(token_mean_direction(h.repeat_interleave(2, 2).repeat_interleave(2, 3)), expected)
+    tokens = h.flatten(2).transpose(1, 2)  # (B, L, C) layout of the same tokens
+    torch.testing.assert_close(token_mean_direction(tokens), expected)
+
+
+def test_temperature_scales_logits():
+    gate = random_gate()
+    f = torch.randn(4, 16)
+    logits = nn.functional.normalize(f, dim=-1) @ gate.weight.T + gate.bias
+    torch.testing.assert_close(gate(f), torch.softmax(logits / gate.log_temperature.exp(), -1))
+
+
+def test_masking_renormalises_proportionally():
+    gate = random_gate()
+    h = torch.randn(4, 10, 16)
+    full = gate(h)
+    gate.mask.copy_(torch.tensor([True, False, True]))
+    masked = gate(h)
+    m = gate.mask.float()
+    torch.testing.assert_close(masked, full * m / (full * m).sum(-1, keepdim=True))
+    assert (masked[:, 1] == 0).all()
+
+
+def per_expert_reference(x, base, experts, g):
+    """y = base(x) + sum_i G_i s_i B_i A_i x, one expert at a time."""
+    y = base(x)
+    for i, (down, up, scale) in enumerate(experts):
+        if isinstance(base, nn.Conv2d):
+            u = nn.functional.conv2d(x, down, None, base.stride, base.padding)
+            delta = nn.functional.conv2d(u, up)
+            y = y + g[:, i, None, None, None] * scale * delta
+        else:
+            y = y + g[:, i, None, None] * scale * (x @ down.T @ up.T)
+    return y
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_concatenated_product_equals_per_expert_sum(kind):
+    torch.manual_seed(0)
+    ranks, scales = [4, 2, 3], [0.5, 2.0, 1.0]
+    if kind == "linear":
+        base, x = nn.Linear(16, 24), torch.randn(3, 10, 16)
+        experts = [(torch.randn(r, 16), torch.randn(24, r), s) for r, s in zip(ranks, scales)]
+    else:
+        base, x = nn.Conv2d(8, 12, 3, padding=1), torch.randn(3, 8, 6, 6)
+        experts = [(torch.randn(r, 8, 3, 3), torch.randn(12, r, 1, 1), s) for r, s in zip(ranks, scales)]
+    gate = Gate(3, 4)
+    gate.weights = torch.softmax(torch.randn(3, 3), -1)  # per-sample weights
+    layer = MoLELayer(
+        base,
+        torch.cat([d for d, _, _ in experts]),
+        torch.cat([u for _, u, _ in experts], dim=1),
+        torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)]),
+        torch.cat([torch.full((r,), s) for r, s in zip(ranks, scales)]),
+        gate,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), per_expert_reference(x, base, experts, gate.weights), rtol=1e-4, atol=1e-4)
+
+
+def count_gates(pipe, granularity, world):
+    pipe.load_experts({"a": world["a"], "c": world["c"]}, granularity=granularity)
+    gates = pipe.mole.gates
+    counts = {c: sum(name.startswith(c + ".") or name == c for name in gates) for c in ("unet", "text_encoder")}
+    pipe.unload_experts()
+    return counts
+
+
+def test_gate_counts_per_granularity(world, mole_pipe):
+    unet, te = mole_pipe.unet, mole_pipe.text_encoder
+    transformers = [n for n, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel"]
+    resnets = [n for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    te_layers = len(te.encoder.layers)
+    # a: attention q/k/v/out everywhere; c: to_q/to_v plus resnet conv1 (UNet only)
+    assert count_gates(mole_pipe, "block", world) == {"unet": len(transformers) + len(resnets), "text_encoder": te_layers}
+    adapted_unet = [n for n, m in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0", "conv1"))]
+    adapted_te = [n for n, m in te.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))]
+    assert count_gates(mole_pipe, "layer", world) == {"unet": len(adapted_unet), "text_encoder": len(adapted_te)}
+    assert count_gates(mole_pipe, "network", world) == {"unet": 1, "text_encoder": 1}
+    assert len(transformers) == 4 and te_layers == 2  # the tiny checkpoint's shape, so the counts above mean something
+
+
+def test_block_modules_share_their_blocks_gate(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"]})
+    layers = mole_pipe.mole.layers
+    q = layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    k = layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert q.gate is k.gate is mole_pipe.mole.gates["unet.down_blocks.0.attentions.0"]
