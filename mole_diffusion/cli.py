@@ -64,7 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda, else float32")
     gen.add_argument("--out", required=True, help="PNG file (with --num-images > 1: NAME-0.png, NAME-1.png, ...)")
+
+    tiny = sub.add_parser(
+        "tiny-checkpoint",
+        help="write a tiny random SD checkpoint and two LoRAs (offline; for tests and CI)",
+        epilog="example:\n  mole-diffusion tiny-checkpoint tiny\n  "
+        "mole-diffusion generate --base tiny/pipeline --lora tiny/dog.safetensors --lora tiny/hat.safetensors "
+        "--prompt 'a dog in a hat' --steps 4 --out tiny.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tiny.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya)")
     return parser
+
+
+def tiny_checkpoint(args: argparse.Namespace) -> None:
+    from .testing import make_tiny_lora, make_tiny_pipeline
+
+    out = Path(args.out)
+    base = make_tiny_pipeline(out / "pipeline")
+    print(f"wrote {base}")
+    for name, layout, seed in (("dog", "diffusers", 1), ("hat", "kohya", 2)):
+        print(f"wrote {make_tiny_lora(base, out / f'{name}.safetensors', rank=4, alpha=4, seed=seed, layout=layout)}")
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from .gate_file import GateFileError
 
     try:
-        generate(args)
+        {"generate": generate, "tiny-checkpoint": tiny_checkpoint}[args.command](args)
     except (ExpertError, GateFileError, FileNotFoundError, OSError, ValueError, RuntimeError) as e:
         print(f"mole-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 1

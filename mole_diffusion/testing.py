@@ -86,7 +86,8 @@ def make_tiny_pipeline(path: str | os.PathLike, seed: int = 0, **unet_config) ->
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     tokenizer = make_clip_tokenizer(path / "tokenizer")
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         unet=unet,
