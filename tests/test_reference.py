@@ -83,3 +83,44 @@ def test_peft_adapter_folder(world, mole_pipe, tmp_path):
     mole_pipe.load_experts([tmp_path / "peft_adapter"])
     assert mole_pipe.expert_names == ["peft_adapter"]
     torch.testing.assert_close(unet_output(mole_pipe), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_ranks_and_alphas_within_one_file(world, mole_pipe, ref_pipe, tmp_path):
+    """A kohya file with per-module alphas and ranks: each module scaled by its own alpha / rank.
+
+    diffusers 0.42 gives every UNet module of such a file the most common alpha (its alpha_pattern keys do not
+    match the module names), so the reference is PEFT's layers with each scale set to the file's alpha / rank.
+    """
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(world["a_kohya"])
+    downs = sorted(k for k in tensors if k.endswith(".lora_down.weight"))
+    for i, down in enumerate(downs):
+        module = down.removesuffix(".lora_down.weight")
+        tensors[f"{module}.alpha"] = torch.tensor(float(1 + i % 3))
+        if i % 4 == 0:  # every fourth module gets rank 2
+            tensors[down] = tensors[down][:2].contiguous()
+            tensors[f"{module}.lora_up.weight"] = tensors[f"{module}.lora_up.weight"][:, :2].contiguous()
+    save_file(tensors, str(tmp_path / "mixed.safetensors"))
+
+    mole_pipe.load_experts({"mixed": tmp_path / "mixed.safetensors"})
+    ref_pipe.load_lora_weights(tmp_path / "mixed.safetensors", adapter_name="mixed")
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_text_model_")):
+        for name, layer in getattr(ref_pipe, component).named_modules():
+            if isinstance(layer, LoraLayer):
+                key = prefix + name.replace(".", "_")
+                layer.scaling["mixed"] = float(tensors[f"{key}.alpha"]) / tensors[f"{key}.lora_down.weight"].shape[0]
+    torch.testing.assert_close(unet_output(mole_pipe), unet_output(ref_pipe), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(generate(mole_pipe), generate(ref_pipe), atol=1e-5)
+
+
+def test_diffusers_file_without_metadata_has_scale_one(world, mole_pipe, ref_pipe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(world["b"]), str(tmp_path / "no_metadata.safetensors"))  # no lora_adapter_metadata
+    mole_pipe.load_experts([tmp_path / "no_metadata.safetensors"])
+    assert {lora.scale for lora in mole_pipe.mole.experts[0].layers.values()} == {1.0}
+    ref_pipe.load_lora_weights(tmp_path / "no_metadata.safetensors", adapter_name="x")
+    torch.testing.assert_close(unet_output(mole_pipe), unet_output(ref_pipe), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(generate(mole_pipe), generate(ref_pipe), atol=1e-5)
