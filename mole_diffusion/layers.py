@@ -56,7 +56,10 @@ class MoLELayer(nn.Module):
             return y.add_(F.conv2d(u * g[:, :, None, None], self.lora_B))
         u = F.linear(x, self.lora_A)
         g = g.view(g.shape[0], *([1] * (u.dim() - 2)), g.shape[1])
-        return y.add_(F.linear(u * g, self.lora_B))
+        # In place where no gradient needs the unscaled u; addmm_ adds B u into y without a temporary.
+        u = u * g if torch.is_grad_enabled() else u.mul_(g)
+        y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), self.lora_B.t())
+        return y
 
     @torch.no_grad()
     def constant_delta_weight(self) -> torch.Tensor:

@@ -120,3 +120,19 @@ def test_block_modules_share_their_blocks_gate(world, mole_pipe):
     q = layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
     k = layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
     assert q.gate is k.gate is mole_pipe.mole.gates["unet.down_blocks.0.attentions.0"]
+
+
+def test_gradients_reach_every_gate_and_nothing_else(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "c": world["c"]})
+    unet = mole_pipe.unet
+    unet.requires_grad_(False)
+    for p in mole_pipe.mole.gate_parameters():
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    out = unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]),
+               encoder_hidden_states=torch.randn(2, 77, 32, generator=g)).sample
+    out.square().mean().backward()
+    for name, gate in mole_pipe.mole.gates.items():
+        if name.startswith("unet"):
+            assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0, name
+    assert all(p.grad is None for n, p in unet.named_parameters() if "mole_gate" not in n)
