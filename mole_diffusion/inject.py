@@ -42,7 +42,7 @@ def _gate_scope(component: str, model: nn.Module, module_name: str, granularity:
 
 def _scope_input(scope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden states a gate reads, from its scope module's forward arguments."""
-    if isinstance(scope, nn.Module) and hasattr(scope, "conv_in") and hasattr(scope, "time_embedding"):  # a UNet
+    if hasattr(scope, "conv_in") and hasattr(scope, "time_embedding"):  # a UNet
         return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
     for key in ("hidden_states", "input_tensor", "inputs_embeds"):
         if key in kwargs:
