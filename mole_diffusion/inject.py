@@ -76,14 +76,7 @@ class MoLE:
     def set_experts(self, names: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> None:
         """Active experts (None: all). With ``weights`` (in the order of ``names``), constant weights replace
         the gates (NLA with those weights; all ones is the plain sum); masked experts weigh 0."""
-        if self.fused:
-            raise RuntimeError("experts are fused into the base weights: call unfuse_experts() first")
-        names = list(self.expert_names if names is None else names)
-        unknown = [n for n in names if n not in self.expert_names]
-        if unknown:
-            raise ValueError(f"unknown expert(s) {unknown}; loaded experts are {self.expert_names}")
-        if not names:
-            raise ValueError("masking every expert leaves nothing to mix; pass at least one expert name")
+        names = self._checked(self.expert_names if names is None else names)
         if weights is not None:
             weights = [float(w) for w in weights]
             if len(weights) != len(names):
@@ -92,12 +85,28 @@ class MoLE:
                 raise ValueError(f"weights contain NaN: {weights}")
             by_name = dict(zip(names, weights))
             weights = [by_name.get(n, 0.0) for n in self.expert_names]
-        self.active, self.constant_weights = names, weights
+        self.constant_weights = weights
+        self.mask_experts(names)
+
+    def mask_experts(self, names: Sequence[str]) -> None:
+        """Switch experts on and off, keeping the mode: gates renormalise over ``names``; constant weights of
+        masked experts count as 0 until they are switched on again."""
+        self.active = names = self._checked(names)
         mask = torch.tensor([n in names for n in self.expert_names])
         for gate in self.gates.values():
             gate.mask.copy_(mask)
-            if weights is not None:
-                gate.constant.copy_(torch.tensor([weights]))
+            if self.constant_weights is not None:
+                gate.constant.copy_(torch.tensor([self.constant_weights]) * mask)
+
+    def _checked(self, names: Sequence[str]) -> list[str]:
+        if self.fused:
+            raise RuntimeError("experts are fused into the base weights: call unfuse_experts() first")
+        unknown = [n for n in names if n not in self.expert_names]
+        if unknown:
+            raise ValueError(f"unknown expert(s) {unknown}; loaded experts are {self.expert_names}")
+        if not names:
+            raise ValueError("masking every expert leaves nothing to mix; pass at least one expert name")
+        return list(names)
 
     # -- fusing ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -37,27 +37,19 @@ def test_gate_round_trip_is_exact_and_order_free(world, trained):
         assert torch.equal(gate.log_temperature, other.log_temperature)
 
 
-def test_gate_file_refuses_other_experts(world, trained):
+@pytest.mark.parametrize(
+    "experts, granularity, message",
+    [
+        ({"a": "a", "c": "c"}, "block", r"trained for experts \['a', 'b'\].*missing: \['b'\]"),  # other experts
+        ({"a": "b", "b": "a"}, "block", r"expert 'a'.*not the LoRA.*knew as 'b'"),  # swapped experts
+        ({"a": "a", "b": "b"}, "layer", "granularity 'block'"),  # other granularity
+    ],
+)
+def test_gate_file_refuses_what_it_was_not_trained_for(world, trained, experts, granularity, message):
     _, path = trained
     pipe = load(world["base"])
-    pipe.load_experts({"a": world["a"], "c": world["c"]})
-    with pytest.raises(GateFileError, match=r"trained for experts \['a', 'b'\].*missing: \['b'\]"):
-        pipe.load_gates(path)
-
-
-def test_gate_file_refuses_swapped_experts(world, trained):
-    _, path = trained
-    pipe = load(world["base"])
-    pipe.load_experts({"a": world["b"], "b": world["a"]})
-    with pytest.raises(GateFileError, match=r"expert 'a'.*not the LoRA.*knew as 'b'"):
-        pipe.load_gates(path)
-
-
-def test_gate_file_refuses_other_granularity(world, trained):
-    _, path = trained
-    pipe = load(world["base"])
-    pipe.load_experts({"a": world["a"], "b": world["b"]}, granularity="layer")
-    with pytest.raises(GateFileError, match="granularity 'block'"):
+    pipe.load_experts({name: world[file] for name, file in experts.items()}, granularity=granularity)
+    with pytest.raises(GateFileError, match=message):
         pipe.load_gates(path)
 
 

@@ -97,12 +97,9 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
         mole = self.mole
         if mole is None:
             return super().__call__(*args, **kwargs)
-        saved = (mole.active, mole.constant_weights)
+        saved = mole.active
         if experts is not None:
-            weights = None
-            if mole.constant_weights is not None:
-                weights = [mole.constant_weights[mole.expert_names.index(n)] for n in experts if n in mole.expert_names]
-            mole.set_experts(experts, weights)
+            mole.mask_experts(experts)
         mole.clear_history()
         mole.record = True
         try:
@@ -110,5 +107,4 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
         finally:
             mole.record = False
             if experts is not None:
-                active, constant = saved
-                mole.set_experts(active, None if constant is None else [constant[mole.expert_names.index(n)] for n in active])
+                mole.mask_experts(saved)
