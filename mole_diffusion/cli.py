@@ -15,6 +15,22 @@ GENERATE_EXAMPLE = """example:
   weights instead of gates; --experts dog runs with the other experts masked out.
 """
 
+TRAIN_GATES_EXAMPLE = """example:
+  mole-diffusion train-gates --base stable-diffusion-v1-5/stable-diffusion-v1-5 --concepts concepts.toml \\
+      --out runs/dog_hat --steps 400 --checkpoint-every 50
+
+  concepts.toml lists each concept's name, lora, images and prompt (see the README). Writes
+  runs/dog_hat/gates.safetensors, for `mole-diffusion generate --gates`. Add --resume to continue a
+  stopped run from its newest checkpoint.
+"""
+
+TRAIN_LORA_EXAMPLE = """example:
+  mole-diffusion train-lora --base stable-diffusion-v1-5/stable-diffusion-v1-5 --images data/dog \\
+      --prompt "a photo of sks dog" --out runs/dog --rank 16 --steps 500 --mixer orthogonal
+
+  Writes runs/dog/pytorch_lora_weights.safetensors (diffusers layout; a MoSLoRA mixer is folded into B).
+"""
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
@@ -65,6 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda, else float32")
     gen.add_argument("--out", required=True, help="PNG file (with --num-images > 1: NAME-0.png, NAME-1.png, ...)")
 
+    gates = sub.add_parser(
+        "train-gates",
+        help="train MoLE gates on each concept's reference images (LoRAs and base frozen)",
+        epilog=TRAIN_GATES_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gates.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
+    gates.add_argument("--concepts", required=True, help="concepts TOML file (name, lora, images, prompt per concept)")
+    gates.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
+    gates.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
+    _add_training_options(gates, steps=400, lr=5e-3, batch_size=2)
+
+    lora = sub.add_parser(
+        "train-lora",
+        help="train one concept's LoRA (DreamBooth, on PEFT); --mixer trains a MoSLoRA expert",
+        epilog=TRAIN_LORA_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lora.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
+    lora.add_argument("--images", required=True, help="folder of the concept's images")
+    lora.add_argument("--prompt", required=True, help='instance prompt, e.g. "a photo of sks dog"')
+    lora.add_argument("--class-prompt", help="prior preservation: class prompt (with --class-images)")
+    lora.add_argument("--class-images", help="prior preservation: folder of class images")
+    lora.add_argument("--rank", type=int, default=4)
+    lora.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
+    lora.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
+    lora.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder's attention")
+    lora.add_argument("--mixer", choices=("orthogonal", "kaiming"), help="train MoSLoRA with this mixer init")
+    _add_training_options(lora, steps=500, lr=1e-4, batch_size=1)
+
     tiny = sub.add_parser(
         "tiny-checkpoint",
         help="write a tiny random SD checkpoint and two LoRAs (offline; for tests and CI)",
@@ -75,6 +121,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya)")
     return parser
+
+
+def _add_training_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
+    parser.add_argument("--out", required=True, help="output folder (result, checkpoints/, log.csv, validation/)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--learning-rate", type=float, default=lr)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="K")
+    parser.add_argument("--keep-checkpoints", type=int, default=3)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--validation-prompt", action="append", dest="validation_prompts", metavar="PROMPT",
+                        help="repeat for several (default: the instance prompts)")
+    parser.add_argument("--validation-every", type=int, default=100, metavar="K")
+    parser.add_argument("--validation-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--validation-steps", type=int, default=25)
+
+
+TRAINING_OPTIONS = (
+    "steps", "learning_rate", "batch_size", "gradient_accumulation_steps", "resolution", "prior_loss_weight", "seed",
+    "mixed_precision", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints", "resume",
+    "validation_every", "validation_seeds", "validation_steps",
+)
+
+
+def _training_settings(args: argparse.Namespace) -> dict:
+    settings = {name: getattr(args, name) for name in TRAINING_OPTIONS}
+    return dict(settings, output_dir=Path(args.out), validation_prompts=args.validation_prompts or [])
+
+
+def train_gates(args: argparse.Namespace) -> Path:
+    from .train import GateTrainingConfig
+    from .train import train_gates as run
+
+    config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
+                                balance_weight=args.balance_weight, **_training_settings(args))
+    path = run(config)
+    print(f"wrote {path}")
+    return path
+
+
+def train_lora(args: argparse.Namespace) -> Path:
+    from .train import LoRATrainingConfig
+    from .train import train_lora as run
+
+    config = LoRATrainingConfig(
+        base=args.base, images=Path(args.images), prompt=args.prompt, class_prompt=args.class_prompt,
+        class_images=Path(args.class_images) if args.class_images else None, rank=args.rank, alpha=args.alpha,
+        target_modules=args.target_modules, train_text_encoder=args.train_text_encoder, mixer=args.mixer,
+        **_training_settings(args),
+    )
+    path = run(config)
+    print(f"wrote {path}")
+    return path
 
 
 def tiny_checkpoint(args: argparse.Namespace) -> None:
@@ -137,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--experts {unknown} not among the --lora names {names}")
         if args.weights is not None and len(args.weights) != len(args.experts or names):
             parser.error(f"--weights has {len(args.weights)} values for {len(args.experts or names)} experts")
-        if args.steps < 1:
-            parser.error("--steps must be at least 1")
+    if getattr(args, "steps", 1) < 1:
+        parser.error("--steps must be at least 1")
     from .experts import ExpertError
     from .gate_file import GateFileError
 
+    commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "tiny-checkpoint": tiny_checkpoint}
     try:
-        {"generate": generate, "tiny-checkpoint": tiny_checkpoint}[args.command](args)
-    except (ExpertError, GateFileError, FileNotFoundError, OSError, ValueError, RuntimeError) as e:
+        commands[args.command](args)
+    except (ExpertError, GateFileError, FileNotFoundError, OSError, ValueError, RuntimeError, FloatingPointError) as e:
         print(f"mole-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -118,7 +118,8 @@ def _split_components(tensors: dict[str, torch.Tensor], text_encoder: nn.Module 
             if not part:
                 continue
             if component == "unet":
-                part = part if any("lora_A" in k for k in part) else convert_unet_state_dict_to_peft(part)
+                # as diffusers' load_lora_adapter: maps the `lora.down`/`lora.up` keys its training scripts write
+                part = convert_unet_state_dict_to_peft(part)
             else:
                 part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
                 if text_encoder is not None and not hasattr(text_encoder, "text_model"):

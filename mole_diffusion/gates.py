@@ -44,3 +44,13 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.weight.shape[0]}, in_features={self.weight.shape[1]}"
+
+
+def balance_loss(gate_weights: list[torch.Tensor]) -> torch.Tensor:
+    """L_balance = -sum_i log q_i, q = the mean expert weight over all gates and samples (METHOD.md section 5).
+
+    Computed from the live gate outputs, so it has a gradient (the official code detaches it). Its minimum,
+    N log N, is reached when the experts are used equally.
+    """
+    q = torch.stack([w.float().mean(dim=0) for w in gate_weights]).mean(dim=0)
+    return -q.clamp_min(1e-12).log().sum()

@@ -1,0 +1,337 @@
+"""What gate training and LoRA training share: reference images as latents, the denoising loss, atomic
+checkpoints, logs, validation grids, and the plain accelerate loop that runs them.
+
+Every random draw of a step (which images, which noise, which timesteps) is derived from the seed and the
+step number, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.utils import make_image_grid
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .concepts import Concept, list_images
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint that does not belong to this run."""
+
+
+@dataclass(kw_only=True)
+class TrainingSettings:
+    """The loop's settings, common to ``train-gates`` and ``train-lora``."""
+
+    output_dir: Path
+    steps: int = 400
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    resolution: int = 512
+    prior_loss_weight: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    resume: bool = False
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 100
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    validation_steps: int = 25
+    progress: bool = True
+
+
+# -- data -----------------------------------------------------------------------------------------------
+@dataclass
+class Examples:
+    """Reference images encoded once (the VAE is frozen), with their prompts and loss weights."""
+
+    latents: torch.Tensor  # (M, 4, h, w), already times the VAE scaling factor
+    prompts: list[str]
+    groups: torch.Tensor  # (M,): one group per concept's instance images, one per its class images
+    loss_weights: torch.Tensor  # (M,): 1, or the prior-preservation weight for class images
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """Resize the short side to ``resolution``, centre-crop, scale to [-1, 1]: (3, resolution, resolution)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_examples(concepts: list[Concept], vae, resolution: int, prior_loss_weight: float) -> Examples:
+    latents, prompts, groups, weights = [], [], [], []
+    sets = [(c.images, c.prompt, 1.0) for c in concepts]
+    sets += [(c.class_images, c.class_prompt, prior_loss_weight) for c in concepts if c.class_images is not None]
+    for group, (folder, prompt, weight) in enumerate(sets):
+        for path in list_images(folder):
+            pixels = load_image(path, resolution)[None].to(vae.device, vae.dtype)
+            latents.append(vae.encode(pixels).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+            prompts.append(prompt)
+            groups.append(group)
+            weights.append(weight)
+    return Examples(torch.cat(latents), prompts, torch.tensor(groups), torch.tensor(weights))
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(groups: tuple[int, ...], seed: int, epoch: int) -> list[int]:
+    """A shuffled pass over all examples that takes the groups in turn, so every batch mixes concepts."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    group_ids = torch.tensor(groups)
+    shuffled = [
+        members[torch.randperm(len(members), generator=generator)].tolist()
+        for members in (torch.nonzero(group_ids == g).flatten() for g in sorted(set(groups)))
+    ]
+    longest = max(len(s) for s in shuffled)
+    return [s[i] for i in range(longest) for s in shuffled if i < len(s)]
+
+
+def sample_indices(examples: Examples, seed: int, start: int, count: int) -> list[int]:
+    """Examples number ``start`` .. ``start + count - 1`` of the endless, seeded stream of epochs."""
+    groups, size = tuple(examples.groups.tolist()), len(examples.prompts)
+    return [_epoch_order(groups, seed, n // size)[n % size] for n in range(start, start + count)]
+
+
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def denoising_loss(
+    unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+    loss_weights: torch.Tensor, generator: torch.Generator,
+) -> torch.Tensor:
+    """The usual diffusion loss: noise the latents at random timesteps, predict epsilon / v / the sample."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample
+    target = {
+        "epsilon": noise,
+        "v_prediction": noise_scheduler.get_velocity(latents, noise, timesteps),
+        "sample": latents,
+    }[noise_scheduler.config.prediction_type]
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_example * loss_weights.to(per_example)).mean()
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, keep: int) -> Path:
+    """Write ``folder/step-NNNNNN`` atomically (a temporary folder, then one rename) and keep the newest ``keep``."""
+    state = optimizer.state_dict()
+    tensors = {f"param.{name}": p.detach().float().cpu().contiguous() for name, p in params.items()}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).cpu().contiguous()
+    final, temporary = folder / f"step-{step:06d}", folder / f".step-{step:06d}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_file(tensors, str(temporary / "state.safetensors"))
+    info = {"step": step, "param_groups": state["param_groups"], "params": list(params)}
+    (temporary / "state.json").write_text(json.dumps(info))
+    for file in temporary.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():  # the same step written again after a resume: swap, then drop the old copy
+        final.rename(folder / f".step-{step:06d}.old")
+    os.replace(temporary, final)
+    shutil.rmtree(folder / f".step-{step:06d}.old", ignore_errors=True)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ones are hidden ``.tmp`` folders and never listed)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer) -> int:
+    """Restore parameters and optimizer state; returns the step the checkpoint was taken after."""
+    info = json.loads((path / "state.json").read_text())
+    if info["params"] != list(params):
+        missing = sorted(set(params) - set(info["params"]))[:3]
+        extra = sorted(set(info["params"]) - set(params))[:3]
+        raise CheckpointError(
+            f"{path}: checkpoint of another run (its trainable parameters differ: missing {missing}, unexpected "
+            f"{extra}); use a new --output-dir or drop --resume"
+        )
+    tensors = load_file(str(path / "state.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, slot = key.split(".", 2)
+            slots.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": info["param_groups"]})
+    return info["step"]
+
+
+# -- logs and validation --------------------------------------------------------------------------------
+class TrainingLog:
+    """One row per step in ``log.csv`` and ``log.jsonl`` (always), and TensorBoard when it is installed."""
+
+    def __init__(self, folder: Path, accelerator: Accelerator, resumed_from: int):
+        self.jsonl, self.csv, self.accelerator = folder / "log.jsonl", folder / "log.csv", accelerator
+        self.rows = []
+        if resumed_from and self.jsonl.exists():  # drop steps taken after the checkpoint: they are redone
+            self.rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resumed_from]
+        elif self.jsonl.exists():
+            self.jsonl.unlink()
+            self.csv.unlink(missing_ok=True)
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.jsonl, "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in self.rows)
+        with open(self.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[-1]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+@torch.no_grad()
+def save_validation_grid(pipe, settings: TrainingSettings, path: Path) -> None:
+    """Rows: validation prompts; columns: seeds. Same seeds every time, so grids compare across steps."""
+    images = [
+        pipe(prompt, num_inference_steps=settings.validation_steps, height=settings.resolution, width=settings.resolution,
+             generator=torch.Generator().manual_seed(seed)).images[0]
+        for prompt in settings.validation_prompts
+        for seed in settings.validation_seeds
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(settings.validation_prompts), cols=len(settings.validation_seeds)).save(path)
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+def make_accelerator(settings: TrainingSettings) -> Accelerator:
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    return Accelerator(mixed_precision=settings.mixed_precision, log_with=log_with, project_dir=str(settings.output_dir))
+
+
+def prepare_pipeline(pipe: StableDiffusionPipeline, accelerator: Accelerator, settings: TrainingSettings) -> None:
+    """Frozen models on the device in the mixed-precision dtype, progress bars off, checkpointing if asked."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe.to(accelerator.device)
+    if weight_dtype != torch.float32:
+        pipe.to(dtype=weight_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    for model in (pipe.unet, pipe.text_encoder, pipe.vae):
+        model.requires_grad_(False)
+    if settings.gradient_checkpointing:
+        # Non-reentrant checkpointing passes gradients to gates behind frozen blocks (PERFORMANCE.md).
+        pipe.unet.enable_gradient_checkpointing()
+        pipe.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pipe.unet.train()
+        pipe.text_encoder.train()
+
+
+def trainable_parameters(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Parameter]:
+    """{"unet.<name>" / "text_encoder.<name>": parameter} for every parameter that requires grad."""
+    return {
+        f"{component}.{name}": p
+        for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def run_training(
+    settings: TrainingSettings,
+    accelerator: Accelerator,
+    pipe: StableDiffusionPipeline,
+    params: dict[str, torch.nn.Parameter],
+    examples: Examples,
+    extra_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]] | None = None,
+) -> None:
+    """Train ``params`` (everything else in ``pipe`` frozen) on the denoising loss plus ``extra_loss()``,
+    which is called after each forward pass and returns a loss term and values to log."""
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = output_dir / "checkpoints"
+    optimizer = accelerator.prepare(torch.optim.AdamW(params.values(), lr=settings.learning_rate))
+    start = 0
+    if settings.resume and list_checkpoints(checkpoints):
+        start = load_checkpoint(list_checkpoints(checkpoints)[-1], params, optimizer)
+        accelerator.print(f"resuming from {list_checkpoints(checkpoints)[-1]} (step {start})")
+    log = TrainingLog(output_dir, accelerator, start) if accelerator.is_main_process else None
+    if accelerator.trackers == [] and accelerator.log_with:
+        accelerator.init_trackers("tensorboard")
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    accumulation, world, rank = settings.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    bar = tqdm(total=settings.steps, initial=start, disable=not (settings.progress and accelerator.is_local_main_process), desc="training")
+    for step in range(start + 1, settings.steps + 1):
+        began, logged = time.perf_counter(), {}
+        for micro in range(accumulation):
+            draw = ((step - 1) * accumulation + micro) * world + rank  # this process's micro-batch number
+            indices = sample_indices(examples, settings.seed, draw * settings.batch_size, settings.batch_size)
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + draw)
+            with accelerator.autocast():
+                prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
+                latents = examples.latents[indices].to(accelerator.device, pipe.unet.dtype)
+                loss_d = denoising_loss(pipe.unet, noise_scheduler, latents, prompt_embeds, examples.loss_weights[indices], generator)
+                extra, extra_logs = extra_loss() if extra_loss else (torch.zeros((), device=loss_d.device), {})
+                loss = loss_d + extra
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {step}; lower --learning-rate, or train in fp32 (--mixed-precision no)"
+                )
+            accelerator.backward(loss / accumulation)
+            for key, value in {"loss": loss.item(), "loss_denoising": loss_d.item(), **extra_logs}.items():
+                logged[key] = logged.get(key, 0.0) + value / accumulation
+        if world > 1:  # data parallel: average the gradients of the few trainable tensors
+            for p in params.values():
+                p.grad = accelerator.reduce(p.grad, "mean")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - began
+        bar.update(1)
+        bar.set_postfix(loss=f"{logged['loss']:.4f}", s_per_step=f"{seconds:.2f}")
+        if log is not None:
+            log.write({"step": step, **logged, "seconds": seconds})
+        if accelerator.is_main_process and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            save_checkpoint(checkpoints, step, params, optimizer, settings.keep_checkpoints)
+        if accelerator.is_main_process and settings.validation_prompts and (step % settings.validation_every == 0 or step == settings.steps):
+            save_validation_grid(pipe, settings, output_dir / "validation" / f"step-{step:06d}.png")
+        accelerator.wait_for_everyone()
+    bar.close()
+    accelerator.end_training()
+
+
+def settings_summary(settings: TrainingSettings) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}

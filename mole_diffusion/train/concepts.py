@@ -1,0 +1,96 @@
+"""Concepts files (TOML) and their image folders.
+
+    [[concepts]]
+    name = "dog"
+    lora = "loras/dog.safetensors"       # the concept's expert (gate training only)
+    images = "data/dog"                  # its reference images
+    prompt = "a photo of sks dog"        # its instance prompt
+    class_prompt = "a photo of a dog"    # optional, DreamBooth prior preservation
+    class_images = "data/dogs"           # optional, with class_prompt
+
+Relative paths are read relative to the concepts file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ConceptError(ValueError):
+    """A concepts file, or an image folder it names, that cannot be used as it is."""
+
+
+@dataclass
+class Concept:
+    name: str
+    prompt: str
+    images: Path
+    lora: Path | None = None
+    class_prompt: str | None = None
+    class_images: Path | None = None
+
+
+def load_concepts(path: str | os.PathLike, need_lora: bool = True) -> list[Concept]:
+    """Read and check a concepts file: every field, folder, image and LoRA file it names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptError(f"{path}: concepts file not found")
+    try:
+        entries = tomllib.loads(path.read_text()).get("concepts")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConceptError(f"{path}: not a valid TOML file ({err})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConceptError(f"{path}: expected one or more [[concepts]] tables with name, lora, images, prompt")
+
+    concepts, seen = [], set()
+    for number, entry in enumerate(entries, 1):
+        where = f"{path}: concept {entry.get('name', f'#{number}')!r}"
+        required = ("name", "images", "prompt") + (("lora",) if need_lora else ())
+        for field in required:
+            if not isinstance(entry.get(field), str) or not entry[field].strip():
+                raise ConceptError(f"{where}: field {field!r} is missing (expected a non-empty string)")
+        if entry["name"] in seen:
+            raise ConceptError(f"{where}: duplicate name (each concept needs its own)")
+        seen.add(entry["name"])
+        if ("class_prompt" in entry) != ("class_images" in entry):
+            raise ConceptError(f"{where}: class_prompt and class_images go together (prior preservation needs both)")
+        concept = Concept(
+            name=entry["name"],
+            prompt=entry["prompt"],
+            images=path.parent / entry["images"],
+            lora=path.parent / entry["lora"] if entry.get("lora") else None,
+            class_prompt=entry.get("class_prompt"),
+            class_images=path.parent / entry["class_images"] if "class_images" in entry else None,
+        )
+        if need_lora and not concept.lora.is_file():
+            raise ConceptError(f"{where}: field 'lora': file {concept.lora} not found")
+        list_images(concept.images, f"{where}: field 'images'")
+        if concept.class_images is not None:
+            list_images(concept.class_images, f"{where}: field 'class_images'")
+        concepts.append(concept)
+    return concepts
+
+
+def list_images(folder: str | os.PathLike, where: str = "") -> list[Path]:
+    """The images in ``folder`` (sorted), each checked to be readable."""
+    folder = Path(folder)
+    where = where or str(folder)
+    if not folder.is_dir():
+        raise ConceptError(f"{where}: folder {folder} not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConceptError(f"{where}: no images in {folder} (expected {', '.join(IMAGE_SUFFIXES)} files)")
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ConceptError(f"{where}: cannot read image {file} ({err})") from None
+    return files

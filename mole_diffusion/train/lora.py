@@ -1,0 +1,136 @@
+"""DreamBooth-LoRA training of one concept expert, on PEFT; optionally MoSLoRA (METHOD.md section 1).
+
+MoSLoRA puts a learnable r x r mixer M between A and B: delta = s * B M A x. The mixer sits in front of B
+(PEFT's layer computes ``lora_B(lora_A(x))``, so ``lora_B = Sequential(M, B)`` is MoSLoRA without touching
+PEFT), and is folded into B (B' = B M) before saving, so every file is a plain LoRA in diffusers layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from .common import (
+    TrainingSettings,
+    encode_examples,
+    make_accelerator,
+    prepare_pipeline,
+    run_training,
+    trainable_parameters,
+)
+from .concepts import Concept, list_images
+
+MIXER_INITS = ("orthogonal", "kaiming")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' own default name
+
+
+@dataclass(kw_only=True)
+class LoRATrainingConfig(TrainingSettings):
+    base: str
+    images: Path
+    prompt: str
+    class_prompt: str | None = None
+    class_images: Path | None = None
+    rank: int = 4
+    alpha: float | None = None  # default: the rank (scale 1)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    mixer: str | None = None  # None: plain LoRA; "orthogonal" or "kaiming": MoSLoRA with that mixer init
+
+
+def add_mixers(model: nn.Module, init: str, adapter: str = "default") -> int:
+    """Turn every PEFT LoRA layer of ``model`` into MoSLoRA: ``lora_B`` becomes ``Sequential(M, B)``."""
+    if init not in MIXER_INITS:
+        raise ValueError(f"mixer init must be one of {MIXER_INITS}, got {init!r} (zero does not train; identity is plain LoRA)")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_B:
+            up = module.lora_B[adapter]
+            rank = up.in_features if isinstance(up, nn.Linear) else up.in_channels
+            mixer = nn.Linear(rank, rank, bias=False) if isinstance(up, nn.Linear) else nn.Conv2d(rank, rank, 1, bias=False)
+            if init == "orthogonal":
+                nn.init.orthogonal_(mixer.weight)
+            else:
+                nn.init.kaiming_uniform_(mixer.weight, a=math.sqrt(5))
+            module.lora_B[adapter] = nn.Sequential(mixer.to(up.weight), up)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def fold_mixers(model: nn.Module, adapter: str = "default") -> int:
+    """B' = B M for every MoSLoRA layer: the layer computes the same, and is a plain PEFT LoRA again."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.lora_B[adapter] if adapter in module.lora_B else None, nn.Sequential):
+            mixer, up = module.lora_B[adapter]
+            up.weight.copy_((up.weight.flatten(1) @ mixer.weight.flatten(1)).view_as(up.weight))
+            module.lora_B[adapter] = up
+            count += 1
+    return count
+
+
+def train_lora(config: LoRATrainingConfig) -> Path:
+    """Train one concept's LoRA (or MoSLoRA); returns ``output_dir/pytorch_lora_weights.safetensors``."""
+    where = "train-lora"
+    list_images(config.images, f"{where}: --images")
+    if config.class_images is not None:
+        list_images(config.class_images, f"{where}: --class-images")
+    if (config.class_images is None) != (config.class_prompt is None):
+        raise ValueError("prior preservation needs both --class-prompt and --class-images")
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(config)
+
+    pipe = StableDiffusionPipeline.from_pretrained(config.base)
+    prepare_pipeline(pipe, accelerator, config)
+    alpha = float(config.rank if config.alpha is None else config.alpha)
+    lora_configs = {"unet": LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(config.target_modules))}
+    if config.train_text_encoder:
+        lora_configs["text_encoder"] = LoraConfig(
+            r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(config.text_encoder_target_modules)
+        )
+    for component, lora_config in lora_configs.items():
+        model = getattr(pipe, component)
+        try:
+            model.add_adapter(lora_config)
+        except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+            raise ValueError(f"{where}: {component}: {err}") from None
+        if config.mixer:
+            add_mixers(model, config.mixer)
+        cast_training_params(model, dtype=torch.float32)  # trainable weights in fp32 under mixed precision
+
+    concept = Concept(name="concept", prompt=config.prompt, images=Path(config.images),
+                      class_prompt=config.class_prompt, class_images=config.class_images)
+    examples = encode_examples([concept], pipe.vae, config.resolution, config.prior_loss_weight)
+    if not config.validation_prompts:
+        config.validation_prompts = [config.prompt]
+    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples)
+
+    path = output_dir / LORA_WEIGHT_NAME
+    if accelerator.is_main_process:
+        save_lora(pipe, lora_configs, path)
+    return path
+
+
+def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig], path: Path) -> None:
+    """Fold any mixers and write a diffusers-layout LoRA file (with its rank/alpha metadata)."""
+    layers, metadata = {}, {}
+    for component, lora_config in lora_configs.items():
+        model = getattr(pipe, component)
+        fold_mixers(model)
+        state = get_peft_model_state_dict(model)
+        layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        metadata[f"{component}_lora_adapter_metadata"] = lora_config.to_dict()
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)

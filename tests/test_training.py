@@ -1,0 +1,194 @@
+"""Gate training and concept-LoRA training on the tiny checkpoint (CPU, seconds)."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import load, unet_output
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from PIL import Image
+from safetensors.torch import load_file
+
+from mole_diffusion import MoLEStableDiffusionPipeline
+from mole_diffusion.gates import Gate, balance_loss
+from mole_diffusion.train import ConceptError, GateTrainingConfig, add_mixers, load_concepts, train_gates
+from mole_diffusion.train import common
+from mole_diffusion.train.lora import save_lora
+
+
+def write_images(folder, colour, count=3, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        pixels = (torch.tensor(colour) + torch.randint(0, 40, (32, 32, 3), generator=g)).clamp(0, 255).byte()
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def concepts_file(world):
+    root = world["root"] / "concepts"
+    write_images(root / "red", (200, 20, 20))
+    write_images(root / "blue", (20, 20, 200), seed=1)
+    path = root / "concepts.toml"
+    path.write_text(
+        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
+        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n'
+    )
+    return path
+
+
+def gate_config(world, concepts_file, out, **kwargs):
+    args = dict(base=str(world["base"]), concepts=concepts_file, output_dir=out, steps=6, batch_size=2,
+                resolution=32, checkpoint_every=3, learning_rate=5e-2, progress=False)
+    return GateTrainingConfig(**{**args, **kwargs})
+
+
+def fixed_loss(pipe, concepts_file, draws=8):
+    """The denoising loss of ``pipe`` on the concepts' images at fixed noise and timesteps."""
+    examples = common.encode_examples(load_concepts(concepts_file), pipe.vae, 32, 1.0)
+    scheduler = common.DDPMScheduler.from_config(pipe.scheduler.config)
+    total = 0.0
+    with torch.no_grad():
+        for draw in range(draws):
+            embeds = common.encode_prompts(pipe, examples.prompts)
+            generator = torch.Generator().manual_seed(draw)
+            total += common.denoising_loss(pipe.unet, scheduler, examples.latents, embeds, examples.loss_weights, generator).item()
+    return total / draws
+
+
+def test_gate_training_lowers_the_loss_and_changes_only_gates(world, concepts_file, tmp_path):
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]})
+    frozen = {f"{c}.{n}": t.clone() for c in ("unet", "text_encoder", "vae")
+              for n, t in [*getattr(pipe, c).named_parameters(), *getattr(pipe, c).named_buffers()] if "mole_gate" not in n}
+    gates_before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "mole_gate" in n}
+    before = fixed_loss(pipe, concepts_file)
+
+    path = train_gates(gate_config(world, concepts_file, tmp_path, steps=20, checkpoint_every=100), pipe=pipe)
+
+    assert fixed_loss(pipe, concepts_file) < before
+    for c in ("unet", "text_encoder", "vae"):
+        for n, t in [*getattr(pipe, c).named_parameters(), *getattr(pipe, c).named_buffers()]:
+            if "mole_gate" not in n:
+                assert torch.equal(t, frozen[f"{c}.{n}"]), f"{c}.{n} changed"
+    changed = [n for n, p in pipe.unet.named_parameters() if "mole_gate" in n and not torch.equal(p, gates_before[n])]
+    assert len(changed) == len(gates_before)
+
+    # the gate file is the trained gates, usable by a fresh pipeline
+    fresh = load(world["base"])
+    fresh.load_experts({"a": world["a"], "b": world["b"]})
+    fresh.load_gates(path)
+    torch.testing.assert_close(unet_output(fresh), unet_output(pipe))
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert {"loss", "loss_denoising", "loss_balance", "gate_a", "gate_b"} <= set(rows[0])
+    assert (tmp_path / "log.csv").read_text().splitlines()[0].startswith("step,loss")
+
+
+def test_resume_gives_the_gates_of_an_uninterrupted_run(world, concepts_file, tmp_path):
+    whole = train_gates(gate_config(world, concepts_file, tmp_path / "whole"))
+    train_gates(gate_config(world, concepts_file, tmp_path / "split", steps=3))
+    split = train_gates(gate_config(world, concepts_file, tmp_path / "split", resume=True))
+    a, b = load_file(whole), load_file(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    whole_log = (tmp_path / "whole" / "log.jsonl").read_text()
+    assert (tmp_path / "split" / "log.jsonl").read_text().count("\n") == whole_log.count("\n") == 6
+
+
+def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one(world, concepts_file, tmp_path, monkeypatch):
+    real_save, calls = common.save_file, []
+
+    def save_then_die(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 2:
+            with open(filename, "wb") as handle:
+                handle.write(b"half a file")
+            raise KeyboardInterrupt("killed")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(common, "save_file", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_gates(gate_config(world, concepts_file, tmp_path))
+    monkeypatch.setattr(common, "save_file", real_save)
+    assert [p.name for p in common.list_checkpoints(tmp_path / "checkpoints")] == ["step-000003"]
+    train_gates(gate_config(world, concepts_file, tmp_path, resume=True))  # goes on from step 3
+    assert [p.name for p in common.list_checkpoints(tmp_path / "checkpoints")] == ["step-000003", "step-000006"]
+
+
+def test_checkpoints_are_pruned_and_refused_for_another_run(world, concepts_file, tmp_path):
+    train_gates(gate_config(world, concepts_file, tmp_path, checkpoint_every=1, keep_checkpoints=2))
+    assert [p.name for p in common.list_checkpoints(tmp_path / "checkpoints")] == ["step-000005", "step-000006"]
+    with pytest.raises(common.CheckpointError, match="another run"):
+        train_gates(gate_config(world, concepts_file, tmp_path, granularity="layer", resume=True, steps=8))
+
+
+def test_balance_loss_has_a_gradient_that_pulls_collapsed_gates_to_uniform():
+    gates = [Gate(3, 8) for _ in range(2)]
+    for gate in gates:
+        gate.bias.data = torch.tensor([4.0, 0.0, -4.0])  # collapsed onto expert 0
+    optimizer = torch.optim.SGD([p for g in gates for p in g.parameters()], lr=0.5)
+    features = torch.randn(4, 10, 8)
+    spreads = []
+    for _ in range(20):
+        weights = [gate(features) for gate in gates]
+        loss = balance_loss(weights)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(g.bias.grad.abs().sum() > 0 for g in gates)
+        optimizer.step()
+        spreads.append(torch.stack(weights).mean(dim=(0, 1)).max().item() - 1 / 3)
+    assert spreads[-1] < 0.5 * spreads[0]
+    uniform = balance_loss([torch.full((4, 3), 1 / 3)])
+    assert uniform.item() == pytest.approx(3 * math.log(3))  # the minimum, N log N
+
+
+def test_mixer_folded_into_b_gives_the_unfolded_output(world, tmp_path):
+    pipe = load(world["base"], StableDiffusionPipeline)
+    configs = {"unet": LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v", "conv1"])}
+    pipe.unet.add_adapter(configs["unet"])
+    assert add_mixers(pipe.unet, "orthogonal") > 0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:  # B starts at zero; make the mixer matter
+                p.normal_(std=0.3)
+    unfolded = unet_output(pipe)
+    save_lora(pipe, configs, tmp_path / "moslora.safetensors")
+    assert not any("lora_B.default.0" in n for n, _ in pipe.unet.named_parameters())  # folded in place
+    torch.testing.assert_close(unet_output(pipe), unfolded, rtol=1e-5, atol=1e-5)
+
+    reference = load(world["base"], StableDiffusionPipeline)  # a plain LoRA file any tool reads
+    reference.load_lora_weights(tmp_path / "moslora.safetensors")
+    torch.testing.assert_close(unet_output(reference), unfolded, rtol=1e-5, atol=1e-5)
+    mole = load(world["base"])
+    mole.load_experts({"moslora": tmp_path / "moslora.safetensors"})
+    torch.testing.assert_close(unet_output(mole), unfolded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace('images = "red"', 'images = "nowhere"'), r"concept 'a': field 'images': folder .*nowhere not found"),
+        (lambda t: t.replace('images = "red"', 'images = "empty"'), r"concept 'a': field 'images': no images in"),
+        (lambda t: t.replace('images = "red"', 'images = "broken"'), r"concept 'a': field 'images': cannot read image .*bad.png"),
+        (lambda t: t.replace('name = "b"', 'name = "a"'), r"concept 'a': duplicate name"),
+        (lambda t: t.replace('lora = "', 'lora = "missing/', 1), r"concept 'a': field 'lora': file .*missing.* not found"),
+        (lambda t: t.replace('prompt = "a photo of sks"\n', ""), r"concept 'a': field 'prompt' is missing"),
+        (lambda t: "concepts = 3", r"expected one or more \[\[concepts\]\]"),
+        (lambda t: t + "[[[", r"not a valid TOML file"),
+    ],
+)
+def test_bad_concept_files_name_the_concept_and_field(concepts_file, tmp_path, edit, message):
+    (concepts_file.parent / "empty").mkdir(exist_ok=True)
+    (concepts_file.parent / "broken").mkdir(exist_ok=True)
+    (concepts_file.parent / "broken" / "bad.png").write_bytes(b"not a png")
+    path = concepts_file.parent / "edited.toml"
+    text = concepts_file.read_text()
+    path.write_text(edit(text))
+    with pytest.raises(ConceptError, match=message):
+        load_concepts(path)
