@@ -2,7 +2,7 @@
 
     [[concepts]]
     name = "dog"
-    lora = "loras/dog.safetensors"       # the concept's expert (gate training only)
+    lora = "loras/dog.safetensors"       # the concept's expert, a file or folder (gate training only)
     images = "data/dog"                  # its reference images
     prompt = "a photo of sks dog"        # its instance prompt
     class_prompt = "a photo of a dog"    # optional, DreamBooth prior preservation
@@ -69,8 +69,8 @@ def load_concepts(path: str | os.PathLike, need_lora: bool = True) -> list[Conce
             class_prompt=entry.get("class_prompt"),
             class_images=path.parent / entry["class_images"] if "class_images" in entry else None,
         )
-        if need_lora and not concept.lora.is_file():
-            raise ConceptError(f"{where}: field 'lora': file {concept.lora} not found")
+        if need_lora and not concept.lora.exists():  # a LoRA file, or a folder holding one
+            raise ConceptError(f"{where}: field 'lora': {concept.lora} not found")
         list_images(concept.images, f"{where}: field 'images'")
         if concept.class_images is not None:
             list_images(concept.class_images, f"{where}: field 'class_images'")
