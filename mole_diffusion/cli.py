@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt 'a dog in a hat' --steps 4 --out tiny.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tiny.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya)")
+    tiny.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya), "
+                      "images/dog, images/hat and concepts.toml (for train-lora / train-gates)")
     return parser
 
 
@@ -183,13 +184,21 @@ def train_lora(args: argparse.Namespace) -> Path:
 
 
 def tiny_checkpoint(args: argparse.Namespace) -> None:
-    from .testing import make_tiny_lora, make_tiny_pipeline
+    from .testing import make_concept_images, make_tiny_lora, make_tiny_pipeline
 
     out = Path(args.out)
     base = make_tiny_pipeline(out / "pipeline")
     print(f"wrote {base}")
     for name, layout, seed in (("dog", "diffusers", 1), ("hat", "kohya", 2)):
         print(f"wrote {make_tiny_lora(base, out / f'{name}.safetensors', rank=4, alpha=4, seed=seed, layout=layout)}")
+    concepts = []
+    for name, shape, colour in (("dog", "circle", (200, 120, 40)), ("hat", "square", (40, 60, 200))):
+        folder = make_concept_images(out / "images" / name, shape, colour, count=4, size=32, seed=len(concepts))
+        concepts.append(f'[[concepts]]\nname = "{name}"\nlora = "{name}.safetensors"\nimages = "images/{name}"\n'
+                        f'prompt = "a photo of sks {name}"\n')
+        print(f"wrote {folder}")
+    (out / "concepts.toml").write_text("\n".join(concepts))
+    print(f"wrote {out / 'concepts.toml'}")
 
 
 def generate(args: argparse.Namespace) -> list[Path]:

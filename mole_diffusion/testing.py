@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_clip_tokenizer", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
+__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
 
 TINY_UNET_CONFIG = dict(
     sample_size=16,
@@ -180,3 +180,28 @@ def make_tiny_lora(
     else:
         raise ValueError(f"layout must be 'diffusers' or 'kohya', got {layout!r}")
     return out
+
+
+def make_concept_images(
+    folder: str | os.PathLike, shape: str, colour: tuple[int, int, int], count: int = 4, size: int = 32, seed: int = 0
+) -> Path:
+    """``count`` PNGs of a coloured circle or square at a jittered place and size on a light background."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        x, y, r = (torch.rand(3, generator=generator) * torch.tensor([size / 3, size / 3, size / 6])).int().tolist()
+        x, y, r = x + size // 3, y + size // 3, r + size // 6
+        image = Image.new("RGB", (size, size), (230, 230, 225))
+        draw = ImageDraw.Draw(image)
+        box = (x - r, y - r, x + r, y + r)
+        if shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif shape == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            raise ValueError(f"shape must be 'circle' or 'square', got {shape!r}")
+        image.save(folder / f"{i}.png")
+    return folder

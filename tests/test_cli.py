@@ -72,33 +72,29 @@ def test_tiny_checkpoint_command(tmp_path, capsys):
     assert (tmp_path / "tiny" / "hat.safetensors").exists() and (tmp_path / "tiny" / "dog.safetensors").exists()
 
 
-def test_train_lora_then_train_gates_then_generate(world, tmp_path, capsys):
-    """The README's training commands on the tiny checkpoint: two concept LoRAs, gates, an image."""
-    from test_training import write_images
-
-    base = str(world["base"])
-    write_images(tmp_path / "red", (200, 20, 20))
-    write_images(tmp_path / "blue", (20, 20, 200), seed=1)
+def test_readme_training_commands_on_the_tiny_checkpoint(tmp_path, capsys, monkeypatch):
+    """The README's training section, command for command: tiny-checkpoint, train-lora (plain and MoSLoRA),
+    train-gates on the tiny concepts file, generate with the trained gates."""
+    monkeypatch.chdir(tmp_path)
     small = ["--resolution", "32", "--steps", "4", "--checkpoint-every", "2", "--validation-every", "4", "--validation-steps", "2"]
-    assert main(["train-lora", "--base", base, "--images", str(tmp_path / "red"), "--prompt", "a photo of sks",
-                 "--out", str(tmp_path / "red_lora"), "--train-text-encoder", *small]) == 0
-    assert main(["train-lora", "--base", base, "--images", str(tmp_path / "blue"), "--prompt", "a photo of zwx",
-                 "--out", str(tmp_path / "blue_lora"), "--mixer", "orthogonal", "--rank", "2", *small]) == 0
-    (tmp_path / "concepts.toml").write_text(
-        '[[concepts]]\nname = "red"\nlora = "red_lora/pytorch_lora_weights.safetensors"\nimages = "red"\nprompt = "a photo of sks"\n'
-        '[[concepts]]\nname = "blue"\nlora = "blue_lora/pytorch_lora_weights.safetensors"\nimages = "blue"\nprompt = "a photo of zwx"\n'
-    )
-    assert main(["train-gates", "--base", base, "--concepts", str(tmp_path / "concepts.toml"), "--out", str(tmp_path / "gates"), *small]) == 0
-    out = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'gates' / 'gates.safetensors'}" in out
-    for run in ("red_lora", "blue_lora", "gates"):
-        assert (tmp_path / run / "validation" / "step-000004.png").is_file()
-        assert [p.name for p in sorted((tmp_path / run / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
-    grid = Image.open(tmp_path / "gates" / "validation" / "step-000004.png")
+    assert main(["tiny-checkpoint", "tiny"]) == 0
+    assert main(["train-lora", "--base", "tiny/pipeline", "--images", "tiny/images/dog", "--prompt", "a photo of sks dog",
+                 "--out", "runs/dog", "--train-text-encoder", *small]) == 0
+    assert main(["train-lora", "--base", "tiny/pipeline", "--images", "tiny/images/hat", "--prompt", "a photo of sks hat",
+                 "--out", "runs/hat", "--mixer", "orthogonal", "--rank", "2", *small]) == 0
+    assert main(["train-gates", "--base", "tiny/pipeline", "--concepts", "tiny/concepts.toml", "--out", "runs/gates", *small]) == 0
+    assert "wrote runs/gates/gates.safetensors" in capsys.readouterr().out
+    for run in ("dog", "hat", "gates"):
+        assert (tmp_path / "runs" / run / "validation" / "step-000004.png").is_file()
+        assert [p.name for p in sorted((tmp_path / "runs" / run / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
+        assert (tmp_path / "runs" / run / "log.csv").read_text().count("\n") == 5  # header + 4 steps
+    grid = Image.open(tmp_path / "runs" / "gates" / "validation" / "step-000004.png")
     assert grid.size == (2 * 32, 2 * 32)  # rows: the two instance prompts; columns: seeds 0 and 1
-    assert main(["generate", "--base", base, "--lora", f"red={tmp_path / 'red_lora'}", "--lora", f"blue={tmp_path / 'blue_lora'}",
-                 "--gates", str(tmp_path / "gates" / "gates.safetensors"), "--prompt", "a photo of sks and zwx",
-                 "--steps", "2", "--out", str(tmp_path / "both.png")]) == 0
+    assert main(["generate", "--base", "tiny/pipeline", "--lora", "tiny/dog.safetensors", "--lora", "tiny/hat.safetensors",
+                 "--gates", "runs/gates/gates.safetensors", "--prompt", "a photo of sks dog in a hat", "--steps", "2",
+                 "--out", "gated.png"]) == 0
+    assert main(["generate", "--base", "tiny/pipeline", "--lora", "dog=runs/dog", "--lora", "hat=runs/hat",
+                 "--prompt", "a photo of sks dog in a hat", "--steps", "2", "--out", "trained_loras.png"]) == 0
 
 
 def test_train_gates_bad_concepts_file_is_an_error_without_traceback(world, tmp_path, capsys):
