@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--concepts", required=True, help="concepts TOML file (name, lora, images, prompt per concept)")
     gates.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
     gates.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
+    gates.add_argument("--objective", choices=("denoising", "clip"), default="denoising",
+                       help="denoising loss on the reference images (default), or the paper's CLIP-guided loss")
+    gates.add_argument("--clip-model", help="for --objective clip: open_clip name (ViT-B-32) or local-dir:PATH")
+    gates.add_argument("--clip-pretrained", help="for --objective clip: pretrained tag (openai) or checkpoint file")
+    gates.add_argument("--clip-sampling-steps", type=int, default=4, help="unrolled DDIM steps per image (default 4)")
     _add_training_options(gates, steps=400, lr=5e-3, batch_size=2)
 
     lora = sub.add_parser(
@@ -162,7 +167,9 @@ def train_gates(args: argparse.Namespace) -> Path:
     from .train import train_gates as run
 
     config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
-                                balance_weight=args.balance_weight, **_training_settings(args))
+                                balance_weight=args.balance_weight, objective=args.objective, clip_model=args.clip_model,
+                                clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
+                                **_training_settings(args))
     path = run(config)
     print(f"wrote {path}")
     return path

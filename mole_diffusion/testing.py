@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
+__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
 
 TINY_UNET_CONFIG = dict(
     sample_size=16,
@@ -205,3 +205,32 @@ def make_concept_images(
             raise ValueError(f"shape must be 'circle' or 'square', got {shape!r}")
         image.save(folder / f"{i}.png")
     return folder
+
+
+TINY_CLIP_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {
+        "size": 32,
+        "mean": [0.48145466, 0.4578275, 0.40821073],  # OpenAI CLIP's
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+}
+
+
+def make_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
+    """A random tiny open_clip model folder; returns its open_clip name, ``"local-dir:<path>"``."""
+    import open_clip
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "open_clip_config.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{path}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    return f"local-dir:{path}"

@@ -103,3 +103,18 @@ def test_train_gates_bad_concepts_file_is_an_error_without_traceback(world, tmp_
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "concept 'dog': field 'images': folder" in err and "no_such_folder not found" in err
+
+
+def test_train_gates_clip_objective_from_the_command_line(world, tmp_path):
+    from mole_diffusion.testing import make_concept_images, make_tiny_clip
+
+    make_concept_images(tmp_path / "red", "circle", (200, 30, 30), count=2)
+    make_concept_images(tmp_path / "blue", "square", (30, 30, 200), count=2, seed=1)
+    (tmp_path / "concepts.toml").write_text(
+        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "sks"\n'
+        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "zwx"\n'
+    )
+    rc = main(["train-gates", "--base", str(world["base"]), "--concepts", str(tmp_path / "concepts.toml"), "--out", str(tmp_path / "out"),
+               "--objective", "clip", "--clip-model", make_tiny_clip(tmp_path / "clip"), "--clip-sampling-steps", "2",
+               "--resolution", "32", "--steps", "2", "--validation-steps", "2"])
+    assert rc == 0 and (tmp_path / "out" / "gates.safetensors").is_file()

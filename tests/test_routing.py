@@ -48,7 +48,8 @@ def train_colour_base(root):
     common.prepare_pipeline(pipe, accelerator, settings)
     pipe.unet.requires_grad_(True)
     examples = common.encode_examples([Concept(name="generic", prompt="a photo", images=generic)], pipe.vae, SIZE, 1.0)
-    common.run_training(settings, accelerator, pipe, common.trainable_parameters(pipe), examples)
+    common.run_training(settings, accelerator, pipe, common.trainable_parameters(pipe), examples,
+                        common.denoising_objective(pipe, examples))
     pipe.save_pretrained(root / "base")
     return root / "base"
 

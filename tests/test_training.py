@@ -192,3 +192,39 @@ def test_bad_concept_files_name_the_concept_and_field(concepts_file, tmp_path, e
     path.write_text(edit(text))
     with pytest.raises(ConceptError, match=message):
         load_concepts(path)
+
+
+def test_clip_objective_trains_gates_and_lowers_its_loss(world, concepts_file, tmp_path):
+    from mole_diffusion.testing import make_tiny_clip
+    from mole_diffusion.train.gates import clip_objective
+
+    clip_model = make_tiny_clip(tmp_path / "clip")
+    config = gate_config(world, concepts_file, tmp_path / "run", objective="clip", clip_model=clip_model, clip_sampling_steps=2,
+                         steps=8, checkpoint_every=100)
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]})
+    concepts = load_concepts(concepts_file)
+    examples = common.encode_examples(concepts, pipe.vae, 32, 1.0)
+    objective = clip_objective(pipe, config, concepts, examples, "cpu")
+
+    def fixed_clip_loss():
+        with torch.no_grad():
+            return sum(objective([0, 3, 1, 4], torch.Generator().manual_seed(d))[0].item() for d in range(4))
+
+    before = fixed_clip_loss()
+    train_gates(config, pipe=pipe)
+    after = fixed_clip_loss()
+    assert after < before
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"loss_clip_global", "loss_clip_directional", "loss_balance"} <= set(rows[0])
+
+
+def test_clip_objective_needs_a_loadable_clip_model(world, concepts_file, tmp_path):
+    from mole_diffusion.eval.clip import ClipError
+
+    with pytest.raises(ValueError, match="needs a CLIP model"):
+        train_gates(gate_config(world, concepts_file, tmp_path, objective="clip"))
+    with pytest.raises(ClipError, match="cannot load CLIP model local-dir:.*nowhere"):
+        train_gates(gate_config(world, concepts_file, tmp_path, objective="clip", clip_model=f"local-dir:{tmp_path / 'nowhere'}"))
+    with pytest.raises(ClipError, match="give pretrained="):
+        train_gates(gate_config(world, concepts_file, tmp_path, objective="clip", clip_model="ViT-B-32"))

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -269,16 +269,32 @@ def trainable_parameters(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Pa
     }
 
 
+LossFunction = Callable[[list[int], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+def denoising_objective(pipe: StableDiffusionPipeline, examples: Examples) -> LossFunction:
+    """The usual DreamBooth loss on the examples ``indices``, as a loss function for ``run_training``."""
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def loss(indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
+        latents = examples.latents[indices].to(pipe.unet.device, pipe.unet.dtype)
+        value = denoising_loss(pipe.unet, noise_scheduler, latents, prompt_embeds, examples.loss_weights[indices], generator)
+        return value, {"loss_denoising": value.item()}
+
+    return loss
+
+
 def run_training(
     settings: TrainingSettings,
     accelerator: Accelerator,
     pipe: StableDiffusionPipeline,
     params: dict[str, torch.nn.Parameter],
     examples: Examples,
-    extra_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]] | None = None,
+    loss_function: LossFunction,
 ) -> None:
-    """Train ``params`` (everything else in ``pipe`` frozen) on the denoising loss plus ``extra_loss()``,
-    which is called after each forward pass and returns a loss term and values to log."""
+    """Train ``params`` (everything else in ``pipe`` frozen) on ``loss_function(indices, generator)``, which
+    returns the loss of a micro-batch (examples ``indices``; random draws from ``generator``) and values to log."""
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = output_dir / "checkpoints"
@@ -291,7 +307,6 @@ def run_training(
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers("tensorboard")
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     accumulation, world, rank = settings.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     bar = tqdm(total=settings.steps, initial=start, disable=not (settings.progress and accelerator.is_local_main_process), desc="training")
     for step in range(start + 1, settings.steps + 1):
@@ -299,19 +314,14 @@ def run_training(
         for micro in range(accumulation):
             draw = ((step - 1) * accumulation + micro) * world + rank  # this process's micro-batch number
             indices = sample_indices(examples, settings.seed, draw * settings.batch_size, settings.batch_size)
-            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + draw)
             with accelerator.autocast():
-                prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
-                latents = examples.latents[indices].to(accelerator.device, pipe.unet.dtype)
-                loss_d = denoising_loss(pipe.unet, noise_scheduler, latents, prompt_embeds, examples.loss_weights[indices], generator)
-                extra, extra_logs = extra_loss() if extra_loss else (torch.zeros((), device=loss_d.device), {})
-                loss = loss_d + extra
+                loss, values = loss_function(indices, torch.Generator().manual_seed(settings.seed * 1_000_003 + draw))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {step}; lower --learning-rate, or train in fp32 (--mixed-precision no)"
                 )
             accelerator.backward(loss / accumulation)
-            for key, value in {"loss": loss.item(), "loss_denoising": loss_d.item(), **extra_logs}.items():
+            for key, value in {"loss": loss.item(), **values}.items():
                 logged[key] = logged.get(key, 0.0) + value / accumulation
         if world > 1:  # data parallel: average the gradients of the few trainable tensors
             for p in params.values():
@@ -331,7 +341,3 @@ def run_training(
         accelerator.wait_for_everyone()
     bar.close()
     accelerator.end_training()
-
-
-def settings_summary(settings: TrainingSettings) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}

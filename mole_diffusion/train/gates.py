@@ -2,29 +2,43 @@
 
     L = L_D + alpha * L_balance
 
-L_D is the denoising loss of the MoLE model on each concept's reference images with its instance prompt
-(plus prior-preservation images when given); batches mix concepts, so the gates learn to send each concept's
-prompts and content to its expert.
+L_D, ``objective="denoising"`` (default): the denoising loss of the MoLE model on each concept's reference
+images with its instance prompt (plus prior-preservation images when given); batches take the concepts in
+turn, so the gates learn to send each concept's prompts and content to its expert.
+L_D, ``objective="clip"`` (the paper's): images sampled from the concept's prompt in a short unrolled DDIM
+run, decoded, and compared with CLIP to the concept's reference images: a global loss
+1 - cos(E(x), r_k) and a directional loss 1 - cos(E(x) - c, r_k - c), where r_k is the concept's mean
+reference embedding and c the mean over concepts (decision: the direction from the average concept to
+concept k, so the directional term separates concepts). Far costlier: every step backpropagates through
+``clip_sampling_steps`` UNet calls, the VAE decoder and CLIP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
 
 from ..gates import balance_loss
 from ..pipelines import MoLEStableDiffusionPipeline
 from .common import (
+    Examples,
     TrainingSettings,
+    denoising_objective,
     encode_examples,
+    encode_prompts,
+    load_image,
     make_accelerator,
     prepare_pipeline,
     run_training,
     trainable_parameters,
 )
-from .concepts import load_concepts
+from .concepts import list_images, load_concepts
+
+OBJECTIVES = ("denoising", "clip")
 
 
 @dataclass(kw_only=True)
@@ -34,6 +48,10 @@ class GateTrainingConfig(TrainingSettings):
     granularity: str = "block"
     balance_weight: float = 0.5  # alpha of METHOD.md section 5 (the paper's value)
     learning_rate: float = 5e-3  # zero-initialised gates want a larger lr than the paper's 1e-5 (see README)
+    objective: str = "denoising"
+    clip_model: str | None = None  # for objective="clip": an open_clip name, or "local-dir:PATH"
+    clip_pretrained: str | None = None  # its pretrained tag or checkpoint file
+    clip_sampling_steps: int = 4
 
 
 def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | None = None) -> Path:
@@ -42,6 +60,10 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     ``pipe``: a pipeline with these concepts' experts already loaded (default: load ``config.base`` and the
     concepts' LoRAs); its gates are trained in place.
     """
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
+    if config.objective == "clip" and not config.clip_model:
+        raise ValueError("objective 'clip' needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
     concepts = load_concepts(config.concepts)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -56,22 +78,66 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     mole = pipe.mole
     for gate in mole.gates.values():  # trainable parameters stay in fp32 whatever the model's dtype
         gate.float().requires_grad_(True)
-    params = trainable_parameters(pipe)
+    if config.objective == "clip":  # prior preservation is a denoising-loss device
+        concepts = [replace(c, class_images=None, class_prompt=None) for c in concepts]
     examples = encode_examples(concepts, pipe.vae, config.resolution, config.prior_loss_weight)
 
-    def balance() -> tuple[torch.Tensor, dict[str, float]]:
-        weights = [gate.weights for gate in mole.gates.values()]
-        mean_weight = torch.stack([w.detach().float().mean(dim=0) for w in weights]).mean(dim=0)
-        logs = {f"gate_{name}": float(q) for name, q in zip(mole.expert_names, mean_weight)}
-        loss = balance_loss(weights)
-        return config.balance_weight * loss, {"loss_balance": loss.item(), **logs}
+    if config.objective == "denoising":
+        denoising = denoising_objective(pipe, examples)
+
+        def main_loss(indices, generator):
+            value, logs = denoising(indices, generator)
+            return value, logs, [gate.weights for gate in mole.gates.values()]
+    else:
+        main_loss = clip_objective(pipe, config, concepts, examples, accelerator.device)
+
+    def loss_function(indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        value, logs, gate_weights = main_loss(indices, generator)
+        balance = balance_loss(gate_weights)
+        mean_weight = torch.stack([w.detach().float().mean(dim=0) for w in gate_weights]).mean(dim=0)
+        logs = {**logs, "loss_balance": balance.item(), **{f"gate_{n}": float(q) for n, q in zip(mole.expert_names, mean_weight)}}
+        return value + config.balance_weight * balance, logs
 
     if not config.validation_prompts:
         config.validation_prompts = [c.prompt for c in concepts]
-    run_training(config, accelerator, pipe, params, examples, balance)
+    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples, loss_function)
 
     path = output_dir / "gates.safetensors"
     if accelerator.is_main_process:
         pipe.save_gates(path)
     return path
 
+
+def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Examples, device):
+    """The paper's CLIP-guided L_D (see the module docstring), as ``main_loss(indices, generator)``."""
+    from ..eval.clip import load_clip
+
+    clip = load_clip(config.clip_model, config.clip_pretrained, device=device)
+    with torch.no_grad():
+        references = torch.stack([
+            F.normalize(clip.embed_images(torch.stack([load_image(p, clip.size) for p in list_images(c.images)]) / 2 + 0.5).mean(0), dim=0)
+            for c in concepts
+        ])
+    center = references.mean(dim=0)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.clip_sampling_steps)
+    latent_size = config.resolution // pipe.vae_scale_factor
+
+    def main_loss(indices, generator):
+        concept = examples.groups[indices].to(device)
+        prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
+        shape = (len(indices), pipe.unet.config.in_channels, latent_size, latent_size)
+        latents = torch.randn(shape, generator=generator).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
+        gate_weights = []
+        for t in scheduler.timesteps:
+            noise = pipe.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
+            gate_weights += [gate.weights for gate in pipe.mole.gates.values()]
+            latents = scheduler.step(noise, t, latents).prev_sample
+        images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        embeds, target = clip.embed_images(images), references[concept]
+        global_loss = (1 - (embeds * target).sum(dim=-1)).mean()
+        directional = (1 - F.cosine_similarity(embeds - center, target - center, dim=-1)).mean()
+        logs = {"loss_clip_global": global_loss.item(), "loss_clip_directional": directional.item()}
+        return global_loss + directional, logs, gate_weights
+
+    return main_loss

@@ -22,6 +22,7 @@ from torch import nn
 
 from .common import (
     TrainingSettings,
+    denoising_objective,
     encode_examples,
     make_accelerator,
     prepare_pipeline,
@@ -116,7 +117,7 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     examples = encode_examples([concept], pipe.vae, config.resolution, config.prior_loss_weight)
     if not config.validation_prompts:
         config.validation_prompts = [config.prompt]
-    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples)
+    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples, denoising_objective(pipe, examples))
 
     path = output_dir / LORA_WEIGHT_NAME
     if accelerator.is_main_process:
