@@ -228,3 +228,28 @@ def test_clip_objective_needs_a_loadable_clip_model(world, concepts_file, tmp_pa
         train_gates(gate_config(world, concepts_file, tmp_path, objective="clip", clip_model=f"local-dir:{tmp_path / 'nowhere'}"))
     with pytest.raises(ClipError, match="give pretrained="):
         train_gates(gate_config(world, concepts_file, tmp_path, objective="clip", clip_model="ViT-B-32"))
+
+
+def test_gradient_checkpointing_gives_the_same_gates(world, concepts_file, tmp_path):
+    """Non-reentrant checkpointing recomputes blocks in backward; the gates behind them still get their gradients."""
+    plain = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "plain", steps=3)))
+    checkpointed = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "ckpt", steps=3, gradient_checkpointing=True)))
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, load_file(train_gates(gate_config(world, concepts_file, tmp_path / "zero", steps=1)))[k])
+               for k, v in plain.items())
+
+
+@pytest.mark.parametrize("options", [{"gradient_accumulation_steps": 2}, {"mixed_precision": "bf16"}])
+def test_accumulation_and_mixed_precision_train(world, concepts_file, tmp_path, options):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # accelerate allows one mixed-precision setting per process
+    try:
+        path = train_gates(gate_config(world, concepts_file, tmp_path, steps=2, **options))
+    finally:
+        AcceleratorState._reset_state()
+    gates = load_file(path)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in gates.values())
+    assert any(k.endswith("weight") and v.abs().sum() > 0 for k, v in gates.items())  # W_g moved from zero
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
