@@ -31,6 +31,13 @@ TRAIN_LORA_EXAMPLE = """example:
   Writes runs/dog/pytorch_lora_weights.safetensors (diffusers layout; a MoSLoRA mixer is folded into B).
 """
 
+EVALUATE_EXAMPLE = """example:
+  mole-diffusion evaluate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --concepts concepts.toml \\
+      --gates runs/dog_hat/gates.safetensors --clip-model ViT-B-32 --clip-pretrained openai --out eval/dog_hat
+
+  Paper protocol: DDPM, 50 steps, guidance 7.5 (the defaults). Started again, it skips the images it has.
+"""
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
@@ -116,6 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--mixer", choices=("orthogonal", "kaiming"), help="train MoSLoRA with this mixer init")
     _add_training_options(lora, steps=500, lr=1e-4, batch_size=1)
 
+    ev = sub.add_parser(
+        "evaluate",
+        help="generate the same prompts and seeds under every composition method and score them with CLIP",
+        epilog=EVALUATE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
+    ev.add_argument("--concepts", required=True, help="concepts TOML file (its LoRAs, reference images and prompts)")
+    ev.add_argument("--gates", help="gate file for the mole methods (without it they are skipped)")
+    ev.add_argument("--clip-model", required=True, help="open_clip name (ViT-B-32) or local-dir:PATH")
+    ev.add_argument("--clip-pretrained", help="pretrained tag (openai) or checkpoint file for a named model")
+    ev.add_argument("--prompt", action="append", dest="prompts", metavar="PROMPT", help="repeat; default: templates over the instance prompts")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ev.add_argument("--methods", nargs="+", help="default: all that apply (mole, mole_without_<name>, nla, sum, "
+                    "set_adapters, switch, composite, single_<name>, base)")
+    ev.add_argument("--nla-weights", type=float, nargs="+", help="weights for nla and set_adapters (default uniform)")
+    ev.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddpm")
+    ev.add_argument("--steps", type=int, default=50)
+    ev.add_argument("--guidance-scale", type=float, default=7.5)
+    ev.add_argument("--resolution", type=int, help="default: the model's")
+    ev.add_argument("--switch-every", type=int, default=1, help="LoRA Switch: steps per LoRA")
+    ev.add_argument("--device", help="default: cuda if available, else cpu")
+    ev.add_argument("--out", required=True, help="output folder (results.csv/json, summary.csv, report.md, plots, grid)")
+
     tiny = sub.add_parser(
         "tiny-checkpoint",
         help="write a tiny random SD checkpoint and two LoRAs (offline; for tests and CI)",
@@ -190,6 +221,21 @@ def train_lora(args: argparse.Namespace) -> Path:
     return path
 
 
+def evaluate(args: argparse.Namespace) -> Path:
+    from .eval.evaluate import EvaluationConfig
+    from .eval.evaluate import evaluate as run
+
+    out = run(EvaluationConfig(
+        base=args.base, concepts=Path(args.concepts), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, prompts=args.prompts or [], seeds=args.seeds,
+        methods=args.methods or [], nla_weights=args.nla_weights, scheduler=args.scheduler, steps=args.steps,
+        guidance_scale=args.guidance_scale, resolution=args.resolution, switch_every=args.switch_every, device=args.device,
+    ))
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/results.csv, results.json, summary.csv, report.md, grid.png, plot_*.png")
+    return out
+
+
 def tiny_checkpoint(args: argparse.Namespace) -> None:
     from .testing import make_concept_images, make_tiny_lora, make_tiny_pipeline
 
@@ -261,12 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
     from .experts import ExpertError
+    from .eval.clip import ClipError
     from .gate_file import GateFileError
 
-    commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "tiny-checkpoint": tiny_checkpoint}
+    commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "evaluate": evaluate,
+                "tiny-checkpoint": tiny_checkpoint}
     try:
         commands[args.command](args)
-    except (ExpertError, GateFileError, FileNotFoundError, OSError, ValueError, RuntimeError, FloatingPointError) as e:
+    except (ExpertError, GateFileError, ClipError, OSError, ValueError, RuntimeError, FloatingPointError) as e:
         print(f"mole-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -226,7 +226,7 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
             gate.weights = gate.constant
         else:
             gate.weights = gate(_scope_input(scope, args, kwargs))
-        if mole.record:
-            gate.history.append(gate.weights.detach())
+        if mole.record:  # a copy: constant weights are a buffer that set_experts changes in place
+            gate.history.append(gate.weights.detach().clone())
 
     return hook

@@ -1,0 +1,316 @@
+"""Compare composition methods on the same prompts and seeds, score every image with CLIP, and write a table,
+plots and a short report (METHOD.md sections 6-7).
+
+Methods (names as in the outputs):
+- ``mole``: learned gates (the gate file); ``mole_without_<name>``: the same with one concept masked out;
+- ``nla``: constant weights summing to 1 (uniform unless given); ``sum``: the plain sum of the deltas;
+- ``set_adapters``: diffusers' own ``load_lora_weights`` + ``set_adapters`` with the NLA weights (must
+  give the same images as ``nla``);
+- ``switch``: LoRA Switch, one LoRA active per denoising step, cycling every ``switch_every`` steps;
+- ``composite``: LoRA Composite, the guided noise prediction averaged over the LoRAs (classifier-free
+  guidance is linear, so averaging each half of the UNet's batch over the LoRAs is exactly the mean of the
+  per-LoRA guidances);
+- ``single_<name>``: one LoRA alone; ``base``: no LoRA.
+A run keeps ``results.jsonl`` as it goes and skips what is done when started again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..train.concepts import Concept, load_concepts
+from .clip import load_clip
+from .scores import reference_embeddings, score_images
+
+
+@dataclass(kw_only=True)
+class EvaluationConfig:
+    base: str
+    concepts: Path
+    output_dir: Path
+    clip_model: str
+    clip_pretrained: str | None = None
+    gates: Path | None = None
+    prompts: list[str] = field(default_factory=list)  # default: templates over the concepts' instance prompts
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    methods: list[str] = field(default_factory=list)  # default: every method that applies
+    nla_weights: list[float] | None = None
+    scheduler: str = "ddpm"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    resolution: int | None = None
+    switch_every: int = 1
+    device: str | None = None
+    progress: bool = True
+
+
+PROMPT_TEMPLATES = ("{}", "a picture of {}", "{}, high quality, detailed")
+
+
+def default_prompts(concepts: list[Concept]) -> list[str]:
+    joined = " and ".join(c.prompt for c in concepts)
+    return [template.format(joined) for template in PROMPT_TEMPLATES]
+
+
+def method_names(concepts: list[Concept], has_gates: bool) -> list[str]:
+    names = [c.name for c in concepts]
+    learned = ["mole", *(f"mole_without_{n}" for n in names)] if has_gates else []
+    return [*learned, "nla", "sum", "set_adapters", "switch", "composite", *(f"single_{n}" for n in names), "base"]
+
+
+def evaluate(config: EvaluationConfig) -> Path:
+    """Generate, score and summarise; returns the output folder."""
+    import diffusers
+
+    from ..cli import SCHEDULERS
+    from ..pipelines import MoLEStableDiffusionPipeline
+
+    concepts = load_concepts(config.concepts)
+    names = [c.name for c in concepts]
+    if config.gates is not None and not Path(config.gates).is_file():
+        raise FileNotFoundError(f"gate file {config.gates} not found")
+    available = method_names(concepts, config.gates is not None)
+    methods = config.methods or available
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        hint = " (mole methods need a gate file)" if any(m.startswith("mole") for m in unknown) else ""
+        raise ValueError(f"unknown method(s) {unknown}{hint}; available: {available}")
+    weights = config.nla_weights or [1.0 / len(names)] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} NLA weights for {len(names)} concepts {names}")
+    prompts = config.prompts or default_prompts(concepts)
+    out = Path(config.output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    clip = load_clip(config.clip_model, config.clip_pretrained)  # before any generation: fail early
+    references = {c.name: reference_embeddings(clip, c.images, out / "cache") for c in concepts}
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = MoLEStableDiffusionPipeline.from_pretrained(config.base, torch_dtype=dtype, safety_checker=None)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
+    pipe.load_experts({c.name: c.lora for c in concepts})
+    if config.gates is not None:
+        pipe.load_gates(config.gates)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    reference_pipe = None
+    if {"set_adapters", "base"} & set(methods):
+        # diffusers' own LoRA path on models of its own (the MoLE pipeline's are wrapped)
+        reference_pipe = diffusers.StableDiffusionPipeline.from_pretrained(config.base, torch_dtype=dtype, safety_checker=None)
+        reference_pipe.scheduler = pipe.scheduler
+        reference_pipe.to(device)
+        for c in concepts:
+            reference_pipe.load_lora_weights(c.lora, adapter_name=c.name)
+        reference_pipe.set_adapters(names, weights)
+        reference_pipe.set_progress_bar_config(disable=True)
+
+    done = _read_rows(out / "results.jsonl")
+    todo = [(m, p, s) for m in methods for p in range(len(prompts)) for s in config.seeds if (m, p, s) not in done]
+    bar = tqdm(total=len(methods) * len(prompts) * len(config.seeds), initial=len(methods) * len(prompts) * len(config.seeds) - len(todo),
+               disable=not config.progress, desc="evaluating")
+    for method, prompt_index, seed in todo:
+        kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale, height=config.resolution,
+                      width=config.resolution, generator=torch.Generator().manual_seed(seed))
+        image = generate(pipe, reference_pipe, method, prompts[prompt_index], names, weights, config.switch_every, kwargs)
+        path = out / "images" / method / f"p{prompt_index}-s{seed}.png"
+        path.parent.mkdir(exist_ok=True)
+        if method == "mole":  # gate weights (steps, batch, N), mean over steps and both CFG halves, for the heatmap
+            means = {gate: history.mean(dim=(0, 1)).contiguous() for gate, history in pipe.gate_weights.items()}
+            save_file(means, str(path.with_suffix(".gates.safetensors")))
+        image.save(path)
+        scores = score_images(clip, [image], [prompts[prompt_index]], references, [names])[0]
+        row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
+               "image": str(path.relative_to(out)), **scores}
+        with open(out / "results.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        bar.update(1)
+    bar.close()
+    write_outputs(out, methods, prompts, config.seeds, names)
+    return out
+
+
+def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], weights: list[float], switch_every: int, kwargs) -> Image.Image:
+    mole = pipe.mole
+    if method in ("base", "set_adapters"):
+        if method == "base":
+            reference_pipe.disable_lora()
+        try:
+            return reference_pipe(prompt, **kwargs).images[0]
+        finally:
+            reference_pipe.enable_lora()
+    if method == "mole" or method.startswith("mole_without_"):
+        mole.set_experts(None)  # learned gates
+        active = [n for n in names if method != f"mole_without_{n}"]
+        return pipe(prompt, experts=active, **kwargs).images[0]
+    if method == "nla":
+        mole.set_experts(names, weights)
+    elif method == "sum":
+        mole.set_experts(names, [1.0] * len(names))
+    elif method.startswith("single_"):
+        mole.set_experts([method.removeprefix("single_")], [1.0])
+    elif method == "switch":
+        return _switch(pipe, names, switch_every, prompt, kwargs)
+    elif method == "composite":
+        with composite(pipe, names):
+            return pipe(prompt, **kwargs).images[0]
+    return pipe(prompt, **kwargs).images[0]
+
+
+def one_hot(names: list[str], index: int) -> list[float]:
+    return [1.0 if i == index else 0.0 for i in range(len(names))]
+
+
+def _switch(pipe, names: list[str], every: int, prompt: str, kwargs) -> Image.Image:
+    """LoRA Switch: step i uses LoRA (i // every) mod N alone."""
+    pipe.mole.set_experts(names, one_hot(names, 0))
+
+    def next_step(pipeline, step: int, timestep, callback_kwargs):
+        pipe.mole.set_experts(names, one_hot(names, ((step + 1) // every) % len(names)))
+        return callback_kwargs
+
+    return pipe(prompt, callback_on_step_end=next_step, **kwargs).images[0]
+
+
+@contextmanager
+def composite(pipe, names: list[str]):
+    """LoRA Composite: every UNet call returns the mean of the N single-LoRA predictions."""
+    unet, mole = pipe.unet, pipe.mole
+    forward = unet.forward
+
+    def mean_forward(*args, return_dict: bool = True, **kwargs):
+        outputs = []
+        for index in range(len(names)):
+            mole.set_experts(names, one_hot(names, index))
+            outputs.append(forward(*args, return_dict=False, **kwargs)[0])
+        sample = torch.stack(outputs).mean(dim=0)
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+    unet.forward = mean_forward
+    try:
+        yield
+    finally:
+        del unet.forward  # back to the class's forward
+
+
+def _read_rows(path: Path) -> dict[tuple, dict]:
+    if not path.is_file():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by an interrupted write: that image is redone
+            continue
+        if (path.parent / row["image"]).is_file():
+            rows[(row["method"], row["prompt_index"], row["seed"])] = row
+    return rows
+
+
+def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
+    """Mean and 95% interval (normal approximation, 1.96 standard errors) per method and metric."""
+    metrics = [k for k in rows[0] if k.startswith("clip_")] if rows else []
+    summary = []
+    for method in methods:
+        values = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "n": len(values)}
+        for metric in metrics:
+            xs = [r[metric] for r in values if metric in r]
+            mean = sum(xs) / len(xs)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+            entry[metric] = mean
+            entry[f"{metric}_ci95"] = 1.96 * sd / math.sqrt(len(xs))
+        summary.append(entry)
+    return summary
+
+
+def write_outputs(out: Path, methods: list[str], prompts: list[str], seeds: list[int], names: list[str]) -> None:
+    import csv
+
+    rows = sorted(_read_rows(out / "results.jsonl").values(), key=lambda r: (methods.index(r["method"]), r["prompt_index"], r["seed"]))
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    for path, table in ((out / "results.csv", rows), (out / "summary.csv", summarise(rows, methods))):
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    summary = summarise(rows, methods)
+    _plots(out, summary, methods)
+    _grid(out, methods, prompts, seeds[0])
+    gate_files = sorted((out / "images" / "mole").glob("*.gates.safetensors"))
+    if gate_files:
+        per_image = [load_file(str(f)) for f in gate_files]
+        _heatmap(out, {gate: torch.stack([g[gate] for g in per_image]).mean(dim=0) for gate in per_image[0]}, names)
+    _report(out, summary, prompts, seeds, names)
+
+
+def _plots(out: Path, summary: list[dict], methods: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [k for k in summary[0] if k.startswith("clip_") and not k.endswith("_ci95")]
+    for metric in metrics:
+        figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(methods)), 3.2))
+        axis.bar(methods, [s[metric] for s in summary], yerr=[s[f"{metric}_ci95"] for s in summary], capsize=3, color="#4c72b0")
+        axis.set_ylabel(metric)
+        axis.tick_params(axis="x", rotation=60)
+        figure.tight_layout()
+        figure.savefig(out / f"plot_{metric}.png", dpi=100)
+        plt.close(figure)
+
+
+def _grid(out: Path, methods: list[str], prompts: list[str], seed: int) -> None:
+    from diffusers.utils import make_image_grid
+
+    images = [Image.open(out / "images" / m / f"p{p}-s{seed}.png") for m in methods for p in range(len(prompts))]
+    make_image_grid(images, rows=len(methods), cols=len(prompts)).save(out / "grid.png")
+
+
+def _heatmap(out: Path, gate_means: dict[str, torch.Tensor], names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = list(gate_means)
+    figure, axis = plt.subplots(figsize=(2 + 1.2 * len(names), 1 + 0.3 * len(blocks)))
+    image = axis.imshow(torch.stack([gate_means[b] for b in blocks]).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    axis.set_xticks(range(len(names)), names)
+    axis.set_yticks(range(len(blocks)), blocks, fontsize=7)
+    figure.colorbar(image, label="mean gate weight")
+    figure.tight_layout()
+    figure.savefig(out / "gate_heatmap.png", dpi=100)
+    plt.close(figure)
+
+
+def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int], names: list[str]) -> None:
+    metrics = [k for k in summary[0] if k.startswith("clip_") and not k.endswith("_ci95")]
+    lines = [
+        "# Evaluation report", "",
+        f"Concepts: {', '.join(names)}. {len(prompts)} prompts x {len(seeds)} seeds per method, the same for every method.", "",
+        "| method | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics),
+    ]
+    for s in summary:
+        lines.append(f"| {s['method']} | {s['n']} | " + " | ".join(f"{s[m]:.4f} ± {s[m + '_ci95']:.4f}" for m in metrics) + " |")
+    lines.append("")
+    for metric in ("clip_text", "clip_image_min"):
+        if metric in metrics:
+            best = max(summary, key=lambda s: s[metric])
+            lines.append(f"- Best {metric}: **{best['method']}** ({best[metric]:.4f} ± {best[metric + '_ci95']:.4f}).")
+    lines += [
+        "- ± is a 95% interval (1.96 standard errors over images). `clip_image_min` is the weakest concept's alignment.",
+        "- `nla` and `set_adapters` compute the same weighted sum of deltas (exact); `sum` is the unnormalised sum.",
+        "- CLIP scores correlate weakly with human judgement of multi-concept images (ComposLoRA): look at `grid.png`.",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,69 @@
+"""CLIP scores of generated images (METHOD.md section 7).
+
+- text alignment: cos(E_I(image), E_T(prompt)); also ``clip_score_2.5`` = 2.5 * max(cos, 0) (CLIPScore,
+  Custom Diffusion's convention) and ``clip_score_100`` = 100 * max(cos, 0) (torchmetrics' convention);
+- image alignment to concept k: the mean cosine to k's reference images; ``image_min`` is the minimum over
+  the composed concepts (a composition is only as good as its weakest concept).
+Reference embeddings are cached on disk, keyed by the model and the images' content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ..train.concepts import list_images
+from .clip import ClipModel
+
+
+@torch.no_grad()
+def embed_pil(clip: ClipModel, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
+    """(len(images), D) unit embeddings through the model's own preprocessing (as open_clip scores them)."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([clip.preprocess(image.convert("RGB")) for image in images[start : start + batch_size]])
+        chunks.append(F.normalize(clip.model.encode_image(pixels.to(clip.device)).float(), dim=-1).cpu())
+    return torch.cat(chunks)
+
+
+def reference_embeddings(clip: ClipModel, folder: Path, cache_dir: Path | None = None) -> torch.Tensor:
+    """Embeddings of a concept's reference images, from the disk cache when the same images were seen."""
+    files = list_images(folder)
+    digest = hashlib.sha256(clip.name.encode())
+    for file in files:
+        digest.update(file.read_bytes())
+    cached = cache_dir / f"{digest.hexdigest()[:32]}.safetensors" if cache_dir else None
+    if cached is not None and cached.is_file():
+        return load_file(str(cached))["embeddings"]
+    embeddings = embed_pil(clip, [Image.open(f) for f in files])
+    if cached is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_suffix(".tmp")
+        save_file({"embeddings": embeddings.contiguous()}, str(temporary))
+        temporary.replace(cached)
+    return embeddings
+
+
+def score_images(
+    clip: ClipModel, images: list[Image.Image], prompts: list[str], references: dict[str, torch.Tensor],
+    composed: list[list[str]], prefix: str = "clip",
+) -> list[dict[str, float]]:
+    """One row of scores per image: text alignment to its prompt, image alignment to each concept in
+    ``references``, and the minimum over the concepts the image composes (``composed[i]``)."""
+    image_embeds = embed_pil(clip, images)
+    text_embeds = F.normalize(clip.embed_texts(prompts).cpu(), dim=-1)
+    rows = []
+    for i, image_embed in enumerate(image_embeds):
+        cos = float(image_embed @ text_embeds[i])
+        row = {f"{prefix}_text": cos, f"{prefix}_score_2.5": 2.5 * max(cos, 0.0), f"{prefix}_score_100": 100 * max(cos, 0.0)}
+        for name, refs in references.items():
+            row[f"{prefix}_image_{name}"] = float((refs @ image_embed).mean())
+        if composed[i]:
+            row[f"{prefix}_image_min"] = min(row[f"{prefix}_image_{name}"] for name in composed[i])
+        rows.append(row)
+    return rows

@@ -1,0 +1,186 @@
+"""Evaluation: CLIP scores against open_clip itself, a full comparison run with resume, and each baseline."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import load
+from PIL import Image
+
+from mole_diffusion.cli import main
+from mole_diffusion.eval import evaluate as ev
+from mole_diffusion.eval.clip import ClipError, load_clip
+from mole_diffusion.eval.scores import embed_pil, score_images
+from mole_diffusion.testing import make_concept_images, make_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def clip_name(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip")
+
+
+@pytest.fixture(scope="module")
+def eval_world(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    make_concept_images(root / "red", "circle", (200, 30, 30), count=3)
+    make_concept_images(root / "blue", "square", (30, 30, 200), count=3, seed=1)
+    (root / "concepts.toml").write_text(
+        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n'
+        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n'
+    )
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]})
+    with torch.no_grad():
+        for gate in pipe.mole.gates.values():
+            gate.weight.normal_(std=2.0)
+    pipe.save_gates(root / "gates.safetensors")
+    return root
+
+
+def test_scores_equal_open_clip_computed_directly(clip_name):
+    clip = load_clip(clip_name)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)) for i in range(5)]
+    prompts = [f"a photo number {i}" for i in range(5)]
+    refs = {"x": embed_pil(clip, images[:2])}
+    rows = score_images(clip, images, prompts, refs, [["x"]] * 5)
+
+    model, _, preprocess = open_clip.create_model_and_transforms(clip_name)
+    tokenizer = open_clip.get_tokenizer(clip_name)
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([preprocess(im) for im in images]))
+        text_features = model.encode_text(tokenizer(prompts))
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    cos = (image_features * text_features).sum(-1)
+    ref_cos = (image_features @ image_features[:2].T).mean(-1)
+    for i, row in enumerate(rows):
+        assert row["clip_text"] == pytest.approx(cos[i].item(), abs=1e-5)
+        assert row["clip_score_2.5"] == pytest.approx(2.5 * max(cos[i].item(), 0), abs=1e-5)
+        assert row["clip_score_100"] == pytest.approx(100 * max(cos[i].item(), 0), abs=1e-4)
+        assert row["clip_image_x"] == pytest.approx(ref_cos[i].item(), abs=1e-5)
+        assert row["clip_image_min"] == row["clip_image_x"]
+    # any batch size, the same numbers
+    torch.testing.assert_close(embed_pil(clip, images, batch_size=1), embed_pil(clip, images, batch_size=4), rtol=0, atol=1e-6)
+
+
+def config(world, eval_world, clip_name, out, **kwargs):
+    args = dict(base=str(world["base"]), concepts=eval_world / "concepts.toml", gates=eval_world / "gates.safetensors",
+                output_dir=out, clip_model=clip_name, seeds=[0, 1], steps=3, resolution=32, progress=False,
+                prompts=["a photo of sks and zwx"])
+    return ev.EvaluationConfig(**{**args, **kwargs})
+
+
+def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_world, clip_name, tmp_path, monkeypatch):
+    whole = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "whole"))
+    methods = ev.method_names(ev.load_concepts(eval_world / "concepts.toml"), True)
+    for name in ("results.csv", "results.json", "summary.csv", "report.md", "grid.png", "gate_heatmap.png", "plot_clip_text.png",
+                 "plot_clip_image_min.png"):
+        assert (whole / name).is_file(), name
+    rows = json.loads((whole / "results.json").read_text())
+    assert len(rows) == len(methods) * 2 and {r["method"] for r in rows} == set(methods)
+    assert Image.open(whole / "grid.png").size == (32, 32 * len(methods))
+    report = (whole / "report.md").read_text()
+    assert "| mole |" in report and "Best clip_image_min" in report
+
+    real_generate, count = ev.generate, []
+
+    def stop_half_way(*args, **kwargs):
+        if len(count) == len(methods):
+            raise KeyboardInterrupt
+        count.append(1)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate", stop_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split"))
+    monkeypatch.setattr(ev, "generate", real_generate)
+    ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split"))
+    assert json.loads((tmp_path / "split" / "results.json").read_text()) == rows
+
+
+def generate_np(pipe, reference_pipe, method, names=("a", "b"), **kwargs):
+    args = dict(num_inference_steps=3, guidance_scale=7.5, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np")
+    return ev.generate(pipe, reference_pipe, method, "a photo of sks and zwx", list(names), [0.5, 0.5], 1, {**args, **kwargs})
+
+
+def test_nla_and_set_adapters_give_identical_images(world, ref_pipe, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    ref_pipe.load_lora_weights(world["a"], adapter_name="a")
+    ref_pipe.load_lora_weights(world["b"], adapter_name="b")
+    ref_pipe.set_adapters(["a", "b"], [0.5, 0.5])
+    np.testing.assert_allclose(generate_np(mole_pipe, ref_pipe, "nla"), generate_np(mole_pipe, ref_pipe, "set_adapters"), atol=1e-5)
+    assert np.abs(generate_np(mole_pipe, ref_pipe, "base") - generate_np(mole_pipe, ref_pipe, "nla")).max() > 1e-3
+
+
+def unet_gate_history(pipe):
+    """(UNet calls, 1, N): the constant weights each denoising step ran with."""
+    return next(h for name, h in pipe.gate_weights.items() if name.startswith("unet"))
+
+
+def test_switch_activates_one_expert_per_step_in_order(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    generate_np(mole_pipe, None, "switch", num_inference_steps=5)
+    history = unet_gate_history(mole_pipe)
+    assert [h[0].tolist() for h in history] == [[1, 0], [0, 1], [1, 0], [0, 1], [1, 0]]
+    images = [ev._switch(mole_pipe, ["a", "b"], every, "x", dict(num_inference_steps=4, height=32, width=32, output_type="np",
+                                                                    generator=torch.Generator().manual_seed(0))) for every in (1, 2)]
+    assert [h[0].tolist() for h in unet_gate_history(mole_pipe)] == [[1, 0], [1, 0], [0, 1], [0, 1]]
+    assert np.abs(images[0] - images[1]).max() > 1e-4
+
+
+def test_composite_guidance_is_the_mean_of_the_per_lora_guidances(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, 32, generator=g)  # [unconditional, conditional]
+    t, scale = torch.tensor(500), 7.5
+
+    def guided(out):
+        return out[0] + scale * (out[1] - out[0])
+
+    per_lora = []
+    with torch.no_grad():
+        for k in range(2):
+            mole_pipe.mole.set_experts(["a", "b"], ev.one_hot(["a", "b"], k))
+            per_lora.append(guided(mole_pipe.unet(sample, t, encoder_hidden_states=text).sample))
+        with ev.composite(mole_pipe, ["a", "b"]):
+            composite = guided(mole_pipe.unet(sample, t, encoder_hidden_states=text).sample)
+            as_tuple = mole_pipe.unet(sample, t, encoder_hidden_states=text, return_dict=False)[0]
+    torch.testing.assert_close(composite, (per_lora[0] + per_lora[1]) / 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(guided(as_tuple), composite)
+    assert "forward" not in mole_pipe.unet.__dict__  # the UNet's own forward is back
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "mole", "fancy"], "unknown method(s) ['fancy']"),
+        (["--gates", "no_such_gates.safetensors"], "gate file no_such_gates.safetensors not found"),
+        (["--clip-model", "local-dir:/no/such/clip"], "cannot load CLIP model local-dir:/no/such/clip"),
+        (["--clip-model", "ViT-B-32", "--clip-pretrained", "/no/such/file.safetensors"], "cannot load CLIP model ViT-B-32"),
+    ],
+)
+def test_bad_evaluate_input_is_a_clear_error(world, eval_world, clip_name, tmp_path, capsys, extra, message):
+    argv = ["evaluate", "--base", str(world["base"]), "--concepts", str(eval_world / "concepts.toml"), "--gates",
+            str(eval_world / "gates.safetensors"), "--clip-model", clip_name, "--out", str(tmp_path), "--steps", "2"]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    if extra[0] == "--methods":
+        argv += extra[2:]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_concept_without_references_is_refused(world, eval_world, clip_name, tmp_path):
+    bad = tmp_path / "concepts.toml"
+    text = (eval_world / "concepts.toml").read_text().replace('images = "red"', f'images = "{eval_world / "red"}"')
+    bad.write_text(text.replace('images = "blue"', f'images = "{tmp_path / "empty"}"'))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="concept 'b': field 'images': no images in"):
+        ev.evaluate(config(world, eval_world, clip_name, tmp_path / "out", concepts=bad))
