@@ -3,7 +3,7 @@
 from .experts import Expert, ExpertError, load_expert
 from .gate_file import GateFileError, load_gates, save_gates
 from .gates import Gate
-from .inject import MoLE, inject_experts
+from .inject import MoLE, block_weights_to_diffusers, inject_experts
 from .layers import MoLELayer
 from .pipelines import MoLEStableDiffusionPipeline
 
@@ -16,6 +16,7 @@ __all__ = [
     "MoLE",
     "MoLELayer",
     "MoLEStableDiffusionPipeline",
+    "block_weights_to_diffusers",
     "inject_experts",
     "load_expert",
     "load_gates",

@@ -6,7 +6,7 @@ and off, holds constant weights, fuses them, and restores the original modules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
@@ -61,7 +61,8 @@ class MoLE:
         self._originals: dict[str, tuple[nn.Module, str, nn.Module]] = {}  # name -> (parent, attr, original)
         self._gate_homes: dict[str, tuple[nn.Module, torch.utils.hooks.RemovableHandle]] = {}
         self.active: list[str] = list(self.expert_names)
-        self.constant_weights: list[float] | None = None  # full length N, or None for learned gates
+        # None: learned gates; a list: the same N weights at every gate; a dict: N weights per gate
+        self.constant_weights: list[float] | dict[str, list[float]] | None = None
         self.fused = False
         self.record = False
 
@@ -73,11 +74,17 @@ class MoLE:
         return [p for gate in self.gates.values() for p in gate.parameters()]
 
     # -- switching ------------------------------------------------------------------------------------
-    def set_experts(self, names: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> None:
-        """Active experts (None: all). With ``weights`` (in the order of ``names``), constant weights replace
-        the gates (NLA with those weights; all ones is the plain sum); masked experts weigh 0."""
+    def set_experts(
+        self, names: Sequence[str] | None = None, weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+    ) -> None:
+        """Active experts (None: all). With ``weights``, constant weights replace the gates: a sequence (in the
+        order of ``names``) for every gate alike (NLA with those weights; all ones is the plain sum), or
+        per-gate weights {gate name: one weight per expert, in ``expert_names`` order} as
+        ``export_block_weights`` returns. Masked experts weigh 0."""
         names = self._checked(self.expert_names if names is None else names)
-        if weights is not None:
+        if isinstance(weights, Mapping):
+            weights = self._checked_block_weights(weights)
+        elif weights is not None:
             weights = [float(w) for w in weights]
             if len(weights) != len(names):
                 raise ValueError(f"{len(weights)} weights given for {len(names)} experts {names}")
@@ -88,15 +95,30 @@ class MoLE:
         self.constant_weights = weights
         self.mask_experts(names)
 
+    def _checked_block_weights(self, weights: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+        if set(weights) != set(self.gates):
+            raise ValueError(
+                f"per-gate weights must name every gate of this MoLE ({self.granularity} granularity): missing "
+                f"{sorted(set(self.gates) - set(weights))[:3]}, unknown {sorted(set(weights) - set(self.gates))[:3]}"
+            )
+        checked = {}
+        for gate, values in weights.items():
+            values = [float(w) for w in values]
+            if len(values) != len(self.experts) or any(w != w for w in values):
+                raise ValueError(f"gate {gate}: expected {len(self.experts)} numbers (one per expert {self.expert_names}), got {values}")
+            checked[gate] = values
+        return checked
+
     def mask_experts(self, names: Sequence[str]) -> None:
         """Switch experts on and off, keeping the mode: gates renormalise over ``names``; constant weights of
         masked experts count as 0 until they are switched on again."""
         self.active = names = self._checked(names)
         mask = torch.tensor([n in names for n in self.expert_names])
-        for gate in self.gates.values():
+        for gate_name, gate in self.gates.items():
             gate.mask.copy_(mask)
             if self.constant_weights is not None:
-                gate.constant.copy_(torch.tensor([self.constant_weights]) * mask)
+                weights = self.constant_weights[gate_name] if isinstance(self.constant_weights, dict) else self.constant_weights
+                gate.constant.copy_(torch.tensor([weights]) * mask)
 
     def _checked(self, names: Sequence[str]) -> list[str]:
         if self.fused:
@@ -151,6 +173,42 @@ class MoLE:
     def gate_history(self) -> dict[str, torch.Tensor]:
         """{gate name: (calls, batch, N)}: for UNet gates one call per denoising step."""
         return {name: torch.stack(g.history).cpu() for name, g in self.gates.items() if g.history}
+
+
+def block_weights_to_diffusers(block_weights: Mapping[str, Sequence[float]], expert_names: Sequence[str]) -> list[dict]:
+    """Per-gate constant weights (block granularity) as diffusers' ``set_adapters(names, adapter_weights)``
+    per-block dicts, one per expert: {"unet": {"down": {"block_i": [...]}, "mid": w, "up": {...}},
+    "text_encoder": w}.
+
+    Exact for LoRAs on modules inside the UNet's transformer blocks. diffusers gives other UNet modules
+    (resnet convs) weight 1 and the text encoder one scalar: here the mean over its layers' gates.
+    """
+    adapters = []
+    for index, _ in enumerate(expert_names):
+        unet: dict = {}
+        text = []
+        for gate, values in block_weights.items():
+            component, _, scope = gate.partition(".")
+            parts = scope.split(".")
+            if component == "text_encoder":
+                text.append(values[index])
+            elif scope == "mid_block.attentions.0":
+                unet["mid"] = values[index]
+            elif len(parts) == 4 and parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
+                side = unet.setdefault(parts[0].removesuffix("_blocks"), {})
+                side.setdefault(f"block_{parts[1]}", {})[int(parts[3])] = values[index]
+            else:
+                raise ValueError(f"gate {gate} has no place in diffusers' per-block weights (block granularity, "
+                                 "transformer blocks only)")
+        for side in unet.values():
+            if isinstance(side, dict):
+                for block, layers in side.items():
+                    side[block] = [layers[i] for i in sorted(layers)]
+        entry = {"unet": unet}
+        if text:
+            entry["text_encoder"] = sum(text) / len(text)
+        adapters.append(entry)
+    return adapters
 
 
 def inject_experts(

@@ -75,7 +75,7 @@ def config(world, eval_world, clip_name, out, **kwargs):
 def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_world, clip_name, tmp_path, monkeypatch):
     whole = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "whole"))
     methods = ev.method_names(ev.load_concepts(eval_world / "concepts.toml"), True)
-    for name in ("results.csv", "results.json", "summary.csv", "report.md", "grid.png", "gate_heatmap.png", "plot_clip_text.png",
+    for name in ("results.csv", "results.json", "summary.csv", "report.md", "grid.png", "gate_heatmap.png", "block_weights.json", "plot_clip_text.png",
                  "plot_clip_image_min.png"):
         assert (whole / name).is_file(), name
     rows = json.loads((whole / "results.json").read_text())

@@ -3,6 +3,8 @@ plots and a short report (METHOD.md sections 6-7).
 
 Methods (names as in the outputs):
 - ``mole``: learned gates (the gate file); ``mole_without_<name>``: the same with one concept masked out;
+- ``mole_constant``: the learned gates frozen into constant per-block weights (their mean over the
+  evaluation prompts, ``export_block_weights``) and fused: what gates cost nothing would give up;
 - ``nla``: constant weights summing to 1 (uniform unless given); ``sum``: the plain sum of the deltas;
 - ``set_adapters``: diffusers' own ``load_lora_weights`` + ``set_adapters`` with the NLA weights (must
   give the same images as ``nla``);
@@ -64,7 +66,7 @@ def default_prompts(concepts: list[Concept]) -> list[str]:
 
 def method_names(concepts: list[Concept], has_gates: bool) -> list[str]:
     names = [c.name for c in concepts]
-    learned = ["mole", *(f"mole_without_{n}" for n in names)] if has_gates else []
+    learned = ["mole", "mole_constant", *(f"mole_without_{n}" for n in names)] if has_gates else []
     return [*learned, "nla", "sum", "set_adapters", "switch", "composite", *(f"single_{n}" for n in names), "base"]
 
 
@@ -114,6 +116,9 @@ def evaluate(config: EvaluationConfig) -> Path:
         reference_pipe.set_adapters(names, weights)
         reference_pipe.set_progress_bar_config(disable=True)
 
+    block_weights = None
+    if "mole_constant" in methods:
+        block_weights = _block_weights(pipe, out / "block_weights.json", prompts, config)
     done = _read_rows(out / "results.jsonl")
     todo = [(m, p, s) for m in methods for p in range(len(prompts)) for s in config.seeds if (m, p, s) not in done]
     bar = tqdm(total=len(methods) * len(prompts) * len(config.seeds), initial=len(methods) * len(prompts) * len(config.seeds) - len(todo),
@@ -121,7 +126,8 @@ def evaluate(config: EvaluationConfig) -> Path:
     for method, prompt_index, seed in todo:
         kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale, height=config.resolution,
                       width=config.resolution, generator=torch.Generator().manual_seed(seed))
-        image = generate(pipe, reference_pipe, method, prompts[prompt_index], names, weights, config.switch_every, kwargs)
+        image = generate(pipe, reference_pipe, method, prompts[prompt_index], names, weights, config.switch_every, kwargs,
+                         block_weights)
         path = out / "images" / method / f"p{prompt_index}-s{seed}.png"
         path.parent.mkdir(exist_ok=True)
         if method == "mole":  # gate weights (steps, batch, N), mean over steps and both CFG halves, for the heatmap
@@ -139,8 +145,27 @@ def evaluate(config: EvaluationConfig) -> Path:
     return out
 
 
-def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], weights: list[float], switch_every: int, kwargs) -> Image.Image:
+def _block_weights(pipe, path: Path, prompts: list[str], config: EvaluationConfig) -> dict[str, list[float]]:
+    """Constant per-block weights from the learned gates over the evaluation prompts (first seed), kept on disk."""
+    if not path.is_file():
+        pipe.mole.set_experts(None)
+        weights = pipe.export_block_weights(prompts, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                                            height=config.resolution, width=config.resolution,
+                                            generator=torch.Generator().manual_seed(config.seeds[0]))
+        path.write_text(json.dumps(weights, indent=1))
+    return json.loads(path.read_text())
+
+
+def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], weights: list[float], switch_every: int, kwargs,
+             block_weights: dict[str, list[float]] | None = None) -> Image.Image:
     mole = pipe.mole
+    if method == "mole_constant":
+        mole.set_experts(names, block_weights)
+        mole.fuse()
+        try:
+            return pipe(prompt, **kwargs).images[0]
+        finally:
+            mole.unfuse()
     if method in ("base", "set_adapters"):
         if method == "base":
             reference_pipe.disable_lora()
@@ -311,6 +336,8 @@ def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int]
     lines += [
         "- ± is a 95% interval (1.96 standard errors over images). `clip_image_min` is the weakest concept's alignment.",
         "- `nla` and `set_adapters` compute the same weighted sum of deltas (exact); `sum` is the unnormalised sum.",
+        "- `mole_constant` is `mole` with each gate frozen to its mean weight over these prompts and fused (no gate "
+        "cost); its distance from `mole` is what that costs.",
         "- CLIP scores correlate weakly with human judgement of multi-concept images (ComposLoRA): look at `grid.png`.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -61,10 +61,29 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
         loaded = [load_expert(name, path, self._models()) for name, path in named.items()]
         self.unet.__dict__["_mole"] = inject_experts(self._models(), loaded, granularity, prior_weights)
 
-    def set_experts(self, names: Sequence[str] | None = None, weights: Sequence[float] | None = None) -> None:
-        """Which experts are active (None: all). ``weights`` (in the order of ``names``) means constant weights
-        instead of gates: NLA with those weights, or the plain sum with all ones."""
+    def set_experts(
+        self, names: Sequence[str] | None = None, weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+    ) -> None:
+        """Which experts are active (None: all). ``weights`` means constant weights instead of gates: a sequence
+        in the order of ``names`` (NLA with those weights, or the plain sum with all ones), or per-gate weights
+        {gate name: one per expert} as ``export_block_weights`` returns."""
         self._require_mole().set_experts(names, weights)
+
+    @torch.no_grad()
+    def export_block_weights(self, prompts: Sequence[str], **kwargs) -> dict[str, list[float]]:
+        """The learned gates' mean weights per gate over ``prompts`` (every denoising step, both guidance
+        halves), as constant per-block weights for ``set_experts(weights=...)`` and ``fuse_experts()``
+        (no gate cost), or for diffusers' ``set_adapters`` via ``mole_diffusion.block_weights_to_diffusers``.
+        ``kwargs`` go to each pipeline call (steps, guidance, seed...)."""
+        mole = self._require_mole()
+        if mole.constant_weights is not None:
+            raise RuntimeError("export_block_weights reads the learned gates: call set_experts() (no weights) first")
+        sums: dict[str, torch.Tensor] = {}
+        for prompt in prompts:
+            self(prompt, **kwargs)
+            for gate, history in self.gate_weights.items():
+                sums[gate] = sums.get(gate, 0) + history.mean(dim=(0, 1))
+        return {gate: (total / len(prompts)).tolist() for gate, total in sums.items()}
 
     def fuse_experts(self) -> None:
         """Fuse the constant weights into the base weights (``set_experts(names, weights)`` first)."""
