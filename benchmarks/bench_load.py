@@ -11,6 +11,7 @@ round times both variants (interleaved), then takes the experts/adapters off aga
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -51,6 +52,7 @@ def main() -> None:
     config = json.loads((Path(__file__).parent / "sd15_unet_config.json").read_text())
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).eval()
+    peft_unet = copy.deepcopy(unet)  # delete_adapters leaves PEFT wrapper layers behind
     print(f"{'N':>3s} {'mole s':>8s} {'diffusers s':>12s} {'mole x diffusers':>17s}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.experts:
@@ -66,10 +68,10 @@ def main() -> None:
 
                 start = time.perf_counter()
                 for p in paths:
-                    unet.load_lora_adapter(str(p), prefix="unet", adapter_name=p.stem)
-                unet.set_adapters(names, [1.0 / n] * n)
+                    peft_unet.load_lora_adapter(str(p), prefix="unet", adapter_name=p.stem)
+                peft_unet.set_adapters(names, [1.0 / n] * n)
                 times["diffusers"].append(time.perf_counter() - start)
-                unet.delete_adapters(names)
+                peft_unet.delete_adapters(names)
             mole_s, diffusers_s = (statistics.median(times[k][1:]) for k in ("mole", "diffusers"))
             print(f"{n:3d} {mole_s:8.3f} {diffusers_s:12.3f} {mole_s / diffusers_s:17.3f}")
 

@@ -150,6 +150,8 @@ def _check_fits(path, component: str, module_name: str, model: nn.Module, down: 
         expected = ((down.shape[0], module.in_features), (module.out_features, down.shape[0]))
     elif isinstance(module, nn.Conv2d) and module.groups == 1:
         expected = ((down.shape[0], module.in_channels, *module.kernel_size), (module.out_channels, down.shape[0], 1, 1))
+    elif hasattr(module, "base_layer"):  # a PEFT/diffusers LoRA layer, possibly with every adapter deleted
+        raise ExpertError(f"{where}: the base model already has a PEFT LoRA layer here; call unload_lora_weights() first")
     else:
         raise ExpertError(f"{where}: LoRA on {type(module).__name__} is not supported (Linear and Conv2d are)")
     if (tuple(down.shape), tuple(up.shape)) != expected:

@@ -125,3 +125,10 @@ def test_bad_prior_weights(world, mole_pipe):
         mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, prior_weights=[1.0, 0.0])
     with pytest.raises(ValueError, match="granularity must be one of"):
         mole_pipe.load_experts({"a": world["a"]}, granularity="pixel")
+
+
+def test_base_with_leftover_peft_layers_is_refused_with_a_hint(world, mole_pipe):
+    mole_pipe.load_lora_weights(world["a"], adapter_name="x")
+    mole_pipe.delete_adapters(["x"])  # leaves PEFT wrapper layers behind
+    with pytest.raises(ExpertError, match="already has a PEFT LoRA layer here; call unload_lora_weights"):
+        mole_pipe.load_experts({"a": world["a"]})
