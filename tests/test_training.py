@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -253,3 +254,19 @@ def test_accumulation_and_mixed_precision_train(world, concepts_file, tmp_path, 
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in gates.values())
     assert any(k.endswith("weight") and v.abs().sum() > 0 for k, v in gates.items())  # W_g moved from zero
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_lora_resume_gives_the_file_of_an_uninterrupted_run(world, concepts_file, tmp_path):
+    from mole_diffusion.train import LoRATrainingConfig, train_lora
+
+    def config(out, **kwargs):
+        return LoRATrainingConfig(base=str(world["base"]), images=concepts_file.parent / "red", prompt="a photo of sks",
+                                  output_dir=out, steps=4, checkpoint_every=2, resolution=32, learning_rate=1e-2,
+                                  mixer="kaiming", train_text_encoder=True, progress=False, **kwargs)
+
+    whole = load_file(train_lora(config(tmp_path / "whole")))
+    train_lora(replace(config(tmp_path / "split"), steps=2))
+    split = load_file(train_lora(config(tmp_path / "split", resume=True)))
+    assert whole.keys() == split.keys() and any(k.startswith("text_encoder.") for k in whole)
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key

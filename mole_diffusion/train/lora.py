@@ -102,6 +102,7 @@ def train_lora(config: LoRATrainingConfig) -> Path:
         lora_configs["text_encoder"] = LoraConfig(
             r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(config.text_encoder_target_modules)
         )
+    torch.manual_seed(config.seed)  # PEFT's and the mixers' random init: seeded runs are reproducible
     for component, lora_config in lora_configs.items():
         model = getattr(pipe, component)
         try:
