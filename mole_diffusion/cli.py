@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gates", help="gate file for the mole methods (without it they are skipped)")
     ev.add_argument("--clip-model", required=True, help="open_clip name (ViT-B-32) or local-dir:PATH")
     ev.add_argument("--clip-pretrained", help="pretrained tag (openai) or checkpoint file for a named model")
+    ev.add_argument("--image-model", help="second image backbone for image alignment, e.g. a DINO transformers folder")
     ev.add_argument("--prompt", action="append", dest="prompts", metavar="PROMPT", help="repeat; default: templates over the instance prompts")
     ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ev.add_argument("--methods", nargs="+", help="default: all that apply (mole, mole_without_<name>, nla, sum, "
@@ -227,7 +228,7 @@ def evaluate(args: argparse.Namespace) -> Path:
 
     out = run(EvaluationConfig(
         base=args.base, concepts=Path(args.concepts), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
-        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, prompts=args.prompts or [], seeds=args.seeds,
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, image_model=args.image_model, prompts=args.prompts or [], seeds=args.seeds,
         methods=args.methods or [], nla_weights=args.nla_weights, scheduler=args.scheduler, steps=args.steps,
         guidance_scale=args.guidance_scale, resolution=args.resolution, switch_every=args.switch_every, device=args.device,
     ))

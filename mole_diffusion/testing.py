@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
+__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
 
 TINY_UNET_CONFIG = dict(
     sample_size=16,
@@ -234,3 +234,34 @@ def make_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
     model = open_clip.create_model(f"local-dir:{path}", load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
     return f"local-dir:{path}"
+
+
+def make_tiny_transformers_clip(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random tiny transformers ``CLIPModel`` folder with its processor (for ``--clip-model PATH``)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    tokenizer = make_clip_tokenizer(path)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def make_tiny_dino(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random tiny DINOv2 folder with its image processor (for ``evaluate --image-model PATH``)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    return path

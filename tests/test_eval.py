@@ -184,3 +184,53 @@ def test_concept_without_references_is_refused(world, eval_world, clip_name, tmp
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="concept 'b': field 'images': no images in"):
         ev.evaluate(config(world, eval_world, clip_name, tmp_path / "out", concepts=bad))
+
+
+def test_transformers_clip_folder_scores_equal_transformers_computed_directly(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from mole_diffusion.testing import make_tiny_transformers_clip
+
+    folder = make_tiny_transformers_clip(tmp_path / "hf_clip")
+    clip = load_clip(str(folder))
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 36, 3), dtype=np.uint8)) for i in range(3)]
+    prompts = ["a red circle", "a blue square", "a green star"]
+    rows = score_images(clip, images, prompts, {}, [[]] * 3)
+    model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        inputs = processor(text=prompts, images=images, return_tensors="pt", padding="max_length")
+        out = model(**inputs)
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+    for i, row in enumerate(rows):
+        assert row["clip_text"] == pytest.approx(cos[i].item(), abs=1e-5)
+    # the differentiable path agrees with the processor's on an image already at the model's size
+    pixels = torch.from_numpy(np.asarray(images[0].resize((32, 32)))).permute(2, 0, 1)[None] / 255.0
+    assert clip.embed_images(pixels).shape == (1, 32)
+
+
+def test_dino_backbone_adds_its_own_image_alignment(world, eval_world, clip_name, tmp_path):
+    from transformers import AutoImageProcessor, AutoModel
+
+    from mole_diffusion.testing import make_tiny_dino
+
+    dino = make_tiny_dino(tmp_path / "dino")
+    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", methods=["nla", "base"], seeds=[0], image_model=str(dino)))
+    rows = json.loads((out / "results.json").read_text())
+    assert {"dino_image_a", "dino_image_b", "dino_image_min", "clip_image_min"} <= set(rows[0])
+    model, processor = AutoModel.from_pretrained(dino), AutoImageProcessor.from_pretrained(dino)
+    with torch.no_grad():
+        def embed(images):
+            features = model(pixel_values=processor(images=images, return_tensors="pt").pixel_values).last_hidden_state[:, 0]
+            return torch.nn.functional.normalize(features, dim=-1)
+
+        generated = embed([Image.open(out / rows[0]["image"]).convert("RGB")])[0]
+        refs = embed([Image.open(p).convert("RGB") for p in sorted((eval_world / "red").iterdir())])
+    assert rows[0]["dino_image_a"] == pytest.approx((refs @ generated).mean().item(), abs=1e-5)
+    assert "dino_image_min" in (out / "summary.csv").read_text()
+
+
+def test_a_transformers_folder_that_is_not_clip_is_refused(tmp_path):
+    from mole_diffusion.testing import make_tiny_dino
+
+    with pytest.raises(ClipError, match="not a CLIPModel"):
+        load_clip(str(make_tiny_dino(tmp_path / "dino")))

@@ -1,7 +1,11 @@
-"""CLIP models through open_clip: unit-length image and text embeddings, for scores and for the CLIP
-training objective (whose image path is differentiable)."""
+"""CLIP models (open_clip, or a transformers ``CLIPModel`` folder) and image backbones (DINO and other
+transformers vision models): unit-length embeddings, for scores and for the CLIP training objective (whose
+image path is differentiable)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +40,90 @@ class ClipModel:
         top, left = (size[0] - self.size) // 2, (size[1] - self.size) // 2
         images = images[..., top : top + self.size, left : left + self.size]
         images = (images - self.mean.to(images.device)) / self.std.to(images.device)
-        return F.normalize(self.model.encode_image(images.to(self.device)).float(), dim=-1)
+        return F.normalize(self._encode_image(images.to(self.device)).float(), dim=-1)
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
 
     @torch.no_grad()
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         return F.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)
 
+    @torch.no_grad()
+    def embed_pil(self, images: list, batch_size: int = 32) -> torch.Tensor:
+        """(len(images), D) through the model's own preprocessing, as open_clip scores images."""
+        return _batched(images, batch_size, lambda chunk: self._encode_image(
+            torch.stack([self.preprocess(im.convert("RGB")) for im in chunk]).to(self.device)))
+
+
+class TransformersClip(ClipModel):
+    """A transformers ``CLIPModel`` folder, with its image processor and tokenizer."""
+
+    def __init__(self, folder: str, device):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        self.processor, self.name = AutoProcessor.from_pretrained(folder), folder
+        image_processor = self.processor.image_processor
+        self.size = image_processor.crop_size["height"]
+        self.mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.processor.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").to(self.device)
+        return F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_pil(self, images: list, batch_size: int = 32) -> torch.Tensor:
+        return _batched(images, batch_size, lambda chunk: self._encode_image(
+            self.processor(images=[im.convert("RGB") for im in chunk], return_tensors="pt").pixel_values.to(self.device)))
+
+
+class ImageBackbone:
+    """A transformers vision model (DINO, DINOv2, ViT...) for image alignment: its CLS token, unit length."""
+
+    def __init__(self, folder: str, device="cpu"):
+        from transformers import AutoImageProcessor, AutoModel
+
+        try:
+            self.model = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+            self.processor = AutoImageProcessor.from_pretrained(folder)
+        except Exception as err:
+            raise ClipError(f"cannot load image model {folder}: {type(err).__name__}: {err}") from None
+        self.name = folder
+
+    @torch.no_grad()
+    def embed_pil(self, images: list, batch_size: int = 32) -> torch.Tensor:
+        def cls_token(chunk):
+            pixels = self.processor(images=[im.convert("RGB") for im in chunk], return_tensors="pt").pixel_values
+            return self.model(pixel_values=pixels.to(self.model.device)).last_hidden_state[:, 0]
+
+        return _batched(images, batch_size, cls_token)
+
+
+def _batched(images: list, batch_size: int, embed) -> torch.Tensor:
+    chunks = [embed(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]
+    return F.normalize(torch.cat(chunks), dim=-1).cpu()
+
 
 def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipModel:
     """``model``: an open_clip name ("ViT-B-32") with ``pretrained`` (a tag such as "openai", or a local
-    checkpoint file), or "local-dir:PATH" (a folder with open_clip_config.json and open_clip_model.safetensors)."""
+    checkpoint file), "local-dir:PATH" (a folder with open_clip_config.json and open_clip_model.safetensors),
+    or a transformers ``CLIPModel`` folder (config.json with model_type "clip")."""
     import open_clip
+
+    config = Path(model) / "config.json"
+    if config.is_file():
+        if json.loads(config.read_text()).get("model_type") != "clip":
+            raise ClipError(f"{model}: a transformers folder, but not a CLIPModel (config.json model_type is not 'clip')")
+        try:
+            return TransformersClip(model, device)
+        except Exception as err:
+            raise ClipError(f"cannot load CLIP model {model}: {type(err).__name__}: {err}") from None
 
     if not pretrained and not model.startswith(("local-dir:", "hf-hub:")):
         raise ClipError(f"CLIP model {model}: give pretrained= (a tag such as 'openai', or a checkpoint file); "

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..train.concepts import Concept, load_concepts
-from .clip import load_clip
-from .scores import reference_embeddings, score_images
+from .clip import ImageBackbone, load_clip
+from .scores import image_alignment, reference_embeddings, score_images
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,7 @@ class EvaluationConfig:
     output_dir: Path
     clip_model: str
     clip_pretrained: str | None = None
+    image_model: str | None = None  # a second backbone for image alignment (DINO): a transformers folder or id
     gates: Path | None = None
     prompts: list[str] = field(default_factory=list)  # default: templates over the concepts' instance prompts
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -56,6 +57,7 @@ class EvaluationConfig:
     progress: bool = True
 
 
+ID_COLUMNS = ("method", "prompt_index", "prompt", "seed", "image")
 PROMPT_TEMPLATES = ("{}", "a picture of {}", "{}, high quality, detailed")
 
 
@@ -95,6 +97,8 @@ def evaluate(config: EvaluationConfig) -> Path:
     (out / "images").mkdir(parents=True, exist_ok=True)
     clip = load_clip(config.clip_model, config.clip_pretrained)  # before any generation: fail early
     references = {c.name: reference_embeddings(clip, c.images, out / "cache") for c in concepts}
+    backbone = ImageBackbone(config.image_model) if config.image_model else None
+    backbone_references = {c.name: reference_embeddings(backbone, c.images, out / "cache") for c in concepts} if backbone else {}
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -135,6 +139,8 @@ def evaluate(config: EvaluationConfig) -> Path:
             save_file(means, str(path.with_suffix(".gates.safetensors")))
         image.save(path)
         scores = score_images(clip, [image], [prompts[prompt_index]], references, [names])[0]
+        if backbone is not None:
+            scores.update(image_alignment(backbone, [image], backbone_references, [names], prefix="dino")[0])
         row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
                "image": str(path.relative_to(out)), **scores}
         with open(out / "results.jsonl", "a") as handle:
@@ -243,7 +249,7 @@ def _read_rows(path: Path) -> dict[tuple, dict]:
 
 def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
     """Mean and 95% interval (normal approximation, 1.96 standard errors) per method and metric."""
-    metrics = [k for k in rows[0] if k.startswith("clip_")] if rows else []
+    metrics = [k for k in rows[0] if k not in ID_COLUMNS] if rows else []
     summary = []
     for method in methods:
         values = [r for r in rows if r["method"] == method]
@@ -284,7 +290,7 @@ def _plots(out: Path, summary: list[dict], methods: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in summary[0] if k.startswith("clip_") and not k.endswith("_ci95")]
+    metrics = [k for k in summary[0] if k not in ("method", "n") and not k.endswith("_ci95")]
     for metric in metrics:
         figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(methods)), 3.2))
         axis.bar(methods, [s[metric] for s in summary], yerr=[s[f"{metric}_ci95"] for s in summary], capsize=3, color="#4c72b0")
@@ -320,7 +326,7 @@ def _heatmap(out: Path, gate_means: dict[str, torch.Tensor], names: list[str]) -
 
 
 def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int], names: list[str]) -> None:
-    metrics = [k for k in summary[0] if k.startswith("clip_") and not k.endswith("_ci95")]
+    metrics = [k for k in summary[0] if k not in ("method", "n") and not k.endswith("_ci95")]
     lines = [
         "# Evaluation report", "",
         f"Concepts: {', '.join(names)}. {len(prompts)} prompts x {len(seeds)} seeds per method, the same for every method.", "",
@@ -329,7 +335,7 @@ def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int]
     for s in summary:
         lines.append(f"| {s['method']} | {s['n']} | " + " | ".join(f"{s[m]:.4f} ± {s[m + '_ci95']:.4f}" for m in metrics) + " |")
     lines.append("")
-    for metric in ("clip_text", "clip_image_min"):
+    for metric in ("clip_text", "clip_image_min", "dino_image_min"):
         if metric in metrics:
             best = max(summary, key=lambda s: s[metric])
             lines.append(f"- Best {metric}: **{best['method']}** ({best[metric]:.4f} ± {best[metric + '_ci95']:.4f}).")

@@ -18,20 +18,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..train.concepts import list_images
-from .clip import ClipModel
+from .clip import ClipModel, ImageBackbone
 
 
-@torch.no_grad()
-def embed_pil(clip: ClipModel, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
-    """(len(images), D) unit embeddings through the model's own preprocessing (as open_clip scores them)."""
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([clip.preprocess(image.convert("RGB")) for image in images[start : start + batch_size]])
-        chunks.append(F.normalize(clip.model.encode_image(pixels.to(clip.device)).float(), dim=-1).cpu())
-    return torch.cat(chunks)
+def embed_pil(model, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
+    """(len(images), D) unit embeddings through the model's own preprocessing."""
+    return model.embed_pil(images, batch_size)
 
 
-def reference_embeddings(clip: ClipModel, folder: Path, cache_dir: Path | None = None) -> torch.Tensor:
+def reference_embeddings(clip: ClipModel | ImageBackbone, folder: Path, cache_dir: Path | None = None) -> torch.Tensor:
     """Embeddings of a concept's reference images, from the disk cache when the same images were seen."""
     files = list_images(folder)
     digest = hashlib.sha256(clip.name.encode())
@@ -47,6 +42,18 @@ def reference_embeddings(clip: ClipModel, folder: Path, cache_dir: Path | None =
         save_file({"embeddings": embeddings.contiguous()}, str(temporary))
         temporary.replace(cached)
     return embeddings
+
+
+def image_alignment(model, images: list[Image.Image], references: dict[str, torch.Tensor], composed: list[list[str]],
+                    prefix: str) -> list[dict[str, float]]:
+    """Image alignment only (for a second backbone such as DINO): ``<prefix>_image_<concept>`` and ``_min``."""
+    rows = []
+    for i, embed in enumerate(embed_pil(model, images)):
+        row = {f"{prefix}_image_{name}": float((refs @ embed).mean()) for name, refs in references.items()}
+        if composed[i]:
+            row[f"{prefix}_image_min"] = min(row[f"{prefix}_image_{name}"] for name in composed[i])
+        rows.append(row)
+    return rows
 
 
 def score_images(
