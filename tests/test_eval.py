@@ -13,7 +13,7 @@ from mole_diffusion.cli import main
 from mole_diffusion.eval import evaluate as ev
 from mole_diffusion.eval.clip import ClipError, load_clip
 from mole_diffusion.eval.scores import embed_pil, score_images
-from mole_diffusion.testing import make_concept_images, make_tiny_clip
+from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_lora
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def config(world, eval_world, clip_name, out, **kwargs):
 
 def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_world, clip_name, tmp_path, monkeypatch):
     whole = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "whole"))
-    methods = ev.method_names(ev.load_concepts(eval_world / "concepts.toml"), True)
+    methods = ev.method_names(ev.load_concepts(eval_world / "concepts.toml"), True, same_rank=False)  # ranks 4 and 2
     for name in ("results.csv", "results.json", "summary.csv", "report.md", "grid.png", "gate_heatmap.png", "block_weights.json", "plot_clip_text.png",
                  "plot_clip_image_min.png"):
         assert (whole / name).is_file(), name
@@ -234,3 +234,31 @@ def test_a_transformers_folder_that_is_not_clip_is_refused(tmp_path):
 
     with pytest.raises(ClipError, match="not a CLIPModel"):
         load_clip(str(make_tiny_dino(tmp_path / "dino")))
+
+
+def test_peft_merges_cat_is_nla_and_the_others_are_not(world, eval_world, clip_name, tmp_path):
+    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", seeds=[0], methods=["nla", "peft_cat", "peft_svd"]))
+
+    def pixels(method):
+        return np.asarray(Image.open(out / "images" / method / "p0-s0.png")).astype(int)
+
+    assert np.abs(pixels("peft_cat") - pixels("nla")).max() <= 1  # exact up to PNG rounding
+    assert np.abs(pixels("peft_svd") - pixels("nla")).max() > 1  # truncated to rank 4 of a rank-6 sum
+    assert "peft_svd" in (out / "report.md").read_text()
+
+
+def test_ties_and_dare_need_one_rank(world, eval_world, clip_name, tmp_path):
+    with pytest.raises(ValueError, match=r"need LoRAs of one rank .* ranks \[2, 4\]"):
+        ev.evaluate(config(world, eval_world, clip_name, tmp_path / "bad", methods=["peft_ties"]))
+    twin = make_tiny_lora(world["base"], tmp_path / "a2.safetensors", rank=4, alpha=4, seed=7)
+    same_rank = tmp_path / "concepts.toml"
+    same_rank.write_text((eval_world / "concepts.toml").read_text().replace(str(world["b"]), str(twin))
+                         .replace('images = "red"', f'images = "{eval_world / "red"}"')
+                         .replace('images = "blue"', f'images = "{eval_world / "blue"}"'))
+    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", concepts=same_rank, seeds=[0], gates=None,
+                             methods=["nla", "peft_ties", "peft_dare_linear"]))
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["nla", "peft_ties", "peft_dare_linear"]
+    nla = np.asarray(Image.open(out / rows[0]["image"])).astype(int)
+    for row in rows[1:]:
+        assert np.abs(np.asarray(Image.open(out / row["image"])).astype(int) - nla).max() > 1

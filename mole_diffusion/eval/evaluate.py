@@ -8,6 +8,9 @@ Methods (names as in the outputs):
 - ``nla``: constant weights summing to 1 (uniform unless given); ``sum``: the plain sum of the deltas;
 - ``set_adapters``: diffusers' own ``load_lora_weights`` + ``set_adapters`` with the NLA weights (must
   give the same images as ``nla``);
+- ``peft_cat``, ``peft_svd``, ``peft_ties``, ``peft_dare_linear``: PEFT's ``add_weighted_adapter`` merges with
+  the NLA weights (cat is exact; svd truncates; ties and dare_linear combine A's and B's separately, not the
+  weighted sum of deltas, and need LoRAs of one rank);
 - ``switch``: LoRA Switch, one LoRA active per denoising step, cycling every ``switch_every`` steps;
 - ``composite``: LoRA Composite, the guided noise prediction averaged over the LoRAs (classifier-free
   guidance is linear, so averaging each half of the UNet's batch over the LoRAs is exactly the mean of the
@@ -66,10 +69,15 @@ def default_prompts(concepts: list[Concept]) -> list[str]:
     return [template.format(joined) for template in PROMPT_TEMPLATES]
 
 
-def method_names(concepts: list[Concept], has_gates: bool) -> list[str]:
+PEFT_MERGES = ("cat", "svd", "ties", "dare_linear")  # add_weighted_adapter combination types
+SAME_RANK_MERGES = ("ties", "dare_linear")  # these combine the A's and the B's separately: one rank for all
+
+
+def method_names(concepts: list[Concept], has_gates: bool, same_rank: bool = True) -> list[str]:
     names = [c.name for c in concepts]
     learned = ["mole", "mole_constant", *(f"mole_without_{n}" for n in names)] if has_gates else []
-    return [*learned, "nla", "sum", "set_adapters", "switch", "composite", *(f"single_{n}" for n in names), "base"]
+    merges = [f"peft_{m}" for m in PEFT_MERGES if same_rank or m not in SAME_RANK_MERGES]
+    return [*learned, "nla", "sum", "set_adapters", *merges, "switch", "composite", *(f"single_{n}" for n in names), "base"]
 
 
 def evaluate(config: EvaluationConfig) -> Path:
@@ -109,14 +117,22 @@ def evaluate(config: EvaluationConfig) -> Path:
         pipe.load_gates(config.gates)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    ranks = {lora.rank for expert in pipe.mole.experts for lora in expert.layers.values()}
+    if len(ranks) > 1:
+        needs_one_rank = [m for m in methods if m.removeprefix("peft_") in SAME_RANK_MERGES]
+        if config.methods and needs_one_rank:
+            raise ValueError(f"methods {needs_one_rank} need LoRAs of one rank (PEFT combines their A's and B's "
+                             f"separately); these have ranks {sorted(ranks)}")
+        methods = [m for m in methods if m not in needs_one_rank]
     reference_pipe = None
-    if {"set_adapters", "base"} & set(methods):
+    if {"set_adapters", "base"} & set(methods) or any(m.startswith("peft_") for m in methods):
         # diffusers' own LoRA path on models of its own (the MoLE pipeline's are wrapped)
         reference_pipe = diffusers.StableDiffusionPipeline.from_pretrained(config.base, torch_dtype=dtype, safety_checker=None)
         reference_pipe.scheduler = pipe.scheduler
         reference_pipe.to(device)
         for c in concepts:
             reference_pipe.load_lora_weights(c.lora, adapter_name=c.name)
+        add_peft_merges(reference_pipe, names, weights, [m.removeprefix("peft_") for m in methods if m.startswith("peft_")])
         reference_pipe.set_adapters(names, weights)
         reference_pipe.set_progress_bar_config(disable=True)
 
@@ -151,6 +167,24 @@ def evaluate(config: EvaluationConfig) -> Path:
     return out
 
 
+def add_peft_merges(pipe, names: list[str], weights: list[float], combination_types: list[str], density: float = 0.5) -> None:
+    """PEFT's ``add_weighted_adapter`` on diffusers' adapters: a merged adapter ``peft_<type>`` per type in the
+    UNet and the text encoder. ``cat`` is exact (the weighted sum of deltas); ``svd`` truncates that sum to
+    the largest rank; ``ties`` / ``dare_linear`` (density 0.5) combine the A's and the B's separately."""
+    from peft import LoraModel
+
+    torch.manual_seed(0)  # dare drops entries at random: the same merge on every run
+    for model in (pipe.unet, pipe.text_encoder):
+        configs = getattr(model, "peft_config", {})
+        if not combination_types or not all(n in configs for n in names):
+            continue
+        # a LoraModel over the adapters diffusers loaded; it adds one inactive zero adapter of its own
+        tuner = LoraModel(model, {"merge_scratch": configs[names[0]]}, "merge_scratch")
+        for kind in combination_types:
+            extra = {"density": density} if kind in SAME_RANK_MERGES else {}
+            tuner.add_weighted_adapter(names, weights, f"peft_{kind}", combination_type=kind, **extra)
+
+
 def _block_weights(pipe, path: Path, prompts: list[str], config: EvaluationConfig) -> dict[str, list[float]]:
     """Constant per-block weights from the learned gates over the evaluation prompts (first seed), kept on disk."""
     if not path.is_file():
@@ -172,13 +206,16 @@ def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], w
             return pipe(prompt, **kwargs).images[0]
         finally:
             mole.unfuse()
-    if method in ("base", "set_adapters"):
+    if method in ("base", "set_adapters") or method.startswith("peft_"):
         if method == "base":
             reference_pipe.disable_lora()
+        elif method.startswith("peft_"):
+            reference_pipe.set_adapters([method], [1.0])
         try:
             return reference_pipe(prompt, **kwargs).images[0]
         finally:
             reference_pipe.enable_lora()
+            reference_pipe.set_adapters(names, weights)
     if method == "mole" or method.startswith("mole_without_"):
         mole.set_experts(None)  # learned gates
         active = [n for n in names if method != f"mole_without_{n}"]
@@ -341,7 +378,9 @@ def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int]
             lines.append(f"- Best {metric}: **{best['method']}** ({best[metric]:.4f} ± {best[metric + '_ci95']:.4f}).")
     lines += [
         "- ± is a 95% interval (1.96 standard errors over images). `clip_image_min` is the weakest concept's alignment.",
-        "- `nla` and `set_adapters` compute the same weighted sum of deltas (exact); `sum` is the unnormalised sum.",
+        "- `nla`, `set_adapters` and `peft_cat` compute the same weighted sum of deltas (exact); `sum` is the "
+        "unnormalised sum; `peft_svd` truncates that sum to the largest rank; `peft_ties` / `peft_dare_linear` combine "
+        "the LoRAs' A's and B's separately (cross terms), so they are not the weighted sum.",
         "- `mole_constant` is `mole` with each gate frozen to its mean weight over these prompts and fused (no gate "
         "cost); its distance from `mole` is what that costs.",
         "- CLIP scores correlate weakly with human judgement of multi-concept images (ComposLoRA): look at `grid.png`.",
