@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
-    ev.add_argument("--concepts", required=True, help="concepts TOML file (its LoRAs, reference images and prompts)")
+    ev.add_argument("--concepts", help="concepts TOML file (its LoRAs, reference images and prompts)")
+    ev.add_argument("--lora", action="append", type=_lora_arg, metavar="NAME=FILE",
+                    help="instead of --concepts: LoRA files (no reference images: text alignment only; needs --prompt)")
     ev.add_argument("--gates", help="gate file for the mole methods (without it they are skipped)")
     ev.add_argument("--clip-model", required=True, help="open_clip name (ViT-B-32) or local-dir:PATH")
     ev.add_argument("--clip-pretrained", help="pretrained tag (openai) or checkpoint file for a named model")
@@ -227,13 +229,16 @@ def evaluate(args: argparse.Namespace) -> Path:
     from .eval.evaluate import evaluate as run
 
     out = run(EvaluationConfig(
-        base=args.base, concepts=Path(args.concepts), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
+        base=args.base, concepts=Path(args.concepts) if args.concepts else None, loras=dict(args.lora or []), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, image_model=args.image_model, prompts=args.prompts or [], seeds=args.seeds,
         methods=args.methods or [], nla_weights=args.nla_weights, scheduler=args.scheduler, steps=args.steps,
         guidance_scale=args.guidance_scale, resolution=args.resolution, switch_every=args.switch_every, device=args.device,
     ))
-    print((out / "report.md").read_text())
-    print(f"wrote {out}/results.csv, results.json, summary.csv, report.md, grid.png, plot_*.png")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch, one report
+        print((out / "report.md").read_text())
+        print(f"wrote {out}/results.csv, results.json, summary.csv, report.md, grid.png, plot_*.png")
     return out
 
 

@@ -262,3 +262,34 @@ def test_ties_and_dare_need_one_rank(world, eval_world, clip_name, tmp_path):
     nla = np.asarray(Image.open(out / rows[0]["image"])).astype(int)
     for row in rows[1:]:
         assert np.abs(np.asarray(Image.open(out / row["image"])).astype(int) - nla).max() > 1
+
+
+def test_accelerate_launch_shards_the_images_across_processes(world, eval_world, clip_name, tmp_path):
+    import subprocess
+    import sys
+
+    common = ["--base", str(world["base"]), "--concepts", str(eval_world / "concepts.toml"), "--gates", str(eval_world / "gates.safetensors"),
+              "--clip-model", clip_name, "--steps", "3", "--resolution", "32", "--seeds", "0", "1", "--prompt", "a photo of sks and zwx",
+              "--methods", "mole", "nla", "base"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mole_diffusion.cli", "evaluate"]
+    done = subprocess.run([*launch, *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("# Evaluation report") == 1  # the main process reports
+    assert main(["evaluate", *common, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in two] == [(r["method"], r["seed"]) for r in one]
+    for a, b in zip(one, two):
+        assert a["clip_text"] == pytest.approx(b["clip_text"], abs=1e-4)
+
+
+def test_evaluate_from_lora_files_scores_text_alignment_only(world, clip_name, tmp_path, capsys):
+    argv = ["evaluate", "--base", str(world["base"]), "--lora", f"a={world['a']}", "--lora", f"b={world['b']}",
+            "--clip-model", clip_name, "--steps", "2", "--resolution", "32", "--seeds", "0", "--methods", "nla", "single_a",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 1 and "--prompt" in capsys.readouterr().err  # no instance prompts to build prompts from
+    assert main([*argv, "--prompt", "a photo of sks and zwx"]) == 0
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["nla", "single_a"]
+    assert "clip_text" in rows[0] and not any(k.startswith("clip_image") for k in rows[0])

@@ -41,12 +41,13 @@ from .scores import image_alignment, reference_embeddings, score_images
 @dataclass(kw_only=True)
 class EvaluationConfig:
     base: str
-    concepts: Path
+    concepts: Path | None  # None: ``loras`` instead, without reference images (text alignment only)
     output_dir: Path
     clip_model: str
     clip_pretrained: str | None = None
     image_model: str | None = None  # a second backbone for image alignment (DINO): a transformers folder or id
     gates: Path | None = None
+    loras: dict[str, str] = field(default_factory=dict)  # name -> LoRA file, when there is no concepts file
     prompts: list[str] = field(default_factory=list)  # default: templates over the concepts' instance prompts
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     methods: list[str] = field(default_factory=list)  # default: every method that applies
@@ -81,13 +82,20 @@ def method_names(concepts: list[Concept], has_gates: bool, same_rank: bool = Tru
 
 
 def evaluate(config: EvaluationConfig) -> Path:
-    """Generate, score and summarise; returns the output folder."""
+    """Generate, score and summarise; returns the output folder. Under ``accelerate launch`` each process
+    takes every n-th image and the main process writes the summary."""
     import diffusers
+    from accelerate import PartialState
 
     from ..cli import SCHEDULERS
     from ..pipelines import MoLEStableDiffusionPipeline
 
-    concepts = load_concepts(config.concepts)
+    if config.concepts is not None:
+        concepts = load_concepts(config.concepts)
+    elif config.loras and config.prompts:
+        concepts = [Concept(name=name, prompt="", images=None, lora=Path(path)) for name, path in config.loras.items()]
+    else:
+        raise ValueError("give a concepts file, or LoRAs (--lora) with the prompts to evaluate (--prompt)")
     names = [c.name for c in concepts]
     if config.gates is not None and not Path(config.gates).is_file():
         raise FileNotFoundError(f"gate file {config.gates} not found")
@@ -104,11 +112,13 @@ def evaluate(config: EvaluationConfig) -> Path:
     out = Path(config.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     clip = load_clip(config.clip_model, config.clip_pretrained)  # before any generation: fail early
-    references = {c.name: reference_embeddings(clip, c.images, out / "cache") for c in concepts}
+    with_images = [c for c in concepts if c.images is not None]
+    references = {c.name: reference_embeddings(clip, c.images, out / "cache") for c in with_images}
     backbone = ImageBackbone(config.image_model) if config.image_model else None
-    backbone_references = {c.name: reference_embeddings(backbone, c.images, out / "cache") for c in concepts} if backbone else {}
+    backbone_references = {c.name: reference_embeddings(backbone, c.images, out / "cache") for c in with_images} if backbone else {}
 
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = PartialState()
+    device = config.device or str(state.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = MoLEStableDiffusionPipeline.from_pretrained(config.base, torch_dtype=dtype, safety_checker=None)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
@@ -138,11 +148,12 @@ def evaluate(config: EvaluationConfig) -> Path:
 
     block_weights = None
     if "mole_constant" in methods:
-        block_weights = _block_weights(pipe, out / "block_weights.json", prompts, config)
+        with state.main_process_first():  # computed once, read by the others
+            block_weights = _block_weights(pipe, out / "block_weights.json", prompts, config)
     done = _read_rows(out / "results.jsonl")
     todo = [(m, p, s) for m in methods for p in range(len(prompts)) for s in config.seeds if (m, p, s) not in done]
-    bar = tqdm(total=len(methods) * len(prompts) * len(config.seeds), initial=len(methods) * len(prompts) * len(config.seeds) - len(todo),
-               disable=not config.progress, desc="evaluating")
+    todo = todo[state.process_index :: state.num_processes]
+    bar = tqdm(total=len(todo), disable=not (config.progress and state.is_local_main_process), desc="evaluating")
     for method, prompt_index, seed in todo:
         kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale, height=config.resolution,
                       width=config.resolution, generator=torch.Generator().manual_seed(seed))
@@ -154,16 +165,18 @@ def evaluate(config: EvaluationConfig) -> Path:
             means = {gate: history.mean(dim=(0, 1)).contiguous() for gate, history in pipe.gate_weights.items()}
             save_file(means, str(path.with_suffix(".gates.safetensors")))
         image.save(path)
-        scores = score_images(clip, [image], [prompts[prompt_index]], references, [names])[0]
+        scores = score_images(clip, [image], [prompts[prompt_index]], references, [list(references)])[0]
         if backbone is not None:
-            scores.update(image_alignment(backbone, [image], backbone_references, [names], prefix="dino")[0])
+            scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
         row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
                "image": str(path.relative_to(out)), **scores}
-        with open(out / "results.jsonl", "a") as handle:
+        with open(out / "results.jsonl", "a") as handle:  # one short append per row: processes do not interleave
             handle.write(json.dumps(row) + "\n")
         bar.update(1)
     bar.close()
-    write_outputs(out, methods, prompts, config.seeds, names)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_outputs(out, methods, prompts, config.seeds, names)
     return out
 
 
@@ -192,7 +205,9 @@ def _block_weights(pipe, path: Path, prompts: list[str], config: EvaluationConfi
         weights = pipe.export_block_weights(prompts, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                                             height=config.resolution, width=config.resolution,
                                             generator=torch.Generator().manual_seed(config.seeds[0]))
-        path.write_text(json.dumps(weights, indent=1))
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(weights, indent=1))
+        temporary.replace(path)
     return json.loads(path.read_text())
 
 

@@ -10,6 +10,7 @@ Reference embeddings are cached on disk, keyed by the model and the images' cont
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ def reference_embeddings(clip: ClipModel | ImageBackbone, folder: Path, cache_di
     embeddings = embed_pil(clip, [Image.open(f) for f in files])
     if cached is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        temporary = cached.with_suffix(".tmp")
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp")  # processes of one run may write the same entry
         save_file({"embeddings": embeddings.contiguous()}, str(temporary))
         temporary.replace(cached)
     return embeddings

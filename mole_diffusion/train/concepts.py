@@ -31,7 +31,7 @@ class ConceptError(ValueError):
 class Concept:
     name: str
     prompt: str
-    images: Path
+    images: Path | None  # None only for evaluation from bare LoRA files
     lora: Path | None = None
     class_prompt: str | None = None
     class_images: Path | None = None
