@@ -199,22 +199,25 @@ class TrainingLog:
 
     def __init__(self, folder: Path, accelerator: Accelerator, resumed_from: int):
         self.jsonl, self.csv, self.accelerator = folder / "log.jsonl", folder / "log.csv", accelerator
-        self.rows = []
+        kept = []
         if resumed_from and self.jsonl.exists():  # drop steps taken after the checkpoint: they are redone
-            self.rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resumed_from]
-        elif self.jsonl.exists():
-            self.jsonl.unlink()
-            self.csv.unlink(missing_ok=True)
+            kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resumed_from]
+        self.jsonl.unlink(missing_ok=True)
+        self.csv.unlink(missing_ok=True)
+        for row in kept:
+            self.write(row, track=False)
 
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        with open(self.jsonl, "w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in self.rows)
-        with open(self.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[-1]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        if self.accelerator.trackers:
+    def write(self, row: dict, track: bool = True) -> None:
+        """Append one row (every row has the same columns)."""
+        with open(self.jsonl, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        new_file = not self.csv.exists()
+        with open(self.csv, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if track and self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
