@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def _add_training_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
     parser.add_argument("--out", required=True, help="output folder (result, checkpoints/, log.csv, validation/)")
     parser.add_argument("--steps", type=int, default=steps)
@@ -174,12 +180,12 @@ def _add_training_options(parser: argparse.ArgumentParser, steps: int, lr: float
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="K")
-    parser.add_argument("--keep-checkpoints", type=int, default=3)
+    parser.add_argument("--checkpoint-every", type=_positive, default=100, metavar="K")
+    parser.add_argument("--keep-checkpoints", type=_positive, default=3)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--validation-prompt", action="append", dest="validation_prompts", metavar="PROMPT",
                         help="repeat for several (default: the instance prompts)")
-    parser.add_argument("--validation-every", type=int, default=100, metavar="K")
+    parser.add_argument("--validation-every", type=_positive, default=100, metavar="K")
     parser.add_argument("--validation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--validation-steps", type=int, default=25)
 

@@ -118,3 +118,10 @@ def test_train_gates_clip_objective_from_the_command_line(world, tmp_path):
                "--objective", "clip", "--clip-model", make_tiny_clip(tmp_path / "clip"), "--clip-sampling-steps", "2",
                "--resolution", "32", "--steps", "2", "--validation-steps", "2"])
     assert rc == 0 and (tmp_path / "out" / "gates.safetensors").is_file()
+
+
+def test_training_options_must_be_positive(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-lora", "--base", str(world["base"]), "--images", str(tmp_path), "--prompt", "x", "--out", str(tmp_path),
+              "--checkpoint-every", "0"])
+    assert exit_info.value.code == 2 and "at least 1, got '0'" in capsys.readouterr().err

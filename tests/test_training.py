@@ -182,6 +182,7 @@ def test_mixer_folded_into_b_gives_the_unfolded_output(world, tmp_path):
         (lambda t: t.replace('prompt = "a photo of sks"\n', ""), r"concept 'a': field 'prompt' is missing"),
         (lambda t: "concepts = 3", r"expected one or more \[\[concepts\]\]"),
         (lambda t: t + "[[[", r"not a valid TOML file"),
+        (lambda t: "concepts = [1, 2]", r"concepts entry #1 is not a table"),
     ],
 )
 def test_bad_concept_files_name_the_concept_and_field(concepts_file, tmp_path, edit, message):
@@ -270,3 +271,23 @@ def test_train_lora_resume_gives_the_file_of_an_uninterrupted_run(world, concept
     assert whole.keys() == split.keys() and any(k.startswith("text_encoder.") for k in whole)
     for key in whole:
         assert torch.equal(whole[key], split[key]), key
+
+
+def test_a_new_run_into_an_old_runs_folder_is_refused(world, concepts_file, tmp_path):
+    train_gates(gate_config(world, concepts_file, tmp_path, steps=3))
+    with pytest.raises(common.CheckpointError, match="earlier run .*pass --resume"):
+        train_gates(gate_config(world, concepts_file, tmp_path, steps=3))
+
+
+def test_resume_with_other_shapes_names_the_tensor(world, concepts_file, tmp_path):
+    from mole_diffusion.train import LoRATrainingConfig, train_lora
+
+    def config(rank, **kwargs):
+        return LoRATrainingConfig(base=str(world["base"]), images=concepts_file.parent / "red", prompt="sks", output_dir=tmp_path,
+                                  steps=2, resolution=32, rank=rank, progress=False, **kwargs)
+
+    train_lora(config(4))
+    with pytest.raises(common.CheckpointError, match=r"lora_A.default.weight has shape \(4, .*\) there and \(2, .*\) in this run"):
+        train_lora(config(2, resume=True))
+    with pytest.raises(ValueError, match="checkpoint_every must be at least 1"):
+        train_lora(config(4, resume=True, checkpoint_every=0))

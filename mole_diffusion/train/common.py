@@ -138,8 +138,9 @@ def denoising_loss(
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
-def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, keep: int) -> Path:
-    """Write ``folder/step-NNNNNN`` atomically (a temporary folder, then one rename) and keep the newest ``keep``."""
+def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, keep: int, scaler=None) -> Path:
+    """Write ``folder/step-NNNNNN`` atomically (a temporary folder, then one rename) and keep the newest ``keep``.
+    ``scaler``: fp16's gradient scaler, whose scale a resumed run must continue from."""
     state = optimizer.state_dict()
     tensors = {f"param.{name}": p.detach().float().cpu().contiguous() for name, p in params.items()}
     for index, slots in state["state"].items():
@@ -149,15 +150,18 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Paramete
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     save_file(tensors, str(temporary / "state.safetensors"))
-    info = {"step": step, "param_groups": state["param_groups"], "params": list(params)}
+    info = {"step": step, "param_groups": state["param_groups"], "params": list(params),
+            "scaler": scaler.state_dict() if scaler is not None else None}
     (temporary / "state.json").write_text(json.dumps(info))
     for file in temporary.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
+    old_copy = folder / f".step-{step:06d}.old"
+    shutil.rmtree(old_copy, ignore_errors=True)  # left by a run killed between the two renames
     if final.exists():  # the same step written again after a resume: swap, then drop the old copy
-        final.rename(folder / f".step-{step:06d}.old")
+        final.rename(old_copy)
     os.replace(temporary, final)
-    shutil.rmtree(folder / f".step-{step:06d}.old", ignore_errors=True)
+    shutil.rmtree(old_copy, ignore_errors=True)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -170,9 +174,10 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer) -> int:
-    """Restore parameters and optimizer state; returns the step the checkpoint was taken after."""
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, learning_rate: float, scaler=None) -> int:
+    """Restore parameters, optimizer and scaler state (the learning rate is this run's); returns the step."""
     info = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
     if info["params"] != list(params):
         missing = sorted(set(params) - set(info["params"]))[:3]
         extra = sorted(set(info["params"]) - set(params))[:3]
@@ -180,7 +185,11 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
             f"{path}: checkpoint of another run (its trainable parameters differ: missing {missing}, unexpected "
             f"{extra}); use a new --output-dir or drop --resume"
         )
-    tensors = load_file(str(path / "state.safetensors"))
+    for name, p in params.items():
+        saved = tensors[f"param.{name}"]
+        if saved.shape != p.shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(saved.shape)} there and {tuple(p.shape)} in this run "
+                                  "(another rank or model?); use a new output folder or drop --resume")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
@@ -189,7 +198,9 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
         if key.startswith("optimizer."):
             _, index, slot = key.split(".", 2)
             slots.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": info["param_groups"]})
+    optimizer.load_state_dict({"state": slots, "param_groups": [{**g, "lr": learning_rate} for g in info["param_groups"]]})
+    if scaler is not None and info.get("scaler"):
+        scaler.load_state_dict(info["scaler"])
     return info["step"]
 
 
@@ -298,14 +309,20 @@ def run_training(
 ) -> None:
     """Train ``params`` (everything else in ``pipe`` frozen) on ``loss_function(indices, generator)``, which
     returns the loss of a micro-batch (examples ``indices``; random draws from ``generator``) and values to log."""
+    for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "validation_every"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = output_dir / "checkpoints"
     optimizer = accelerator.prepare(torch.optim.AdamW(params.values(), lr=settings.learning_rate))
-    start = 0
-    if settings.resume and list_checkpoints(checkpoints):
-        start = load_checkpoint(list_checkpoints(checkpoints)[-1], params, optimizer)
-        accelerator.print(f"resuming from {list_checkpoints(checkpoints)[-1]} (step {start})")
+    start, existing = 0, list_checkpoints(checkpoints)
+    if existing and not settings.resume:  # never prune (or later resume from) another run's checkpoints
+        raise CheckpointError(f"{checkpoints} holds checkpoints of an earlier run (newest {existing[-1].name}): "
+                              "pass --resume to continue it, or choose another output folder")
+    if existing:
+        start = load_checkpoint(existing[-1], params, optimizer, settings.learning_rate, accelerator.scaler)
+        accelerator.print(f"resuming from {existing[-1]} (step {start})")
     log = TrainingLog(output_dir, accelerator, start) if accelerator.is_main_process else None
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers("tensorboard")
@@ -328,7 +345,8 @@ def run_training(
                 logged[key] = logged.get(key, 0.0) + value / accumulation
         if world > 1:  # data parallel: average the gradients of the few trainable tensors
             for p in params.values():
-                p.grad = accelerator.reduce(p.grad, "mean")
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, "mean")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -338,7 +356,7 @@ def run_training(
         if log is not None:
             log.write({"step": step, **logged, "seconds": seconds})
         if accelerator.is_main_process and (step % settings.checkpoint_every == 0 or step == settings.steps):
-            save_checkpoint(checkpoints, step, params, optimizer, settings.keep_checkpoints)
+            save_checkpoint(checkpoints, step, params, optimizer, settings.keep_checkpoints, accelerator.scaler)
         if accelerator.is_main_process and settings.validation_prompts and (step % settings.validation_every == 0 or step == settings.steps):
             save_validation_grid(pipe, settings, output_dir / "validation" / f"step-{step:06d}.png")
         accelerator.wait_for_everyone()

@@ -51,6 +51,8 @@ def load_concepts(path: str | os.PathLike, need_lora: bool = True) -> list[Conce
 
     concepts, seen = [], set()
     for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ConceptError(f"{path}: concepts entry #{number} is not a table (write it as [[concepts]] with fields)")
         where = f"{path}: concept {entry.get('name', f'#{number}')!r}"
         required = ("name", "images", "prompt") + (("lora",) if need_lora else ())
         for field in required:

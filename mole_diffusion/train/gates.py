@@ -70,7 +70,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     accelerator = make_accelerator(config)
 
     if pipe is None:
-        pipe = MoLEStableDiffusionPipeline.from_pretrained(config.base)
+        pipe = MoLEStableDiffusionPipeline.from_pretrained(config.base, safety_checker=None)
         pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity)
     elif pipe.expert_names != [c.name for c in concepts]:
         raise ValueError(f"the pipeline's experts {pipe.expert_names} are not the concepts {[c.name for c in concepts]}")

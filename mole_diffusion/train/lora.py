@@ -94,7 +94,7 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
 
-    pipe = StableDiffusionPipeline.from_pretrained(config.base)
+    pipe = StableDiffusionPipeline.from_pretrained(config.base, safety_checker=None)
     prepare_pipeline(pipe, accelerator, config)
     alpha = float(config.rank if config.alpha is None else config.alpha)
     lora_configs = {"unet": LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(config.target_modules))}
