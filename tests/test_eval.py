@@ -98,6 +98,8 @@ def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_w
     monkeypatch.setattr(ev, "generate", real_generate)
     ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split"))
     assert json.loads((tmp_path / "split" / "results.json").read_text()) == rows
+    with pytest.raises(ValueError, match="other settings \\(steps\\)"):  # resuming must not mix runs
+        ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split", steps=4))
 
 
 def generate_np(pipe, reference_pipe, method, names=("a", "b"), **kwargs):
@@ -293,3 +295,12 @@ def test_evaluate_from_lora_files_scores_text_alignment_only(world, clip_name, t
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["method"] for r in rows] == ["nla", "single_a"]
     assert "clip_text" in rows[0] and not any(k.startswith("clip_image") for k in rows[0])
+
+
+def test_gates_of_another_granularity_are_evaluated_as_trained(world, eval_world, clip_name, tmp_path):
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]}, granularity="layer")
+    pipe.save_gates(tmp_path / "layer_gates.safetensors")
+    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", gates=tmp_path / "layer_gates.safetensors",
+                             methods=["mole"], seeds=[0]))
+    assert len(json.loads((out / "results.json").read_text())) == 1

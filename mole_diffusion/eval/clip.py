@@ -70,12 +70,12 @@ class TransformersClip(ClipModel):
         self.std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixels).pooler_output
+        return _features(self.model.get_image_features(pixel_values=pixels))
 
     @torch.no_grad()
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.processor.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").to(self.device)
-        return F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+        return F.normalize(_features(self.model.get_text_features(**tokens)).float(), dim=-1)
 
     @torch.no_grad()
     def embed_pil(self, images: list, batch_size: int = 32) -> torch.Tensor:
@@ -103,6 +103,11 @@ class ImageBackbone:
             return self.model(pixel_values=pixels.to(self.model.device)).last_hidden_state[:, 0]
 
         return _batched(images, batch_size, cls_token)
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns the projected features as ``pooler_output``; 4.x returns the tensor itself."""
+    return output if torch.is_tensor(output) else output.pooler_output
 
 
 def _batched(images: list, batch_size: int, embed) -> torch.Tensor:
@@ -134,4 +139,4 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
     except Exception as err:  # open_clip raises RuntimeError/ValueError/OSError/KeyError for unknown names and bad files
         what = f"{model}" + (f" with pretrained={pretrained}" if pretrained else "")
         raise ClipError(f"cannot load CLIP model {what}: {type(err).__name__}: {err}") from None
-    return ClipModel(clip, preprocess, tokenizer, model)
+    return ClipModel(clip, preprocess, tokenizer, f"{model}|{pretrained}" if pretrained else model)  # name keys the cache

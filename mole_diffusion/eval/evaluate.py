@@ -21,6 +21,7 @@ A run keeps ``results.jsonl`` as it goes and skips what is done when started aga
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..train.concepts import Concept, load_concepts
+from ..gate_file import read_gate_file
 from .clip import ImageBackbone, load_clip
 from .scores import image_alignment, reference_embeddings, score_images
 
@@ -111,18 +113,22 @@ def evaluate(config: EvaluationConfig) -> Path:
     prompts = config.prompts or default_prompts(concepts)
     out = Path(config.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    clip = load_clip(config.clip_model, config.clip_pretrained)  # before any generation: fail early
+    state = PartialState()
+    _check_same_run(out / "run.json", config, prompts, state)
+    # one process per device under accelerate launch; --device picks it for a single process
+    device = str(state.device) if state.num_processes > 1 or not config.device else config.device
+    clip = load_clip(config.clip_model, config.clip_pretrained, device=device)  # before any generation: fail early
     with_images = [c for c in concepts if c.images is not None]
     references = {c.name: reference_embeddings(clip, c.images, out / "cache") for c in with_images}
-    backbone = ImageBackbone(config.image_model) if config.image_model else None
+    backbone = ImageBackbone(config.image_model, device) if config.image_model else None
     backbone_references = {c.name: reference_embeddings(backbone, c.images, out / "cache") for c in with_images} if backbone else {}
 
-    state = PartialState()
-    device = config.device or str(state.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = MoLEStableDiffusionPipeline.from_pretrained(config.base, torch_dtype=dtype, safety_checker=None)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
-    pipe.load_experts({c.name: c.lora for c in concepts})
+    # gates trained at layer or network granularity load as such (the gate file says which)
+    granularity = read_gate_file(config.gates)[1]["granularity"] if config.gates is not None else "block"
+    pipe.load_experts({c.name: c.lora for c in concepts}, granularity=granularity)
     if config.gates is not None:
         pipe.load_gates(config.gates)
     pipe.to(device)
@@ -178,6 +184,27 @@ def evaluate(config: EvaluationConfig) -> Path:
     if state.is_main_process:
         write_outputs(out, methods, prompts, config.seeds, names)
     return out
+
+
+def _check_same_run(path: Path, config: EvaluationConfig, prompts: list[str], state) -> None:
+    """A folder holds one run: resuming with other models, gates, prompts or sampler settings would mix results.
+    (More methods or seeds are fine: they add rows.)"""
+    settings = {
+        "base": config.base, "concepts": str(config.concepts), "loras": config.loras, "gates": str(config.gates),
+        "gates_hash": hashlib.sha256(Path(config.gates).read_bytes()).hexdigest() if config.gates else None,
+        "clip_model": config.clip_model, "clip_pretrained": config.clip_pretrained, "image_model": config.image_model,
+        "prompts": prompts, "nla_weights": config.nla_weights, "scheduler": config.scheduler, "steps": config.steps,
+        "guidance_scale": config.guidance_scale, "resolution": config.resolution, "switch_every": config.switch_every,
+    }
+    with state.main_process_first():
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            if changed:
+                raise ValueError(f"{path.parent} holds an evaluation run with other settings ({', '.join(changed)}); "
+                                 "use another --out, or the same settings to resume it")
+        elif state.is_main_process:
+            path.write_text(json.dumps(settings, indent=1))
 
 
 def add_peft_merges(pipe, names: list[str], weights: list[float], combination_types: list[str], density: float = 0.5) -> None:
@@ -308,6 +335,8 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
         entry = {"method": method, "n": len(values)}
         for metric in metrics:
             xs = [r[metric] for r in values if metric in r]
+            if not xs:  # e.g. no image alignment for a method without reference images
+                continue
             mean = sum(xs) / len(xs)
             sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
             entry[metric] = mean
@@ -319,14 +348,15 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
 def write_outputs(out: Path, methods: list[str], prompts: list[str], seeds: list[int], names: list[str]) -> None:
     import csv
 
-    rows = sorted(_read_rows(out / "results.jsonl").values(), key=lambda r: (methods.index(r["method"]), r["prompt_index"], r["seed"]))
+    rows = [r for r in _read_rows(out / "results.jsonl").values() if r["method"] in methods and r["seed"] in seeds]
+    rows.sort(key=lambda r: (methods.index(r["method"]), r["prompt_index"], r["seed"]))
+    summary = summarise(rows, methods)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    for path, table in ((out / "results.csv", rows), (out / "summary.csv", summarise(rows, methods))):
+    for path, table in ((out / "results.csv", rows), (out / "summary.csv", summary)):
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
-    summary = summarise(rows, methods)
     _plots(out, summary, methods)
     _grid(out, methods, prompts, seeds[0])
     gate_files = sorted((out / "images" / "mole").glob("*.gates.safetensors"))

@@ -80,7 +80,7 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
             raise RuntimeError("export_block_weights reads the learned gates: call set_experts() (no weights) first")
         sums: dict[str, torch.Tensor] = {}
         for prompt in prompts:
-            self(prompt, **kwargs)
+            self(prompt, **{"output_type": "latent", **kwargs})  # the gates are what counts, not the images
             for gate, history in self.gate_weights.items():
                 sums[gate] = sums.get(gate, 0) + history.mean(dim=(0, 1))
         return {gate: (total / len(prompts)).tolist() for gate, total in sums.items()}
