@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 from conftest import load
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from mole_diffusion.cli import main
@@ -304,3 +305,17 @@ def test_gates_of_another_granularity_are_evaluated_as_trained(world, eval_world
     out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", gates=tmp_path / "layer_gates.safetensors",
                              methods=["mole"], seeds=[0]))
     assert len(json.loads((out / "results.json").read_text())) == 1
+
+
+def test_mole_constant_is_fused_once_and_equals_unfused_per_block_weights(world, eval_world, clip_name, tmp_path):
+    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", methods=["mole_constant", "nla"], seeds=[0, 1]))
+    block_weights = json.loads((out / "block_weights.json").read_text())
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]})
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the evaluator's default sampler
+    pipe.set_experts(weights=block_weights)  # unfused, per block
+    for seed in (0, 1):
+        image = pipe("a photo of sks and zwx", num_inference_steps=3, height=32, width=32,
+                     generator=torch.Generator().manual_seed(seed)).images[0]
+        saved = Image.open(out / "images" / "mole_constant" / f"p0-s{seed}.png")
+        assert np.abs(np.asarray(image).astype(int) - np.asarray(saved).astype(int)).max() <= 1

@@ -180,6 +180,8 @@ def evaluate(config: EvaluationConfig) -> Path:
             handle.write(json.dumps(row) + "\n")
         bar.update(1)
     bar.close()
+    if pipe.mole.fused:
+        pipe.mole.unfuse()
     state.wait_for_everyone()
     if state.is_main_process:
         write_outputs(out, methods, prompts, config.seeds, names)
@@ -242,12 +244,12 @@ def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], w
              block_weights: dict[str, list[float]] | None = None) -> Image.Image:
     mole = pipe.mole
     if method == "mole_constant":
-        mole.set_experts(names, block_weights)
-        mole.fuse()
-        try:
-            return pipe(prompt, **kwargs).images[0]
-        finally:
-            mole.unfuse()
+        if not mole.fused:  # fused once for the run of mole_constant images (the work list is grouped by method)
+            mole.set_experts(names, block_weights)
+            mole.fuse()
+        return pipe(prompt, **kwargs).images[0]
+    if mole.fused:
+        mole.unfuse()
     if method in ("base", "set_adapters") or method.startswith("peft_"):
         if method == "base":
             reference_pipe.disable_lora()
