@@ -190,15 +190,13 @@ def _add_training_options(parser: argparse.ArgumentParser, steps: int, lr: float
     parser.add_argument("--validation-steps", type=int, default=25)
 
 
-TRAINING_OPTIONS = (
-    "steps", "learning_rate", "batch_size", "gradient_accumulation_steps", "resolution", "prior_loss_weight", "seed",
-    "mixed_precision", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints", "resume",
-    "validation_every", "validation_seeds", "validation_steps",
-)
-
-
 def _training_settings(args: argparse.Namespace) -> dict:
-    settings = {name: getattr(args, name) for name in TRAINING_OPTIONS}
+    """The shared TrainingSettings fields, from the options ``_add_training_options`` defines."""
+    from dataclasses import fields
+
+    from .train import TrainingSettings
+
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainingSettings) if hasattr(args, f.name)}
     return dict(settings, output_dir=Path(args.out), validation_prompts=args.validation_prompts or [])
 
 

@@ -52,5 +52,9 @@ def balance_loss(gate_weights: list[torch.Tensor]) -> torch.Tensor:
     Computed from the live gate outputs, so it has a gradient (the official code detaches it). Its minimum,
     N log N, is reached when the experts are used equally.
     """
-    q = torch.stack([w.float().mean(dim=0) for w in gate_weights]).mean(dim=0)
-    return -q.clamp_min(1e-12).log().sum()
+    return -mean_expert_weights(gate_weights).clamp_min(1e-12).log().sum()
+
+
+def mean_expert_weights(gate_weights: list[torch.Tensor]) -> torch.Tensor:
+    """q: each expert's weight averaged over the gates and the samples, (N,)."""
+    return torch.stack([w.float().mean(dim=0) for w in gate_weights]).mean(dim=0)

@@ -45,16 +45,17 @@ def reference_embeddings(clip: ClipModel | ImageBackbone, folder: Path, cache_di
     return embeddings
 
 
+def _image_alignment(embed: torch.Tensor, references: dict[str, torch.Tensor], composed: list[str], prefix: str) -> dict[str, float]:
+    row = {f"{prefix}_image_{name}": float((refs @ embed).mean()) for name, refs in references.items()}
+    if composed:
+        row[f"{prefix}_image_min"] = min(row[f"{prefix}_image_{name}"] for name in composed)
+    return row
+
+
 def image_alignment(model, images: list[Image.Image], references: dict[str, torch.Tensor], composed: list[list[str]],
                     prefix: str) -> list[dict[str, float]]:
     """Image alignment only (for a second backbone such as DINO): ``<prefix>_image_<concept>`` and ``_min``."""
-    rows = []
-    for i, embed in enumerate(embed_pil(model, images)):
-        row = {f"{prefix}_image_{name}": float((refs @ embed).mean()) for name, refs in references.items()}
-        if composed[i]:
-            row[f"{prefix}_image_min"] = min(row[f"{prefix}_image_{name}"] for name in composed[i])
-        rows.append(row)
-    return rows
+    return [_image_alignment(embed, references, composed[i], prefix) for i, embed in enumerate(embed_pil(model, images))]
 
 
 def score_images(
@@ -69,9 +70,5 @@ def score_images(
     for i, image_embed in enumerate(image_embeds):
         cos = float(image_embed @ text_embeds[i])
         row = {f"{prefix}_text": cos, f"{prefix}_score_2.5": 2.5 * max(cos, 0.0), f"{prefix}_score_100": 100 * max(cos, 0.0)}
-        for name, refs in references.items():
-            row[f"{prefix}_image_{name}"] = float((refs @ image_embed).mean())
-        if composed[i]:
-            row[f"{prefix}_image_min"] = min(row[f"{prefix}_image_{name}"] for name in composed[i])
-        rows.append(row)
+        rows.append({**row, **_image_alignment(image_embed, references, composed[i], prefix)})
     return rows

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from ..gates import balance_loss
+from ..gates import balance_loss, mean_expert_weights
 from ..pipelines import MoLEStableDiffusionPipeline
 from .common import (
     Examples,
@@ -94,7 +94,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     def loss_function(indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         value, logs, gate_weights = main_loss(indices, generator)
         balance = balance_loss(gate_weights)
-        mean_weight = torch.stack([w.detach().float().mean(dim=0) for w in gate_weights]).mean(dim=0)
+        mean_weight = mean_expert_weights([w.detach() for w in gate_weights])
         logs = {**logs, "loss_balance": balance.item(), **{f"gate_{n}": float(q) for n, q in zip(mole.expert_names, mean_weight)}}
         return value + config.balance_weight * balance, logs
 
