@@ -150,7 +150,7 @@ def test_balance_loss_has_a_gradient_that_pulls_collapsed_gates_to_uniform():
 
 def test_mixer_folded_into_b_gives_the_unfolded_output(world, tmp_path):
     pipe = load(world["base"], StableDiffusionPipeline)
-    configs = {"unet": LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v", "conv1"])}
+    configs = {"unet": LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v", "conv1", "proj_in"])}
     pipe.unet.add_adapter(configs["unet"])
     assert add_mixers(pipe.unet, "orthogonal") > 0
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -127,12 +126,16 @@ def train_lora(config: LoRATrainingConfig) -> Path:
 
 
 def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig], path: Path) -> None:
-    """Fold any mixers and write a diffusers-layout LoRA file (with its rank/alpha metadata)."""
+    """Fold any mixers and write a diffusers LoRA file (PEFT keys, with its rank/alpha metadata).
+
+    PEFT's own ``lora_A``/``lora_B`` keys throughout: diffusers' older ``lora.down``/``lora.up`` renaming
+    only covers Linear layers, and diffusers does not load a file that mixes both (conv targets such as a
+    UNet's ``proj_in`` keep ``lora_A``)."""
     layers, metadata = {}, {}
     for component, lora_config in lora_configs.items():
         model = getattr(pipe, component)
         fold_mixers(model)
         state = get_peft_model_state_dict(model)
-        layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        layers[f"{component}_lora_layers"] = state
         metadata[f"{component}_lora_adapter_metadata"] = lora_config.to_dict()
     StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)
