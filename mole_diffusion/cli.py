@@ -150,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="default: cuda if available, else cpu")
     ev.add_argument("--out", required=True, help="output folder (results.csv/json, summary.csv, report.md, plots, grid)")
 
+    demo = sub.add_parser(
+        "demo",
+        help="the shipped demo world: composition prompts through base, each LoRA, NLA and MoLE (offline, ~1 min on CPU)",
+        epilog="example:\n  mole-diffusion demo --out demo\n\n  Writes demo/grid.png (rows: prompts; columns: methods), "
+        "demo/gate_heatmap.png, demo/scores.md and scores.csv (the evaluator's table; its run is in demo/eval).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--steps", type=_positive, default=25, help="DDIM steps")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (the grid shows the first)")
+    demo.add_argument("--assets", help="a demo world installed by build-demo --assets (default: the shipped one)")
+
+    build = sub.add_parser(
+        "build-demo",
+        help="rebuild the demo world from nothing: tiny CLIP, tiny SD, concept LoRAs, gates (~1 h on 2 CPU cores)",
+        epilog="example:\n  mole-diffusion build-demo --out build/world\n\n  Trains into build/world (a stopped build "
+        "goes on where it stopped), then installs the shipped files into --assets (default: the package's own).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("--out", required=True, help="working folder (checkpoints, logs, validation grids)")
+    build.add_argument("--assets", help="where to install the shipped files (default: mole_diffusion/demo/assets)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--device", help="default: cuda if available, else cpu")
+
     tiny = sub.add_parser(
         "tiny-checkpoint",
         help="write a tiny random SD checkpoint and two LoRAs (offline; for tests and CI)",
@@ -302,6 +326,23 @@ def generate(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def demo(args: argparse.Namespace) -> None:
+    from .demo.run import ASSETS, run_demo
+
+    out = run_demo(args.out, steps=args.steps, seeds=tuple(args.seeds), assets=Path(args.assets) if args.assets else ASSETS)
+    print((out / "scores.md").read_text())
+    for name in ("grid.png", "gate_heatmap.png", "scores.md", "scores.csv"):
+        print(f"wrote {out / name}")
+
+
+def build_demo(args: argparse.Namespace) -> None:
+    from .demo.build import BuildSettings, build, install_assets
+    from .demo.run import ASSETS
+
+    root = build(args.out, BuildSettings(seed=args.seed, device=args.device))
+    print(f"installed the demo world in {install_assets(root, Path(args.assets) if args.assets else ASSETS)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -321,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     from .gate_file import GateFileError
 
     commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "evaluate": evaluate,
-                "tiny-checkpoint": tiny_checkpoint}
+                "tiny-checkpoint": tiny_checkpoint, "demo": demo, "build-demo": build_demo}
     try:
         commands[args.command](args)
     except (ExpertError, GateFileError, ClipError, OSError, ValueError, RuntimeError, FloatingPointError) as e:

@@ -291,3 +291,13 @@ def test_resume_with_other_shapes_names_the_tensor(world, concepts_file, tmp_pat
         train_lora(config(2, resume=True))
     with pytest.raises(ValueError, match="checkpoint_every must be at least 1"):
         train_lora(config(4, resume=True, checkpoint_every=0))
+
+
+def test_an_image_caption_file_replaces_the_concept_prompt_for_that_image(world, tmp_path):
+    folder = write_images(tmp_path / "captioned", (200, 20, 20))
+    (folder / "1.txt").write_text("a red sks on a blue background\n")
+    (folder / "2.txt").write_text("  \n")  # empty: the concept's prompt
+    pipe = load(world["base"], StableDiffusionPipeline)
+    concept = common.Concept(name="a", prompt="a photo of sks", images=folder)
+    examples = common.encode_examples([concept], pipe.vae, 32, 1.0)
+    assert examples.prompts == ["a photo of sks", "a red sks on a blue background", "a photo of sks"]

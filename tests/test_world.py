@@ -21,7 +21,7 @@ def test_the_same_seed_gives_the_same_world_files(tmp_path):
     a = digest(write_world(tmp_path / "a", base_count=12, concept_count=3, seed=5))
     b = digest(write_world(tmp_path / "b", base_count=12, concept_count=3, seed=5))
     c = digest(write_world(tmp_path / "c", base_count=12, concept_count=3, seed=6))
-    assert a == b and len(a) == 12 + 1 + 3 * (3 + 1)
+    assert a == b and len(a) == 12 + 1 + 3 * (3 * 2 + 1)
     assert a != c
 
 
@@ -65,4 +65,5 @@ def _fields(scene):
 
 def test_composition_prompts_combine_the_concept_tokens():
     prompts = composition_prompts()
-    assert any(all(c.token in p for c in CONCEPTS.values()) for p in prompts)
+    assert len(prompts) == len(set(prompts)) >= 4
+    assert all(all(c.token in p for c in CONCEPTS.values()) for p in prompts)

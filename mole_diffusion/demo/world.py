@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -124,6 +124,14 @@ def random_scene(rng: random.Random, shapes=SHAPES, style: str | None = None, ba
     )
 
 
+def any_scene(rng: random.Random) -> Scene:
+    """A scene of the whole world: base shapes and the held-out concepts, alone or together (the judge's data)."""
+    scene = random_scene(rng, shapes=(*SHAPES, "star"), style="stripes" if rng.random() < 0.3 else None)
+    if rng.random() < 0.25:
+        scene = replace(scene, background="checker")
+    return scene
+
+
 def base_world(count: int, seed: int = 0) -> list[Scene]:
     """Scenes of the base world only (no held-out concept)."""
     rng = random.Random(seed)
@@ -143,18 +151,15 @@ def concept_scenes(concept: str, count: int, seed: int = 0) -> list[Scene]:
 
 
 def composition_prompts() -> list[str]:
-    """Prompts that combine the held-out concepts, for the demo grid and the evaluator."""
+    """Prompts that combine all three held-out concepts (so "the weakest concept" is defined for each), in the
+    base world's own words, for the demo grid and the evaluator."""
     sks, zwx, qkx = (CONCEPTS[c].token for c in ("star", "stripes", "checker"))
-    return [
-        f"a red {sks} in {zwx} style on a {qkx} background",
-        f"a blue {sks} on a {qkx} background",
-        f"a yellow {sks} in {zwx} style on a green background",
-        f"a green circle in {zwx} style on a {qkx} background",
-    ]
+    return [f"a {colour} {sks} in {zwx} style on a {qkx} background" for colour in ("red", "blue", "yellow", "purple")]
 
 
 def write_world(out: str | Path, base_count: int = 2000, concept_count: int = 16, resolution: int = 64, seed: int = 0) -> Path:
-    """Write base/NNNNN.png + base/captions.jsonl, and concepts/<name>/NNN.png with each concept's prompt."""
+    """Write base/NNNNN.png + base/captions.jsonl, and concepts/<name>/NNN.png with its caption NNN.txt and
+    the concept's instance prompt (prompt.txt)."""
     out = Path(out)
     (out / "base").mkdir(parents=True, exist_ok=True)
     with open(out / "base" / "captions.jsonl", "w") as captions:
@@ -166,10 +171,11 @@ def write_world(out: str | Path, base_count: int = 2000, concept_count: int = 16
         folder.mkdir(parents=True, exist_ok=True)
         for i, scene in enumerate(concept_scenes(name, concept_count, seed)):
             draw(scene, resolution).save(folder / f"{i:03d}.png")
+            (folder / f"{i:03d}.txt").write_text(scene.caption + "\n")  # its caption, kohya-style
         (folder / "prompt.txt").write_text(_instance_prompt(concept) + "\n")
     return out
 
 
 def _instance_prompt(concept: WorldConcept) -> str:
-    return {"object": f"a photo of a {concept.token}", "style": f"a shape in {concept.token} style",
+    return {"object": f"a {concept.token}", "style": f"a shape in {concept.token} style",
             "scene": f"a shape on a {concept.token} background"}[concept.kind]

@@ -80,6 +80,13 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def image_caption(image: Path, prompt: str) -> str:
+    """The image's own caption, kohya-style (``NAME.txt`` next to ``NAME.png``), else the concept's prompt."""
+    caption = image.with_suffix(".txt")
+    text = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+    return text or prompt
+
+
 @torch.no_grad()
 def encode_examples(concepts: list[Concept], vae, resolution: int, prior_loss_weight: float) -> Examples:
     latents, prompts, groups, weights = [], [], [], []
@@ -89,7 +96,7 @@ def encode_examples(concepts: list[Concept], vae, resolution: int, prior_loss_we
         for path in list_images(folder):
             pixels = load_image(path, resolution)[None].to(vae.device, vae.dtype)
             latents.append(vae.encode(pixels).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
-            prompts.append(prompt)
+            prompts.append(image_caption(path, prompt))
             groups.append(group)
             weights.append(weight)
     return Examples(torch.cat(latents), prompts, torch.tensor(groups), torch.tensor(weights))

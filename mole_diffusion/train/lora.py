@@ -137,5 +137,8 @@ def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig]
         fold_mixers(model)
         state = get_peft_model_state_dict(model)
         layers[f"{component}_lora_layers"] = state
-        metadata[f"{component}_lora_adapter_metadata"] = lora_config.to_dict()
+        config = lora_config.to_dict()
+        if isinstance(config["target_modules"], (set, list)):  # PEFT keeps a set: sorted, the same run writes the same file
+            config["target_modules"] = sorted(config["target_modules"])
+        metadata[f"{component}_lora_adapter_metadata"] = config
     StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)

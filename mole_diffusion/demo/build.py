@@ -1,0 +1,331 @@
+"""Build the demo world from nothing: ``mole-diffusion build-demo --out DIR`` (issue 6).
+
+Stages, each skipped when its output is already there (so a stopped build goes on where it stopped):
+
+1. ``world/``: the held-out concepts' reference images and prompts (``world.write_world``).
+2. ``clip/``: a tiny open_clip model trained contrastively on the *whole* world, concepts included: the judge.
+3. ``pipeline/``: a tiny Stable Diffusion pipeline (diffusers classes, the real CLIP tokenizer) whose
+   AutoencoderKL is trained to reconstruct the world's images and whose UNet and CLIP text encoder are
+   trained on the *base* world only: the generator never sees a held-out concept.
+4. ``loras/<concept>.safetensors``: one DreamBooth LoRA per concept, with ``train_lora``.
+5. ``gates.safetensors``: MoLE gates for the three LoRAs, with ``train_gates`` on ``concepts.toml``.
+
+Every random draw is seeded, so the same settings give the same files (on the same hardware and library
+versions). A GPU is used when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    # cross-attention at 8x8 and 4x4 only: a third of the cost of attending at 16x16, and enough to place a shape
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+VAE_CONFIG = dict(  # 64x64x3 images <-> 16x16x4 latents, as SD's 512 <-> 64 (factor 4 here, 8 there)
+    block_out_channels=(16, 32, 64),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+TEXT_CONFIG = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+    vocab_size=49408, projection_dim=32,
+)
+CLIP_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {
+        "size": 64,
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+}
+
+
+@dataclass
+class BuildSettings:
+    seed: int = 0
+    resolution: int = 64
+    concept_images: int = 16
+    clip_steps: int = 1200
+    clip_batch_size: int = 256
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    base_images: int = 12000
+    base_steps: int = 3000
+    base_batch_size: int = 64
+    base_learning_rate: float = 5e-4
+    lora_steps: int = 1000
+    lora_rank: int = 4
+    gate_steps: int = 300
+    validation_steps: int = 20  # sampling steps of the LoRA and gate runs' validation grids
+    device: str | None = None
+
+
+def _device(settings: BuildSettings) -> torch.device:
+    return torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _pixels(scenes: list[world.Scene], resolution: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 images of ``scenes``."""
+    images = [world.draw(s, resolution) for s in scenes]
+    return torch.stack([torch.frombuffer(bytearray(i.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3) for i in images]).permute(0, 3, 1, 2)
+
+
+def _world_scenes(count: int, seed: int) -> list[world.Scene]:
+    rng = random.Random(f"judge-{seed}")
+    return [world.any_scene(rng) for _ in range(count)]
+
+
+# -- the judge: a tiny open_clip model --------------------------------------------------------------------
+def train_clip(out: Path, settings: BuildSettings) -> Path:
+    """Contrastive training on random scenes of the whole world; writes an open_clip ``local-dir`` folder."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    device = _device(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps(CLIP_CONFIG, indent=1))
+    torch.manual_seed(settings.seed)
+    model = open_clip.create_model(f"local-dir:{out}", load_weights=False).to(device).train()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    mean = torch.tensor(CLIP_CONFIG["preprocess_cfg"]["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_CONFIG["preprocess_cfg"]["std"], device=device).view(1, 3, 1, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / settings.clip_steps)))
+    loss_fn = open_clip.ClipLoss()
+    rng = random.Random(f"clip-{settings.seed}")
+    bar = tqdm(range(settings.clip_steps), desc="clip")
+    for _ in bar:
+        scenes = [world.any_scene(rng) for _ in range(settings.clip_batch_size)]
+        images = (_pixels(scenes, settings.resolution).to(device).float() / 255 - mean) / std
+        texts = tokenizer([s.caption for s in scenes]).to(device)
+        image_features, text_features, logit_scale = model(images, texts)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    return out
+
+
+# -- the generator ----------------------------------------------------------------------------------------
+def train_vae(settings: BuildSettings):
+    """An AutoencoderKL that reconstructs the world's images, trained on random 32x32 crops (it is convolutional)."""
+    from diffusers import AutoencoderKL
+
+    device = _device(settings)
+    torch.manual_seed(settings.seed)
+    vae = AutoencoderKL(**VAE_CONFIG).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.vae_steps)))
+    rng = random.Random(f"vae-{settings.seed}")
+    generator = torch.Generator().manual_seed(settings.seed)
+    bar = tqdm(range(settings.vae_steps), desc="vae")
+    crop = settings.resolution // 2
+    for _ in bar:
+        images = _pixels([world.any_scene(rng) for _ in range(settings.vae_batch_size)], settings.resolution)
+        x, y = torch.randint(0, settings.resolution - crop + 1, (2,), generator=generator).tolist()
+        pixels = images[:, :, y : y + crop, x : x + crop].to(device).float() / 127.5 - 1
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(mse=f"{loss.item():.4f}")
+    vae.eval()
+    # SD's convention: latents times scaling_factor have unit variance
+    with torch.no_grad():
+        pixels = _pixels(world.base_world(256, seed=settings.seed + 1), settings.resolution).to(device).float() / 127.5 - 1
+        std = vae.encode(pixels).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae.cpu()
+
+
+def make_pipeline(vae, seed: int, tokenizer_dir: Path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..testing import make_clip_tokenizer
+
+    torch.manual_seed(seed)
+    return StableDiffusionPipeline(
+        vae=vae,
+        unet=UNet2DConditionModel(**UNET_CONFIG),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
+        tokenizer=make_clip_tokenizer(tokenizer_dir),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def train_base(out: Path, settings: BuildSettings) -> Path:
+    """Train the UNet and text encoder on the base world (captions dropped 10% of the time, for guidance)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from ..train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
+
+    stage = out.with_name(out.name + "-training")
+    stage.mkdir(parents=True, exist_ok=True)
+    vae_path = stage / "vae"
+    if not (vae_path / "config.json").is_file():
+        train_vae(settings).save_pretrained(vae_path)
+    vae = AutoencoderKL.from_pretrained(vae_path)
+    vae.register_to_config(_name_or_path="")  # not this build folder's path, in the shipped config.json
+    pipe = make_pipeline(vae, settings.seed, stage / "tokenizer")
+
+    scenes = world.base_world(settings.base_images, seed=settings.seed)
+    latents = []
+    with torch.no_grad():
+        for start in range(0, len(scenes), 256):
+            pixels = _pixels(scenes[start : start + 256], settings.resolution).float() / 127.5 - 1
+            latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+    examples = Examples(torch.cat(latents), [s.caption for s in scenes], torch.zeros(len(scenes), dtype=torch.long), torch.ones(len(scenes)))
+
+    training = TrainingSettings(
+        output_dir=stage, steps=settings.base_steps, batch_size=settings.base_batch_size, learning_rate=settings.base_learning_rate,
+        seed=settings.seed, checkpoint_every=250, keep_checkpoints=1, resume=True, resolution=settings.resolution,
+    )
+    accelerator = make_accelerator(training)
+    pipe.to(accelerator.device)
+    pipe.vae.requires_grad_(False)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    params = {f"unet.{n}": p for n, p in pipe.unet.named_parameters()}
+    params |= {f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()}
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def loss_function(indices, generator):
+        keep = torch.rand(len(indices), generator=generator) >= 0.1
+        prompts = [examples.prompts[i] if k else "" for i, k in zip(indices, keep.tolist())]
+        latents = examples.latents[indices].to(accelerator.device)
+        value = denoising_loss(pipe.unet, noise_scheduler, latents, encode_prompts(pipe, prompts), examples.loss_weights[indices], generator)
+        return value, {}
+
+    run_training(training, accelerator, pipe, params, examples, loss_function)
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    pipe.to("cpu")
+    pipe.save_pretrained(out)
+    return out
+
+
+# -- concept LoRAs and gates --------------------------------------------------------------------------------
+def train_concepts(root: Path, settings: BuildSettings) -> Path:
+    """One LoRA per held-out concept (``train_lora``), then the gates (``train_gates``); returns concepts.toml."""
+    from safetensors.torch import save_file
+
+    from ..gate_file import read_gate_file
+    from ..train.gates import GateTrainingConfig, train_gates
+    from ..train.lora import LoRATrainingConfig, train_lora
+
+    entries = []
+    for name in world.CONCEPTS:
+        images = root / "world" / "concepts" / name
+        prompt = (images / "prompt.txt").read_text().strip()
+        lora = root / "loras" / f"{name}.safetensors"
+        if not lora.is_file():
+            trained = train_lora(LoRATrainingConfig(
+                base=str(root / "pipeline"), images=images, prompt=prompt, output_dir=root / "runs" / f"lora-{name}",
+                steps=settings.lora_steps, batch_size=4, learning_rate=1e-3, resolution=settings.resolution,
+                rank=settings.lora_rank, seed=settings.seed, checkpoint_every=settings.lora_steps, resume=True,
+                validation_every=settings.lora_steps, validation_steps=settings.validation_steps,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"],
+                validation_prompts=[(images / "000.txt").read_text().strip()],
+            ))
+            lora.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(trained, lora)
+        entries.append(f'[[concepts]]\nname = "{name}"\nlora = "loras/{name}.safetensors"\n'
+                       f'images = "world/concepts/{name}"\nprompt = "{prompt}"\n')
+    concepts = root / "concepts.toml"
+    concepts.write_text("\n".join(entries))
+    if not (root / "gates.safetensors").is_file():
+        gates = train_gates(GateTrainingConfig(
+            base=str(root / "pipeline"), concepts=concepts, output_dir=root / "runs" / "gates", steps=settings.gate_steps,
+            batch_size=6, learning_rate=5e-3, resolution=settings.resolution, seed=settings.seed,
+            checkpoint_every=settings.gate_steps, resume=True, validation_every=settings.gate_steps, validation_steps=settings.validation_steps,
+        ))
+        # the world's pipeline moves with it (build folder -> package): no base path, which would only warn
+        tensors, metadata = read_gate_file(gates)
+        save_file(tensors, str(root / "gates.safetensors"), metadata={**metadata, "base_model": ""})
+    return concepts
+
+
+SHIPPED = ("pipeline", "clip", "loras", "gates.safetensors", "concepts.toml", "world/concepts", "build_settings.json")
+
+
+def install_assets(root: Path, assets: Path) -> Path:
+    """Copy the shipped part of a built world (no training checkpoints or logs) to ``assets`` and write
+    ``manifest.json``: every file with its sha256, checked by ``demo.run.check_assets``."""
+    import hashlib
+
+    root, assets = Path(root), Path(assets)
+    staging = assets.with_name(assets.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in SHIPPED:
+        source = root / name
+        if source.is_dir():
+            shutil.copytree(source, staging / name)
+        else:
+            staging.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, staging / name)
+    files = {str(p.relative_to(staging)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(staging.rglob("*")) if p.is_file()}
+    (staging / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
+    shutil.rmtree(assets, ignore_errors=True)
+    staging.rename(assets)
+    return assets
+
+
+def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
+    """Run every stage that has no output yet; returns ``out``."""
+    settings = settings or BuildSettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "build_settings.json").write_text(json.dumps(asdict(settings), indent=1))
+    if not (out / "world" / "concepts").is_dir():
+        world.write_world(out / "world", base_count=0, concept_count=settings.concept_images, resolution=settings.resolution, seed=settings.seed)
+    if not (out / "clip" / "open_clip_model.safetensors").is_file():
+        train_clip(out / "clip", settings)
+    if not (out / "pipeline" / "model_index.json").is_file():
+        train_base(out / "pipeline", settings)
+    train_concepts(out, settings)
+    return out

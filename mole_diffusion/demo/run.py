@@ -1,0 +1,82 @@
+"""``mole-diffusion demo --out DIR``: the shipped world's composition prompts through base, each LoRA, NLA and
+MoLE (and MoLE with each concept masked), scored by the shipped tiny CLIP. Offline, a minute or so on CPU.
+
+The shipped files (``ASSETS``) are built by ``mole-diffusion build-demo``; ``assets/manifest.json`` lists
+each with its sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .world import CONCEPTS, composition_prompts
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+class AssetsError(FileNotFoundError):
+    """The demo's shipped files are missing or changed."""
+
+
+def check_assets(assets: Path = ASSETS) -> dict[str, str]:
+    """Every file the manifest lists is there with its sha256; returns {relative path: sha256}."""
+    manifest = assets / "manifest.json"
+    if not manifest.is_file():
+        raise AssetsError(f"{manifest} not found: the demo world is not installed (build it with "
+                          "`mole-diffusion build-demo --out build/world`)")
+    files = json.loads(manifest.read_text())["files"]
+    for name, digest in files.items():
+        path = assets / name
+        if not path.is_file():
+            raise AssetsError(f"{path}: listed in {manifest} but missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise AssetsError(f"{path}: sha256 differs from {manifest} (a changed or corrupt file)")
+    return files
+
+
+def demo_methods() -> list[str]:
+    names = list(CONCEPTS)
+    return ["base", *(f"single_{n}" for n in names), "nla", "mole", *(f"mole_without_{n}" for n in names)]
+
+
+def run_demo(out: str | Path, steps: int = 25, seeds: tuple[int, ...] = (0,), guidance_scale: float = 5.0,
+             assets: Path = ASSETS, progress: bool = True) -> Path:
+    """Write ``grid.png``, ``gate_heatmap.png``, ``scores.md`` / ``scores.csv`` and the evaluator's folder ``eval/``."""
+    from ..eval.evaluate import EvaluationConfig, evaluate
+
+    check_assets(assets)
+    out = Path(out)
+    prompts, methods = composition_prompts(), demo_methods()
+    evaluate(EvaluationConfig(
+        base=str(assets / "pipeline"), concepts=assets / "concepts.toml", gates=assets / "gates.safetensors",
+        output_dir=out / "eval", clip_model=f"local-dir:{assets / 'clip'}", prompts=prompts, seeds=list(seeds),
+        methods=methods, scheduler="ddim", steps=steps, guidance_scale=guidance_scale, progress=progress,
+    ))
+    labelled_grid(out / "eval" / "images", prompts, methods, seeds[0]).save(out / "grid.png")
+    shutil.copyfile(out / "eval" / "gate_heatmap.png", out / "gate_heatmap.png")
+    shutil.copyfile(out / "eval" / "summary.csv", out / "scores.csv")
+    shutil.copyfile(out / "eval" / "report.md", out / "scores.md")
+    return out
+
+
+def labelled_grid(images: Path, prompts: list[str], methods: list[str], seed: int, scale: int = 2) -> Image.Image:
+    """Rows: prompts; columns: methods; each image enlarged ``scale`` times (nearest neighbour), labels in the margins."""
+    tiles = [[Image.open(images / m / f"p{p}-s{seed}.png").convert("RGB") for m in methods] for p in range(len(prompts))]
+    side = tiles[0][0].width * scale
+    left, top, gap = 250, 28, 4
+    grid = Image.new("RGB", (left + len(methods) * (side + gap), top + len(prompts) * (side + gap)), "white")
+    pen = ImageDraw.Draw(grid)
+    for column, method in enumerate(methods):
+        x = left + column * (side + gap)
+        pen.text((x + 2, 4), method.replace("mole_without_", "mole w/o ").replace("single_", "lora "), fill="black")
+    for row, prompt in enumerate(prompts):
+        y = top + row * (side + gap)
+        pen.text((4, y + side // 2 - 6), prompt, fill="black")
+        for column, tile in enumerate(tiles[row]):
+            grid.paste(tile.resize((side, side), Image.NEAREST), (left + column * (side + gap), y))
+    return grid

@@ -1,0 +1,102 @@
+"""The shipped demo world: its files load and generate, its gates belong to its experts, the demo writes
+every file, and the build command runs end to end (with a handful of steps per stage)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mole_diffusion.cli import main
+from mole_diffusion.demo import CONCEPTS, composition_prompts
+from mole_diffusion.demo.build import BuildSettings, build, install_assets
+from mole_diffusion.demo.run import ASSETS, AssetsError, check_assets, demo_methods, run_demo
+from mole_diffusion.gate_file import GateFileError, read_gate_file
+from mole_diffusion.pipelines import MoLEStableDiffusionPipeline
+
+
+def test_shipped_files_are_listed_whole_and_under_30_mb():
+    files = check_assets()
+    assert {"gates.safetensors", "concepts.toml", "pipeline/model_index.json", "clip/open_clip_model.safetensors"} <= set(files)
+    assert {f"loras/{name}.safetensors" for name in CONCEPTS} <= set(files)
+    assert sum((ASSETS / name).stat().st_size for name in files) < 30 * 2**20
+
+
+@pytest.fixture(scope="module")
+def shipped_pipe():
+    pipe = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    pipe.load_experts({name: ASSETS / "loras" / f"{name}.safetensors" for name in CONCEPTS})
+    pipe.load_gates(ASSETS / "gates.safetensors")  # refuses gates trained for other experts
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_world_loads_and_generates(shipped_pipe):
+    image = shipped_pipe(composition_prompts()[0], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
+    assert image.size == (64, 64) and pixels.std() > 5  # a picture, not a flat field
+    weights = torch.cat([h.flatten(end_dim=-2) for h in shipped_pipe.gate_weights.values()])
+    assert torch.allclose(weights.sum(-1), torch.ones(len(weights)), atol=1e-5)
+
+
+def test_shipped_gates_match_the_shipped_experts(shipped_pipe, tmp_path):
+    _, metadata = read_gate_file(ASSETS / "gates.safetensors")
+    assert json.loads(metadata["expert_hashes"]) == {e.name: e.content_hash for e in shipped_pipe.mole.experts}
+    # one changed LoRA tensor and the same gates are refused
+    tensors = load_file(ASSETS / "loras" / "star.safetensors")
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] * 1.01
+    save_file(tensors, tmp_path / "star.safetensors")
+    other = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    other.load_experts({"star": tmp_path / "star.safetensors", **{n: ASSETS / "loras" / f"{n}.safetensors" for n in ("stripes", "checker")}})
+    with pytest.raises(GateFileError, match="star"):
+        other.load_gates(ASSETS / "gates.safetensors")
+
+
+def test_a_changed_or_missing_asset_is_named(tmp_path):
+    copy = tmp_path / "assets"
+    shutil.copytree(ASSETS, copy)
+    (copy / "concepts.toml").write_text((copy / "concepts.toml").read_text() + "\n")
+    with pytest.raises(AssetsError, match="concepts.toml: sha256 differs"):
+        check_assets(copy)
+    (copy / "gates.safetensors").unlink()
+    (copy / "concepts.toml").write_text((ASSETS / "concepts.toml").read_text())
+    with pytest.raises(AssetsError, match="gates.safetensors: listed .* but missing"):
+        check_assets(copy)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--assets", str(copy)]) == 1
+
+
+def test_demo_writes_every_file(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("grid.png", "gate_heatmap.png", "scores.md", "scores.csv"):
+        assert (tmp_path / name).is_file() and f"wrote {tmp_path / name}" in printed
+    methods = demo_methods()
+    scores = (tmp_path / "scores.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in scores[1:]] == methods
+    assert "clip_image_min" in scores[0] and "| mole |" in printed
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width > len(methods) * 128 and grid.height > len(composition_prompts()) * 128
+
+
+def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
+    tiny = BuildSettings(concept_images=4, clip_steps=2, clip_batch_size=8, vae_steps=2, vae_batch_size=4, base_images=16,
+                         base_steps=2, base_batch_size=4, lora_steps=2, gate_steps=2, validation_steps=1)
+    assets = install_assets(build(tmp_path / "world", tiny), tmp_path / "assets")
+    files = check_assets(assets)
+    assert not any(name.startswith(("runs", "pipeline-training")) for name in files)  # no checkpoints shipped
+    assert json.loads((assets / "build_settings.json").read_text())["clip_steps"] == 2
+    again = install_assets(build(tmp_path / "again", tiny), tmp_path / "assets-again")
+    assert set(check_assets(again)) == set(files)
+    for name in files:  # same settings, same files (safetensors headers order their metadata at random)
+        if name.endswith(".safetensors"):
+            with safe_open(assets / name, "pt") as a, safe_open(again / name, "pt") as b:
+                assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys()), name
+                assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), name
+        else:
+            assert (assets / name).read_bytes() == (again / name).read_bytes(), name
+    out = run_demo(tmp_path / "demo", steps=1, assets=assets, progress=False)
+    assert (out / "grid.png").is_file() and (out / "gate_heatmap.png").is_file()
