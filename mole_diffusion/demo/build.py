@@ -269,7 +269,8 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
                 steps=settings.lora_steps, batch_size=4, learning_rate=1e-3, resolution=settings.resolution,
                 rank=settings.lora_rank, seed=settings.seed, checkpoint_every=settings.lora_steps, resume=True,
                 validation_every=settings.lora_steps, validation_steps=settings.validation_steps,
-                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"],
+                # convs too: stripes and checkerboards are drawn at the 16x16 level, which has no attention
+                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
                 validation_prompts=[(images / "000.txt").read_text().strip()],
             ))
             lora.parent.mkdir(parents=True, exist_ok=True)
