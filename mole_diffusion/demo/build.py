@@ -103,11 +103,6 @@ def _pixels(scenes: list[world.Scene], resolution: int) -> torch.Tensor:
     return torch.stack([torch.frombuffer(bytearray(i.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3) for i in images]).permute(0, 3, 1, 2)
 
 
-def _world_scenes(count: int, seed: int) -> list[world.Scene]:
-    rng = random.Random(f"judge-{seed}")
-    return [world.any_scene(rng) for _ in range(count)]
-
-
 # -- the judge: a tiny open_clip model --------------------------------------------------------------------
 def train_clip(out: Path, settings: BuildSettings) -> Path:
     """Contrastive training on random scenes of the whole world; writes an open_clip ``local-dir`` folder."""

@@ -108,7 +108,7 @@ def base_following(pipe, judge: Judge, seeds: list[int], steps: int, guidance_sc
     return {"colour and shape": both / len(images), "colour": colour / len(images), "shape": shape / len(images), "images": len(images)}
 
 
-def concept_prompts(name: str) -> list[world.Scene]:
+def lift_scenes(name: str) -> list[world.Scene]:
     """Scenes showing only concept ``name`` (captions in its token), one per colour."""
     colours = list(world.COLOURS)
     scenes = []
@@ -128,7 +128,7 @@ def concept_lift(pipe, judge: Judge, references: dict[str, torch.Tensor], seeds:
     attribute = {"star": "shape", "stripes": "style", "checker": "background"}
     rows = []
     for name in world.CONCEPTS:
-        scenes = concept_prompts(name)
+        scenes = lift_scenes(name)
         for method, experts in (("base", []), (f"lora {name}", [name])):
             _only(pipe, experts)
             images = _generate(pipe, [s.caption for s in scenes], seeds, steps, guidance_scale)
