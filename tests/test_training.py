@@ -171,6 +171,30 @@ def test_mixer_folded_into_b_gives_the_unfolded_output(world, tmp_path):
     torch.testing.assert_close(unet_output(mole), unfolded, rtol=1e-5, atol=1e-5)
 
 
+def test_a_text_encoder_lora_is_written_with_the_keys_every_tool_reads(world, tmp_path):
+    pipe = load(world["base"], StableDiffusionPipeline)
+    configs = {"text_encoder": LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "v_proj"])}
+    pipe.text_encoder.add_adapter(configs["text_encoder"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.text_encoder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    ids = pipe.tokenizer(["a photo of sks"], return_tensors="pt").input_ids
+    adapted = pipe.text_encoder(ids)[0].detach()
+    save_lora(pipe, configs, tmp_path / "text.safetensors")
+    # transformers 5's flattened CLIPTextModel has no text_model; the file keeps the prefix other tools expect
+    assert all(k.startswith("text_encoder.text_model.") for k in load_file(tmp_path / "text.safetensors"))
+    reference = load(world["base"], StableDiffusionPipeline)
+    reference.load_lora_weights(tmp_path / "text.safetensors")
+    mole = load(world["base"])
+    mole.load_experts({"text": tmp_path / "text.safetensors"})
+    with torch.no_grad():
+        assert not torch.allclose(reference.text_encoder(ids)[0], load(world["base"]).text_encoder(ids)[0])
+        torch.testing.assert_close(reference.text_encoder(ids)[0], adapted, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mole.text_encoder(ids)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

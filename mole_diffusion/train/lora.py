@@ -136,6 +136,10 @@ def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig]
         model = getattr(pipe, component)
         fold_mixers(model)
         state = get_peft_model_state_dict(model)
+        if component == "text_encoder" and not hasattr(model, "text_model"):
+            # transformers 5 flattened CLIPTextModel; keep the `text_model.` keys that diffusers, kohya and
+            # transformers 4 read (diffusers strips them again for a flattened model)
+            state = {f"text_model.{k}": v for k, v in state.items()}
         layers[f"{component}_lora_layers"] = state
         config = lora_config.to_dict()
         if isinstance(config["target_modules"], (set, list)):  # PEFT keeps a set: sorted, the same run writes the same file
