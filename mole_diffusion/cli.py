@@ -165,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser(
         "build-demo",
         help="rebuild the demo world from nothing: tiny CLIP, tiny SD, concept LoRAs, gates (~1 h on 2 CPU cores)",
-        epilog="example:\n  mole-diffusion build-demo --out build/world\n\n  Trains into build/world (a stopped build "
-        "goes on where it stopped), then installs the shipped files into --assets (default: the package's own).",
+        epilog="example:\n  mole-diffusion build-demo --out build/world\n  mole-diffusion demo --out demo --assets build/world/assets"
+        "\n\n  Trains into build/world (a stopped build goes on where it stopped), then installs the shipped files into "
+        "--assets (default: build/world/assets). Maintainers refresh the package's own with "
+        "--assets mole_diffusion/demo/assets.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build.add_argument("--out", required=True, help="working folder (checkpoints, logs, validation grids)")
-    build.add_argument("--assets", help="where to install the shipped files (default: mole_diffusion/demo/assets)")
+    build.add_argument("--assets", help="where to install the shipped files (default: OUT/assets)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", help="default: cuda if available, else cpu")
 
@@ -337,10 +339,9 @@ def demo(args: argparse.Namespace) -> None:
 
 def build_demo(args: argparse.Namespace) -> None:
     from .demo.build import BuildSettings, build, install_assets
-    from .demo.run import ASSETS
 
     root = build(args.out, BuildSettings(seed=args.seed, device=args.device))
-    print(f"installed the demo world in {install_assets(root, Path(args.assets) if args.assets else ASSETS)}")
+    print(f"installed the demo world in {install_assets(root, Path(args.assets) if args.assets else root / 'assets')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ every file, and the build command runs end to end (with a handful of steps per s
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -69,6 +70,54 @@ def test_a_changed_or_missing_asset_is_named(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--assets", str(copy)]) == 1
 
 
+def test_an_unlisted_file_or_a_bad_manifest_is_named(tmp_path):
+    copy = tmp_path / "assets"
+    shutil.copytree(ASSETS, copy)
+    (copy / "loras" / "moon.safetensors").write_bytes(b"")
+    with pytest.raises(AssetsError, match=r"\['loras/moon.safetensors'\] not listed"):
+        check_assets(copy)
+    (copy / "loras" / "moon.safetensors").unlink()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["gates.safetensors"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AssetsError, match=r"does not list \['gates.safetensors'\]"):
+        check_assets(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(AssetsError, match="manifest.json: expected JSON"):
+        check_assets(copy)
+    with pytest.raises(AssetsError, match=f"no demo world in {tmp_path}"):
+        check_assets(tmp_path)
+
+
+def test_the_shipped_text_files_have_the_layout_transformers_4_and_5_read():
+    from transformers import CLIPTokenizer
+
+    # tokenizer.json alone loads on transformers 5 only; vocab.json + merges.txt on both
+    folder = ASSETS / "pipeline" / "tokenizer"
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()} and not (folder / "tokenizer.json").exists()
+    tokens = CLIPTokenizer.from_pretrained(folder)("a red sks").input_ids
+    assert tokens[0] == 49406 and tokens[-1] == 49407 and len(tokens) == 5
+    # transformers 4 loads text-encoder weights without the text_model. prefix as random ones
+    with safe_open(ASSETS / "pipeline" / "text_encoder" / "model.safetensors", "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    for name in CONCEPTS:
+        with safe_open(ASSETS / "loras" / f"{name}.safetensors", "pt") as f:
+            text = [k for k in f.keys() if k.startswith("text_encoder.")]
+        assert text and all(k.startswith("text_encoder.text_model.") for k in text), name
+
+
+def test_install_assets_never_replaces_a_folder_it_did_not_write(tmp_path):
+    root, mine = tmp_path / "world", tmp_path / "mine"
+    root.mkdir()
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="no manifest.json"):
+        install_assets(root, mine)
+    with pytest.raises(ValueError, match="holds the build folder"):
+        install_assets(root, tmp_path)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
 def test_demo_writes_every_file(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
     printed = capsys.readouterr().out
@@ -87,8 +136,10 @@ def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
                          base_steps=2, base_batch_size=4, lora_steps=2, gate_steps=2, validation_steps=1)
     assets = install_assets(build(tmp_path / "world", tiny), tmp_path / "assets")
     files = check_assets(assets)
-    assert not any(name.startswith(("runs", "pipeline-training")) for name in files)  # no checkpoints shipped
+    assert "pipeline/tokenizer/vocab.json" in files and "pipeline/tokenizer/tokenizer.json" not in files
     assert json.loads((assets / "build_settings.json").read_text())["clip_steps"] == 2
+    with pytest.raises(ValueError, match="lora_steps 2 -> 3"):  # a stopped build goes on only as it started
+        build(tmp_path / "world", replace(tiny, lora_steps=3))
     again = install_assets(build(tmp_path / "again", tiny), tmp_path / "assets-again")
     assert set(check_assets(again)) == set(files)
     for name in files:  # same settings, same files (safetensors headers order their metadata at random)

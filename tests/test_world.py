@@ -67,3 +67,13 @@ def test_composition_prompts_combine_the_concept_tokens():
     prompts = composition_prompts()
     assert len(prompts) == len(set(prompts)) >= 4
     assert all(all(c.token in p for c in CONCEPTS.values()) for p in prompts)
+
+
+def test_the_checkerboard_fills_any_resolution_and_unknown_backgrounds_are_refused():
+    scene = concept_scenes("checker", 1)[0]
+    for resolution in (60, 64, 70):
+        image = np.asarray(draw(scene, resolution))
+        corners = {tuple(image[y, x]) for y in (0, resolution - 1) for x in (0, resolution - 1)}
+        assert corners <= {(235, 235, 235), (25, 25, 25)}, resolution  # no unpainted strip at the edges
+    with pytest.raises(ValueError, match="unknown background 'plaid'"):
+        draw(Scene(**{**_fields(scene), "background": "plaid"}))

@@ -4,8 +4,8 @@
 1. the tiny CLIP's zero-shot accuracy per attribute on fresh procedural images (shape incl. the star, colour,
    style incl. stripes, background incl. the checkerboard): the caption with that one attribute swapped for
    each alternative, the rest true;
-2. whether the base model follows colour-and-shape prompts: the judge's pick among all 18 colour x shape
-   captions (same background) equals the prompt;
+2. whether the base model follows colour-and-shape prompts: the judge's pick among the 15 colour x shape
+   captions with the same background (3 shapes x the 5 other colours) equals the prompt;
 3. each concept LoRA alone against the base model on that concept's own prompts: how often the judge sees
    the concept, and the image alignment to the concept's reference images;
 4. the evaluator (``evaluate``) on the composition prompts: MoLE against NLA, plain sum and the training-free
@@ -91,7 +91,7 @@ def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_s
 
 
 def base_following(pipe, judge: Judge, seeds: list[int], steps: int, guidance_scale: float) -> dict[str, float]:
-    """Share of base images whose colour and shape the judge reads as prompted (18-way), and each alone."""
+    """Share of base images whose colour and shape the judge reads as prompted (15-way), and each alone."""
     colours = list(world.COLOURS)
     scenes = [world.Scene(shape, colour, colours[(i + 2) % len(colours)], "large", (0.5, 0.5))
               for shape in world.SHAPES for i, colour in enumerate(colours)]
@@ -124,7 +124,8 @@ def lift_scenes(name: str) -> list[world.Scene]:
 def concept_lift(pipe, judge: Judge, references: dict[str, torch.Tensor], seeds: list[int], steps: int, guidance_scale: float) -> list[dict]:
     """Per concept: base vs the concept's LoRA alone on its own prompts. ``seen``: the judge picks the concept's
     value for its attribute (star shape / stripes style / checker background); ``alignment``: mean cosine
-    similarity to the concept's reference images."""
+    similarity to the concept's reference images (``evaluate``'s ``clip_image``); ``picture``: cosine similarity
+    to the prompt's own scene, drawn (the same colours and shape as asked, so what differs is mostly the concept)."""
     attribute = {"star": "shape", "stripes": "style", "checker": "background"}
     rows = []
     for name in world.CONCEPTS:
@@ -137,7 +138,9 @@ def concept_lift(pipe, judge: Judge, references: dict[str, torch.Tensor], seeds:
             seen = [float(getattr(judge.pick(e, _alternatives(t, attribute[name])), attribute[name]) == getattr(t, attribute[name]))
                     for e, t in zip(embeddings, truth)]
             alignment = (embeddings @ references[name].T).mean(dim=1).tolist()
-            rows.append({"concept": name, "method": method, "seen": _mean_ci(seen), "alignment": _mean_ci(alignment)})
+            picture = (embeddings * judge.embed([world.draw(t) for t in truth])).sum(dim=1).tolist()
+            rows.append({"concept": name, "method": method, "seen": _mean_ci(seen), "alignment": _mean_ci(alignment),
+                         "picture": _mean_ci(picture), "prompts": len(scenes)})
     return rows
 
 
@@ -171,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["## Demo world quality", "", f"`python -m mole_diffusion.demo.quality --out {out} --seeds {args.seeds}` "
              f"({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
     judge = Judge(clip)
-    zero_shot = clip_zero_shot(judge)
-    lines += ["Tiny CLIP zero-shot accuracy on 400 fresh images (one attribute swapped, the rest true):", "",
+    count = 400
+    zero_shot = clip_zero_shot(judge, count)
+    lines += [f"Tiny CLIP zero-shot accuracy on {count} fresh images (one attribute swapped, the rest true):", "",
               "| " + " | ".join(zero_shot) + " |", "|" + "---|" * len(zero_shot),
               "| " + " | ".join(f"{v:.1%}" for v in zero_shot.values()) + " |", ""]
     print("\n".join(lines[-6:]), flush=True)
@@ -181,10 +185,12 @@ def main(argv: list[str] | None = None) -> None:
               f"colour and shape {following['colour and shape']:.1%} (colour {following['colour']:.1%}, shape {following['shape']:.1%}).", ""]
     print(lines[-2], flush=True)
     lift = concept_lift(pipe, judge, references, seeds, args.steps, args.guidance_scale)
-    lines += ["Each concept LoRA alone vs the base model on that concept's prompts (6 prompts x "
-              f"{len(seeds)} seeds; ± 95% interval):", "", "| concept | method | judge sees the concept | alignment to its references |",
-              "|---|---|---|---|"]
-    lines += [f"| {r['concept']} | {r['method']} | {r['seen'][0]:.1%} ± {r['seen'][1]:.1%} | {r['alignment'][0]:.3f} ± {r['alignment'][1]:.3f} |" for r in lift]
+    lines += [f"Each concept LoRA alone vs the base model on that concept's prompts ({lift[0]['prompts']} prompts x "
+              f"{len(seeds)} seeds; ± 95% interval):", "",
+              "| concept | method | judge sees the concept | alignment to its references | alignment to the prompt's picture |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['concept']} | {r['method']} | {r['seen'][0]:.1%} ± {r['seen'][1]:.1%} | {r['alignment'][0]:.3f} ± {r['alignment'][1]:.3f} "
+              f"| {r['picture'][0]:.3f} ± {r['picture'][1]:.3f} |" for r in lift]
     lines.append("")
     print("\n".join(lines[-8:]), flush=True)
 
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         clip_model=f"local-dir:{assets / 'clip'}", prompts=world.composition_prompts(), seeds=seeds, methods=methods,
         scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale,
     ))
-    report = (run / "report.md").read_text().split("\n", 2)[2]
+    report = (run / "report.md").read_text().removeprefix("# Evaluation report\n\n")
     lines += [f"Composition prompts ({len(world.composition_prompts())} x {len(seeds)} seeds), `evaluate` "
               f"(report: {run / 'report.md'}):", "", report]
     (out / "quality.md").write_text("\n".join(lines))

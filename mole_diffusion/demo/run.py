@@ -19,17 +19,37 @@ from .world import CONCEPTS, composition_prompts
 ASSETS = Path(__file__).parent / "assets"
 
 
-class AssetsError(FileNotFoundError):
+# what the demo reads; a manifest without them is not a demo world
+NEEDED = ("pipeline/model_index.json", "clip/open_clip_config.json", "clip/open_clip_model.safetensors", "concepts.toml",
+          "gates.safetensors")
+
+
+class AssetsError(OSError):
     """The demo's shipped files are missing or changed."""
 
 
 def check_assets(assets: Path = ASSETS) -> dict[str, str]:
-    """Every file the manifest lists is there with its sha256; returns {relative path: sha256}."""
+    """The manifest lists every file there (and the ones the demo needs), each with its sha256; returns
+    {relative path: sha256}."""
+    assets = Path(assets)
     manifest = assets / "manifest.json"
     if not manifest.is_file():
-        raise AssetsError(f"{manifest} not found: the demo world is not installed (build it with "
-                          "`mole-diffusion build-demo --out build/world`)")
-    files = json.loads(manifest.read_text())["files"]
+        how = "reinstall mole-diffusion, or build it with `mole-diffusion build-demo --out build/world`" if assets == ASSETS \
+            else "install one there with `mole-diffusion build-demo --out build/world --assets DIR`"
+        raise AssetsError(f"{manifest} not found: no demo world in {assets} ({how})")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, dict):
+        raise AssetsError(f"{manifest}: expected JSON {{\"files\": {{relative path: sha256}}}}")
+    missing = [name for name in NEEDED if name not in files]
+    if missing:
+        raise AssetsError(f"{manifest} does not list {missing}: not a demo world")
+    unlisted = sorted(p.relative_to(assets).as_posix() for p in assets.rglob("*") if p.is_file() and p != manifest)
+    unlisted = [name for name in unlisted if name not in files]
+    if unlisted:
+        raise AssetsError(f"{assets}: {unlisted} not listed in {manifest} (files added after the install?)")
     for name, digest in files.items():
         path = assets / name
         if not path.is_file():
@@ -68,7 +88,8 @@ def labelled_grid(images: Path, prompts: list[str], methods: list[str], seed: in
     """Rows: prompts; columns: methods; each image enlarged ``scale`` times (nearest neighbour), labels in the margins."""
     tiles = [[Image.open(images / m / f"p{p}-s{seed}.png").convert("RGB") for m in methods] for p in range(len(prompts))]
     side = tiles[0][0].width * scale
-    left, top, gap = 250, 28, 4
+    pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, gap = 12 + int(max(pen.textlength(p) for p in prompts)), 28, 4
     grid = Image.new("RGB", (left + len(methods) * (side + gap), top + len(prompts) * (side + gap)), "white")
     pen = ImageDraw.Draw(grid)
     for column, method in enumerate(methods):

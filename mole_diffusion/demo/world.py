@@ -69,14 +69,16 @@ class Scene:
 
 def draw(scene: Scene, resolution: int = 64) -> Image.Image:
     """Render a scene: background, then the shape (solid or striped)."""
+    if scene.background != "checker" and scene.background not in COLOURS:
+        raise ValueError(f"unknown background {scene.background!r}; expected one of {[*COLOURS, 'checker']}")
     image = Image.new("RGB", (resolution, resolution), COLOURS.get(scene.background, (0, 0, 0)))
     pen = ImageDraw.Draw(image)
-    if scene.background == "checker":
-        cell = resolution // 8
+    if scene.background == "checker":  # 8 x 8 cells
+        edges = [resolution * k // 8 for k in range(9)]
         for row in range(8):
             for col in range(8):
                 fill = (235, 235, 235) if (row + col) % 2 == 0 else (25, 25, 25)
-                pen.rectangle((col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1), fill=fill)
+                pen.rectangle((edges[col], edges[row], edges[col + 1] - 1, edges[row + 1] - 1), fill=fill)
     mask = Image.new("L", image.size, 0)
     outline = _outline(scene, resolution)
     ImageDraw.Draw(mask).polygon(outline, fill=255)
@@ -161,11 +163,12 @@ def write_world(out: str | Path, base_count: int = 2000, concept_count: int = 16
     """Write base/NNNNN.png + base/captions.jsonl, and concepts/<name>/NNN.png with its caption NNN.txt and
     the concept's instance prompt (prompt.txt)."""
     out = Path(out)
-    (out / "base").mkdir(parents=True, exist_ok=True)
-    with open(out / "base" / "captions.jsonl", "w") as captions:
-        for i, scene in enumerate(base_world(base_count, seed)):
-            draw(scene, resolution).save(out / "base" / f"{i:05d}.png")
-            captions.write(json.dumps({"file": f"{i:05d}.png", "caption": scene.caption}) + "\n")
+    if base_count:
+        (out / "base").mkdir(parents=True, exist_ok=True)
+        with open(out / "base" / "captions.jsonl", "w") as captions:
+            for i, scene in enumerate(base_world(base_count, seed)):
+                draw(scene, resolution).save(out / "base" / f"{i:05d}.png")
+                captions.write(json.dumps({"file": f"{i:05d}.png", "caption": scene.caption}) + "\n")
     for name, concept in CONCEPTS.items():
         folder = out / "concepts" / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,8 @@ def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig]
             state = {f"text_model.{k}": v for k, v in state.items()}
         layers[f"{component}_lora_layers"] = state
         config = lora_config.to_dict()
+        # the base's path on the training machine: no use to whoever loads the file, and two runs would differ
+        config["base_model_name_or_path"] = None
         if isinstance(config["target_modules"], (set, list)):  # PEFT keeps a set: sorted, the same run writes the same file
             config["target_modules"] = sorted(config["target_modules"])
         metadata[f"{component}_lora_adapter_metadata"] = config
