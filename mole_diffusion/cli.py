@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser(
         "build-demo",
-        help="rebuild the demo world from nothing: tiny CLIP, tiny SD, concept LoRAs, gates (~1 h on 2 CPU cores)",
+        help="rebuild the demo world from nothing: tiny CLIP, tiny SD, concept LoRAs, gates (~1.5 h on 2 CPU cores)",
         epilog="example:\n  mole-diffusion build-demo --out build/world\n  mole-diffusion demo --out demo --assets build/world/assets"
         "\n\n  Trains into build/world (a stopped build goes on where it stopped), then installs the shipped files into "
         "--assets (default: build/world/assets). Maintainers refresh the package's own with "

@@ -7,7 +7,7 @@
 2. whether the base model follows colour-and-shape prompts: the judge's pick among the 15 colour x shape
    captions with the same background (3 shapes x the 5 other colours) equals the prompt;
 3. each concept LoRA alone against the base model on that concept's own prompts: how often the judge sees
-   the concept, and the image alignment to the concept's reference images;
+   the concept, and the image alignment to the concept's reference images and to the prompt's own picture;
 4. the evaluator (``evaluate``) on the composition prompts: MoLE against NLA, plain sum and the training-free
    peers, with 95% intervals.
 """
