@@ -104,8 +104,10 @@ def main() -> None:
         p.data = p.data.float()
         p.requires_grad_(True)
 
+    coverage = mole.gate_coverage()
+
     def balance():
-        return 0.5 * balance_loss([gate.weights for gate in mole.gates.values()])
+        return 0.5 * balance_loss([gate.weights for gate in mole.gates.values()], coverage)
 
     lora = copy.deepcopy(bare)
     lora.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=list(TARGETS)))

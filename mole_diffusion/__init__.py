@@ -1,5 +1,6 @@
 """mole-diffusion: Mixture of LoRA Experts (MoLE) for Stable Diffusion, on diffusers."""
 
+from .errors import MoLEError
 from .experts import Expert, ExpertError, load_expert
 from .gate_file import GateFileError, load_gates, save_gates
 from .gates import Gate
@@ -14,6 +15,7 @@ __all__ = [
     "Gate",
     "GateFileError",
     "MoLE",
+    "MoLEError",
     "MoLELayer",
     "MoLEStableDiffusionPipeline",
     "block_weights_to_diffusers",

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", type=_lora_arg, required=True, metavar="NAME=FILE",
                      help="a LoRA expert (repeat for each; NAME defaults to the file stem)")
     gen.add_argument("--gates", help="gate file from train-gates / save_gates (default: untrained, uniform)")
-    gen.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
+    gen.add_argument("--granularity", choices=("block", "layer", "network"),
+                     help="for untrained gates (default block); with --gates, the gate file says")
     gen.add_argument("--weights", type=float, nargs="+", help="constant weights instead of gates, one per active expert")
     gen.add_argument("--experts", nargs="+", metavar="NAME", help="active experts (default: all)")
     gen.add_argument("--prompt", required=True)
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
     gates.add_argument("--concepts", required=True, help="concepts TOML file (name, lora, images, prompt per concept)")
     gates.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
+    gates.add_argument("--activation", choices=("softmax", "sigmoid"), default="softmax",
+                       help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert")
+    gates.add_argument("--per-position", action="store_true",
+                       help="block gates also weigh each image position by its own feature (METHOD.md section 8)")
     gates.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
     gates.add_argument("--objective", choices=("denoising", "clip"), default="denoising",
                        help="denoising loss on the reference images (default), or the paper's CLIP-guided loss")
@@ -137,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", required=True, help="open_clip name (ViT-B-32) or local-dir:PATH")
     ev.add_argument("--clip-pretrained", help="pretrained tag (openai) or checkpoint file for a named model")
     ev.add_argument("--image-model", help="second image backbone for image alignment, e.g. a DINO transformers folder")
+    ev.add_argument("--presence-model", metavar="PATH", help="presence judge: columns present_<concept>, present_all "
+                    "(the demo world's judge folder, or an OWL-ViT/OWLv2 detector folder queried with each concept's "
+                    "`presence` word, default its class_prompt)")
+    ev.add_argument("--presence-threshold", type=float, default=0.1, help="a detector's box score that counts as present")
     ev.add_argument("--prompt", action="append", dest="prompts", metavar="PROMPT", help="repeat; default: templates over the instance prompts")
     ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ev.add_argument("--methods", nargs="+", help="default: all that apply (mole, mole_without_<name>, nla, sum, "
@@ -231,6 +240,7 @@ def train_gates(args: argparse.Namespace) -> Path:
     from .train import train_gates as run
 
     config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
+                                activation=args.activation, per_position=args.per_position,
                                 balance_weight=args.balance_weight, objective=args.objective, clip_model=args.clip_model,
                                 clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
                                 **_training_settings(args))
@@ -260,7 +270,8 @@ def evaluate(args: argparse.Namespace) -> Path:
 
     out = run(EvaluationConfig(
         base=args.base, concepts=Path(args.concepts) if args.concepts else None, loras=dict(args.lora or []), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
-        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, image_model=args.image_model, prompts=args.prompts or [], seeds=args.seeds,
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, image_model=args.image_model,
+        presence_model=args.presence_model, presence_threshold=args.presence_threshold, prompts=args.prompts or [], seeds=args.seeds,
         methods=args.methods or [], nla_weights=args.nla_weights, scheduler=args.scheduler, steps=args.steps,
         guidance_scale=args.guidance_scale, resolution=args.resolution, switch_every=args.switch_every, device=args.device,
     ))
@@ -294,14 +305,17 @@ def generate(args: argparse.Namespace) -> list[Path]:
     import diffusers
     import torch
 
+    from .errors import load_base_pipeline
     from .pipelines import MoLEStableDiffusionPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
-    pipe = MoLEStableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, safety_checker=None)
+    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, args.base, torch_dtype=dtype, safety_checker=None)
     if args.scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
-    pipe.load_experts(dict(args.lora), granularity=args.granularity)
+    from .gate_file import gate_kind
+
+    pipe.load_experts(dict(args.lora), **(gate_kind(args.gates) if args.gates else {"granularity": args.granularity or "block"}))
     if args.gates:
         pipe.load_gates(args.gates)
     if args.weights is not None:
@@ -333,7 +347,7 @@ def demo(args: argparse.Namespace) -> None:
 
     out = run_demo(args.out, steps=args.steps, seeds=tuple(args.seeds), assets=Path(args.assets) if args.assets else ASSETS)
     print((out / "scores.md").read_text())
-    for name in ("grid.png", "gate_heatmap.png", "scores.md", "scores.csv"):
+    for name in ("grid.png", "gate_heatmap.png", "expert_maps.png", "scores.md", "scores.csv"):
         print(f"wrote {out / name}")
 
 
@@ -356,17 +370,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--experts {unknown} not among the --lora names {names}")
         if args.weights is not None and len(args.weights) != len(args.experts or names):
             parser.error(f"--weights has {len(args.weights)} values for {len(args.experts or names)} experts")
+        if any(w != w for w in args.weights or []):
+            parser.error(f"--weights must be numbers, got {args.weights}")
+        for option, size in (("--height", args.height), ("--width", args.width)):  # as diffusers' pipeline requires
+            if size is not None and (size < 8 or size % 8):
+                parser.error(f"{option} must be a positive multiple of 8, got {size}")
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
-    from .experts import ExpertError
-    from .eval.clip import ClipError
-    from .gate_file import GateFileError
+    from .errors import MoLEError
 
     commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "evaluate": evaluate,
                 "tiny-checkpoint": tiny_checkpoint, "demo": demo, "build-demo": build_demo}
     try:
         commands[args.command](args)
-    except (ExpertError, GateFileError, ClipError, OSError, ValueError, RuntimeError, FloatingPointError) as e:
+    except MoLEError as e:  # bad files, concepts, options and refusals; anything else is a bug: its traceback shows
         print(f"mole-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -19,10 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .errors import MoLEError
+
 COMPONENTS = ("unet", "text_encoder")
 
 
-class ExpertError(ValueError):
+class ExpertError(MoLEError):
     """A LoRA file that cannot be used: missing, unreadable, or not fitting the base model."""
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import MoLEError
 from .inject import MoLE
 
 FORMAT = "mole-diffusion-gates"
@@ -25,7 +26,7 @@ FORMAT_VERSION = "1"
 logger = logging.getLogger(__name__)
 
 
-class GateFileError(ValueError):
+class GateFileError(MoLEError):
     """A gate file that does not belong to the loaded base model and experts."""
 
 
@@ -47,6 +48,9 @@ def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> Non
         "expert_names": json.dumps(mole.expert_names),
         "expert_hashes": json.dumps({e.name: e.content_hash for e in mole.experts}),
         "granularity": mole.granularity,
+        # the gate's kind (files from before these keys are softmax, per sample)
+        "activation": mole.activation,
+        "per_position": json.dumps(mole.per_position),
         "base_model": base_model,
         "base_fingerprint": base_fingerprint(mole),
     }
@@ -101,6 +105,13 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> Non
             f"{path}: gates have granularity {meta['granularity']!r}, experts were loaded with {mole.granularity!r}; "
             f"load_experts(..., granularity={meta['granularity']!r})"
         )
+    kind = (meta.get("activation", "softmax"), json.loads(meta.get("per_position", "false")))
+    if kind != (mole.activation, mole.per_position):
+        raise GateFileError(
+            f"{path}: gates are {kind[0]} gates{' per position' if kind[1] else ''}, the experts were loaded with "
+            f"{mole.activation}{' per position' if mole.per_position else ''}; load_experts(..., activation={kind[0]!r}, "
+            f"per_position={kind[1]})"
+        )
     if meta["base_fingerprint"] != base_fingerprint(mole):
         raise GateFileError(
             f"{path}: gates were trained on another base model ({meta['base_model'] or 'unnamed'}, adapted-shape "
@@ -118,3 +129,10 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> Non
         gate.weight.copy_(tensors[f"{name}.weight"][order])
         gate.bias.copy_(tensors[f"{name}.bias"][order])
         gate.log_temperature.copy_(tensors[f"{name}.log_temperature"])
+
+
+def gate_kind(path: str | os.PathLike) -> dict:
+    """What ``load_experts`` needs to load a gate file as trained: granularity, activation, per_position."""
+    meta = read_gate_file(path)[1]
+    return {"granularity": meta["granularity"], "activation": meta.get("activation", "softmax"),
+            "per_position": json.loads(meta.get("per_position", "false"))}

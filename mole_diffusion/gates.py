@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,44 +19,109 @@ def token_mean_direction(hidden_states: torch.Tensor) -> torch.Tensor:
     return F.normalize(h, dim=-1)
 
 
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
 class Gate(nn.Module):
     """G = softmax((W_g f + b_g) / tau), tau = exp(log_tau); masked experts get logit -inf.
 
     Initialised with W_g = 0 and b_g = log(prior), so an untrained gate returns the prior weights for every
     input: an untrained MoLE is exactly NLA with those weights.
+
+    Beyond the paper (METHOD.md section 8): ``activation="sigmoid"`` gives each expert its own weight in (0, 1),
+    sigmoid((W_g f + b_g) / tau) with b_g = logit(prior), off the simplex, so experts need not compete and the
+    plain sum is reachable (untrained: still NLA with the prior); masked experts weigh 0. ``per_position``:
+    ``position_map`` also returns weights (B, N, H, W) from each position's own feature h_x / |h_x|, for the
+    layers on image tokens (W_g = 0 gives the per-sample weights at every position).
     """
 
-    def __init__(self, num_experts: int, in_features: int, prior_weights: torch.Tensor | None = None):
+    def __init__(self, num_experts: int, in_features: int, prior_weights: torch.Tensor | None = None,
+                 activation: str = "softmax", per_position: bool = False):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if prior_weights is None:
             prior_weights = torch.full((num_experts,), 1.0 / num_experts)
+        prior = torch.as_tensor(prior_weights, dtype=torch.float32)
+        if activation == "sigmoid" and not bool((prior < 1).all()):
+            raise ValueError(f"sigmoid gates need prior weights below 1, got {prior.tolist()}")
+        self.activation, self.per_position = activation, per_position
         self.weight = nn.Parameter(torch.zeros(num_experts, in_features))
-        self.bias = nn.Parameter(torch.as_tensor(prior_weights, dtype=torch.float32).log())
+        self.bias = nn.Parameter(prior.log() if activation == "softmax" else torch.logit(prior))
         self.log_temperature = nn.Parameter(torch.zeros(()))
         self.register_buffer("mask", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         # Constant weights (1, N) that replace the gate in NLA / plain-sum mode (see MoLE.set_experts).
         self.register_buffer("constant", torch.zeros(1, num_experts), persistent=False)
         self.weights: torch.Tensor | None = None  # what the layers of this gate apply in the current forward
+        # Per-position routing (METHOD.md section 8): (B, N, h, w) weights over the image, or None. Layers on image
+        # tokens apply them resampled to their own grid; layers on the prompt's tokens keep ``weights``.
+        self.position_weights: torch.Tensor | None = None
         self.history: list[torch.Tensor] = []  # per-call weights, while recording
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        features = token_mean_direction(hidden_states)
-        logits = F.linear(features, self.weight.float(), self.bias.float()) / self.log_temperature.float().exp()
-        return logits.masked_fill(~self.mask, float("-inf")).softmax(dim=-1)
+        # fp32 whatever the model runs in: under autocast the logits would be half precision, and small trained
+        # weight differences (or a near-tie in the softmax) would round away. The layers cast what they apply.
+        device = hidden_states.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            features = token_mean_direction(hidden_states)
+            return self.activate(F.linear(features, self.weight.float(), self.bias.float()), dim=-1)
+
+    def position_map(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) feature map -> (B, N, H, W): the gate applied to each position's unit feature."""
+        device = hidden_states.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            features = F.normalize(hidden_states.float(), dim=1)
+            logits = torch.einsum("bchw,nc->bnhw", features, self.weight.float()) + self.bias.float()[:, None, None]
+            return self.activate(logits, dim=1)
+
+    def applied_weights(self) -> torch.Tensor:
+        """(B, N): the weights of the last forward, averaged over positions for a per-position gate."""
+        return self.weights if self.position_weights is None else self.position_weights.mean(dim=(2, 3))
+
+    def activate(self, logits: torch.Tensor, dim: int) -> torch.Tensor:
+        """Logits over experts (on ``dim``) -> weights: temperature, mask, then softmax or sigmoid."""
+        logits = logits / self.log_temperature.float().exp()
+        mask = self.mask.view(-1, *([1] * (logits.dim() - 1 - (dim % logits.dim()))))
+        if self.activation == "softmax":
+            return logits.masked_fill(~mask, float("-inf")).softmax(dim=dim)
+        return logits.sigmoid() * mask
+
+    def _apply(self, fn, recurse=True):
+        # Move with the model (.to(device), .cuda()) but never change dtype: pipe.to(torch.float16) or
+        # unet.half() would round the trained gate to half precision, for good.
+        def same_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(same_dtype, recurse)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.weight.shape[0]}, in_features={self.weight.shape[1]}"
+        extra = f", activation={self.activation}" + (", per_position=True" if self.per_position else "")
+        return f"num_experts={self.weight.shape[0]}, in_features={self.weight.shape[1]}{extra}"
 
 
-def balance_loss(gate_weights: list[torch.Tensor]) -> torch.Tensor:
-    """L_balance = -sum_i log q_i, q = the mean expert weight over all gates and samples (METHOD.md section 5).
+def balance_loss(gate_weights: list[torch.Tensor], coverage: torch.Tensor | None = None) -> torch.Tensor:
+    """L_balance = -sum_i log q_i, q = the mean expert weight over the gates and samples (METHOD.md section 5).
 
-    Computed from the live gate outputs, so it has a gradient (the official code detaches it). Its minimum,
-    N log N, is reached when the experts are used equally.
+    Computed from the live gate outputs, so it has a gradient (the official code detaches it). With every
+    expert at every gate its minimum, N log N, is reached when the experts are used equally. ``coverage``:
+    which experts act at which gate, see ``mean_expert_weights``.
     """
-    return -mean_expert_weights(gate_weights).clamp_min(1e-12).log().sum()
+    return -mean_expert_weights(gate_weights, coverage).clamp_min(1e-12).log().sum()
 
 
-def mean_expert_weights(gate_weights: list[torch.Tensor]) -> torch.Tensor:
-    """q: each expert's weight averaged over the gates and the samples, (N,)."""
-    return torch.stack([w.float().mean(dim=0) for w in gate_weights]).mean(dim=0)
+def mean_expert_weights(gate_weights: list[torch.Tensor], coverage: torch.Tensor | None = None) -> torch.Tensor:
+    """q: each expert's weight averaged over the samples and the gates, (N,).
+
+    ``coverage`` (gates, N) booleans, one row per entry of ``gate_weights``: q_i averages only over the gates
+    where expert i has a branch (``MoLE.gate_coverage``). Weight on an expert at a gate it does not act at
+    does nothing, so counting it would reward the gate for wasting weight there (a UNet-only LoRA at a text
+    encoder gate).
+    """
+    per_gate = torch.stack([w.float().mean(dim=0) for w in gate_weights])  # (gates, N)
+    if coverage is None:
+        return per_gate.mean(dim=0)
+    coverage = coverage.to(per_gate.device, torch.bool)
+    if coverage.shape != per_gate.shape:
+        raise ValueError(f"coverage has shape {tuple(coverage.shape)}, expected (gates, experts) {tuple(per_gate.shape)}")
+    return per_gate.where(coverage, 0.0).sum(dim=0) / coverage.sum(dim=0).clamp_min(1)

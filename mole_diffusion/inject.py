@@ -17,11 +17,15 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from .experts import Expert
 from .gates import Gate
 from .layers import MoLELayer
+from .routing import RegionalRouting
 
 GRANULARITIES = ("block", "layer", "network")
 # METHOD.md section 2: one gate per Transformer2DModel / CLIPEncoderLayer; LoRAs outside one (resnet convs)
 # share their ResnetBlock2D's gate. A module in none of these gets a gate of its own.
 BLOCK_TYPES = (Transformer2DModel, CLIPEncoderLayer, ResnetBlock2D)
+# UNet modules whose input is the prompt's tokens (cross-attention keys and values): per-position routing
+# leaves them per-sample, as there is no image position to route by.
+PROMPT_TOKEN_MODULES = ("attn2.to_k", "attn2.to_v")
 
 
 def _gate_scope(component: str, model: nn.Module, module_name: str, granularity: str) -> str:
@@ -53,9 +57,10 @@ def _scope_input(scope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 class MoLE:
     """The experts injected into a pipeline's models, their gates, and the switches over them."""
 
-    def __init__(self, experts: list[Expert], granularity: str):
+    def __init__(self, experts: list[Expert], granularity: str, activation: str = "softmax", per_position: bool = False):
         self.experts = experts
         self.granularity = granularity
+        self.activation, self.per_position = activation, per_position  # the gates' kind (gates.py), saved with them
         self.gates: dict[str, Gate] = {}  # "unet.down_blocks.0.attentions.0" -> Gate
         self.layers: dict[str, MoLELayer] = {}  # "unet.down_blocks.0...to_q" -> MoLELayer
         self._originals: dict[str, tuple[nn.Module, str, nn.Module]] = {}  # name -> (parent, attr, original)
@@ -65,6 +70,7 @@ class MoLE:
         self.constant_weights: list[float] | dict[str, list[float]] | None = None
         self.fused = False
         self.record = False
+        self.regional: RegionalRouting | None = None  # training-free routing by region (routing.py), when enabled
 
     @property
     def expert_names(self) -> list[str]:
@@ -72,6 +78,15 @@ class MoLE:
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for gate in self.gates.values() for p in gate.parameters()]
+
+    def gate_coverage(self) -> torch.Tensor:
+        """(gates, experts) booleans, rows in ``gates`` order: True where a layer of the gate has rank rows of
+        the expert. A UNet-only LoRA covers no text-encoder gate; the balance loss counts only covered pairs."""
+        rows = {id(gate): row for row, gate in enumerate(self.gates.values())}
+        coverage = torch.zeros(len(self.gates), len(self.experts), dtype=torch.bool)
+        for layer in self.layers.values():
+            coverage[rows[id(layer.gate)], layer.rank_expert.cpu()] = True
+        return coverage
 
     # -- switching ------------------------------------------------------------------------------------
     def set_experts(
@@ -157,6 +172,9 @@ class MoLE:
     def remove(self) -> None:
         """Put every original module back and drop gates and hooks."""
         self.unfuse()
+        if self.regional is not None:
+            self.regional.remove()
+            self.regional = None
         for parent, attr, original in self._originals.values():
             setattr(parent, attr, original)
         for home, handle in self._gate_homes.values():
@@ -216,19 +234,27 @@ def inject_experts(
     experts: list[Expert],
     granularity: str = "block",
     prior_weights: Sequence[float] | None = None,
+    activation: str = "softmax",
+    per_position: bool = False,
 ) -> MoLE:
     """Wrap the modules the experts adapt and attach the gates; ``models`` is {"unet": ..., "text_encoder": ...}.
+
+    ``activation``: "softmax" (the paper's gate, weights on the simplex) or "sigmoid" (one weight in (0, 1) per
+    expert); ``per_position``: the UNet's block gates also weigh each image position by its own feature
+    (METHOD.md section 8). Untrained, every kind is NLA with ``prior_weights``.
 
     Experts must have been loaded against these models (``load_expert`` checks every shape first), so
     nothing here can fail half-way.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if per_position and granularity != "block":
+        raise ValueError(f"per-position gates read a block's feature map: granularity 'block', not {granularity!r}")
     n = len(experts)
     prior = torch.full((n,), 1.0 / n) if prior_weights is None else torch.tensor([float(w) for w in prior_weights])
     if prior.shape != (n,) or not bool((prior > 0).all()):
         raise ValueError(f"prior_weights must be {n} positive numbers (one per expert), got {prior_weights}")
-    mole = MoLE(experts, granularity)
+    mole = MoLE(experts, granularity, activation, per_position)
 
     module_names = sorted({m for e in experts for m in e.layers}, key=lambda m: (m.split(".")[0], m))
     for full_name in module_names:
@@ -245,8 +271,9 @@ def inject_experts(
         gate_name = f"{component}.{scope}" if scope else component
         if gate_name not in mole.gates:
             in_features = _gate_in_features(model, scope, base)
-            mole.gates[gate_name] = Gate(n, in_features, prior).to(base.weight.device)
+            mole.gates[gate_name] = Gate(n, in_features, prior, activation, per_position).to(base.weight.device)
         layer = MoLELayer(base, lora_A, lora_B, rank_expert, rank_scale, mole.gates[gate_name])
+        layer.reads_prompt = component != "unet" or module_name.endswith(PROMPT_TOKEN_MODULES)
 
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -280,10 +307,17 @@ def _gate_in_features(model: nn.Module, scope: str, base: nn.Module) -> int:
 
 def _make_gate_hook(mole: MoLE, gate: Gate):
     def hook(scope: nn.Module, args: tuple, kwargs: dict) -> None:
-        if mole.constant_weights is not None:
+        regional, gate.position_weights = mole.regional, None
+        if regional is not None:  # constant weights per sample, times each expert's mask per position
+            gate.weights = regional.sample_weights(gate.mask)
+            gate.position_weights = None if regional.masks is None else regional.masks * gate.weights[..., None, None]
+        elif mole.constant_weights is not None:
             gate.weights = gate.constant
         else:
-            gate.weights = gate(_scope_input(scope, args, kwargs))
+            hidden_states = _scope_input(scope, args, kwargs)
+            gate.weights = gate(hidden_states)
+            if gate.per_position and hidden_states.dim() == 4:  # a UNet block's feature map (B, C, H, W)
+                gate.position_weights = gate.position_map(hidden_states)
         if mole.record:  # a copy: constant weights are a buffer that set_experts changes in place
             gate.history.append(gate.weights.detach().clone())
 

@@ -2,7 +2,8 @@
 
     y = W x + b + B_cat (g * (A_cat x)),   g = G[expert of each rank row] * s[expert]
 
-Two matmuls per module whatever N is; no per-expert Python loop, no per-expert outputs.
+Two matmuls per module whatever N is; no per-expert Python loop, no per-expert outputs. With per-position
+routing (METHOD.md section 8) g is (B, L, R): each token's own weights, still in rank space.
 """
 
 from __future__ import annotations
@@ -40,25 +41,44 @@ class MoLELayer(nn.Module):
         self.register_buffer("rank_scale", rank_scale.to(weight.device, torch.float32), persistent=False)
         object.__setattr__(self, "gate", gate)  # a reference, not a submodule: the gate belongs to its block
         self.fused = False
+        # cross-attention k/v and the text encoder read the prompt's tokens, not the image's: per-sample weights
+        self.reads_prompt = False
 
     def rank_weights(self, gate_weights: torch.Tensor) -> torch.Tensor:
         """(B or 1, R): each rank row's gate weight times its expert's alpha / r."""
         return gate_weights[:, self.rank_expert] * self.rank_scale
 
+    def rank_map(self, position_weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, N, h, w) per-position weights -> (B, R, H, W) on this layer's grid, times alpha / r."""
+        if tuple(position_weights.shape[-2:]) != tuple(size):
+            smaller = size[0] <= position_weights.shape[-2]
+            position_weights = F.adaptive_avg_pool2d(position_weights, size) if smaller else F.interpolate(position_weights, size)
+        return position_weights[:, self.rank_expert] * self.rank_scale[:, None, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.fused:
             return y
-        g = self.rank_weights(self.gate.weights).to(x.dtype)
+        positional = None if self.reads_prompt else self.gate.position_weights
         if isinstance(self.base_layer, nn.Conv2d):
             conv = self.base_layer
             u = F.conv2d(x, self.lora_A, None, conv.stride, conv.padding, conv.dilation)
-            return y.add_(F.conv2d(u * g[:, :, None, None], self.lora_B))
+            if positional is None:
+                g = self.rank_weights(self.gate.weights)[:, :, None, None]
+            else:
+                g = self.rank_map(positional, u.shape[-2:])
+            return y.add_(F.conv2d(u * g.to(x.dtype), self.lora_B))
         u = F.linear(x, self.lora_A)
-        g = g.view(g.shape[0], *([1] * (u.dim() - 2)), g.shape[1])
+        if positional is not None and u.dim() == 3:  # (B, L, R): the image's tokens, row by row
+            g = self.rank_map(positional, token_grid(positional.shape[-2:], u.shape[1])).flatten(2).transpose(1, 2)
+        else:
+            g = self.rank_weights(self.gate.weights)
+            g = g.view(g.shape[0], *([1] * (u.dim() - 2)), g.shape[1])
+        g = g.to(x.dtype)
         # In place where no gradient needs the unscaled u; addmm_ adds B u into y without a temporary.
         u = u * g if torch.is_grad_enabled() else u.mul_(g)
-        y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), self.lora_B.t())
+        # under autocast y is half precision while the factors stay as stored: add in y's dtype
+        y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]).to(y.dtype), self.lora_B.t().to(y.dtype))
         return y
 
     @torch.no_grad()
@@ -68,3 +88,14 @@ class MoLELayer(nn.Module):
         if self.lora_A.dim() == 4:
             return torch.einsum("or,r,rihw->oihw", self.lora_B[:, :, 0, 0], g, self.lora_A)
         return (self.lora_B * g) @ self.lora_A
+
+
+def token_grid(size: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """The (H, W) grid of ``tokens`` image tokens in a UNet whose finest grid is ``size``: each level halves the
+    side (rounding up, as a stride-2 convolution with padding 1 does)."""
+    height, width = size
+    while height * width > tokens and height > 1:
+        height, width = -(-height // 2), -(-width // 2)
+    if height * width != tokens:
+        raise ValueError(f"{tokens} tokens are not an image grid of the position weights' {tuple(size)} (halved)")
+    return height, width

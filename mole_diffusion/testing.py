@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
+__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_owlvit", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
 
 TINY_UNET_CONFIG = dict(
     sample_size=16,
@@ -264,4 +264,28 @@ def make_tiny_dino(path: str | os.PathLike, seed: int = 0) -> Path:
                              image_size=32, patch_size=8)).save_pretrained(path)
     BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    return path
+
+
+def make_tiny_owlvit(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random tiny OWL-ViT detector folder with its processor (for ``evaluate --presence-model PATH``; random
+    weights, so only the machinery can be tested with it)."""
+    from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+
+    path = Path(path)
+    tokenizer = make_clip_tokenizer(path)
+    torch.manual_seed(seed)
+    config = OwlViTConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    model = OwlViTForObjectDetection(config)
+    with torch.no_grad():  # logits = the box-query cosine (random heads saturate every score at 0 or 1)
+        for head in (model.class_head.logit_shift, model.class_head.logit_scale):
+            head.weight.zero_()
+            head.bias.zero_()
+    model.save_pretrained(path)
+    image_processor = OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
+    OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path

@@ -7,8 +7,10 @@ Stages, each skipped when its output is already there (so a stopped build goes o
 3. ``pipeline/``: a tiny Stable Diffusion pipeline (diffusers classes, the real CLIP tokenizer) whose
    AutoencoderKL is trained to reconstruct the world's images and whose UNet and CLIP text encoder are
    trained on the *base* world only: the generator never sees a held-out concept.
-4. ``loras/<concept>.safetensors``: one DreamBooth LoRA per concept, with ``train_lora``.
-5. ``gates.safetensors``: MoLE gates for the three LoRAs, with ``train_gates`` on ``concepts.toml``.
+4. ``judge/``: the attribute judge (``demo/judge.py``), a classifier of the world's exact labels trained on VAE
+   round trips and clean drawings; it scores presence and is never a training signal.
+5. ``loras/<concept>.safetensors``: one DreamBooth LoRA per concept, with ``train_lora``.
+6. ``gates.safetensors``: MoLE gates for the three LoRAs, with ``train_gates`` on ``concepts.toml``.
 
 Every random draw is seeded, so the same settings give the same files (on the same hardware and library
 versions). A GPU is used when there is one.
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import MoLEError
 from . import world
 
 UNET_CONFIG = dict(
@@ -92,6 +95,8 @@ class BuildSettings:
     lora_rank: int = 4
     lora_learning_rate: float = 2e-3
     gate_steps: int = 300
+    judge_steps: int = 800
+    judge_pool: int = 4000  # VAE round trips the judge trains on (with fresh clean drawings)
     validation_steps: int = 20  # sampling steps of the LoRA and gate runs' validation grids
     device: str | None = None
 
@@ -306,7 +311,8 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
         entries.append(f'[[concepts]]\nname = "{name}"\nlora = "loras/{name}.safetensors"\n'
                        f'images = "world/concepts/{name}"\nprompt = "{prompt}"\n')
     concepts = root / "concepts.toml"
-    concepts.write_text("\n".join(entries))
+    compositions = ", ".join(f'"{p}"' for p in world.composition_prompts())
+    concepts.write_text("\n".join(entries) + f"\n[compositions]\nprompts = [{compositions}]\n")
     if not (root / "gates.safetensors").is_file():
         gates = train_gates(GateTrainingConfig(
             base=str(root / "pipeline"), concepts=concepts, output_dir=root / "runs" / "gates", steps=settings.gate_steps,
@@ -319,19 +325,17 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
     return concepts
 
 
-SHIPPED = ("pipeline", "clip", "loras", "gates.safetensors", "concepts.toml", "world/concepts", "build_settings.json")
+SHIPPED = ("pipeline", "clip", "judge", "loras", "gates.safetensors", "concepts.toml", "world/concepts", "build_settings.json")
 
 
 def install_assets(root: Path, assets: Path) -> Path:
     """Copy the shipped part of a built world (no training checkpoints or logs) to ``assets`` and write
     ``manifest.json``: every file with its sha256, checked by ``demo.run.check_assets``."""
-    import hashlib
-
     root, assets = Path(root).resolve(), Path(assets).resolve()
     if assets == root or assets in root.parents:
-        raise ValueError(f"--assets {assets} holds the build folder {root}; install into a folder of its own")
+        raise MoLEError(f"--assets {assets} holds the build folder {root}; install into a folder of its own")
     if assets.exists() and any(assets.iterdir()) and not (assets / "manifest.json").is_file():
-        raise ValueError(f"--assets {assets} is a folder with files and no manifest.json; installing would replace "
+        raise MoLEError(f"--assets {assets} is a folder with files and no manifest.json; installing would replace "
                          "it, so give a new folder or an earlier install")
     staging = assets.with_name(assets.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
@@ -342,11 +346,20 @@ def install_assets(root: Path, assets: Path) -> Path:
         else:
             staging.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, staging / name)
-    files = {p.relative_to(staging).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(staging.rglob("*")) if p.is_file()}
-    (staging / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
+    write_manifest(staging)
     shutil.rmtree(assets, ignore_errors=True)
     staging.rename(assets)
     return assets
+
+
+def write_manifest(assets: Path) -> None:
+    """``assets/manifest.json``: every file there with its sha256 (what ``demo.run.check_assets`` checks)."""
+    import hashlib
+
+    manifest = assets / "manifest.json"
+    files = {p.relative_to(assets).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(assets.rglob("*")) if p.is_file() and p != manifest}
+    manifest.write_text(json.dumps({"files": files}, indent=1))
 
 
 def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
@@ -357,15 +370,23 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
     record, recorded = out / "build_settings.json", {k: v for k, v in asdict(settings).items() if k != "device"}
     if record.is_file():  # a stopped build goes on only with the settings it started with
         before = json.loads(record.read_text())
-        changed = {k: (before.get(k), v) for k, v in recorded.items() if before.get(k) != v}
+        # a setting the record lacks belongs to a stage added since that build started: it runs with today's value
+        changed = {k: (before[k], v) for k, v in recorded.items() if k in before and before[k] != v}
         if changed:
-            raise ValueError(f"{out} was built with other settings ({record}): "
+            raise MoLEError(f"{out} was built with other settings ({record}): "
                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) + "; use a new --out")
-    record.write_text(json.dumps(recorded, indent=1))
+    record.write_text(json.dumps({**json.loads(record.read_text()), **recorded} if record.is_file() else recorded, indent=1))
     world.write_world(out / "world", base_count=0, concept_count=settings.concept_images, resolution=RESOLUTION, seed=settings.seed)
     if not (out / "clip" / "open_clip_model.safetensors").is_file():
         train_clip(out / "clip", settings)
     if not (out / "pipeline" / "model_index.json").is_file():
         train_base(out / "pipeline", settings)
+    if not (out / "judge" / "model.safetensors").is_file():
+        from diffusers import AutoencoderKL
+
+        from .judge import JudgeSettings, train_judge
+
+        train_judge(out / "judge", AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
+                    JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool, seed=settings.seed), _device(settings))
     train_concepts(out, settings)
     return out

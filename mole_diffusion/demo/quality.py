@@ -1,111 +1,22 @@
-"""How good is the shipped demo world? ``python -m mole_diffusion.demo.quality --out DIR`` prints (and writes
-``DIR/quality.md``):
+"""How well does composition work in the shipped demo world? ``python -m mole_diffusion.demo.quality --out DIR``
+prints (and writes ``DIR/quality.md``):
 
-1. the tiny CLIP's zero-shot accuracy per attribute on fresh procedural images (shape incl. the star, colour,
-   style incl. stripes, background incl. the checkerboard): the caption with that one attribute swapped for
-   each alternative, the rest true;
-2. whether the base model follows colour-and-shape prompts: the judge's pick among the 15 colour x shape
-   captions with the same background (3 shapes x the 5 other colours) equals the prompt;
-3. each concept LoRA alone against the base model on that concept's own prompts: how often the judge sees
-   the concept, and the image alignment to the concept's reference images and to the prompt's own picture;
-4. the evaluator (``evaluate``) on the composition prompts: MoLE against NLA, plain sum and the training-free
-   peers, with 95% intervals.
+1. the attribute judge's accuracy on VAE round trips of fresh scenes (shape incl. the star, colour, style incl.
+   stripes, background incl. the checkerboard): the judge is what every presence rate below rests on;
+2. the composition table: every method on the composition prompts ("a red sks in zwx style on a qkx
+   background"), with ``present_<concept>`` and ``present_all`` (Wilson 95% intervals) beside the CLIP columns;
+3. each concept's own prompts: how often base, the LoRA alone, NLA, the sum, regional routing and MoLE show it.
+The judge is trained on the world's labels only; no method is trained against it.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import random
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from . import world
 from .run import ASSETS, check_assets
-
-ATTRIBUTES = {
-    "shape": (*world.SHAPES, "star"),
-    "colour": tuple(world.COLOURS),
-    "style": (None, "stripes"),
-    "background": (*world.COLOURS, "checker"),
-}
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, 1.96 * sd / math.sqrt(len(values))
-
-
-def _alternatives(scene: world.Scene, attribute: str) -> list[world.Scene]:
-    """The scene with ``attribute`` set to each of its values (never a shape the colour of its background)."""
-    options = []
-    for value in ATTRIBUTES[attribute]:
-        candidate = replace(scene, **{attribute: value})
-        if candidate.colour != candidate.background:
-            options.append(candidate)
-    return options
-
-
-class Judge:
-    """The tiny CLIP picking, among candidate scenes, the one whose caption is closest to an image."""
-
-    def __init__(self, clip):
-        self.clip, self.texts = clip, {}
-
-    @torch.no_grad()
-    def pick(self, image_embedding: torch.Tensor, candidates: list[world.Scene]) -> world.Scene:
-        missing = [c.caption for c in candidates if c.caption not in self.texts]
-        if missing:
-            self.texts.update(zip(missing, self.clip.embed_texts(missing)))
-        similarity = torch.stack([self.texts[c.caption] for c in candidates]) @ image_embedding
-        return candidates[int(similarity.argmax())]
-
-    def embed(self, images) -> torch.Tensor:
-        return self.clip.embed_pil(images)
-
-
-def clip_zero_shot(judge: Judge, count: int = 400, seed: int = 1234) -> dict[str, float]:
-    """Accuracy per attribute on ``count`` fresh scenes of the whole world (not the judge's training draw)."""
-    rng = random.Random(f"zero-shot-{seed}")
-    scenes = [world.any_scene(rng) for _ in range(count)]
-    embeddings = judge.embed([world.draw(s) for s in scenes])
-    right = {a: 0 for a in ATTRIBUTES}
-    for scene, embedding in zip(scenes, embeddings):
-        for attribute in ATTRIBUTES:
-            right[attribute] += getattr(judge.pick(embedding, _alternatives(scene, attribute)), attribute) == getattr(scene, attribute)
-    return {a: n / count for a, n in right.items()}
-
-
-def _only(pipe, experts: list[str]) -> None:
-    """Constant weight 1 for ``experts``, 0 for the others (none: the base model exactly, as 0 * delta adds 0)."""
-    names = pipe.mole.expert_names
-    pipe.mole.set_experts(names, [float(n in experts) for n in names])
-
-
-def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float):
-    return [pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(s)).images[0]
-            for p in prompts for s in seeds]
-
-
-def base_following(pipe, judge: Judge, seeds: list[int], steps: int, guidance_scale: float) -> dict[str, float]:
-    """Share of base images whose colour and shape the judge reads as prompted (15-way), and each alone."""
-    colours = list(world.COLOURS)
-    scenes = [world.Scene(shape, colour, colours[(i + 2) % len(colours)], "large", (0.5, 0.5))
-              for shape in world.SHAPES for i, colour in enumerate(colours)]
-    _only(pipe, [])
-    images = _generate(pipe, [s.caption for s in scenes], seeds, steps, guidance_scale)
-    both = colour = shape = 0
-    for index, image in enumerate(judge.embed(images)):
-        scene = scenes[index // len(seeds)]
-        candidates = [replace(scene, shape=s, colour=c) for s in world.SHAPES for c in colours if c != scene.background]
-        picked = judge.pick(image, candidates)
-        both += picked.shape == scene.shape and picked.colour == scene.colour
-        colour += picked.colour == scene.colour
-        shape += picked.shape == scene.shape
-    return {"colour and shape": both / len(images), "colour": colour / len(images), "shape": shape / len(images), "images": len(images)}
 
 
 def lift_scenes(name: str) -> list[world.Scene]:
@@ -121,92 +32,95 @@ def lift_scenes(name: str) -> list[world.Scene]:
     return scenes
 
 
-def concept_lift(pipe, judge: Judge, references: dict[str, torch.Tensor], seeds: list[int], steps: int, guidance_scale: float) -> list[dict]:
-    """Per concept: base vs the concept's LoRA alone on its own prompts. ``seen``: the judge picks the concept's
-    value for its attribute (star shape / stripes style / checker background); ``alignment``: mean cosine
-    similarity to the concept's reference images (``evaluate``'s ``clip_image``); ``picture``: cosine similarity
-    to the prompt's own scene, drawn (the same colours and shape as asked, so what differs is mostly the concept)."""
-    attribute = {"star": "shape", "stripes": "style", "checker": "background"}
-    rows = []
-    for name in world.CONCEPTS:
-        scenes = lift_scenes(name)
-        for method, experts in (("base", []), (f"lora {name}", [name])):
-            _only(pipe, experts)
-            images = _generate(pipe, [s.caption for s in scenes], seeds, steps, guidance_scale)
-            embeddings = judge.embed(images)
-            truth = [scenes[i // len(seeds)] for i in range(len(images))]
-            seen = [float(getattr(judge.pick(e, _alternatives(t, attribute[name])), attribute[name]) == getattr(t, attribute[name]))
-                    for e, t in zip(embeddings, truth)]
-            alignment = (embeddings @ references[name].T).mean(dim=1).tolist()
-            picture = (embeddings * judge.embed([world.draw(t) for t in truth])).sum(dim=1).tolist()
-            rows.append({"concept": name, "method": method, "seen": _mean_ci(seen), "alignment": _mean_ci(alignment),
-                         "picture": _mean_ci(picture), "prompts": len(scenes)})
+def read_summary(run: Path, label: str = "") -> list[dict]:
+    """An evaluator run's summary rows (``summary.csv``), methods suffixed with `` (label)`` when given."""
+    import csv
+
+    with open(run / "summary.csv") as handle:
+        rows = [{k: (v if k == "method" else float(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+    for row in rows:
+        row["method"] += f" ({label})" if label else ""
     return rows
+
+
+def presence_table(summary: list[dict], names: list[str]) -> list[str]:
+    """Markdown rows of the evaluator's presence rates: per method present_<concept>, present_all (and
+    present_active where a concept is masked), with Wilson 95% intervals, next to the CLIP columns."""
+    from ..eval.evaluate import format_cell
+
+    columns = [*(f"present_{n}" for n in names), "present_all", "present_active", "clip_text", "clip_image_min"]
+    lines = ["| method | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for row in summary:
+        lines.append(f"| {row['method']} | {int(row['n'])} | " + " | ".join(format_cell(row, c) for c in columns) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for quality.md and the evaluator's run")
+    parser.add_argument("--out", required=True, help="folder for quality.md and the evaluator's runs")
     parser.add_argument("--assets", default=str(ASSETS), help="the demo world (default: the installed one)")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--skip-lift", action="store_true", help="only the judge and the composition table")
+    parser.add_argument("--gates", action="append", default=[], metavar="NAME=FILE",
+                        help="another gate file to compare as `mole (NAME)` (repeat), e.g. a routing variant")
     args = parser.parse_args(argv)
 
-    from ..eval.clip import load_clip
-    from ..eval.evaluate import EvaluationConfig, evaluate
-    from ..eval.scores import reference_embeddings
-    from ..pipelines import MoLEStableDiffusionPipeline
+    from diffusers import AutoencoderKL
+
+    from ..eval.evaluate import EvaluationConfig, evaluate, format_cell
     from ..train.concepts import load_concepts
+    from .judge import load_judge, round_trip_accuracy
 
     assets, out = Path(args.assets), Path(args.out)
     check_assets(assets)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
-    clip = load_clip(f"local-dir:{assets / 'clip'}")
     concepts = load_concepts(assets / "concepts.toml")
-    references = {c.name: reference_embeddings(clip, c.images) for c in concepts}
-    pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
-    pipe.load_experts({c.name: c.lora for c in concepts})
-    pipe.set_progress_bar_config(disable=True)
-
+    names = [c.name for c in concepts]
     lines = ["## Demo world quality", "", f"`python -m mole_diffusion.demo.quality --out {out} --seeds {args.seeds}` "
              f"({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
-    judge = Judge(clip)
-    count = 400
-    zero_shot = clip_zero_shot(judge, count)
-    lines += [f"Tiny CLIP zero-shot accuracy on {count} fresh images (one attribute swapped, the rest true):", "",
-              "| " + " | ".join(zero_shot) + " |", "|" + "---|" * len(zero_shot),
-              "| " + " | ".join(f"{v:.1%}" for v in zero_shot.values()) + " |", ""]
-    print("\n".join(lines[-6:]), flush=True)
-    following = base_following(pipe, judge, seeds, args.steps, args.guidance_scale)
-    lines += [f"Base model on the 18 colour x shape prompts x {len(seeds)} seeds ({following['images']} images), judged right: "
-              f"colour and shape {following['colour and shape']:.1%} (colour {following['colour']:.1%}, shape {following['shape']:.1%}).", ""]
-    print(lines[-2], flush=True)
-    lift = concept_lift(pipe, judge, references, seeds, args.steps, args.guidance_scale)
-    lines += [f"Each concept LoRA alone vs the base model on that concept's prompts ({lift[0]['prompts']} prompts x "
-              f"{len(seeds)} seeds; ± 95% interval):", "",
-              "| concept | method | judge sees the concept | alignment to its references | alignment to the prompt's picture |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['concept']} | {r['method']} | {r['seen'][0]:.1%} ± {r['seen'][1]:.1%} | {r['alignment'][0]:.3f} ± {r['alignment'][1]:.3f} "
-              f"| {r['picture'][0]:.3f} ± {r['picture'][1]:.3f} |" for r in lift]
-    lines.append("")
-    print("\n".join(lines[-8:]), flush=True)
 
-    names = [c.name for c in concepts]
-    methods = ["mole", "mole_constant", "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties", "peft_dare_linear",
-               "switch", "composite", *(f"single_{n}" for n in names), "base"]
-    run = evaluate(EvaluationConfig(
-        base=str(assets / "pipeline"), concepts=assets / "concepts.toml", gates=assets / "gates.safetensors", output_dir=out / "evaluate",
-        clip_model=f"local-dir:{assets / 'clip'}", prompts=world.composition_prompts(), seeds=seeds, methods=methods,
-        scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale,
-    ))
-    report = (run / "report.md").read_text().removeprefix("# Evaluation report\n\n")
-    lines += [f"Composition prompts ({len(world.composition_prompts())} x {len(seeds)} seeds), `evaluate` "
-              f"(report: {run / 'report.md'}):", "", report]
+    judge, _ = load_judge(assets / "judge")
+    vae = AutoencoderKL.from_pretrained(assets / "pipeline" / "vae")
+    count = 400
+    accuracy = round_trip_accuracy(judge, vae, count)
+    lines += [f"Attribute judge accuracy on VAE round trips of {count} fresh scenes (never a training signal):", "",
+              "| " + " | ".join(accuracy) + " |", "|" + "---|" * len(accuracy),
+              "| " + " | ".join(f"{v:.1%}" for v in accuracy.values()) + " |", ""]
+    print("\n".join(lines[-6:]), flush=True)
+
+    common = dict(base=str(assets / "pipeline"), concepts=assets / "concepts.toml", gates=assets / "gates.safetensors",
+                  clip_model=f"local-dir:{assets / 'clip'}", presence_model=str(assets / "judge"), seeds=seeds,
+                  scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale)
+    methods = ["base", *(f"single_{n}" for n in names), "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties",
+               "peft_dare_linear", "switch", "composite", "regional", "mole", "mole_constant", *(f"mole_without_{n}" for n in names)]
+    prompts = world.composition_prompts()
+    summary = read_summary(evaluate(EvaluationConfig(**common, output_dir=out / "composition", prompts=prompts, methods=methods)))
+    for name, file in (g.split("=", 1) for g in args.gates):
+        variant = {**common, "gates": Path(file)}
+        summary += read_summary(evaluate(EvaluationConfig(**variant, output_dir=out / f"composition-{name}", prompts=prompts,
+                                                          methods=["mole"])), name)
+    table = presence_table(summary, names)
+    lines += [f"Composition prompts ({len(prompts)} prompts x {len(seeds)} seeds per method, the same for every method; "
+              "rates in % with Wilson 95% intervals; `present_active`: the concepts a method did not mask):", "",
+              *table, ""]
+    print("\n".join(lines[-len(table) - 3:]), flush=True)
+
+    if not args.skip_lift:
+        lines += ["Each concept's own prompts (one concept per prompt, 6 prompts x "
+                  f"{len(seeds)} seeds): how often each method shows it.", "",
+                  "| concept | " + " | ".join(["base", "lora alone", "nla", "sum", "regional", "mole"]) + " |", "|---|" + "---|" * 6]
+        for name in names:
+            own = [s.caption for s in lift_scenes(name)]
+            lift_methods = ["base", f"single_{name}", "nla", "sum", "regional", "mole"]
+            run = evaluate(EvaluationConfig(**common, output_dir=out / f"own-{name}", prompts=own, methods=lift_methods))
+            lines.append(f"| {name} | " + " | ".join(format_cell(s, f"present_{name}") for s in read_summary(run)) + " |")
+            print(lines[-1], flush=True)
+        lines.append("")
     (out / "quality.md").write_text("\n".join(lines))
-    print("\n".join(lines[-3:]))
     print(f"wrote {out / 'quality.md'}")
 
 

@@ -1,5 +1,6 @@
-"""``mole-diffusion demo --out DIR``: the shipped world's composition prompts through base, each LoRA, NLA and
-MoLE (and MoLE with each concept masked), scored by the shipped tiny CLIP. Offline, a minute or so on CPU.
+"""``mole-diffusion demo --out DIR``: the shipped world's composition prompts through base, each LoRA, NLA, the
+plain sum, regional routing and MoLE (and MoLE with each concept masked), scored by the shipped tiny CLIP and,
+for which concepts each image shows, by the shipped attribute judge. Offline, a minute or so on CPU.
 
 The shipped files (``ASSETS``) are built by ``mole-diffusion build-demo``; ``assets/manifest.json`` lists
 each with its sha256.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..errors import MoLEError
 from .world import CONCEPTS, composition_prompts
 
 ASSETS = Path(__file__).parent / "assets"
@@ -21,10 +23,10 @@ ASSETS = Path(__file__).parent / "assets"
 
 # what the demo reads; a manifest without them is not a demo world
 NEEDED = ("pipeline/model_index.json", "clip/open_clip_config.json", "clip/open_clip_model.safetensors", "concepts.toml",
-          "gates.safetensors")
+          "gates.safetensors", "judge/config.json", "judge/model.safetensors")
 
 
-class AssetsError(OSError):
+class AssetsError(MoLEError, OSError):
     """The demo's shipped files are missing or changed."""
 
 
@@ -61,12 +63,13 @@ def check_assets(assets: Path = ASSETS) -> dict[str, str]:
 
 def demo_methods() -> list[str]:
     names = list(CONCEPTS)
-    return ["base", *(f"single_{n}" for n in names), "nla", "mole", *(f"mole_without_{n}" for n in names)]
+    return ["base", *(f"single_{n}" for n in names), "nla", "sum", "regional", "mole", *(f"mole_without_{n}" for n in names)]
 
 
 def run_demo(out: str | Path, steps: int = 25, seeds: tuple[int, ...] = (0,), guidance_scale: float = 5.0,
              assets: Path = ASSETS, progress: bool = True) -> Path:
-    """Write ``grid.png``, ``gate_heatmap.png``, ``scores.md`` / ``scores.csv`` and the evaluator's folder ``eval/``."""
+    """Write ``grid.png``, ``gate_heatmap.png``, ``expert_maps.png`` (where regional routing let each expert act),
+    ``scores.md`` / ``scores.csv`` and the evaluator's folder ``eval/``."""
     from ..eval.evaluate import EvaluationConfig, evaluate
 
     check_assets(assets)
@@ -76,8 +79,10 @@ def run_demo(out: str | Path, steps: int = 25, seeds: tuple[int, ...] = (0,), gu
         base=str(assets / "pipeline"), concepts=assets / "concepts.toml", gates=assets / "gates.safetensors",
         output_dir=out / "eval", clip_model=f"local-dir:{assets / 'clip'}", prompts=prompts, seeds=list(seeds),
         methods=methods, scheduler="ddim", steps=steps, guidance_scale=guidance_scale, progress=progress,
+        presence_model=str(assets / "judge"),
     ))
     labelled_grid(out / "eval" / "images", prompts, methods, seeds[0]).save(out / "grid.png")
+    expert_maps(out / "eval" / "images" / "regional", prompts, list(CONCEPTS), seeds[0]).save(out / "expert_maps.png")
     shutil.copyfile(out / "eval" / "gate_heatmap.png", out / "gate_heatmap.png")
     shutil.copyfile(out / "eval" / "summary.csv", out / "scores.csv")
     shutil.copyfile(out / "eval" / "report.md", out / "scores.md")
@@ -101,3 +106,25 @@ def labelled_grid(images: Path, prompts: list[str], methods: list[str], seed: in
         for column, tile in enumerate(tiles[row]):
             grid.paste(tile.resize((side, side), Image.NEAREST), (left + column * (side + gap), y))
     return grid
+
+
+def expert_maps(images: Path, prompts: list[str], names: list[str], seed: int, side: int = 96) -> Image.Image:
+    """Rows: prompts; columns: the regional image, then each expert's mask at the last step (white: it acts there)."""
+    from safetensors.torch import load_file
+
+    pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, gap = 12 + int(max(pen.textlength(p) for p in prompts)), 28, 4
+    sheet = Image.new("RGB", (left + (len(names) + 1) * (side + gap), top + len(prompts) * (side + gap)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for column, label in enumerate(["regional", *names]):
+        pen.text((left + column * (side + gap) + 2, 4), label, fill="black")
+    for row, prompt in enumerate(prompts):
+        y = top + row * (side + gap)
+        pen.text((4, y + side // 2 - 6), prompt, fill="black")
+        image = images / f"p{row}-s{seed}.png"
+        sheet.paste(Image.open(image).convert("RGB").resize((side, side), Image.NEAREST), (left, y))
+        masks = load_file(str(image.with_suffix(".masks.safetensors")))["masks"]
+        for column, mask in enumerate(masks, 1):
+            tile = Image.fromarray((mask.clamp(0, 1) * 255).byte().numpy(), mode="L").resize((side, side), Image.NEAREST)
+            sheet.paste(tile.convert("RGB"), (left + column * (side + gap), y))
+    return sheet

@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import MoLEError
 
-class ClipError(ValueError):
+
+class ClipError(MoLEError):
     """A CLIP model that cannot be loaded as given."""
 
 

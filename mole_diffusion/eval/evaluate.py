@@ -15,6 +15,9 @@ Methods (names as in the outputs):
 - ``composite``: LoRA Composite, the guided noise prediction averaged over the LoRAs (classifier-free
   guidance is linear, so averaging each half of the UNet's batch over the LoRAs is exactly the mean of the
   per-LoRA guidances);
+- ``regional``: training-free regional routing (``mole_diffusion.routing``): each LoRA at weight 1 where the
+  cross-attention of its trigger word points (the trigger: the concepts file's ``trigger``, or the instance
+  prompt's own word);
 - ``single_<name>``: one LoRA alone; ``base``: no LoRA.
 A run keeps ``results.jsonl`` as it goes and skips what is done when started again.
 """
@@ -34,9 +37,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..train.concepts import Concept, load_concepts
-from ..gate_file import read_gate_file
+from ..train.concepts import Concept, ConceptError, load_compositions, load_concepts, trigger_words
+from ..errors import MoLEError, load_base_pipeline
+from ..gate_file import GateFileError, gate_kind
 from .clip import ImageBackbone, load_clip
+from .presence import load_presence_judge, presence_row, wilson_interval
 from .scores import image_alignment, reference_embeddings, score_images
 
 
@@ -48,6 +53,8 @@ class EvaluationConfig:
     clip_model: str
     clip_pretrained: str | None = None
     image_model: str | None = None  # a second backbone for image alignment (DINO): a transformers folder or id
+    presence_model: str | None = None  # a presence judge folder: the demo world's attribute judge, or OWL-ViT / OWLv2
+    presence_threshold: float = 0.1  # a detector's box score from which a concept counts as present
     gates: Path | None = None
     loras: dict[str, str] = field(default_factory=dict)  # name -> LoRA file, when there is no concepts file
     prompts: list[str] = field(default_factory=list)  # default: templates over the concepts' instance prompts
@@ -80,7 +87,16 @@ def method_names(concepts: list[Concept], has_gates: bool, same_rank: bool = Tru
     names = [c.name for c in concepts]
     learned = ["mole", "mole_constant", *(f"mole_without_{n}" for n in names)] if has_gates else []
     merges = [f"peft_{m}" for m in PEFT_MERGES if same_rank or m not in SAME_RANK_MERGES]
-    return [*learned, "nla", "sum", "set_adapters", *merges, "switch", "composite", *(f"single_{n}" for n in names), "base"]
+    regional = ["regional"] if _triggers(concepts) else []
+    return [*learned, "nla", "sum", "set_adapters", *merges, "switch", "composite", *regional, *(f"single_{n}" for n in names), "base"]
+
+
+def _triggers(concepts: list[Concept]) -> dict[str, list[str]] | None:
+    """Each concept's trigger words (for ``regional``), or None when some concept has none (bare LoRA files)."""
+    try:
+        return {c.name: trigger_words(c, concepts) for c in concepts}
+    except ConceptError:
+        return None
 
 
 def evaluate(config: EvaluationConfig) -> Path:
@@ -97,20 +113,21 @@ def evaluate(config: EvaluationConfig) -> Path:
     elif config.loras and config.prompts:
         concepts = [Concept(name=name, prompt="", images=None, lora=Path(path)) for name, path in config.loras.items()]
     else:
-        raise ValueError("give a concepts file, or LoRAs (--lora) with the prompts to evaluate (--prompt)")
+        raise MoLEError("give a concepts file, or LoRAs (--lora) with the prompts to evaluate (--prompt)")
     names = [c.name for c in concepts]
     if config.gates is not None and not Path(config.gates).is_file():
-        raise FileNotFoundError(f"gate file {config.gates} not found")
+        raise GateFileError(f"gate file {config.gates} not found")
     available = method_names(concepts, config.gates is not None)
     methods = config.methods or available
     unknown = [m for m in methods if m not in available]
     if unknown:
         hint = " (mole methods need a gate file)" if any(m.startswith("mole") for m in unknown) else ""
-        raise ValueError(f"unknown method(s) {unknown}{hint}; available: {available}")
+        raise MoLEError(f"unknown method(s) {unknown}{hint}; available: {available}")
     weights = config.nla_weights or [1.0 / len(names)] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"{len(weights)} NLA weights for {len(names)} concepts {names}")
-    prompts = config.prompts or default_prompts(concepts)
+        raise MoLEError(f"{len(weights)} NLA weights for {len(names)} concepts {names}")
+    compositions = load_compositions(config.concepts) if config.concepts is not None else []
+    prompts = config.prompts or compositions or default_prompts(concepts)
     out = Path(config.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     state = PartialState()
@@ -122,13 +139,14 @@ def evaluate(config: EvaluationConfig) -> Path:
     references = {c.name: reference_embeddings(clip, c.images, out / "cache") for c in with_images}
     backbone = ImageBackbone(config.image_model, device) if config.image_model else None
     backbone_references = {c.name: reference_embeddings(backbone, c.images, out / "cache") for c in with_images} if backbone else {}
+    presence = load_presence_judge(config.presence_model, concepts, device, config.presence_threshold) if config.presence_model else None
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = MoLEStableDiffusionPipeline.from_pretrained(config.base, torch_dtype=dtype, safety_checker=None)
+    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, torch_dtype=dtype, safety_checker=None)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
     # gates trained at layer or network granularity load as such (the gate file says which)
-    granularity = read_gate_file(config.gates)[1]["granularity"] if config.gates is not None else "block"
-    pipe.load_experts({c.name: c.lora for c in concepts}, granularity=granularity)
+    kind = gate_kind(config.gates) if config.gates is not None else {}
+    pipe.load_experts({c.name: c.lora for c in concepts}, **kind)
     if config.gates is not None:
         pipe.load_gates(config.gates)
     pipe.to(device)
@@ -137,7 +155,7 @@ def evaluate(config: EvaluationConfig) -> Path:
     if len(ranks) > 1:
         needs_one_rank = [m for m in methods if m.removeprefix("peft_") in SAME_RANK_MERGES]
         if config.methods and needs_one_rank:
-            raise ValueError(f"methods {needs_one_rank} need LoRAs of one rank (PEFT combines their A's and B's "
+            raise MoLEError(f"methods {needs_one_rank} need LoRAs of one rank (PEFT combines their A's and B's "
                              f"separately); these have ranks {sorted(ranks)}")
         methods = [m for m in methods if m not in needs_one_rank]
     reference_pipe = None
@@ -156,6 +174,7 @@ def evaluate(config: EvaluationConfig) -> Path:
     if "mole_constant" in methods:
         with state.main_process_first():  # computed once, read by the others
             block_weights = _block_weights(pipe, out / "block_weights.json", prompts, config)
+    triggers = _triggers(concepts)
     done = _read_rows(out / "results.jsonl")
     todo = [(m, p, s) for m in methods for p in range(len(prompts)) for s in config.seeds if (m, p, s) not in done]
     todo = todo[state.process_index :: state.num_processes]
@@ -164,16 +183,21 @@ def evaluate(config: EvaluationConfig) -> Path:
         kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale, height=config.resolution,
                       width=config.resolution, generator=torch.Generator().manual_seed(seed))
         image = generate(pipe, reference_pipe, method, prompts[prompt_index], names, weights, config.switch_every, kwargs,
-                         block_weights)
+                         block_weights, triggers)
         path = out / "images" / method / f"p{prompt_index}-s{seed}.png"
         path.parent.mkdir(exist_ok=True)
         if method == "mole":  # gate weights (steps, batch, N), mean over steps and both CFG halves, for the heatmap
             means = {gate: history.mean(dim=(0, 1)).contiguous() for gate, history in pipe.gate_weights.items()}
             save_file(means, str(path.with_suffix(".gates.safetensors")))
+        if method == "regional":  # where each expert acted at the last step, (N, H, W) on the latent grid
+            save_file({"masks": pipe.expert_masks[-2 if len(pipe.expert_masks) > 1 else -1, 0].contiguous()},
+                      str(path.with_suffix(".masks.safetensors")))
         image.save(path)
         scores = score_images(clip, [image], [prompts[prompt_index]], references, [list(references)])[0]
         if backbone is not None:
             scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
+        if presence is not None:
+            scores.update(presence_row(presence.present([image])[0], names, active_experts(method, names)))
         row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
                "image": str(path.relative_to(out)), **scores}
         with open(out / "results.jsonl", "a") as handle:  # one short append per row: processes do not interleave
@@ -182,6 +206,7 @@ def evaluate(config: EvaluationConfig) -> Path:
     bar.close()
     if pipe.mole.fused:
         pipe.mole.unfuse()
+    pipe.disable_regional_routing()
     state.wait_for_everyone()
     if state.is_main_process:
         write_outputs(out, methods, prompts, config.seeds, names)
@@ -195,6 +220,7 @@ def _check_same_run(path: Path, config: EvaluationConfig, prompts: list[str], st
         "base": config.base, "concepts": str(config.concepts), "loras": config.loras, "gates": str(config.gates),
         "gates_hash": hashlib.sha256(Path(config.gates).read_bytes()).hexdigest() if config.gates else None,
         "clip_model": config.clip_model, "clip_pretrained": config.clip_pretrained, "image_model": config.image_model,
+        "presence_model": config.presence_model, "presence_threshold": config.presence_threshold,
         "prompts": prompts, "nla_weights": config.nla_weights, "scheduler": config.scheduler, "steps": config.steps,
         "guidance_scale": config.guidance_scale, "resolution": config.resolution, "switch_every": config.switch_every,
     }
@@ -203,7 +229,7 @@ def _check_same_run(path: Path, config: EvaluationConfig, prompts: list[str], st
             saved = json.loads(path.read_text())
             changed = sorted(k for k in settings if saved.get(k) != settings[k])
             if changed:
-                raise ValueError(f"{path.parent} holds an evaluation run with other settings ({', '.join(changed)}); "
+                raise MoLEError(f"{path.parent} holds an evaluation run with other settings ({', '.join(changed)}); "
                                  "use another --out, or the same settings to resume it")
         elif state.is_main_process:
             path.write_text(json.dumps(settings, indent=1))
@@ -241,7 +267,7 @@ def _block_weights(pipe, path: Path, prompts: list[str], config: EvaluationConfi
 
 
 def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], weights: list[float], switch_every: int, kwargs,
-             block_weights: dict[str, list[float]] | None = None) -> Image.Image:
+             block_weights: dict[str, list[float]] | None = None, triggers: dict[str, list[str]] | None = None) -> Image.Image:
     mole = pipe.mole
     if method == "mole_constant":
         if not mole.fused:  # fused once for the run of mole_constant images (the work list is grouped by method)
@@ -250,6 +276,8 @@ def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], w
         return pipe(prompt, **kwargs).images[0]
     if mole.fused:
         mole.unfuse()
+    if method != "regional":
+        pipe.disable_regional_routing()
     if method in ("base", "set_adapters") or method.startswith("peft_"):
         if method == "base":
             reference_pipe.disable_lora()
@@ -272,10 +300,24 @@ def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], w
         mole.set_experts([method.removeprefix("single_")], [1.0])
     elif method == "switch":
         return _switch(pipe, names, switch_every, prompt, kwargs)
+    elif method == "regional":  # enabled once for the run of regional images, like mole_constant's fusing
+        if mole.regional is None:
+            mole.set_experts(None)
+            pipe.enable_regional_routing(triggers)
+        return pipe(prompt, **kwargs).images[0]
     elif method == "composite":
         with composite(pipe, names):
             return pipe(prompt, **kwargs).images[0]
     return pipe(prompt, **kwargs).images[0]
+
+
+def active_experts(method: str, names: list[str]) -> list[str]:
+    """The concepts a method means to draw: all but the masked one, the single LoRA's, none for the base."""
+    if method == "base":
+        return []
+    if method.startswith("single_"):
+        return [method.removeprefix("single_")]
+    return [n for n in names if method != f"mole_without_{n}"]
 
 
 def one_hot(names: list[str], index: int) -> list[float]:
@@ -328,9 +370,15 @@ def _read_rows(path: Path) -> dict[tuple, dict]:
     return rows
 
 
+def is_rate(metric: str) -> bool:
+    """0/1 metrics (a concept seen or not), summarised as rates with Wilson intervals."""
+    return metric.startswith("present_")
+
+
 def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
-    """Mean and 95% interval (normal approximation, 1.96 standard errors) per method and metric."""
-    metrics = [k for k in rows[0] if k not in ID_COLUMNS] if rows else []
+    """Mean and 95% interval per method and metric: for scores the normal approximation (1.96 standard errors,
+    ``<metric>_ci95``), for presence rates the Wilson interval (``<metric>_low``, ``<metric>_high``)."""
+    metrics = list(dict.fromkeys(k for r in rows for k in r if k not in ID_COLUMNS))  # not every method has every metric
     summary = []
     for method in methods:
         values = [r for r in rows if r["method"] == method]
@@ -340,8 +388,11 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
             if not xs:  # e.g. no image alignment for a method without reference images
                 continue
             mean = sum(xs) / len(xs)
-            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
             entry[metric] = mean
+            if is_rate(metric):
+                entry[f"{metric}_low"], entry[f"{metric}_high"] = wilson_interval(sum(xs), len(xs))
+                continue
+            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
             entry[f"{metric}_ci95"] = 1.96 * sd / math.sqrt(len(xs))
         summary.append(entry)
     return summary
@@ -356,7 +407,7 @@ def write_outputs(out: Path, methods: list[str], prompts: list[str], seeds: list
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     for path, table in ((out / "results.csv", rows), (out / "summary.csv", summary)):
         with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for entry in table for k in entry)))
             writer.writeheader()
             writer.writerows(table)
     _plots(out, summary, methods)
@@ -374,10 +425,15 @@ def _plots(out: Path, summary: list[dict], methods: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in summary[0] if k not in ("method", "n") and not k.endswith("_ci95")]
-    for metric in metrics:
+    for metric in summary_metrics(summary):
         figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(methods)), 3.2))
-        axis.bar(methods, [s[metric] for s in summary], yerr=[s[f"{metric}_ci95"] for s in summary], capsize=3, color="#4c72b0")
+        values = [s.get(metric, float("nan")) for s in summary]
+        if is_rate(metric):  # asymmetric Wilson intervals
+            errors = [[v - s.get(f"{metric}_low", v) for v, s in zip(values, summary)],
+                      [s.get(f"{metric}_high", v) - v for v, s in zip(values, summary)]]
+        else:
+            errors = [s.get(f"{metric}_ci95", 0.0) for s in summary]
+        axis.bar([s["method"] for s in summary], values, yerr=errors, capsize=3, color="#4c72b0")
         axis.set_ylabel(metric)
         axis.tick_params(axis="x", rotation=60)
         figure.tight_layout()
@@ -409,22 +465,42 @@ def _heatmap(out: Path, gate_means: dict[str, torch.Tensor], names: list[str]) -
     plt.close(figure)
 
 
+def summary_metrics(summary: list[dict]) -> list[str]:
+    """The metric columns of a summary, in order of first appearance (not their interval columns)."""
+    metrics = []
+    for entry in summary:
+        metrics += [k for k in entry if k not in ("method", "n", *metrics) and not k.endswith(("_ci95", "_low", "_high"))]
+    return metrics
+
+
+def format_cell(entry: dict, metric: str) -> str:
+    """``0.1234 ± 0.0100`` for a score, ``43.8% [31.2-57.1]`` for a rate (Wilson 95%), ``-`` when absent."""
+    if metric not in entry:
+        return "-"
+    if is_rate(metric):
+        return f"{100 * entry[metric]:.1f}% [{100 * entry[metric + '_low']:.1f}-{100 * entry[metric + '_high']:.1f}]"
+    return f"{entry[metric]:.4f} ± {entry[metric + '_ci95']:.4f}"
+
+
 def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int], names: list[str]) -> None:
-    metrics = [k for k in summary[0] if k not in ("method", "n") and not k.endswith("_ci95")]
+    metrics = summary_metrics(summary)
     lines = [
         "# Evaluation report", "",
         f"Concepts: {', '.join(names)}. {len(prompts)} prompts x {len(seeds)} seeds per method, the same for every method.", "",
         "| method | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics),
     ]
     for s in summary:
-        lines.append(f"| {s['method']} | {s['n']} | " + " | ".join(f"{s[m]:.4f} ± {s[m + '_ci95']:.4f}" for m in metrics) + " |")
+        lines.append(f"| {s['method']} | {s['n']} | " + " | ".join(format_cell(s, m) for m in metrics) + " |")
     lines.append("")
-    for metric in ("clip_text", "clip_image_min", "dino_image_min"):
+    for metric in ("present_all", "clip_text", "clip_image_min", "dino_image_min"):
         if metric in metrics:
-            best = max(summary, key=lambda s: s[metric])
-            lines.append(f"- Best {metric}: **{best['method']}** ({best[metric]:.4f} ± {best[metric + '_ci95']:.4f}).")
+            best = max((s for s in summary if metric in s), key=lambda s: s[metric])
+            lines.append(f"- Best {metric}: **{best['method']}** ({format_cell(best, metric)}).")
     lines += [
         "- ± is a 95% interval (1.96 standard errors over images). `clip_image_min` is the weakest concept's alignment.",
+        "- `present_<concept>`: share of images in which the presence judge sees that concept; `present_all`: every "
+        "concept of the prompt; `present_active`: every concept the method did not mask (a single LoRA: its own). "
+        "Rates in %, with Wilson 95% intervals in brackets.",
         "- `nla`, `set_adapters` and `peft_cat` compute the same weighted sum of deltas (exact); `sum` is the "
         "unnormalised sum; `peft_svd` truncates that sum to the largest rank; `peft_ties` / `peft_dare_linear` combine "
         "the LoRAs' A's and B's separately (cross terms), so they are not the weighted sum.",

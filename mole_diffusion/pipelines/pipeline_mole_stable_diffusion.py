@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ..errors import MoLEError
 from ..experts import expert_paths, load_expert
 from ..gate_file import load_gates, save_gates
 from ..inject import MoLE, inject_experts
@@ -47,11 +48,16 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
         experts: dict[str, str | os.PathLike] | list[str | os.PathLike],
         granularity: str = "block",
         prior_weights: Sequence[float] | dict[str, float] | None = None,
+        activation: str = "softmax",
+        per_position: bool = False,
     ) -> None:
         """Load LoRA files as experts (dict name -> path, or a list of paths named by their stems) and gate them.
 
         Every file is read and checked against the base model before any module is changed. Untrained gates
         return ``prior_weights`` (default uniform), so the result starts as NLA with those weights.
+        ``activation`` ("softmax": the paper's; "sigmoid": a weight per expert, off the simplex) and
+        ``per_position`` (block gates that also weigh each image position) choose the kind of gate; a gate file
+        records its kind, and ``load_gates`` refuses another.
         """
         if self.mole is not None:
             raise RuntimeError(f"experts {self.expert_names} are already loaded: call unload_experts() first")
@@ -59,7 +65,7 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
         if isinstance(prior_weights, dict):
             prior_weights = [prior_weights[name] for name in named]
         loaded = [load_expert(name, path, self._models()) for name, path in named.items()]
-        self.unet.__dict__["_mole"] = inject_experts(self._models(), loaded, granularity, prior_weights)
+        self.unet.__dict__["_mole"] = inject_experts(self._models(), loaded, granularity, prior_weights, activation, per_position)
 
     def set_experts(
         self, names: Sequence[str] | None = None, weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None
@@ -84,6 +90,34 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
             for gate, history in self.gate_weights.items():
                 sums[gate] = sums.get(gate, 0) + history.mean(dim=(0, 1))
         return {gate: (total / len(prompts)).tolist() for gate, total in sums.items()}
+
+    def enable_regional_routing(
+        self, triggers: Mapping[str, str | Sequence[str]], weights: Sequence[float] | None = None, threshold: float = 0.35
+    ) -> None:
+        """Training-free regional routing (``mole_diffusion.routing``): each expert acts, with its constant weight
+        (default 1: the plain sum), only where the cross-attention of its trigger word(s) points, read in the
+        UNet's own pass. ``triggers``: {expert name: word or words of the prompt}, e.g. {"dog": "sks"}.
+        Masking (``set_experts(names)``, ``experts=`` per call) still applies; learned gates are not used."""
+        from ..routing import RegionalRouting
+
+        mole = self._require_mole()
+        if mole.fused:
+            raise RuntimeError("experts are fused into the base weights: call unfuse_experts() first")
+        self.disable_regional_routing()
+        mole.regional = RegionalRouting(self.unet, self.tokenizer, mole.expert_names, triggers, weights, threshold)
+
+    def disable_regional_routing(self) -> None:
+        mole = self.mole
+        if mole is not None and mole.regional is not None:
+            mole.regional.remove()
+            mole.regional = None
+
+    @property
+    def expert_masks(self) -> torch.Tensor | None:
+        """Regional routing's masks of the last call, read after each UNet call: (calls, images, N, H, W) on the
+        latent grid, for the prompt half of the batch (None without regional routing)."""
+        regional = None if self.mole is None else self.mole.regional
+        return torch.stack(regional.mask_history) if regional is not None and regional.mask_history else None
 
     def fuse_experts(self) -> None:
         """Fuse the constant weights into the base weights (``set_experts(names, weights)`` first)."""
@@ -121,9 +155,23 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
             mole.mask_experts(experts)
         mole.clear_history()
         mole.record = True
+        if mole.regional is not None:
+            mole.regional.set_prompts(self._prompts_of_call(args, kwargs))
         try:
             return super().__call__(*args, **kwargs)
         finally:
             mole.record = False
+            if mole.regional is not None:
+                mole.regional.reset()
             if experts is not None:
                 mole.mask_experts(saved)
+
+    @staticmethod
+    def _prompts_of_call(args: tuple, kwargs: dict) -> list[str]:
+        """One prompt per image of a call, in the pipeline's batch order (each prompt num_images_per_prompt times)."""
+        prompt = args[0] if args else kwargs.get("prompt")
+        if prompt is None:
+            raise MoLEError("regional routing finds each expert's trigger words in the prompt: pass prompt=, not "
+                             "prompt_embeds=")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return [p for p in prompts for _ in range(kwargs.get("num_images_per_prompt") or 1)]

@@ -26,11 +26,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..errors import MoLEError
 from .concepts import Concept, list_images
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MoLEError, RuntimeError):
     """A training checkpoint that does not belong to this run."""
+
+
+class NonFiniteLossError(MoLEError, FloatingPointError):
+    """The loss became inf or NaN: a refusal to train on, with what to change."""
 
 
 @dataclass(kw_only=True)
@@ -318,7 +323,7 @@ def run_training(
     returns the loss of a micro-batch (examples ``indices``; random draws from ``generator``) and values to log."""
     for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "validation_every"):
         if getattr(settings, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
+            raise MoLEError(f"{name} must be at least 1, got {getattr(settings, name)}")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = output_dir / "checkpoints"
@@ -344,7 +349,7 @@ def run_training(
             with accelerator.autocast():
                 loss, values = loss_function(indices, torch.Generator().manual_seed(settings.seed * 1_000_003 + draw))
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise NonFiniteLossError(
                     f"loss is {loss.item()} at step {step}; lower --learning-rate, or train in fp32 (--mixed-precision no)"
                 )
             accelerator.backward(loss / accumulation)

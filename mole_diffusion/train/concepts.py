@@ -7,6 +7,11 @@
     prompt = "a photo of sks dog"        # its instance prompt
     class_prompt = "a photo of a dog"    # optional, DreamBooth prior preservation
     class_images = "data/dogs"           # optional, with class_prompt
+    presence = "dog"                     # optional: what a detector is asked to find (default: class_prompt)
+    trigger = "sks"                      # optional: the word(s) that name the concept (default: found from prompt)
+
+    [compositions]
+    prompts = ["a photo of sks dog wearing a hat"]   # optional: prompts that combine the concepts
 
 Relative paths are read relative to the concepts file.
 """
@@ -20,10 +25,12 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import MoLEError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class ConceptError(ValueError):
+class ConceptError(MoLEError):
     """A concepts file, or an image folder it names, that cannot be used as it is."""
 
 
@@ -35,6 +42,39 @@ class Concept:
     lora: Path | None = None
     class_prompt: str | None = None
     class_images: Path | None = None
+    presence: str | None = None  # the detector query for "is it in the image"; default: class_prompt
+    trigger: str | None = None  # the word(s) in a prompt that stand for the concept; default: trigger_words()
+
+
+# words that never name a concept on their own (what is left of an instance prompt once these go is its trigger)
+COMMON_WORDS = frozenset("a an the of in on with and at by to for photo picture image style shape background".split())
+
+
+def trigger_words(concept: Concept, others: list[Concept]) -> list[str]:
+    """The words of ``concept``'s instance prompt that name it: its ``trigger`` field, or else the prompt's
+    words that are not in its class prompt, not in another concept's prompt and not common words
+    ("a photo of sks dog" with class prompt "a photo of a dog" -> ["sks"])."""
+    if concept.trigger:
+        return concept.trigger.split()
+    shared = set((concept.class_prompt or "").lower().split()) | COMMON_WORDS
+    for other in others:
+        if other is not concept:
+            shared |= set(other.prompt.lower().split())
+    words = [w for w in concept.prompt.lower().split() if w not in shared]
+    if not words:
+        raise ConceptError(f"concept {concept.name!r}: no word of its prompt {concept.prompt!r} names it alone; "
+                           "give its trigger word in the concepts file (trigger = \"...\")")
+    return words
+
+
+def load_compositions(path: str | os.PathLike) -> list[str]:
+    """The ``[compositions] prompts`` of a concepts file (empty when it has none)."""
+    path = Path(path)
+    table = tomllib.loads(path.read_text()).get("compositions", {})
+    prompts = table.get("prompts", []) if isinstance(table, dict) else None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConceptError(f"{path}: [compositions] prompts must be a list of non-empty strings")
+    return prompts
 
 
 def load_concepts(path: str | os.PathLike, need_lora: bool = True) -> list[Concept]:
@@ -70,7 +110,12 @@ def load_concepts(path: str | os.PathLike, need_lora: bool = True) -> list[Conce
             lora=path.parent / entry["lora"] if entry.get("lora") else None,
             class_prompt=entry.get("class_prompt"),
             class_images=path.parent / entry["class_images"] if "class_images" in entry else None,
+            presence=entry.get("presence") or entry.get("class_prompt"),
+            trigger=entry.get("trigger"),
         )
+        for field in ("presence", "trigger"):
+            if field in entry and (not isinstance(entry[field], str) or not entry[field].strip()):
+                raise ConceptError(f"{where}: field {field!r} must be a non-empty string")
         if need_lora and not concept.lora.exists():  # a LoRA file, or a folder holding one
             raise ConceptError(f"{where}: field 'lora': {concept.lora} not found")
         list_images(concept.images, f"{where}: field 'images'")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
+from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
 from ..pipelines import MoLEStableDiffusionPipeline
 from .common import (
@@ -46,6 +47,8 @@ class GateTrainingConfig(TrainingSettings):
     base: str
     concepts: Path
     granularity: str = "block"
+    activation: str = "softmax"  # or "sigmoid": one weight in (0, 1) per expert (gates.py)
+    per_position: bool = False  # block gates that also weigh each image position
     balance_weight: float = 0.5  # alpha of METHOD.md section 5 (the paper's value)
     learning_rate: float = 5e-3  # zero-initialised gates want a larger lr than the paper's 1e-5 (see README)
     objective: str = "denoising"
@@ -61,19 +64,20 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     concepts' LoRAs); its gates are trained in place.
     """
     if config.objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
+        raise MoLEError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if config.objective == "clip" and not config.clip_model:
-        raise ValueError("objective 'clip' needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
+        raise MoLEError("objective 'clip' needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
     concepts = load_concepts(config.concepts)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
 
     if pipe is None:
-        pipe = MoLEStableDiffusionPipeline.from_pretrained(config.base, safety_checker=None)
-        pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity)
+        pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, safety_checker=None)
+        pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity, activation=config.activation,
+                          per_position=config.per_position)
     elif pipe.expert_names != [c.name for c in concepts]:
-        raise ValueError(f"the pipeline's experts {pipe.expert_names} are not the concepts {[c.name for c in concepts]}")
+        raise MoLEError(f"the pipeline's experts {pipe.expert_names} are not the concepts {[c.name for c in concepts]}")
     prepare_pipeline(pipe, accelerator, config)
     mole = pipe.mole
     for gate in mole.gates.values():  # trainable parameters stay in fp32 whatever the model's dtype
@@ -87,14 +91,18 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
 
         def main_loss(indices, generator):
             value, logs = denoising(indices, generator)
-            return value, logs, [gate.weights for gate in mole.gates.values()]
+            return value, logs, [gate.applied_weights() for gate in mole.gates.values()]
     else:
         main_loss = clip_objective(pipe, config, concepts, examples, accelerator.device)
 
+    coverage = mole.gate_coverage()  # q_i counts only the gates where expert i acts
+
     def loss_function(indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         value, logs, gate_weights = main_loss(indices, generator)
-        balance = balance_loss(gate_weights)
-        mean_weight = mean_expert_weights([w.detach() for w in gate_weights])
+        # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order
+        cover = coverage.repeat(len(gate_weights) // len(coverage), 1)
+        balance = balance_loss(gate_weights, cover)
+        mean_weight = mean_expert_weights([w.detach() for w in gate_weights], cover)
         logs = {**logs, "loss_balance": balance.item(), **{f"gate_{n}": float(q) for n, q in zip(mole.expert_names, mean_weight)}}
         return value + config.balance_weight * balance, logs
 
@@ -131,7 +139,7 @@ def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Example
         gate_weights = []
         for t in scheduler.timesteps:
             noise = pipe.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
-            gate_weights += [gate.weights for gate in pipe.mole.gates.values()]
+            gate_weights += [gate.applied_weights() for gate in pipe.mole.gates.values()]
             latents = scheduler.step(noise, t, latents).prev_sample
         images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         embeds, target = clip.embed_images(images), references[concept]

@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from ..errors import MoLEError, load_base_pipeline
 from .common import (
     TrainingSettings,
     denoising_objective,
@@ -52,7 +53,7 @@ class LoRATrainingConfig(TrainingSettings):
 def add_mixers(model: nn.Module, init: str, adapter: str = "default") -> int:
     """Turn every PEFT LoRA layer of ``model`` into MoSLoRA: ``lora_B`` becomes ``Sequential(M, B)``."""
     if init not in MIXER_INITS:
-        raise ValueError(f"mixer init must be one of {MIXER_INITS}, got {init!r} (zero does not train; identity is plain LoRA)")
+        raise MoLEError(f"mixer init must be one of {MIXER_INITS}, got {init!r} (zero does not train; identity is plain LoRA)")
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_B:
@@ -88,12 +89,12 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     if config.class_images is not None:
         list_images(config.class_images, f"{where}: --class-images")
     if (config.class_images is None) != (config.class_prompt is None):
-        raise ValueError("prior preservation needs both --class-prompt and --class-images")
+        raise MoLEError("prior preservation needs both --class-prompt and --class-images")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
 
-    pipe = StableDiffusionPipeline.from_pretrained(config.base, safety_checker=None)
+    pipe = load_base_pipeline(StableDiffusionPipeline, config.base, safety_checker=None)
     prepare_pipeline(pipe, accelerator, config)
     alpha = float(config.rank if config.alpha is None else config.alpha)
     lora_configs = {"unet": LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(config.target_modules))}
@@ -107,7 +108,7 @@ def train_lora(config: LoRATrainingConfig) -> Path:
         try:
             model.add_adapter(lora_config)
         except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
-            raise ValueError(f"{where}: {component}: {err}") from None
+            raise MoLEError(f"{where}: {component}: {err}") from None
         if config.mixer:
             add_mixers(model, config.mixer)
         cast_training_params(model, dtype=torch.float32)  # trainable weights in fp32 under mixed precision

@@ -1,0 +1,28 @@
+"""The one base class of the errors a user can fix: a bad file, concept, model or option, or a refusal.
+
+The command prints these as one line (``mole-diffusion <command>: error: ...``); anything else (a bug, out of
+memory) keeps its traceback. A ``ValueError``, so code that caught ValueError before still does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+Pipeline = TypeVar("Pipeline")
+
+
+class MoLEError(ValueError):
+    """An input that cannot be used as it is; the message says which and why."""
+
+
+class BaseModelError(MoLEError):
+    """A base model (folder or hub id) that cannot be loaded as a Stable Diffusion pipeline."""
+
+
+def load_base_pipeline(cls: type[Pipeline], base: str | os.PathLike, **kwargs) -> Pipeline:
+    """``cls.from_pretrained(base, **kwargs)``; a missing or unreadable model is a ``BaseModelError``."""
+    try:
+        return cls.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as err:  # diffusers: OSError for missing files, ValueError for a bad path or id
+        raise BaseModelError(f"{base}: cannot load a Stable Diffusion pipeline ({err})") from err

@@ -1,0 +1,118 @@
+"""Is each concept of a prompt in the image? Presence judges and presence rates (issue 12).
+
+CLIP scores track human judgement of multi-concept images poorly (ComposLoRA); a rate of images that show
+every concept, from a judge that no method trained against, says whether a composition worked.
+
+A judge answers, per image, {concept: present?}. Two kinds:
+- ``AttributeJudgePresence``: the demo world's attribute classifier (``demo/judge.py``), which knows which
+  attribute value each concept is (the star is a shape, stripes a style, the checkerboard a background);
+- ``DetectorPresence``: a transformers zero-shot object detector folder (OWL-ViT, OWLv2), asked for each
+  concept's ``presence`` word (default: its class prompt); present when its best box scores over a threshold.
+Rates come with Wilson 95% intervals (never "0% ± 0%").
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from ..errors import MoLEError
+from ..train.concepts import Concept
+
+
+class PresenceError(MoLEError):
+    """A presence model that cannot judge these concepts."""
+
+
+class PresenceJudge(Protocol):
+    concepts: list[str]
+
+    def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
+        """Per image, {concept name: whether the judge sees it}."""
+        ...
+
+
+class AttributeJudgePresence:
+    """The demo world's attribute judge: concept k is present when the judge reads k's attribute value."""
+
+    def __init__(self, folder: str | Path, concepts: list[str], device: str = "cpu"):
+        from ..demo.judge import load_judge
+
+        self.judge, config = load_judge(folder, device)
+        unknown = [c for c in concepts if c not in config["concepts"]]
+        if unknown:
+            raise PresenceError(f"{folder}: the attribute judge knows concepts {sorted(config['concepts'])}, not {unknown}")
+        self.concepts = list(concepts)
+        self.attribute = {c: tuple(config["concepts"][c]) for c in concepts}
+        self.resolution = config.get("resolution", 64)
+
+    def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
+        from ..demo.judge import pil_to_tensor
+
+        predicted = self.judge.predict(pil_to_tensor(images, self.resolution))
+        return [{c: p[self.attribute[c][0]] == self.attribute[c][1] for c in self.concepts} for p in predicted]
+
+
+class DetectorPresence:
+    """A zero-shot object detector (transformers ``AutoModelForZeroShotObjectDetection``: OWL-ViT, OWLv2)
+    queried with one text per concept; concept k is present when some box scores >= ``threshold`` for it."""
+
+    def __init__(self, folder: str | Path, queries: dict[str, str], threshold: float = 0.1, device: str = "cpu"):
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).eval().to(device)
+        self.concepts, self.queries, self.threshold, self.device = list(queries), list(queries.values()), threshold, device
+
+    @torch.no_grad()
+    def scores(self, images: list[Image.Image]) -> torch.Tensor:
+        """(images, concepts): each query's best box score (sigmoid of its logit)."""
+        inputs = self.processor(text=[self.queries] * len(images), images=[i.convert("RGB") for i in images],
+                                return_tensors="pt", padding=True).to(self.device)
+        return self.model(**inputs).logits.sigmoid().amax(dim=1).float().cpu()
+
+    def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
+        scores = self.scores(images)
+        return [{c: bool(scores[i, j] >= self.threshold) for j, c in enumerate(self.concepts)} for i in range(len(images))]
+
+
+def load_presence_judge(path: str | Path, concepts: list[Concept], device: str = "cpu", threshold: float = 0.1) -> PresenceJudge:
+    """An attribute-judge folder (the demo world's) or a zero-shot detector folder."""
+    from ..demo.judge import is_judge_folder
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PresenceError(f"presence model {path} not found (expected a folder: the demo world's judge, or an "
+                                "OWL-ViT / OWLv2 detector saved with save_pretrained)")
+    if is_judge_folder(path):
+        return AttributeJudgePresence(path, [c.name for c in concepts], device)
+    missing = [c.name for c in concepts if not c.presence]
+    if missing:
+        raise PresenceError(f"concepts {missing} have no detector query: give each a `presence` (or `class_prompt`) "
+                         "in the concepts file")
+    return DetectorPresence(path, {c.name: c.presence for c in concepts}, threshold, device)
+
+
+def presence_row(present: dict[str, bool], composed: list[str], active: list[str]) -> dict[str, float]:
+    """``present_<concept>`` (0/1) for each judged concept, ``present_all``: every concept the prompt composes,
+    and ``present_active``: every one of those that the method did not mask (== present_all when none is)."""
+    row = {f"present_{name}": float(value) for name, value in present.items()}
+    if composed:
+        row["present_all"] = float(all(present[n] for n in composed))
+    if any(n in active for n in composed):  # the base model means to draw none
+        row["present_active"] = float(all(present[n] for n in composed if n in active))
+    return row
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate (good at 0 and 1, where the normal one collapses)."""
+    if n == 0:
+        return 0.0, 1.0
+    rate = successes / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,124 @@
+"""Training-free regional routing (METHOD.md section 8): each LoRA acts where its concept is in the image.
+
+Where a concept is comes from the cross-attention maps of its trigger tokens ("sks" in "a photo of sks dog"),
+read in the UNet's own pass by forward hooks on every cross-attention's ``to_q`` and ``to_k`` (no extra UNet
+call, no LoRA-free pass). A denoising step routes by the maps of the step before it; the first step, which has
+none, applies every expert everywhere (the plain sum with ``weights``).
+
+Per map (CLoRA's recipe): the trigger tokens' attention probabilities, summed over the concept's tokens,
+averaged over heads and over every cross-attention layer (each resampled to the latent grid), divided by
+its maximum over the image and thresholded (``threshold``, 0.35 x max). Each expert's mask is its own, with no
+softmax over experts at a position: an object and its style may both cover the same pixels. Under classifier-
+free guidance the masks come from the prompt's half of the batch and apply to both halves.
+
+Image-token layers apply ``weights[i] * mask_i(position)``; layers on the prompt's tokens (the text encoder,
+cross-attention keys and values) apply ``weights`` alone. All-ones masks are therefore the constant weights
+exactly (all-ones weights: the plain sum, diffusers' ``set_adapters([1, ...])``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MoLEError
+from .layers import token_grid
+
+
+class RegionalRouting:
+    def __init__(self, unet: nn.Module, tokenizer, expert_names: Sequence[str], triggers: Mapping[str, str | Sequence[str]],
+                 weights: Sequence[float] | None = None, threshold: float = 0.35):
+        missing = [n for n in expert_names if n not in triggers]
+        if missing:
+            raise MoLEError(f"regional routing needs a trigger word for every expert: none for {missing}")
+        if not 0.0 <= threshold < 1.0:
+            raise MoLEError(f"threshold is a fraction of each map's maximum, in [0, 1); got {threshold}")
+        self.expert_names, self.threshold = list(expert_names), float(threshold)
+        self.tokenizer = tokenizer
+        self.trigger_ids = {}  # expert -> the token-id sequences of its trigger words
+        for name in expert_names:
+            words = [triggers[name]] if isinstance(triggers[name], str) else list(triggers[name])
+            self.trigger_ids[name] = [tokenizer(w, add_special_tokens=False).input_ids for w in " ".join(words).split()]
+        weights = [1.0] * len(expert_names) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(expert_names):
+            raise MoLEError(f"{len(weights)} weights for {len(expert_names)} experts {list(expert_names)}")
+        self.weights = torch.tensor([weights])
+        self.positions: torch.Tensor | None = None  # (B, N, T): which prompt tokens are each expert's trigger
+        self.masks: torch.Tensor | None = None  # (UNet batch, N, H, W), for the next UNet call
+        self.mask_history: list[torch.Tensor] = []  # the masks read from each UNet call of a pipeline call (prompt half)
+        self._latent_size: tuple[int, int] | None = None
+        self._maps: list[torch.Tensor] = []
+        self._query: torch.Tensor | None = None
+        self._handles = [unet.register_forward_pre_hook(self._begin_unet_call), unet.register_forward_hook(self._end_unet_call)]
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):  # diffusers' BasicTransformerBlock: attn2 is the cross-attention
+                self._handles += [module.to_q.register_forward_hook(self._keep_query),
+                                  module.to_k.register_forward_hook(self._make_map_hook(module))]
+
+    # -- per call ----------------------------------------------------------------------------------
+    def set_prompts(self, prompts: Sequence[str]) -> None:
+        """Find each expert's trigger tokens in the prompts (one per image of the call, in batch order)."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        positions = torch.zeros(len(prompts), len(self.expert_names), ids.shape[1])
+        for b, row in enumerate(ids.tolist()):
+            for n, name in enumerate(self.expert_names):
+                for word in self.trigger_ids[name]:
+                    for start in range(len(row) - len(word) + 1):
+                        if row[start : start + len(word)] == word:
+                            positions[b, n, start : start + len(word)] = 1.0
+        self.positions, self.masks, self.mask_history = positions, None, []
+
+    def reset(self) -> None:
+        self.positions, self.masks = None, None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def sample_weights(self, gate_mask: torch.Tensor) -> torch.Tensor:
+        """(1, N): the constant weights, 0 for masked experts."""
+        return self.weights.to(gate_mask.device) * gate_mask
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _begin_unet_call(self, unet, args):
+        sample = args[0] if args else None
+        self._latent_size = tuple(sample.shape[-2:]) if sample is not None else None
+        self._maps.clear()
+
+    def _keep_query(self, module, args, output):
+        self._query = output
+
+    def _make_map_hook(self, attention):
+        def hook(module, args, key):
+            if self.positions is None or self._query is None or self._latent_size is None:
+                return
+            query, self._query = self._query, None
+            prompts = len(self.positions)
+            query, key = query[-prompts:].float(), key[-prompts:].float()  # the prompt's half under guidance
+            heads = attention.heads
+            q = query.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, L, d)
+            k = key.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, T, d)
+            probabilities = (q @ k.transpose(-1, -2) * attention.scale).softmax(dim=-1).mean(dim=1)  # (B, L, T)
+            per_expert = probabilities @ self.positions.to(probabilities.device).transpose(1, 2)  # (B, L, N)
+            grid = token_grid(self._latent_size, per_expert.shape[1])
+            maps = per_expert.transpose(1, 2).unflatten(-1, grid)  # (B, N, h, w)
+            self._maps.append(F.interpolate(maps, self._latent_size, mode="bilinear", align_corners=False))
+
+        return hook
+
+    def _end_unet_call(self, unet, args, output):
+        if self.positions is None or not self._maps:
+            return
+        maps = torch.stack(self._maps).mean(dim=0)  # (B, N, H, W)
+        peak = maps.flatten(2).amax(dim=-1)[..., None, None].clamp_min(1e-12)
+        masks = (maps / peak >= self.threshold).float()
+        masks = masks * (self.positions.sum(dim=-1) > 0).to(masks)[..., None, None]  # no trigger in the prompt: off
+        self.mask_history.append(masks.cpu())
+        batch = args[0].shape[0] if args else len(masks)
+        self.masks = masks.repeat(batch // len(masks), 1, 1, 1)  # both guidance halves
+        self._maps.clear()

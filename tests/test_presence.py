@@ -1,0 +1,101 @@
+"""Presence metrics: Wilson intervals, hand-counted rates, the detector judge against transformers itself,
+and evaluate's present_* columns."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mole_diffusion.eval import evaluate as ev
+from mole_diffusion.eval.presence import DetectorPresence, PresenceError, load_presence_judge, presence_row, wilson_interval
+from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_owlvit
+from mole_diffusion.train.concepts import Concept
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    return make_tiny_owlvit(tmp_path_factory.mktemp("owl") / "owlvit")
+
+
+def noise_images(count, size=(40, 48)):
+    return [Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)) for i in range(count)]
+
+
+@pytest.mark.parametrize("successes,n,low,high", [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (3, 8, 0.1368, 0.6943)])
+def test_wilson_interval_matches_the_closed_form(successes, n, low, high):
+    assert wilson_interval(successes, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_presence_row_counts_all_and_active_concepts():
+    present = {"a": True, "b": False, "c": True}
+    assert presence_row(present, ["a", "b", "c"], ["a", "b", "c"]) == {
+        "present_a": 1.0, "present_b": 0.0, "present_c": 1.0, "present_all": 0.0, "present_active": 0.0}
+    # b masked: the two it keeps are there
+    assert presence_row(present, ["a", "b", "c"], ["a", "c"])["present_active"] == 1.0
+    assert presence_row(present, ["a", "b", "c"], ["b"])["present_active"] == 0.0
+
+
+def test_summary_gives_rates_with_wilson_intervals_and_the_report_prints_them(tmp_path):
+    seen = [1, 0, 0, 1, 0, 0, 0, 1]  # 3 of 8
+    rows = [{"method": "m", "prompt_index": 0, "prompt": "p", "seed": s, "image": "x", "present_all": float(v), "clip_text": 0.1 * s}
+            for s, v in enumerate(seen)]
+    rows += [{**r, "method": "never", "present_all": 0.0} for r in rows]
+    summary = ev.summarise(rows, ["m", "never"])
+    assert summary[0]["present_all"] == pytest.approx(3 / 8)
+    assert (summary[0]["present_all_low"], summary[0]["present_all_high"]) == pytest.approx(wilson_interval(3, 8))
+    assert "present_all_ci95" not in summary[0] and "clip_text_ci95" in summary[0]
+    assert ev.format_cell(summary[0], "present_all") == "37.5% [13.7-69.4]"
+    assert ev.format_cell(summary[1], "present_all") == "0.0% [0.0-32.4]"  # never "0% ± 0%"
+
+
+def test_detector_scores_equal_transformers_computed_directly(detector):
+    from transformers import OwlViTForObjectDetection, OwlViTProcessor
+
+    images = noise_images(3)
+    judge = DetectorPresence(detector, {"dog": "a photo of a dog", "hat": "a hat"})
+    scores = judge.scores(images)
+
+    model, processor = OwlViTForObjectDetection.from_pretrained(detector).eval(), OwlViTProcessor.from_pretrained(detector)
+    with torch.no_grad():
+        inputs = processor(text=[["a photo of a dog", "a hat"]] * 3, images=images, return_tensors="pt", padding=True)
+        expected = model(**inputs).logits.sigmoid().amax(dim=1)
+    torch.testing.assert_close(scores, expected)
+    assert 0.05 < float(scores.min()) and float(scores.max()) < 0.95  # not saturated, so the threshold below means something
+
+    judge.threshold = float(scores.flatten().sort().values[2])  # the three largest of six are present
+    present = judge.present(images)
+    assert [[p[c] for c in ("dog", "hat")] for p in present] == (scores >= judge.threshold).tolist()
+    assert sum(v for p in present for v in p.values()) == 4
+
+
+def test_presence_judges_are_chosen_by_folder_and_refuse_what_they_cannot_judge(detector, tmp_path):
+    concepts = [Concept("dog", "a sks dog", None, presence="dog"), Concept("hat", "a zwx hat", None, presence="hat")]
+    assert isinstance(load_presence_judge(detector, concepts), DetectorPresence)
+    with pytest.raises(ValueError, match=r"\['hat'\] have no detector query"):
+        load_presence_judge(detector, [concepts[0], Concept("hat", "a zwx hat", None)])
+    with pytest.raises(PresenceError, match="nowhere"):
+        load_presence_judge(tmp_path / "nowhere", concepts)
+
+
+def test_evaluate_writes_presence_columns_per_method(world, detector, tmp_path):
+    make_concept_images(tmp_path / "red", "circle", (200, 30, 30), count=2)
+    make_concept_images(tmp_path / "blue", "square", (30, 30, 200), count=2, seed=1)
+    (tmp_path / "concepts.toml").write_text(
+        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\npresence = "a circle"\n'
+        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\nclass_prompt = "a square"\n'
+        'class_images = "blue"\n')
+    out = ev.evaluate(ev.EvaluationConfig(
+        base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "eval", clip_model=make_tiny_clip(tmp_path / "clip"),
+        presence_model=str(detector), presence_threshold=0.55, seeds=[0], steps=2, resolution=32, progress=False,
+        prompts=["a photo of sks and zwx"], methods=["sum", "single_a", "base"]))
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    for row in rows.values():
+        assert {row["present_a"], row["present_b"]} <= {0.0, 1.0}
+        assert row["present_all"] == float(row["present_a"] and row["present_b"])
+    assert rows["single_a"]["present_active"] == rows["single_a"]["present_a"]
+    assert rows["sum"]["present_active"] == rows["sum"]["present_all"]
+    assert "present_active" not in rows["base"]  # the base model means to draw no concept
+    report = (out / "report.md").read_text()
+    assert "present_all" in report and "%" in report
