@@ -1,6 +1,7 @@
 """Layer benchmark (issue 5, item 1): one adapted Linear at SD shapes, N rank-16 experts.
 
-Variants: the plain Linear; MoLE (gated, concatenated product: MoLELayer); PEFT with N active adapters;
+Variants: the plain Linear; MoLE (gated, concatenated product: MoLELayer); MoLE with per-position weights
+(``mole_pos``: a (B, N, h, w) map, the rank-space scale per token); PEFT with N active adapters;
 a naive per-expert Python loop. Prints median ms and each variant's ratio to the plain Linear, beside the
 FLOP floor ((d_in*d_out + N*r*(d_in+d_out)) / (d_in*d_out)).
 
@@ -50,7 +51,15 @@ def variants(tokens: int, width: int, n: int, rank: int, device: str, dtype: tor
             y = y + gate.weights[:, i, None, None].to(dtype) * ((x @ downs[i].T) @ ups[i].T)
         return y
 
-    return {"linear": lambda: base(x), "mole": lambda: mole(x), "peft": lambda: peft_model.proj(x), "loop": loop}
+    side = int(tokens**0.5)
+    position_gate = Gate(n, width).to(device)
+    position_gate.weights = gate.weights
+    if side * side == tokens:  # image tokens (the text's 77 have no grid)
+        position_gate.position_weights = torch.rand(2, n, side, side, device=device)
+    positional = MoLELayer(base, torch.cat(downs), torch.cat(ups, 1), torch.arange(n).repeat_interleave(rank),
+                           torch.ones(n * rank), position_gate)
+    return {"linear": lambda: base(x), "mole": lambda: mole(x), "mole_pos": lambda: positional(x),
+            "peft": lambda: peft_model.proj(x), "loop": loop}
 
 
 def main() -> None:
@@ -63,13 +72,13 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(header(args.device, dtype))
-    print(f"{'shape':28s} {'N':>2s} {'linear ms':>9s} {'mole':>6s} {'peft':>6s} {'loop':>6s} {'floor':>6s}  (ratios to linear)")
+    print(f"{'shape':28s} {'N':>2s} {'linear ms':>9s} {'mole':>6s} {'mole_pos':>8s} {'peft':>6s} {'loop':>6s} {'floor':>6s}  (ratios to linear)")
     with torch.inference_mode():
         for label, tokens, width in SHAPES:
             for n in args.experts:
                 t = interleaved(variants(tokens, width, n, args.rank, args.device, dtype), rounds=args.rounds, device=args.device)
                 floor = 1 + n * args.rank * 2 * width / (width * width)
-                print(f"{label:28s} {n:2d} {t['linear'] * 1e3:9.2f} {t['mole'] / t['linear']:6.2f} "
+                print(f"{label:28s} {n:2d} {t['linear'] * 1e3:9.2f} {t['mole'] / t['linear']:6.2f} {t['mole_pos'] / t['linear']:8.2f} "
                       f"{t['peft'] / t['linear']:6.2f} {t['loop'] / t['linear']:6.2f} {floor:6.3f}")
 
 

@@ -1,6 +1,7 @@
 """UNet-step benchmark (issue 5, item 2): an SD-1.5-shaped UNet (random weights), batch 2 (CFG).
 
-Variants: bare; MoLE with 3 rank-16 experts on attention q/k/v/out (block gates); the same 3 LoRAs through
+Variants: bare; MoLE with 3 rank-16 experts on attention q/k/v/out (block gates); MoLE with per-position
+sigmoid gates (``mole_position``: weights (B, L, N) per token, METHOD.md section 8); the same 3 LoRAs through
 diffusers' ``load_lora_adapter`` + ``set_adapters`` (unfused PEFT); MoLE with constant weights fused.
 Prints median seconds a step, ratios to bare and to diffusers, and the FLOP count of each variant
 (torch.utils.flop_counter) so the measured overhead can be set against the arithmetic one.
@@ -62,6 +63,12 @@ def main() -> None:
     mole = copy.deepcopy(bare)
     inject_experts({"unet": mole}, experts, "block")
 
+    position = copy.deepcopy(bare)
+    position_mole = inject_experts({"unet": position}, experts, "block", activation="sigmoid", per_position=True)
+    with torch.no_grad():  # trained-looking gates: every position its own weights
+        for gate in position_mole.gates.values():
+            gate.weight.normal_(std=1.0)
+
     fused = copy.deepcopy(bare)
     fused_mole = inject_experts({"unet": fused}, experts, "block")
     fused_mole.set_experts([e.name for e in experts], [1.0 / args.experts] * args.experts)
@@ -81,7 +88,7 @@ def main() -> None:
     sample = torch.randn(2, 4, args.latent, args.latent, generator=g).to(device, dtype)
     text = torch.randn(2, 77, 768, generator=g).to(device, dtype)
     t = torch.tensor([500, 500], device=device)
-    models = {"bare": bare, "mole": mole, "diffusers": peft, "mole_fused": fused}
+    models = {"bare": bare, "mole": mole, "mole_position": position, "diffusers": peft, "mole_fused": fused}
 
     with torch.inference_mode():
         flops = {}
@@ -92,9 +99,9 @@ def main() -> None:
         times = interleaved({n: (lambda m=m: m(sample, t, encoder_hidden_states=text)) for n, m in models.items()},
                             rounds=args.rounds, inner=1, device=device)
 
-    print(f"{'variant':12s} {'s/step':>8s} {'it/s':>7s} {'x bare':>7s} {'x diffusers':>11s} {'GFLOP':>9s} {'FLOP x bare':>11s}")
+    print(f"{'variant':13s} {'s/step':>8s} {'it/s':>7s} {'x bare':>7s} {'x diffusers':>11s} {'GFLOP':>9s} {'FLOP x bare':>11s}")
     for name in models:
-        print(f"{name:12s} {times[name]:8.3f} {1 / times[name]:7.2f} {times[name] / times['bare']:7.3f} "
+        print(f"{name:13s} {times[name]:8.3f} {1 / times[name]:7.2f} {times[name] / times['bare']:7.3f} "
               f"{times[name] / times['diffusers']:11.3f} {flops[name] / 1e9:9.1f} {flops[name] / flops['bare']:11.4f}")
     over, floor = times["mole"] / times["bare"] - 1, flops["mole"] / flops["bare"] - 1
     print(f"MoLE measured overhead {over:+.2%} vs FLOP overhead {floor:+.2%} (ratio {over / floor:.2f}; target <= 1.5)")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MoLEError
+
 
 def token_mean_direction(hidden_states: torch.Tensor) -> torch.Tensor:
     """f = mean_t(h_t / |h_t|): (B, L, C) or (B, C, H, W) or (B, C) -> (B, C), at any resolution or length."""
@@ -39,12 +41,13 @@ class Gate(nn.Module):
                  activation: str = "softmax", per_position: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+            raise MoLEError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if prior_weights is None:
             prior_weights = torch.full((num_experts,), 1.0 / num_experts)
         prior = torch.as_tensor(prior_weights, dtype=torch.float32)
         if activation == "sigmoid" and not bool((prior < 1).all()):
-            raise ValueError(f"sigmoid gates need prior weights below 1, got {prior.tolist()}")
+            raise MoLEError(f"sigmoid gates need prior weights below 1, got {prior.tolist()} (one expert's default prior "
+                            "is 1: pass prior_weights, e.g. [0.5])")
         self.activation, self.per_position = activation, per_position
         self.weight = nn.Parameter(torch.zeros(num_experts, in_features))
         self.bias = nn.Parameter(prior.log() if activation == "softmax" else torch.logit(prior))

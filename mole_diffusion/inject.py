@@ -14,6 +14,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from .errors import MoLEError
 from .experts import Expert
 from .gates import Gate
 from .layers import MoLELayer
@@ -151,6 +152,8 @@ class MoLE:
         """Add the constant-weight delta into each base weight (zero-overhead inference)."""
         if self.constant_weights is None:
             raise RuntimeError("only constant weights can be fused: call set_experts(names, weights) first")
+        if self.regional is not None:
+            raise RuntimeError("regional routing weighs each position: disable_regional_routing() before fusing")
         if self.fused:
             return
         for layer in self.layers.values():
@@ -249,7 +252,7 @@ def inject_experts(
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if per_position and granularity != "block":
-        raise ValueError(f"per-position gates read a block's feature map: granularity 'block', not {granularity!r}")
+        raise MoLEError(f"per-position gates read a block's feature map: granularity 'block', not {granularity!r}")
     n = len(experts)
     prior = torch.full((n,), 1.0 / n) if prior_weights is None else torch.tensor([float(w) for w in prior_weights])
     if prior.shape != (n,) or not bool((prior > 0).all()):
@@ -307,7 +310,8 @@ def _gate_in_features(model: nn.Module, scope: str, base: nn.Module) -> int:
 
 def _make_gate_hook(mole: MoLE, gate: Gate):
     def hook(scope: nn.Module, args: tuple, kwargs: dict) -> None:
-        regional, gate.position_weights = mole.regional, None
+        regional = mole.regional
+        gate.position_weights = None
         if regional is not None:  # constant weights per sample, times each expert's mask per position
             gate.weights = regional.sample_weights(gate.mask)
             gate.position_weights = None if regional.masks is None else regional.masks * gate.weights[..., None, None]
@@ -319,6 +323,6 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
             if gate.per_position and hidden_states.dim() == 4:  # a UNet block's feature map (B, C, H, W)
                 gate.position_weights = gate.position_map(hidden_states)
         if mole.record:  # a copy: constant weights are a buffer that set_experts changes in place
-            gate.history.append(gate.weights.detach().clone())
+            gate.history.append(gate.applied_weights().detach().clone())  # per position: their mean over the image
 
     return hook

@@ -3,7 +3,7 @@
 Where a concept is comes from the cross-attention maps of its trigger tokens ("sks" in "a photo of sks dog"),
 read in the UNet's own pass by forward hooks on every cross-attention's ``to_q`` and ``to_k`` (no extra UNet
 call, no LoRA-free pass). A denoising step routes by the maps of the step before it; the first step, which has
-none, applies every expert everywhere (the plain sum with ``weights``).
+none, applies each expert named in the prompt everywhere (the plain sum with ``weights``).
 
 Per map (CLoRA's recipe): the trigger tokens' attention probabilities, summed over the concept's tokens,
 averaged over heads and over every cross-attention layer (each resampled to the latent grid), divided by
@@ -42,6 +42,8 @@ class RegionalRouting:
         for name in expert_names:
             words = [triggers[name]] if isinstance(triggers[name], str) else list(triggers[name])
             self.trigger_ids[name] = [tokenizer(w, add_special_tokens=False).input_ids for w in " ".join(words).split()]
+            if not any(self.trigger_ids[name]):
+                raise MoLEError(f"expert {name!r}: its trigger {triggers[name]!r} has no tokens to find in a prompt")
         weights = [1.0] * len(expert_names) if weights is None else [float(w) for w in weights]
         if len(weights) != len(expert_names):
             raise MoLEError(f"{len(weights)} weights for {len(expert_names)} experts {list(expert_names)}")
@@ -52,11 +54,15 @@ class RegionalRouting:
         self._latent_size: tuple[int, int] | None = None
         self._maps: list[torch.Tensor] = []
         self._query: torch.Tensor | None = None
-        self._handles = [unet.register_forward_pre_hook(self._begin_unet_call), unet.register_forward_hook(self._end_unet_call)]
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):  # diffusers' BasicTransformerBlock: attn2 is the cross-attention
-                self._handles += [module.to_q.register_forward_hook(self._keep_query),
-                                  module.to_k.register_forward_hook(self._make_map_hook(module))]
+        cross_attentions = [m for name, m in unet.named_modules() if name.endswith("attn2")]  # BasicTransformerBlock's
+        if not cross_attentions or not all(hasattr(m, "to_q") and hasattr(m, "to_k") for m in cross_attentions):
+            raise MoLEError("regional routing reads the cross-attention (attn2.to_q / attn2.to_k) of a UNet's transformer "
+                            "blocks; this UNet has none (or fused projections: unfuse_qkv_projections() first)")
+        self._handles = [unet.register_forward_pre_hook(self._begin_unet_call, with_kwargs=True),
+                         unet.register_forward_hook(self._end_unet_call, with_kwargs=True)]
+        for module in cross_attentions:
+            self._handles += [module.to_q.register_forward_hook(self._keep_query),
+                              module.to_k.register_forward_hook(self._make_map_hook(module))]
 
     # -- per call ----------------------------------------------------------------------------------
     def set_prompts(self, prompts: Sequence[str]) -> None:
@@ -85,13 +91,17 @@ class RegionalRouting:
         return self.weights.to(gate_mask.device) * gate_mask
 
     # -- hooks ------------------------------------------------------------------------------------
-    def _begin_unet_call(self, unet, args):
-        sample = args[0] if args else None
-        self._latent_size = tuple(sample.shape[-2:]) if sample is not None else None
+    def _begin_unet_call(self, unet, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        self._latent_size = tuple(sample.shape[-2:])
         self._maps.clear()
+        if self.positions is not None and self.masks is None:  # the first step: each expert named in its prompt, everywhere
+            named = (self.positions.sum(dim=-1) > 0).float()[..., None, None].to(sample.device)
+            self.masks = named.expand(-1, -1, *self._latent_size).repeat(len(sample) // len(named), 1, 1, 1)
 
     def _keep_query(self, module, args, output):
-        self._query = output
+        if self.positions is not None:
+            self._query = output
 
     def _make_map_hook(self, attention):
         def hook(module, args, key):
@@ -111,14 +121,17 @@ class RegionalRouting:
 
         return hook
 
-    def _end_unet_call(self, unet, args, output):
-        if self.positions is None or not self._maps:
+    def _end_unet_call(self, unet, args, kwargs, output):
+        if self.positions is None:
             return
+        if not self._maps:  # a processor that never called to_k: routing would silently be the plain sum
+            raise MoLEError("regional routing read no cross-attention map in this UNet call (an attention processor "
+                            "that does not call attn2.to_k?)")
         maps = torch.stack(self._maps).mean(dim=0)  # (B, N, H, W)
         peak = maps.flatten(2).amax(dim=-1)[..., None, None].clamp_min(1e-12)
         masks = (maps / peak >= self.threshold).float()
         masks = masks * (self.positions.sum(dim=-1) > 0).to(masks)[..., None, None]  # no trigger in the prompt: off
         self.mask_history.append(masks.cpu())
-        batch = args[0].shape[0] if args else len(masks)
-        self.masks = masks.repeat(batch // len(masks), 1, 1, 1)  # both guidance halves
+        sample = args[0] if args else kwargs["sample"]
+        self.masks = masks.repeat(len(sample) // len(masks), 1, 1, 1)  # both guidance halves
         self._maps.clear()

@@ -43,7 +43,7 @@ def test_position_weights_equal_everywhere_are_the_per_sample_gate(kind):
     left_off = layer.gate.position_weights.clone()
     left_off[:, 1, :, :6] = 0
     layer.gate.position_weights = left_off
-    layer.gate.weights = weights * torch.tensor([1.0, 0.0])
+    layer.gate.weights, layer.gate.position_weights = weights * torch.tensor([1.0, 0.0]), None
     only_first = layer(x.clone())
     layer.gate.position_weights = left_off
     mixed = layer(x.clone())
@@ -55,7 +55,7 @@ def test_position_weights_equal_everywhere_are_the_per_sample_gate(kind):
 def test_layers_on_prompt_tokens_keep_per_sample_weights():
     layer = gated_layer(nn.Linear(8, 6))
     layer.reads_prompt = True
-    x = torch.randn(2, 77, 8)  # 77 prompt tokens: no image grid
+    x = torch.randn(2, 16, 8)  # 16 prompt tokens (they would fit a 4 x 4 grid: only reads_prompt keeps them per sample)
     layer.gate.weights = torch.tensor([[0.3, 0.9], [1.2, 0.1]])
     expected = layer(x.clone())
     layer.gate.position_weights = torch.zeros(2, 2, 4, 4)
@@ -131,12 +131,12 @@ def test_regional_maps_are_diffusers_own_attention_probabilities(world, mole_pip
                 return probabilities
             module.get_attention_scores = get_scores
 
-    generate(mole_pipe, num_inference_steps=2, guidance_scale=1.0)  # no guidance: the batch is the prompt
+    generate(mole_pipe, num_inference_steps=2, guidance_scale=3.0)  # guidance: the maps come from the prompt's half
     regional.set_prompts(["a red circle on a blue background"])
     positions = regional.positions
     assert len(recorded.appended) == len(expected) > 0
     for maps, probabilities in zip(recorded.appended, expected):
-        per_expert = (probabilities @ positions.transpose(1, 2)).transpose(1, 2)  # (B, N, L)
+        per_expert = (probabilities[-1:] @ positions.transpose(1, 2)).transpose(1, 2)  # (B, N, L), the second half
         side = int(per_expert.shape[-1] ** 0.5)
         reference = torch.nn.functional.interpolate(per_expert.unflatten(-1, (side, side)), maps.shape[-2:], mode="bilinear")
         torch.testing.assert_close(maps, reference, rtol=1e-5, atol=1e-6)
@@ -149,4 +149,26 @@ def test_regional_routing_refuses_experts_without_triggers_and_prompt_embeds(wor
     mole_pipe.enable_regional_routing(TRIGGERS)
     embeds = torch.zeros(1, 77, 32)
     with pytest.raises(ValueError, match="prompt_embeds"):
-        mole_pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_inference_steps=1, height=32, width=32)
+        mole_pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_inference_steps=1, height=32, width=32, experts=["a"])
+    assert mole_pipe.mole.record is False and mole_pipe.mole.active == ["a", "b"]  # the refused call changed nothing
+
+
+def test_each_image_is_routed_by_its_own_prompt_and_disabling_removes_every_hook(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    attentions = [m for n, m in mole_pipe.unet.named_modules() if n.endswith("attn2")]
+    hooks = lambda: (len(mole_pipe.unet._forward_hooks) + len(mole_pipe.unet._forward_pre_hooks)
+                     + sum(len(m.to_q._forward_hooks) + len(m.to_k._forward_hooks) for m in attentions))
+    before = hooks()
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.6)
+    assert hooks() > before
+    prompts = ["a red square on a blue background", "a green circle on a yellow background"]  # a's trigger, then b's
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    both = generate(mole_pipe, prompt=prompts, num_images_per_prompt=2, num_inference_steps=3, guidance_scale=3.0, latents=latents)
+    masks = mole_pipe.expert_masks  # (calls, 4 images, 2 experts, H, W)
+    assert masks.shape[1:3] == (4, 2)
+    assert bool((masks[:, :2, 1] == 0).all()) and bool((masks[:, 2:, 0] == 0).all())  # no trigger in its prompt: off
+    assert masks[:, :2, 0].sum() > 0 and masks[:, 2:, 1].sum() > 0
+    alone = generate(mole_pipe, prompt=prompts[1], num_inference_steps=3, guidance_scale=3.0, latents=latents[2:3])
+    np.testing.assert_allclose(both[2], alone[0], atol=1e-4)  # batch-size rounding, magnified by guidance
+    mole_pipe.disable_regional_routing()
+    assert hooks() == before

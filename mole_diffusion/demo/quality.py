@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--lift-seeds", type=int, help="seeds per prompt for each concept's own prompts (default --seeds)")
     parser.add_argument("--skip-lift", action="store_true", help="only the judge and the composition table")
     parser.add_argument("--gates", action="append", default=[], metavar="NAME=FILE",
                         help="another gate file to compare as `mole (NAME)` (repeat), e.g. a routing variant")
@@ -110,13 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines[-len(table) - 3:]), flush=True)
 
     if not args.skip_lift:
+        lift_seeds = list(range(args.lift_seeds or args.seeds))
         lines += ["Each concept's own prompts (one concept per prompt, 6 prompts x "
-                  f"{len(seeds)} seeds): how often each method shows it.", "",
+                  f"{len(lift_seeds)} seeds): how often each method shows it.", "",
                   "| concept | " + " | ".join(["base", "lora alone", "nla", "sum", "regional", "mole"]) + " |", "|---|" + "---|" * 6]
         for name in names:
             own = [s.caption for s in lift_scenes(name)]
             lift_methods = ["base", f"single_{name}", "nla", "sum", "regional", "mole"]
-            run = evaluate(EvaluationConfig(**common, output_dir=out / f"own-{name}", prompts=own, methods=lift_methods))
+            run = evaluate(EvaluationConfig(**{**common, "seeds": lift_seeds}, output_dir=out / f"own-{name}", prompts=own,
+                                            methods=lift_methods))
             lines.append(f"| {name} | " + " | ".join(format_cell(s, f"present_{name}") for s in read_summary(run)) + " |")
             print(lines[-1], flush=True)
         lines.append("")

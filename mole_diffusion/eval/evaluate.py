@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,14 +191,15 @@ def evaluate(config: EvaluationConfig) -> Path:
             means = {gate: history.mean(dim=(0, 1)).contiguous() for gate, history in pipe.gate_weights.items()}
             save_file(means, str(path.with_suffix(".gates.safetensors")))
         if method == "regional":  # where each expert acted at the last step, (N, H, W) on the latent grid
-            save_file({"masks": pipe.expert_masks[-2 if len(pipe.expert_masks) > 1 else -1, 0].contiguous()},
-                      str(path.with_suffix(".masks.safetensors")))
+            masks = pipe.expert_masks  # the last entry was read after the last step: the one before is what it applied
+            save_file({"masks": masks[-2 if len(masks) > 1 else -1, 0].contiguous()}, str(path.with_suffix(".masks.safetensors")))
         image.save(path)
         scores = score_images(clip, [image], [prompts[prompt_index]], references, [list(references)])[0]
         if backbone is not None:
             scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
         if presence is not None:
-            scores.update(presence_row(presence.present([image])[0], names, active_experts(method, names)))
+            composed = composed_concepts(prompts[prompt_index], triggers) or names
+            scores.update(presence_row(presence.present([image])[0], composed, active_experts(method, names)))
         row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
                "image": str(path.relative_to(out)), **scores}
         with open(out / "results.jsonl", "a") as handle:  # one short append per row: processes do not interleave
@@ -269,6 +271,8 @@ def _block_weights(pipe, path: Path, prompts: list[str], config: EvaluationConfi
 def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], weights: list[float], switch_every: int, kwargs,
              block_weights: dict[str, list[float]] | None = None, triggers: dict[str, list[str]] | None = None) -> Image.Image:
     mole = pipe.mole
+    if method != "regional":
+        pipe.disable_regional_routing()
     if method == "mole_constant":
         if not mole.fused:  # fused once for the run of mole_constant images (the work list is grouped by method)
             mole.set_experts(names, block_weights)
@@ -276,8 +280,6 @@ def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], w
         return pipe(prompt, **kwargs).images[0]
     if mole.fused:
         mole.unfuse()
-    if method != "regional":
-        pipe.disable_regional_routing()
     if method in ("base", "set_adapters") or method.startswith("peft_"):
         if method == "base":
             reference_pipe.disable_lora()
@@ -309,6 +311,12 @@ def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], w
         with composite(pipe, names):
             return pipe(prompt, **kwargs).images[0]
     return pipe(prompt, **kwargs).images[0]
+
+
+def composed_concepts(prompt: str, triggers: dict[str, list[str]] | None) -> list[str]:
+    """The concepts a prompt asks for: those whose trigger words it contains (none known: [])."""
+    words = set(re.findall(r"[\w']+", prompt.lower()))
+    return [name for name, trigger in (triggers or {}).items() if all(w in words for w in trigger)]
 
 
 def active_experts(method: str, names: list[str]) -> list[str]:

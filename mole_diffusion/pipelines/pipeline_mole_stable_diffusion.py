@@ -102,7 +102,7 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
 
         mole = self._require_mole()
         if mole.fused:
-            raise RuntimeError("experts are fused into the base weights: call unfuse_experts() first")
+            raise MoLEError("experts are fused into the base weights: call unfuse_experts() first")
         self.disable_regional_routing()
         mole.regional = RegionalRouting(self.unet, self.tokenizer, mole.expert_names, triggers, weights, threshold)
 
@@ -115,7 +115,8 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
     @property
     def expert_masks(self) -> torch.Tensor | None:
         """Regional routing's masks of the last call, read after each UNet call: (calls, images, N, H, W) on the
-        latent grid, for the prompt half of the batch (None without regional routing)."""
+        latent grid, for the prompt half of the batch (None without regional routing). Entry k is what UNet call
+        k + 1 applied; the last one was read after the last step and never applied."""
         regional = None if self.mole is None else self.mole.regional
         return torch.stack(regional.mask_history) if regional is not None and regional.mask_history else None
 
@@ -150,13 +151,14 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
         mole = self.mole
         if mole is None:
             return super().__call__(*args, **kwargs)
+        prompts = self._prompts_of_call(args, kwargs) if mole.regional is not None else None  # may refuse: before any change
         saved = mole.active
         if experts is not None:
             mole.mask_experts(experts)
         mole.clear_history()
         mole.record = True
-        if mole.regional is not None:
-            mole.regional.set_prompts(self._prompts_of_call(args, kwargs))
+        if prompts is not None:
+            mole.regional.set_prompts(prompts)
         try:
             return super().__call__(*args, **kwargs)
         finally:

@@ -19,6 +19,7 @@ Relative paths are read relative to the concepts file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +56,20 @@ def trigger_words(concept: Concept, others: list[Concept]) -> list[str]:
     words that are not in its class prompt, not in another concept's prompt and not common words
     ("a photo of sks dog" with class prompt "a photo of a dog" -> ["sks"])."""
     if concept.trigger:
-        return concept.trigger.split()
-    shared = set((concept.class_prompt or "").lower().split()) | COMMON_WORDS
+        return _words(concept.trigger)
+    shared = set(_words(concept.class_prompt or "")) | COMMON_WORDS
     for other in others:
         if other is not concept:
-            shared |= set(other.prompt.lower().split())
-    words = [w for w in concept.prompt.lower().split() if w not in shared]
+            shared |= set(_words(other.prompt))
+    words = [w for w in _words(concept.prompt) if w not in shared]
     if not words:
         raise ConceptError(f"concept {concept.name!r}: no word of its prompt {concept.prompt!r} names it alone; "
                            "give its trigger word in the concepts file (trigger = \"...\")")
     return words
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())  # "sks," is the word sks
 
 
 def load_compositions(path: str | os.PathLike) -> list[str]:
