@@ -59,6 +59,7 @@ class Gate(nn.Module):
         # Per-position routing (METHOD.md section 8): (B, N, h, w) weights over the image, or None. Layers on image
         # tokens apply them resampled to their own grid; layers on the prompt's tokens keep ``weights``.
         self.position_weights: torch.Tensor | None = None
+        self._resampled: tuple[torch.Tensor | None, dict] = (None, {})  # position_weights per grid, for this forward
         self.history: list[torch.Tensor] = []  # per-call weights, while recording
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,22 @@ class Gate(nn.Module):
             features = F.normalize(hidden_states.float(), dim=1)
             logits = torch.einsum("bchw,nc->bnhw", features, self.weight.float()) + self.bias.float()[:, None, None]
             return self.activate(logits, dim=1)
+
+    def position_weights_on(self, size: tuple[int, int]) -> torch.Tensor:
+        """``position_weights`` on an (H, W) grid (area-pooled down, nearest up), resampled once per forward for
+        all the layers of this gate that share the grid."""
+        source, cache = self._resampled
+        if source is not self.position_weights:
+            source, cache = self.position_weights, {}
+            self._resampled = (source, cache)
+        if size not in cache:
+            if tuple(source.shape[-2:]) == size:
+                cache[size] = source
+            elif size[0] * size[1] <= source.shape[-2] * source.shape[-1]:
+                cache[size] = F.adaptive_avg_pool2d(source, size)
+            else:
+                cache[size] = F.interpolate(source, size)
+        return cache[size]
 
     def applied_weights(self) -> torch.Tensor:
         """(B, N): the weights of the last forward, averaged over positions for a per-position gate."""

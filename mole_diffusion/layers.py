@@ -45,15 +45,9 @@ class MoLELayer(nn.Module):
         self.reads_prompt = False
 
     def rank_weights(self, gate_weights: torch.Tensor) -> torch.Tensor:
-        """(B or 1, R): each rank row's gate weight times its expert's alpha / r."""
-        return gate_weights[:, self.rank_expert] * self.rank_scale
+        """(B or 1, R) from (B or 1, N), or (B, L, R) from (B, L, N): each rank row's weight times its expert's alpha / r."""
+        return gate_weights[..., self.rank_expert] * self.rank_scale
 
-    def rank_map(self, position_weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, N, h, w) per-position weights -> (B, R, H, W) on this layer's grid, times alpha / r."""
-        if tuple(position_weights.shape[-2:]) != tuple(size):
-            smaller = size[0] <= position_weights.shape[-2]
-            position_weights = F.adaptive_avg_pool2d(position_weights, size) if smaller else F.interpolate(position_weights, size)
-        return position_weights[:, self.rank_expert] * self.rank_scale[:, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -65,12 +59,13 @@ class MoLELayer(nn.Module):
             u = F.conv2d(x, self.lora_A, None, conv.stride, conv.padding, conv.dilation)
             if positional is None:
                 g = self.rank_weights(self.gate.weights)[:, :, None, None]
-            else:
-                g = self.rank_map(positional, u.shape[-2:])
+            else:  # (B, R, H, W)
+                g = self.gate.position_weights_on(tuple(u.shape[-2:]))[:, self.rank_expert] * self.rank_scale[:, None, None]
             return y.add_(F.conv2d(u * g.to(x.dtype), self.lora_B))
         u = F.linear(x, self.lora_A)
         if positional is not None and u.dim() == 3:  # (B, L, R): the image's tokens, row by row
-            g = self.rank_map(positional, token_grid(positional.shape[-2:], u.shape[1])).flatten(2).transpose(1, 2)
+            grid = token_grid(tuple(positional.shape[-2:]), u.shape[1])
+            g = self.rank_weights(self.gate.position_weights_on(grid).flatten(2).transpose(1, 2))
         else:
             g = self.rank_weights(self.gate.weights)
             g = g.view(g.shape[0], *([1] * (u.dim() - 2)), g.shape[1])

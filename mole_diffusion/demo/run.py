@@ -109,7 +109,8 @@ def labelled_grid(images: Path, prompts: list[str], methods: list[str], seed: in
 
 
 def expert_maps(images: Path, prompts: list[str], names: list[str], seed: int, side: int = 96) -> Image.Image:
-    """Rows: prompts; columns: the regional image, then each expert's mask at the last step (white: it acts there)."""
+    """Rows: prompts; columns: the regional image, then each expert's mask at the last step (white: it acts there,
+    black: it does not)."""
     from safetensors.torch import load_file
 
     pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -126,5 +127,7 @@ def expert_maps(images: Path, prompts: list[str], names: list[str], seed: int, s
         masks = load_file(str(image.with_suffix(".masks.safetensors")))["masks"]
         for column, mask in enumerate(masks, 1):
             tile = Image.fromarray((mask.clamp(0, 1) * 255).byte().numpy(), mode="L").resize((side, side), Image.NEAREST)
-            sheet.paste(tile.convert("RGB"), (left + column * (side + gap), y))
+            x = left + column * (side + gap)
+            sheet.paste(tile.convert("RGB"), (x, y))
+            pen.rectangle((x - 1, y - 1, x + side, y + side), outline="grey")  # a white (everywhere) mask shows too
     return sheet

@@ -503,6 +503,9 @@ def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int]
     for metric in ("present_all", "clip_text", "clip_image_min", "dino_image_min"):
         if metric in metrics:
             best = max((s for s in summary if metric in s), key=lambda s: s[metric])
+            if is_rate(metric) and best[metric] == 0:
+                lines.append(f"- Best {metric}: none (0% for every method).")
+                continue
             lines.append(f"- Best {metric}: **{best['method']}** ({format_cell(best, metric)}).")
     lines += [
         "- ± is a 95% interval (1.96 standard errors over images). `clip_image_min` is the weakest concept's alignment.",
