@@ -132,3 +132,19 @@ def test_base_with_leftover_peft_layers_is_refused_with_a_hint(world, mole_pipe)
     mole_pipe.delete_adapters(["x"])  # leaves PEFT wrapper layers behind
     with pytest.raises(ExpertError, match="already has a PEFT LoRA layer here; call unload_lora_weights"):
         mole_pipe.load_experts({"a": world["a"]})
+
+
+def test_save_pretrained_is_refused_while_experts_are_loaded_and_works_after_unloading(world, mole_pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from mole_diffusion import MoLEError
+
+    mole_pipe.load_experts({"a": world["a"]})
+    with pytest.raises(MoLEError, match="unload_experts"):
+        mole_pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    mole_pipe.unload_experts()
+    mole_pipe.save_pretrained(tmp_path / "saved")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")  # loads in plain diffusers, the original weights
+    for name, tensor in mole_pipe.unet.state_dict().items():
+        assert torch.equal(again.unet.state_dict()[name], tensor), name

@@ -133,6 +133,15 @@ class MoLEStableDiffusionPipeline(StableDiffusionPipeline):
             self.mole.remove()
             del self.unet.__dict__["_mole"]
 
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """diffusers' ``save_pretrained``, refused while experts are loaded: the wrapped modules would be written
+        as ``base_layer`` / ``mole_gate`` keys that no diffusers pipeline loads."""
+        if self.mole is not None:
+            raise MoLEError("experts are loaded: save_pretrained would write MoLE's wrapped modules, which diffusers "
+                            "cannot load. Save the gates with save_gates(path) (the LoRA files are the experts), and "
+                            "call unload_experts() before save_pretrained to save the base model")
+        super().save_pretrained(*args, **kwargs)
+
     def save_gates(self, path: str | os.PathLike) -> None:
         save_gates(self._require_mole(), path, base_model=str(self.name_or_path or ""))
 
