@@ -125,6 +125,11 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> Non
     expected = {f"{g}.{k}" for g, gate in mole.gates.items() for k, _ in gate.named_parameters()}
     if set(tensors) != expected:
         raise GateFileError(f"{path}: gate tensors do not match the injected gates (first difference: {sorted(set(tensors) ^ expected)[:1]})")
+    for name, gate in mole.gates.items():  # every shape checked before any gate changes: no half-loaded gates
+        for key, param in gate.named_parameters():
+            if tensors[f"{name}.{key}"].shape != param.shape:
+                raise GateFileError(f"{path}: tensor {name}.{key} has shape {tuple(tensors[f'{name}.{key}'].shape)}, "
+                                    f"this pipeline's gate has {tuple(param.shape)}")
     for name, gate in mole.gates.items():
         gate.weight.copy_(tensors[f"{name}.weight"][order])
         gate.bias.copy_(tensors[f"{name}.bias"][order])

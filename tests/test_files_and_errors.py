@@ -148,3 +148,43 @@ def test_save_pretrained_is_refused_while_experts_are_loaded_and_works_after_unl
     again = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")  # loads in plain diffusers, the original weights
     for name, tensor in mole_pipe.unet.state_dict().items():
         assert torch.equal(again.unet.state_dict()[name], tensor), name
+
+
+def test_a_gate_file_of_other_shapes_names_the_tensor_and_changes_no_gate(world, mole_pipe, tmp_path):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    randomise_gates(mole_pipe)
+    mole_pipe.save_gates(tmp_path / "gates.safetensors")
+    tensors = load_file(tmp_path / "gates.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "gates.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    last = sorted(k for k in tensors if k.endswith(".weight"))[-1]
+    tensors[last] = tensors[last][:, :-1].contiguous()  # one gate of another width
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+    fresh = load(world["base"])
+    fresh.load_experts({"a": world["a"], "b": world["b"]})
+    before = {n: p.detach().clone() for n, p in fresh.unet.named_parameters() if "mole_gate" in n}
+    with pytest.raises(GateFileError, match=f"tensor {last} has shape"):
+        fresh.load_gates(tmp_path / "bad.safetensors")
+    assert all(torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters() if "mole_gate" in n)
+
+
+def test_train_gates_resets_constant_weights_and_masks_it_was_handed(world, tmp_path):
+    from test_training import write_images
+
+    from mole_diffusion.train import GateTrainingConfig, train_gates
+
+    write_images(tmp_path / "red", (200, 20, 20))
+    write_images(tmp_path / "blue", (20, 20, 200), seed=1)
+    (tmp_path / "concepts.toml").write_text(
+        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
+        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n')
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]})
+    pipe.set_experts(["a"], [1.0])  # constant weights, b masked: the gates would get no gradient
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "mole_gate" in n and n.endswith("bias")}
+    train_gates(GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "run",
+                                   steps=2, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2, progress=False), pipe=pipe)
+    assert pipe.mole.constant_weights is None and pipe.mole.active == ["a", "b"]
+    assert any(not torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters() if n in before)

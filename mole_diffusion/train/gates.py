@@ -78,6 +78,11 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
                           per_position=config.per_position)
     elif pipe.expert_names != [c.name for c in concepts]:
         raise MoLEError(f"the pipeline's experts {pipe.expert_names} are not the concepts {[c.name for c in concepts]}")
+    if pipe.mole.fused:
+        raise MoLEError("the pipeline's experts are fused: unfuse_experts() before training its gates")
+    # a pipeline left with constant weights, masked experts or regional routing would train nothing, or half
+    pipe.disable_regional_routing()
+    pipe.mole.set_experts(None)
     prepare_pipeline(pipe, accelerator, config)
     mole = pipe.mole
     for gate in mole.gates.values():  # trainable parameters stay in fp32 whatever the model's dtype
