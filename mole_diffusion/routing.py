@@ -78,6 +78,10 @@ class RegionalRouting:
                             positions[b, n, start : start + len(word)] = 1.0
         self.positions, self.masks, self.mask_history = positions, None, []
 
+    def _named(self) -> torch.Tensor:
+        """(B, N): 1 where the image's prompt has the expert's trigger."""
+        return (self.positions.sum(dim=-1) > 0).float()
+
     def reset(self) -> None:
         self.positions, self.masks = None, None
 
@@ -95,8 +99,10 @@ class RegionalRouting:
         sample = args[0] if args else kwargs.get("sample")
         self._latent_size = tuple(sample.shape[-2:])
         self._maps.clear()
+        if self.positions is not None:
+            self.positions = self.positions.to(sample.device)
         if self.positions is not None and self.masks is None:  # the first step: each expert named in its prompt, everywhere
-            named = (self.positions.sum(dim=-1) > 0).float()[..., None, None].to(sample.device)
+            named = self._named()[..., None, None]
             self.masks = named.expand(-1, -1, *self._latent_size).repeat(len(sample) // len(named), 1, 1, 1)
 
     def _keep_query(self, module, args, output):
@@ -114,7 +120,7 @@ class RegionalRouting:
             q = query.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, L, d)
             k = key.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, T, d)
             probabilities = (q @ k.transpose(-1, -2) * attention.scale).softmax(dim=-1).mean(dim=1)  # (B, L, T)
-            per_expert = probabilities @ self.positions.to(probabilities.device).transpose(1, 2)  # (B, L, N)
+            per_expert = probabilities @ self.positions.transpose(1, 2)  # (B, L, N)
             grid = token_grid(self._latent_size, per_expert.shape[1])
             maps = per_expert.transpose(1, 2).unflatten(-1, grid)  # (B, N, h, w)
             self._maps.append(F.interpolate(maps, self._latent_size, mode="bilinear", align_corners=False))
@@ -130,7 +136,7 @@ class RegionalRouting:
         maps = torch.stack(self._maps).mean(dim=0)  # (B, N, H, W)
         peak = maps.flatten(2).amax(dim=-1)[..., None, None].clamp_min(1e-12)
         masks = (maps / peak >= self.threshold).float()
-        masks = masks * (self.positions.sum(dim=-1) > 0).to(masks)[..., None, None]  # no trigger in the prompt: off
+        masks = masks * self._named()[..., None, None]  # no trigger in the prompt: off
         self.mask_history.append(masks.cpu())
         sample = args[0] if args else kwargs["sample"]
         self.masks = masks.repeat(len(sample) // len(masks), 1, 1, 1)  # both guidance halves

@@ -236,6 +236,10 @@ def make_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
     return f"local-dir:{path}"
 
 
+# text and vision towers of the tiny CLIP-like transformers models below
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+
+
 def make_tiny_transformers_clip(path: str | os.PathLike, seed: int = 0) -> Path:
     """A random tiny transformers ``CLIPModel`` folder with its processor (for ``--clip-model PATH``)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -243,11 +247,8 @@ def make_tiny_transformers_clip(path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     tokenizer = make_clip_tokenizer(path)
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, image_size=32, patch_size=8),
-        projection_dim=32,
-    )
+    config = CLIPConfig(text_config=dict(TINY_TOWER, max_position_embeddings=77),
+                        vision_config=dict(TINY_TOWER, image_size=32, patch_size=8), projection_dim=32)
     CLIPModel(config).save_pretrained(path)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
@@ -275,11 +276,8 @@ def make_tiny_owlvit(path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     tokenizer = make_clip_tokenizer(path)
     torch.manual_seed(seed)
-    config = OwlViTConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, image_size=32, patch_size=8),
-        projection_dim=32,
-    )
+    config = OwlViTConfig(text_config=dict(TINY_TOWER, max_position_embeddings=16),
+                          vision_config=dict(TINY_TOWER, image_size=32, patch_size=8), projection_dim=32)
     model = OwlViTForObjectDetection(config)
     with torch.no_grad():  # logits = the box-query cosine (random heads saturate every score at 0 or 1)
         for head in (model.class_head.logit_shift, model.class_head.logit_scale):

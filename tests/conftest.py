@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 
 from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.testing import make_tiny_lora, make_tiny_pipeline
@@ -56,3 +57,26 @@ def unet_output(pipe, seed=0, batch=2):
     text = torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return pipe.unet(sample, torch.tensor([500] * batch), encoder_hidden_states=text).sample
+
+
+def write_images(folder, colour, count=3, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        pixels = (torch.tensor(colour) + torch.randint(0, 40, (32, 32, 3), generator=g)).clamp(0, 255).byte()
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def concepts_file(world):
+    """Two concepts, a (red images) and b (blue), for the gate-training tests."""
+    root = world["root"] / "concepts"
+    write_images(root / "red", (200, 20, 20))
+    write_images(root / "blue", (20, 20, 200), seed=1)
+    path = root / "concepts.toml"
+    path.write_text(
+        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
+        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n'
+    )
+    return path

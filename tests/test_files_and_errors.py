@@ -170,21 +170,14 @@ def test_a_gate_file_of_other_shapes_names_the_tensor_and_changes_no_gate(world,
     assert all(torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters() if "mole_gate" in n)
 
 
-def test_train_gates_resets_constant_weights_and_masks_it_was_handed(world, tmp_path):
-    from test_training import write_images
-
+def test_train_gates_resets_constant_weights_and_masks_it_was_handed(world, concepts_file, tmp_path):
     from mole_diffusion.train import GateTrainingConfig, train_gates
 
-    write_images(tmp_path / "red", (200, 20, 20))
-    write_images(tmp_path / "blue", (20, 20, 200), seed=1)
-    (tmp_path / "concepts.toml").write_text(
-        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
-        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n')
     pipe = load(world["base"])
     pipe.load_experts({"a": world["a"], "b": world["b"]})
     pipe.set_experts(["a"], [1.0])  # constant weights, b masked: the gates would get no gradient
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "mole_gate" in n and n.endswith("bias")}
-    train_gates(GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "run",
+    train_gates(GateTrainingConfig(base=str(world["base"]), concepts=concepts_file, output_dir=tmp_path / "run",
                                    steps=2, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2, progress=False), pipe=pipe)
     assert pipe.mole.constant_weights is None and pipe.mole.active == ["a", "b"]
     assert any(not torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters() if n in before)

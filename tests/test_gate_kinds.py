@@ -18,6 +18,8 @@ KINDS = [("softmax", True), ("sigmoid", False), ("sigmoid", True)]
 
 
 def randomise_gates(pipe, seed=0):
+    """Random W_g (std 3) and b_g; the temperature stays 1, so a gate's rows can be copied to a pipeline of fewer
+    experts (test_pipeline's helper also moves log_tau)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for gate in pipe.mole.gates.values():
@@ -73,14 +75,7 @@ def test_sigmoid_gates_leave_the_simplex(world, mole_pipe):
     assert (sums - 1).abs().max() > 0.1 and bool(((sums > 0) & (sums < 2)).all())
 
 
-def test_training_per_position_gates_moves_only_their_parameters(world, tmp_path):
-    from test_training import write_images
-
-    write_images(tmp_path / "red", (200, 20, 20))
-    write_images(tmp_path / "blue", (20, 20, 200), seed=1)
-    (tmp_path / "concepts.toml").write_text(
-        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
-        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n')
+def test_training_per_position_gates_moves_only_their_parameters(world, concepts_file, tmp_path):
     pipe = load(world["base"])
     pipe.load_experts({"a": world["a"], "b": world["b"]}, activation="sigmoid", per_position=True)
     # parameters that do not train, and a UNet that does not start frozen: train_gates must freeze it itself
@@ -88,7 +83,7 @@ def test_training_per_position_gates_moves_only_their_parameters(world, tmp_path
     frozen = {n: t.detach().clone() for c in ("unet", "text_encoder") for n, t in getattr(pipe, c).named_parameters()
               if "mole_gate" not in n}
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "mole_gate" in n}
-    path = train_gates(GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "run",
+    path = train_gates(GateTrainingConfig(base=str(world["base"]), concepts=concepts_file, output_dir=tmp_path / "run",
                                           steps=3, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2, progress=False,
                                           activation="sigmoid", per_position=True), pipe=pipe)
     after = {n: t for c in ("unet", "text_encoder") for n, t in getattr(pipe, c).named_parameters() if "mole_gate" not in n}

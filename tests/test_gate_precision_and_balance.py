@@ -18,7 +18,7 @@ from mole_diffusion.gates import balance_loss, mean_expert_weights
 from mole_diffusion.train import GateTrainingConfig, train_gates
 from mole_diffusion.train import gates as train_gates_module
 from test_pipeline import randomise_gates
-from test_training import write_images
+from conftest import write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

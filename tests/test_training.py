@@ -6,10 +6,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import load, unet_output
+from conftest import load, unet_output, write_images
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
-from PIL import Image
 from safetensors.torch import load_file
 
 from mole_diffusion import MoLEStableDiffusionPipeline
@@ -17,28 +16,6 @@ from mole_diffusion.gates import Gate, balance_loss
 from mole_diffusion.train import ConceptError, GateTrainingConfig, add_mixers, load_concepts, train_gates
 from mole_diffusion.train import common
 from mole_diffusion.train.lora import save_lora
-
-
-def write_images(folder, colour, count=3, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for i in range(count):
-        pixels = (torch.tensor(colour) + torch.randint(0, 40, (32, 32, 3), generator=g)).clamp(0, 255).byte()
-        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def concepts_file(world):
-    root = world["root"] / "concepts"
-    write_images(root / "red", (200, 20, 20))
-    write_images(root / "blue", (20, 20, 200), seed=1)
-    path = root / "concepts.toml"
-    path.write_text(
-        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
-        f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n'
-    )
-    return path
 
 
 def gate_config(world, concepts_file, out, **kwargs):
