@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .schedulers import SCHEDULERS, use_scheduler
+
 GENERATE_EXAMPLE = """example:
   mole-diffusion generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --lora dog=loras/dog.safetensors --lora hat=loras/hat.safetensors \\
@@ -37,17 +39,6 @@ EVALUATE_EXAMPLE = """example:
 
   Paper protocol: DDPM, 50 steps, guidance 7.5 (the defaults). Started again, it skips the images it has.
 """
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
-
 
 def _lora_arg(value: str) -> tuple[str, str]:
     name, sep, path = value.partition("=")
@@ -302,7 +293,6 @@ def tiny_checkpoint(args: argparse.Namespace) -> None:
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
-    import diffusers
     import torch
 
     from .errors import load_base_pipeline
@@ -312,7 +302,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     pipe = load_base_pipeline(MoLEStableDiffusionPipeline, args.base, torch_dtype=dtype, safety_checker=None)
     if args.scheduler:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+        use_scheduler(pipe, args.scheduler)
     from .gate_file import gate_kind
 
     pipe.load_experts(dict(args.lora), **(gate_kind(args.gates) if args.gates else {"granularity": args.granularity or "block"}))

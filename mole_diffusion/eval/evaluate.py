@@ -106,7 +106,7 @@ def evaluate(config: EvaluationConfig) -> Path:
     import diffusers
     from accelerate import PartialState
 
-    from ..cli import SCHEDULERS
+    from ..schedulers import use_scheduler
     from ..pipelines import MoLEStableDiffusionPipeline
 
     if config.concepts is not None:
@@ -144,7 +144,7 @@ def evaluate(config: EvaluationConfig) -> Path:
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, torch_dtype=dtype, safety_checker=None)
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
+    use_scheduler(pipe, config.scheduler)
     # gates trained at layer or network granularity load as such (the gate file says which)
     kind = gate_kind(config.gates) if config.gates is not None else {}
     pipe.load_experts({c.name: c.lora for c in concepts}, **kind)

@@ -1,0 +1,25 @@
+"""The schedulers the command line offers by short name; shared by `generate` and `evaluate`, below both."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+def use_scheduler(pipe: "DiffusionPipeline", name: str) -> None:
+    """Replace the pipeline's scheduler by the one named, built from the checkpoint's own scheduler config."""
+    import diffusers  # here, so that `mole-diffusion --help` stays quick
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
