@@ -83,7 +83,8 @@ def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_w
     assert len(rows) == len(methods) * 2 and {r["method"] for r in rows} == set(methods)
     assert Image.open(whole / "grid.png").size == (32, 32 * len(methods))
     report = (whole / "report.md").read_text()
-    assert "| mole |" in report and "Best clip_image_min" in report
+    assert "| mole |" in report and "Highest clip_image_min" in report and "Paired against `mole`" in report
+    assert "mole,base,clip_image_min" in (whole / "paired.csv").read_text()
 
     real_generate, count = ev.generate, []
 

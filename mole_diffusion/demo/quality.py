@@ -4,7 +4,8 @@ prints (and writes ``DIR/quality.md``):
 1. the attribute judge's accuracy on VAE round trips of fresh scenes (shape incl. the star, colour, style incl.
    stripes, background incl. the checkerboard): the judge is what every presence rate below rests on;
 2. the composition table: every method on the composition prompts ("a red sks in zwx style on a qkx
-   background"), with ``present_<concept>`` and ``present_all`` (Wilson 95% intervals) beside the CLIP columns;
+   background"), with ``present_<concept>`` and ``present_all`` (Wilson 95% intervals) beside the CLIP columns,
+   and the shipped MoLE against each method on the same images (paired, bootstrap over prompts and seeds);
 3. each concept's own prompts: how often base, the LoRA alone, NLA, the sum, regional routing and MoLE show it.
 The judge is trained on the world's labels only; no method is trained against it.
 """
@@ -41,6 +42,27 @@ def read_summary(run: Path, label: str = "") -> list[dict]:
     for row in rows:
         row["method"] += f" ({label})" if label else ""
     return rows
+
+
+def read_rows(run: Path, label: str = "") -> list[dict]:
+    """An evaluator run's per-image rows (``results.json``), methods suffixed with `` (label)`` when given."""
+    import json
+
+    rows = json.loads((run / "results.json").read_text())
+    return [{**row, "method": row["method"] + (f" ({label})" if label else "")} for row in rows]
+
+
+def paired_lines(rows: list[dict], names: list[str], reference: str = "mole") -> list[str]:
+    """Markdown rows: the reference minus each method on the same prompt and seed, per presence rate and the
+    CLIP columns, with two-stage bootstrap intervals over prompts and seeds (``*``: the interval excludes 0)."""
+    from ..eval.evaluate import format_difference, paired_table
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells = {(e["method"], e["metric"]): format_difference(e) for e in paired_table(rows, methods, reference)}
+    columns = [*(f"present_{n}" for n in names), "present_all", "clip_text", "clip_image_min"]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {m} | " + " | ".join(cells.get((m, c), "-") for c in columns) + " |" for m in methods if m != reference]
+    return lines
 
 
 def presence_table(summary: list[dict], names: list[str]) -> list[str]:
@@ -99,16 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     methods = ["base", *(f"single_{n}" for n in names), "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties",
                "peft_dare_linear", "switch", "composite", "regional", "mole", "mole_constant", *(f"mole_without_{n}" for n in names)]
     prompts = world.composition_prompts()
-    summary = read_summary(evaluate(EvaluationConfig(**common, output_dir=out / "composition", prompts=prompts, methods=methods)))
+    run = evaluate(EvaluationConfig(**common, output_dir=out / "composition", prompts=prompts, methods=methods))
+    summary, rows = read_summary(run), read_rows(run)
     for name, file in (g.split("=", 1) for g in args.gates):
         variant = {**common, "gates": Path(file)}
-        summary += read_summary(evaluate(EvaluationConfig(**variant, output_dir=out / f"composition-{name}", prompts=prompts,
-                                                          methods=["mole"])), name)
+        run = evaluate(EvaluationConfig(**variant, output_dir=out / f"composition-{name}", prompts=prompts, methods=["mole"]))
+        summary, rows = summary + read_summary(run, name), rows + read_rows(run, name)
     table = presence_table(summary, names)
     lines += [f"Composition prompts ({len(prompts)} prompts x {len(seeds)} seeds per method, the same for every method; "
-              "rates in % with Wilson 95% intervals; `present_active`: the concepts a method did not mask):", "",
-              *table, ""]
+              "rates in % with Wilson 95% intervals over images, scores with a two-stage bootstrap over prompts and "
+              "seeds; `present_active`: the concepts a method did not mask):", "", *table, ""]
     print("\n".join(lines[-len(table) - 3:]), flush=True)
+    paired = paired_lines(rows, names)
+    lines += ["The shipped MoLE against each method on the same images (MoLE minus the method; 95% two-stage "
+              "bootstrap over prompts and seeds; `*`: the interval excludes 0):", "", *paired, ""]
+    print("\n".join(lines[-len(paired) - 3:]), flush=True)
 
     if not args.skip_lift:
         lift_seeds = list(range(args.lift_seeds or args.seeds))

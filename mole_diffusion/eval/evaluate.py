@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +41,8 @@ from ..train.concepts import Concept, ConceptError, load_compositions, load_conc
 from ..errors import MoLEError, load_base_pipeline
 from ..gate_file import GateFileError, gate_kind
 from .clip import ImageBackbone, load_clip
-from .presence import load_presence_judge, presence_row, wilson_interval
+from .presence import load_presence_judge, presence_row
+from .stats import bootstrap_interval, by_prompt, paired_difference, wilson_interval
 from .scores import image_alignment, reference_embeddings, score_images
 
 
@@ -384,8 +384,9 @@ def is_rate(metric: str) -> bool:
 
 
 def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
-    """Mean and 95% interval per method and metric: for scores the normal approximation (1.96 standard errors,
-    ``<metric>_ci95``), for presence rates the Wilson interval (``<metric>_low``, ``<metric>_high``)."""
+    """Mean and 95% interval (``<metric>_low``, ``<metric>_high``) per method and metric: for presence rates the
+    Wilson interval over images, for scores a two-stage bootstrap over prompts and their seeds (images of one
+    prompt are not independent draws)."""
     metrics = list(dict.fromkeys(k for r in rows for k in r if k not in ID_COLUMNS))  # not every method has every metric
     summary = []
     for method in methods:
@@ -395,15 +396,36 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
             xs = [r[metric] for r in values if metric in r]
             if not xs:  # e.g. no image alignment for a method without reference images
                 continue
-            mean = sum(xs) / len(xs)
-            entry[metric] = mean
+            entry[metric] = sum(xs) / len(xs)
             if is_rate(metric):
                 entry[f"{metric}_low"], entry[f"{metric}_high"] = wilson_interval(sum(xs), len(xs))
-                continue
-            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-            entry[f"{metric}_ci95"] = 1.96 * sd / math.sqrt(len(xs))
+            else:
+                groups = [list(seeds.values()) for seeds in by_prompt(values, metric).values()]
+                entry[f"{metric}_low"], entry[f"{metric}_high"] = bootstrap_interval(groups)
         summary.append(entry)
     return summary
+
+
+def paired_reference(methods: list[str]) -> str:
+    """The method the others are compared with, image by image: MoLE where it ran, else the first method."""
+    return "mole" if "mole" in methods else methods[0]
+
+
+def paired_table(rows: list[dict], methods: list[str], reference: str) -> list[dict]:
+    """Per method and metric, reference minus method on the same (prompt, seed), with a two-stage bootstrap
+    interval over prompts and seeds; ``apart``: the interval excludes 0."""
+    mine = [r for r in rows if r["method"] == reference]
+    metrics = list(dict.fromkeys(k for r in mine for k in r if k not in ID_COLUMNS))
+    table = []
+    for method in methods:
+        if method == reference:
+            continue
+        theirs = [r for r in rows if r["method"] == method]
+        for metric in metrics:
+            difference = paired_difference(mine, theirs, metric)
+            if difference is not None:
+                table.append({"reference": reference, "method": method, "metric": metric, **difference})
+    return table
 
 
 def write_outputs(out: Path, methods: list[str], prompts: list[str], seeds: list[int], names: list[str]) -> None:
@@ -412,8 +434,12 @@ def write_outputs(out: Path, methods: list[str], prompts: list[str], seeds: list
     rows = [r for r in _read_rows(out / "results.jsonl").values() if r["method"] in methods and r["seed"] in seeds]
     rows.sort(key=lambda r: (methods.index(r["method"]), r["prompt_index"], r["seed"]))
     summary = summarise(rows, methods)
+    paired = paired_table(rows, methods, paired_reference(methods))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    for path, table in ((out / "results.csv", rows), (out / "summary.csv", summary)):
+    for path, table in ((out / "results.csv", rows), (out / "summary.csv", summary), (out / "paired.csv", paired)):
+        if not table:
+            path.unlink(missing_ok=True)
+            continue
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for entry in table for k in entry)))
             writer.writeheader()
@@ -424,7 +450,7 @@ def write_outputs(out: Path, methods: list[str], prompts: list[str], seeds: list
     if gate_files:
         per_image = [load_file(str(f)) for f in gate_files]
         _heatmap(out, {gate: torch.stack([g[gate] for g in per_image]).mean(dim=0) for gate in per_image[0]}, names)
-    _report(out, summary, prompts, seeds, names)
+    _report(out, rows, summary, paired, prompts, seeds, names)
 
 
 def _plots(out: Path, summary: list[dict], methods: list[str]) -> None:
@@ -436,11 +462,8 @@ def _plots(out: Path, summary: list[dict], methods: list[str]) -> None:
     for metric in summary_metrics(summary):
         figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(methods)), 3.2))
         values = [s.get(metric, float("nan")) for s in summary]
-        if is_rate(metric):  # asymmetric Wilson intervals
-            errors = [[v - s.get(f"{metric}_low", v) for v, s in zip(values, summary)],
-                      [s.get(f"{metric}_high", v) - v for v, s in zip(values, summary)]]
-        else:
-            errors = [s.get(f"{metric}_ci95", 0.0) for s in summary]
+        errors = [[v - s.get(f"{metric}_low", v) for v, s in zip(values, summary)],  # asymmetric intervals
+                  [s.get(f"{metric}_high", v) - v for v, s in zip(values, summary)]]
         axis.bar([s["method"] for s in summary], values, yerr=errors, capsize=3, color="#4c72b0")
         axis.set_ylabel(metric)
         axis.tick_params(axis="x", rotation=60)
@@ -482,15 +505,26 @@ def summary_metrics(summary: list[dict]) -> list[str]:
 
 
 def format_cell(entry: dict, metric: str) -> str:
-    """``0.1234 ± 0.0100`` for a score, ``43.8% [31.2-57.1]`` for a rate (Wilson 95%), ``-`` when absent."""
+    """``0.1234 [0.1010, 0.1420]`` for a score, ``43.8% [31.2-57.1]`` for a rate, ``-`` when absent."""
     if metric not in entry:
         return "-"
     if is_rate(metric):
         return f"{100 * entry[metric]:.1f}% [{100 * entry[metric + '_low']:.1f}-{100 * entry[metric + '_high']:.1f}]"
-    return f"{entry[metric]:.4f} ± {entry[metric + '_ci95']:.4f}"
+    if metric + "_ci95" in entry:  # a summary.csv written before intervals accounted for prompts
+        return f"{entry[metric]:.4f} ± {entry[metric + '_ci95']:.4f}"
+    return f"{entry[metric]:.4f} [{entry[metric + '_low']:.4f}, {entry[metric + '_high']:.4f}]"
 
 
-def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int], names: list[str]) -> None:
+def format_difference(entry: dict) -> str:
+    """A paired difference: ``+12.5 pts [3.1, 21.9] *`` for a rate, ``+0.0312 [0.0101, 0.0533] *`` for a score;
+    ``*`` when the interval excludes 0."""
+    scale, unit, digits = (100, " pts", 1) if is_rate(entry["metric"]) else (1, "", 4)
+    mean, low, high = (scale * entry[k] for k in ("mean", "low", "high"))
+    return f"{mean:+.{digits}f}{unit} [{low:.{digits}f}, {high:.{digits}f}]" + (" *" if entry["apart"] else "")
+
+
+def _report(out: Path, rows: list[dict], summary: list[dict], paired: list[dict], prompts: list[str], seeds: list[int],
+            names: list[str]) -> None:
     metrics = summary_metrics(summary)
     lines = [
         "# Evaluation report", "",
@@ -504,11 +538,27 @@ def _report(out: Path, summary: list[dict], prompts: list[str], seeds: list[int]
         if metric in metrics:
             best = max((s for s in summary if metric in s), key=lambda s: s[metric])
             if is_rate(metric) and best[metric] == 0:
-                lines.append(f"- Best {metric}: none (0% for every method).")
+                lines.append(f"- Highest {metric}: none (0% for every method).")
                 continue
-            lines.append(f"- Best {metric}: **{best['method']}** ({format_cell(best, metric)}).")
+            # a higher mean is a claim only where the paired interval against each other method excludes 0
+            mine = [r for r in rows if r["method"] == best["method"]]
+            tied = [s["method"] for s in summary if s["method"] != best["method"] and metric in s
+                    and not (paired_difference(mine, [r for r in rows if r["method"] == s["method"]], metric) or {"apart": True})["apart"]]
+            verdict = f"not apart (paired) from {', '.join(tied)}" if tied else "apart (paired) from every other method"
+            lines.append(f"- Highest {metric}: **{best['method']}** ({format_cell(best, metric)}); {verdict}.")
+    headline = [m for m in metrics if is_rate(m) or m in ("clip_text", "clip_image_min", "dino_image_min")]
+    if paired:
+        reference = paired[0]["reference"]
+        cells = {(e["method"], e["metric"]): format_difference(e) for e in paired}
+        others = list(dict.fromkeys(e["method"] for e in paired))
+        lines += ["", f"Paired against `{reference}`: {reference} minus each method on the same prompt and seed, with a "
+                  "95% two-stage bootstrap interval over prompts and their seeds; `*`: the interval excludes 0.", "",
+                  "| method | " + " | ".join(headline) + " |", "|---|" + "---|" * len(headline)]
+        lines += [f"| {m} | " + " | ".join(cells.get((m, k), "-") for k in headline) + " |" for m in others]
+        lines.append("")
     lines += [
-        "- ± is a 95% interval (1.96 standard errors over images). `clip_image_min` is the weakest concept's alignment.",
+        "- Scores: mean [95% interval], a two-stage bootstrap over prompts and their seeds (images of one prompt are "
+        "not independent). `clip_image_min` is the weakest concept's alignment.",
         "- `present_<concept>`: share of images in which the presence judge sees that concept; `present_all`: every "
         "concept of the prompt; `present_active`: every concept the method did not mask (a single LoRA: its own). "
         "Rates in %, with Wilson 95% intervals in brackets.",

@@ -13,7 +13,6 @@ Rates come with Wilson 95% intervals (never "0% ± 0%").
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Protocol
 
@@ -65,7 +64,10 @@ class DetectorPresence:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(folder)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).eval().to(device)
+        from ..quiet import quiet_loading
+
+        with quiet_loading():  # no "Loading weights" bar before the evaluator's own
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).eval().to(device)
         self.concepts, self.queries, self.threshold, self.device = list(queries), list(queries.values()), threshold, device
 
     @torch.no_grad()
@@ -106,13 +108,3 @@ def presence_row(present: dict[str, bool], composed: list[str], active: list[str
     if any(n in active for n in composed):  # the base model means to draw none
         row["present_active"] = float(all(present[n] for n in composed if n in active))
     return row
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a binomial rate (good at 0 and 1, where the normal one collapses)."""
-    if n == 0:
-        return 0.0, 1.0
-    rate = successes / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,86 @@
+"""Issue 15.4: intervals that account for prompts, and methods compared on the same images."""
+
+import math
+import random
+import re
+
+import pytest
+
+from mole_diffusion.eval import evaluate as ev
+from mole_diffusion.eval.stats import bootstrap_interval, paired_difference
+
+
+def test_bootstrap_of_one_prompt_is_the_usual_interval_of_a_mean():
+    rng = random.Random(0)
+    values = [rng.gauss(0, 1) for _ in range(400)]
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    low, high = bootstrap_interval([values])
+    assert low < mean < high
+    assert (high - low) / 2 == pytest.approx(1.96 * sd / math.sqrt(len(values)), rel=0.1)
+
+
+def test_bootstrap_widens_with_the_spread_between_prompts():
+    """Seeds that agree within a prompt are one draw of that prompt, not 16 independent images: the interval is
+    the between-prompt one (1.96 sd over prompts / sqrt(prompts)), far wider than counting images would give."""
+    prompt_values = [0.1 * p for p in range(10)]
+    groups = [[v] * 16 for v in prompt_values]
+    low, high = bootstrap_interval(groups)
+    mean = sum(prompt_values) / 10
+    sd_prompts = math.sqrt(sum((v - mean) ** 2 for v in prompt_values) / 9)
+    assert (high - low) / 2 == pytest.approx(1.96 * sd_prompts / math.sqrt(10), rel=0.2)
+    images = [v for g in groups for v in g]
+    sd_images = math.sqrt(sum((v - mean) ** 2 for v in images) / (len(images) - 1))
+    assert (high - low) / 2 > 3 * 1.96 * sd_images / math.sqrt(len(images))
+
+
+def test_bootstrap_of_constant_values_has_no_width_and_is_deterministic():
+    assert bootstrap_interval([[0.5] * 4, [0.5] * 3]) == (0.5, 0.5)
+    groups = [[0.0, 1.0, 0.3], [0.2, 0.9]]
+    assert bootstrap_interval(groups) == bootstrap_interval(groups)
+
+
+def _rows(method, values):
+    return [{"method": method, "prompt_index": p, "seed": s, "score": v} for p, seeds in enumerate(values) for s, v in enumerate(seeds)]
+
+
+def test_paired_difference_pairs_images_by_prompt_and_seed():
+    """B is A plus 0.05 on every image while the images themselves vary widely: unpaired intervals overlap,
+    the paired one is exactly 0.05 wide 0. Pairing seed s of one method with seed s' of the other fails this."""
+    rng = random.Random(1)
+    a = [[rng.uniform(-1, 1) for _ in range(8)] for _ in range(4)]
+    b = [[v + 0.05 for v in seeds] for seeds in a]
+    difference = paired_difference(_rows("b", b), _rows("a", a), "score")
+    assert difference["mean"] == pytest.approx(0.05)
+    assert (difference["low"], difference["high"]) == pytest.approx((0.05, 0.05))
+    assert difference["apart"] and difference["n"] == 32
+    summary = {s["method"]: s for s in ev.summarise(_rows("a", a) + _rows("b", b), ["a", "b"])}
+    assert summary["a"]["score_high"] > summary["b"]["score_low"]  # unpaired: the intervals overlap
+
+    shuffled = [list(reversed(seeds)) for seeds in b]  # the same values under other seeds: no longer pairs
+    unpaired = paired_difference(_rows("b", shuffled), _rows("a", a), "score")
+    assert unpaired["mean"] == pytest.approx(0.05) and not unpaired["apart"]
+
+
+def test_paired_difference_uses_only_images_both_methods_have():
+    a = _rows("a", [[0.0, 0.0, 0.0]])
+    b = _rows("b", [[1.0, 1.0]])  # seed 2 missing
+    assert paired_difference(b, a, "score")["n"] == 2
+    assert paired_difference(b, a, "other") is None
+
+
+def test_report_claims_a_best_method_only_where_it_is_apart(tmp_path):
+    """Two methods with rates 6/8 and 5/8 on the same images: the report names the higher one and says it is
+    not apart; a method 8/8 against 0/8 is apart, with a '*' in the paired table."""
+    def rows(method, hits):
+        return [{"method": method, "prompt_index": i // 4, "seed": i % 4, "present_all": float(h)} for i, h in enumerate(hits)]
+
+    table = rows("mole", [1, 1, 1, 1, 1, 1, 0, 0]) + rows("sum", [1, 1, 1, 0, 1, 1, 0, 0]) + rows("nla", [0] * 8)
+    methods = ["mole", "sum", "nla"]
+    summary = ev.summarise(table, methods)
+    paired = ev.paired_table(table, methods, ev.paired_reference(methods))
+    ev._report(tmp_path, table, summary, paired, ["p0", "p1"], [0, 1, 2, 3], ["x"])
+    report = (tmp_path / "report.md").read_text()
+    assert "Highest present_all: **mole** (75.0% [40.9-92.9]); not apart (paired) from sum." in report
+    assert re.search(r"\| sum \| \+12\.5 pts \[0\.0, [\d.]+\] \|", report)  # the interval reaches 0: no star
+    assert re.search(r"\| nla \| \+75\.0 pts \[[1-9][\d.]*, 100\.0\] \* \|", report)
