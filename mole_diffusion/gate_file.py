@@ -23,6 +23,7 @@ from .inject import MoLE
 
 FORMAT = "mole-diffusion-gates"
 FORMAT_VERSION = "1"
+REQUIRED_METADATA = ("expert_names", "expert_hashes", "granularity", "base_model", "base_fingerprint")
 logger = logging.getLogger(__name__)
 
 
@@ -74,6 +75,16 @@ def read_gate_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise GateFileError(f"{path}: not a mole-diffusion gate file (metadata format={metadata.get('format')!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise GateFileError(f"{path}: gate file format version {metadata.get('format_version')}, this version reads {FORMAT_VERSION}")
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise GateFileError(f"{path}: gate file metadata lacks {missing} (written by save_gates, which records "
+                            f"{list(REQUIRED_METADATA)})")
+    try:
+        names, hashes = json.loads(metadata["expert_names"]), json.loads(metadata["expert_hashes"])
+    except json.JSONDecodeError as e:
+        raise GateFileError(f"{path}: gate file metadata expert_names / expert_hashes is not JSON ({e})") from e
+    if not isinstance(hashes, dict) or set(hashes) != set(names):
+        raise GateFileError(f"{path}: gate file metadata expert_hashes should hold one hash for each of {names}")
     return tensors, metadata
 
 

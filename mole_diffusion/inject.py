@@ -156,11 +156,18 @@ class MoLE:
             raise RuntimeError("regional routing weighs each position: disable_regional_routing() before fusing")
         if self.fused:
             return
-        for layer in self.layers.values():
-            weight = layer.base_layer.weight
-            layer.unfused_weight = weight.detach().to("cpu", copy=True)  # unfuse restores it bit for bit
-            weight.add_(layer.constant_delta_weight().to(weight.dtype))
-            layer.fused = True
+        try:
+            for name, layer in self.layers.items():
+                weight = layer.base_layer.weight
+                delta = layer.constant_delta_weight().to(weight.dtype)
+                if not torch.isfinite(delta).all():
+                    raise MoLEError(f"{name}: the constant-weight delta holds NaN or inf in {weight.dtype}; nothing fused")
+                layer.unfused_weight = weight.detach().to("cpu", copy=True)  # unfuse restores it bit for bit
+                weight.add_(delta)
+                layer.fused = True
+        except BaseException:  # out of memory, a bad delta, Ctrl-C: the layers fused so far go back
+            self.unfuse()
+            raise
         self.fused = True
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from mole_diffusion.cli import main
 from mole_diffusion.demo import CONCEPTS, composition_prompts
-from mole_diffusion.demo.build import BuildSettings, build, install_assets
+from mole_diffusion.demo.build import SHIPPED, BuildSettings, build, install_assets
 from mole_diffusion.demo.run import ASSETS, AssetsError, check_assets, demo_methods, run_demo
 from mole_diffusion.gate_file import GateFileError, read_gate_file
 from mole_diffusion.pipelines import MoLEStableDiffusionPipeline
@@ -116,6 +116,65 @@ def test_install_assets_never_replaces_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(ValueError, match="holds the build folder"):
         install_assets(root, tmp_path)
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_install_assets_replaces_only_what_an_install_wrote(tmp_path):
+    """Issue 15.6: an earlier install is replaced whole; one holding a file no install wrote is refused and
+    kept; a folder of the user's beside it (``assets.new``, the old staging name) is never touched."""
+    root = tmp_path / "world"
+    for name in SHIPPED:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if "." in name:
+            (root / name).write_text(name)
+        else:
+            (root / name).mkdir()
+            (root / name / "weights.bin").write_text(f"{name} v1")
+    users = tmp_path / "assets.new"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    assets = install_assets(root, tmp_path / "assets")
+    assert (assets / "pipeline" / "weights.bin").read_text() == "pipeline v1" and "pipeline/weights.bin" in json.loads((assets / "manifest.json").read_text())["files"]
+    (root / "pipeline" / "weights.bin").write_text("pipeline v2")
+    install_assets(root, assets)
+    assert (assets / "pipeline" / "weights.bin").read_text() == "pipeline v2"
+    (assets / "loras" / "mine.safetensors").write_text("a LoRA of the user's")
+    with pytest.raises(ValueError, match=r"holds files no install wrote \(loras/mine.safetensors\)"):
+        install_assets(root, assets)
+    assert (assets / "loras" / "mine.safetensors").read_text() == "a LoRA of the user's"
+    assert (users / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets", "assets.new", "world"]  # no staging left over
+
+
+def test_a_stopped_build_stage_counts_as_not_done(tmp_path, monkeypatch):
+    """Issue 15.6: a stage stopped half way (here the tiny CLIP, after writing its weights file) leaves no
+    stage folder, so the next build runs it again; a finished stage is not run twice."""
+    import diffusers
+
+    import mole_diffusion.demo.build as build_module
+    import mole_diffusion.demo.judge as judge_module
+
+    calls = []
+
+    def clip(folder, settings):
+        calls.append("clip")
+        (folder / "open_clip_model.safetensors").write_bytes(b"half a file")
+        if calls.count("clip") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "train_clip", clip)
+    monkeypatch.setattr(build_module, "train_base", lambda folder, settings, work: calls.append("base"))
+    monkeypatch.setattr(judge_module, "train_judge", lambda folder, *args: calls.append("judge"))
+    monkeypatch.setattr(build_module, "train_concepts", lambda root, settings: calls.append("concepts"))
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", lambda *args, **kwargs: None)
+    settings = BuildSettings(concept_images=1)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "world", settings)
+    assert not (tmp_path / "world" / "clip").exists()
+    build(tmp_path / "world", settings)
+    assert calls == ["clip", "clip", "base", "judge", "concepts"]
+    assert (tmp_path / "world" / "clip" / "open_clip_model.safetensors").is_file()
+    build(tmp_path / "world", settings)
+    assert calls[5:] == ["concepts"]  # its own files are each skipped when written (LoRAs, gates)
 
 
 def test_demo_writes_every_file(tmp_path, capsys):

@@ -207,3 +207,52 @@ def test_nothing_below_the_command_line_imports_it():
             elif isinstance(node, ast.Import) and any(a.name == "mole_diffusion.cli" for a in node.names):
                 offenders.append(f"{path.relative_to(package)}:{node.lineno}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("key", ["granularity", "expert_hashes", "base_fingerprint"])
+def test_a_gate_file_lacking_metadata_names_the_key_and_changes_no_gate(world, trained, tmp_path, key):
+    """Issue 15.6: a gate file without one of its metadata keys is refused by name, not with a raw KeyError."""
+    from safetensors import safe_open
+
+    pipe, path = trained
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, tmp_path / "partial.safetensors", metadata={k: v for k, v in metadata.items() if k != key})
+    fresh = load(world["base"])
+    fresh.load_experts({"a": world["a"], "b": world["b"]})
+    before = {n: p.detach().clone() for n, p in fresh.unet.named_parameters() if "mole_gate" in n}
+    with pytest.raises(GateFileError, match=rf"partial.safetensors: gate file metadata lacks \['{key}'\]"):
+        fresh.load_gates(tmp_path / "partial.safetensors")
+    assert all(torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters() if "mole_gate" in n)
+
+
+@pytest.mark.parametrize("failure", ["error", "nan"])
+def test_a_failed_fuse_leaves_every_weight_as_it_was(world, mole_pipe, monkeypatch, failure):
+    """Issue 15.6: fuse_experts failing part way (here at the third module: an error such as out of memory, or a
+    delta that is not finite) restores the modules fused so far, bit for bit, and a later fuse works."""
+    from mole_diffusion import MoLEError
+
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.set_experts(["a", "b"], [0.7, 0.4])
+    before = {k: v.clone() for k, v in {**mole_pipe.unet.state_dict(), **mole_pipe.text_encoder.state_dict()}.items()}
+    real, calls = MoLELayer.constant_delta_weight, []
+
+    def failing(layer):
+        calls.append(layer)
+        delta = real(layer)
+        if len(calls) < 3:
+            return delta
+        if failure == "error":
+            raise torch.OutOfMemoryError("pretend")
+        return torch.full_like(delta, float("nan"))
+
+    monkeypatch.setattr(MoLELayer, "constant_delta_weight", failing)
+    with pytest.raises(torch.OutOfMemoryError if failure == "error" else MoLEError, match="pretend" if failure == "error" else "NaN or inf"):
+        mole_pipe.fuse_experts()
+    after = {**mole_pipe.unet.state_dict(), **mole_pipe.text_encoder.state_dict()}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not mole_pipe.mole.fused and not any(layer.fused for layer in mole_pipe.mole.layers.values())
+    expected = generate(mole_pipe)
+    monkeypatch.setattr(MoLELayer, "constant_delta_weight", real)
+    mole_pipe.fuse_experts()
+    np.testing.assert_allclose(generate(mole_pipe), expected, atol=1e-5)

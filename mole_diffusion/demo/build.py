@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,6 +103,27 @@ class BuildSettings:
     judge_pool: int = 4000  # VAE round trips the judge trains on (with fresh clean drawings)
     validation_steps: int = 20  # sampling steps of the LoRA and gate runs' validation grids
     device: str | None = None
+
+
+@contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Build a stage's folder under a name of its own (``.<name>.partial``) and rename it into place only when
+    the stage finished: a stage whose folder exists was written whole. A stopped attempt's partial folder is ours,
+    so the next attempt starts it afresh."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    partial.rename(folder)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(temporary)``, then rename it over ``path``: the file is whole or not there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    os.replace(temporary, path)
+    return path
 
 
 def _device(settings: BuildSettings) -> torch.device:
@@ -212,17 +237,19 @@ def make_pipeline(vae, seed: int, tokenizer_dir: Path):
     )
 
 
-def train_base(out: Path, settings: BuildSettings) -> Path:
-    """Train the UNet and text encoder on the base world (captions dropped 10% of the time, for guidance)."""
+def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> Path:
+    """Train the UNet and text encoder on the base world (captions dropped 10% of the time, for guidance);
+    ``work`` (default ``<out>-training``) keeps the VAE and the training checkpoints, so a stopped run resumes."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     from ..train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
 
-    stage = out.with_name(out.name + "-training")
+    stage = work or out.with_name(out.name + "-training")
     stage.mkdir(parents=True, exist_ok=True)
     vae_path = stage / "vae"
-    if not (vae_path / "config.json").is_file():
-        train_vae(settings).save_pretrained(vae_path)
+    if not vae_path.is_dir():
+        with staged_folder(vae_path) as folder:
+            train_vae(settings).save_pretrained(folder)
     vae = AutoencoderKL.from_pretrained(vae_path)
     vae.register_to_config(_name_or_path="")  # not this build folder's path, in the shipped config.json
     pipe = make_pipeline(vae, settings.seed, stage / "tokenizer")
@@ -306,13 +333,13 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
                 train_text_encoder=True,
                 validation_prompts=[(images / "000.txt").read_text().strip()],
             ))
-            lora.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(trained, lora)
+            write_atomically(lora, lambda temporary: shutil.copyfile(trained, temporary))
         entries.append(f'[[concepts]]\nname = "{name}"\nlora = "loras/{name}.safetensors"\n'
                        f'images = "world/concepts/{name}"\nprompt = "{prompt}"\n')
     concepts = root / "concepts.toml"
     compositions = ", ".join(f'"{p}"' for p in world.composition_prompts())
-    concepts.write_text("\n".join(entries) + f"\n[compositions]\nprompts = [{compositions}]\n")
+    text = "\n".join(entries) + f"\n[compositions]\nprompts = [{compositions}]\n"
+    write_atomically(concepts, lambda temporary: temporary.write_text(text))
     if not (root / "gates.safetensors").is_file():
         gates = train_gates(GateTrainingConfig(
             base=str(root / "pipeline"), concepts=concepts, output_dir=root / "runs" / "gates", steps=settings.gate_steps,
@@ -321,7 +348,8 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
         ))
         # the world's pipeline moves with it (build folder -> package): no base path, which would only warn
         tensors, metadata = read_gate_file(gates)
-        save_file(tensors, str(root / "gates.safetensors"), metadata={**metadata, "base_model": ""})
+        write_atomically(root / "gates.safetensors",
+                         lambda temporary: save_file(tensors, str(temporary), metadata={**metadata, "base_model": ""}))
     return concepts
 
 
@@ -330,25 +358,45 @@ SHIPPED = ("pipeline", "clip", "judge", "loras", "gates.safetensors", "concepts.
 
 def install_assets(root: Path, assets: Path) -> Path:
     """Copy the shipped part of a built world (no training checkpoints or logs) to ``assets`` and write
-    ``manifest.json``: every file with its sha256, checked by ``demo.run.check_assets``."""
+    ``manifest.json``: every file with its sha256, checked by ``demo.run.check_assets``. Only an empty folder or
+    an earlier install holding nothing but what its manifest lists is replaced; nothing else is ever deleted."""
     root, assets = Path(root).resolve(), Path(assets).resolve()
     if assets == root or assets in root.parents:
         raise MoLEError(f"--assets {assets} holds the build folder {root}; install into a folder of its own")
-    if assets.exists() and any(assets.iterdir()) and not (assets / "manifest.json").is_file():
-        raise MoLEError(f"--assets {assets} is a folder with files and no manifest.json; installing would replace "
-                         "it, so give a new folder or an earlier install")
-    staging = assets.with_name(assets.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    for name in SHIPPED:
-        source = root / name
-        if source.is_dir():
-            shutil.copytree(source, staging / name)
+    if assets.exists():
+        if not assets.is_dir():
+            raise MoLEError(f"--assets {assets} is a file; give a folder")
+        if any(assets.iterdir()):
+            if not (assets / "manifest.json").is_file():
+                raise MoLEError(f"--assets {assets} is a folder with files and no manifest.json; installing would "
+                                 "replace it, so give a new folder or an earlier install")
+            listed = set(json.loads((assets / "manifest.json").read_text())["files"])
+            unlisted = sorted(p.relative_to(assets).as_posix() for p in assets.rglob("*")
+                              if p.is_file() and p.name != "manifest.json" and p.relative_to(assets).as_posix() not in listed)
+            if unlisted:
+                raise MoLEError(f"--assets {assets} holds files no install wrote ({', '.join(unlisted[:3])}"
+                                 f"{', ...' if len(unlisted) > 3 else ''}); installing would delete them: move them out first")
+    assets.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{assets.name}.", suffix=".new", dir=assets.parent))  # a name of our own
+    try:
+        for name in SHIPPED:
+            source = root / name
+            if source.is_dir():
+                shutil.copytree(source, staging / name)
+            else:
+                shutil.copyfile(source, staging / name)
+        write_manifest(staging)
+        if assets.exists():  # swap by renames: the earlier install stays whole until the new one is in place
+            previous = Path(tempfile.mkdtemp(prefix=f".{assets.name}.", suffix=".old", dir=assets.parent))
+            previous.rmdir()
+            assets.rename(previous)
+            staging.rename(assets)
+            shutil.rmtree(previous)
         else:
-            staging.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, staging / name)
-    write_manifest(staging)
-    shutil.rmtree(assets, ignore_errors=True)
-    staging.rename(assets)
+            staging.rename(assets)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return assets
 
 
@@ -375,18 +423,23 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
         if changed:
             raise MoLEError(f"{out} was built with other settings ({record}): "
                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) + "; use a new --out")
-    record.write_text(json.dumps({**json.loads(record.read_text()), **recorded} if record.is_file() else recorded, indent=1))
+    text = json.dumps({**json.loads(record.read_text()), **recorded} if record.is_file() else recorded, indent=1)
+    write_atomically(record, lambda temporary: temporary.write_text(text))
     world.write_world(out / "world", base_count=0, concept_count=settings.concept_images, resolution=RESOLUTION, seed=settings.seed)
-    if not (out / "clip" / "open_clip_model.safetensors").is_file():
-        train_clip(out / "clip", settings)
-    if not (out / "pipeline" / "model_index.json").is_file():
-        train_base(out / "pipeline", settings)
-    if not (out / "judge" / "model.safetensors").is_file():
+    # each stage's folder appears only once the stage has written it whole (staged_folder)
+    if not (out / "clip").is_dir():
+        with staged_folder(out / "clip") as folder:
+            train_clip(folder, settings)
+    if not (out / "pipeline").is_dir():
+        with staged_folder(out / "pipeline") as folder:
+            train_base(folder, settings, work=out / "pipeline-training")
+    if not (out / "judge").is_dir():
         from diffusers import AutoencoderKL
 
         from .judge import JudgeSettings, train_judge
 
-        train_judge(out / "judge", AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
-                    JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool, seed=settings.seed), _device(settings))
+        with staged_folder(out / "judge") as folder:
+            train_judge(folder, AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
+                        JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool, seed=settings.seed), _device(settings))
     train_concepts(out, settings)
     return out
