@@ -256,3 +256,55 @@ def test_a_failed_fuse_leaves_every_weight_as_it_was(world, mole_pipe, monkeypat
     monkeypatch.setattr(MoLELayer, "constant_delta_weight", real)
     mole_pipe.fuse_experts()
     np.testing.assert_allclose(generate(mole_pipe), expected, atol=1e-5)
+
+
+def test_a_stopped_log_rewrite_on_resume_loses_no_row(tmp_path, monkeypatch):
+    """Issue 15.6: on resume the log keeps the rows up to the checkpoint; the rewrite goes to new files renamed
+    over the old ones, so a run stopped during it leaves the old log whole."""
+    import json
+    from types import SimpleNamespace
+
+    from mole_diffusion.train.common import TrainingLog
+
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    first = TrainingLog(tmp_path, SimpleNamespace(trackers=[]), resumed_from=0)
+    for row in rows:
+        first.write(row)
+    before = {name: (tmp_path / name).read_text() for name in ("log.jsonl", "log.csv")}
+
+    real_write, written = TrainingLog.write, []
+
+    def stopped(self, row, track=True):
+        if written:
+            raise KeyboardInterrupt
+        written.append(row)
+        real_write(self, row, track)
+
+    monkeypatch.setattr(TrainingLog, "write", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        TrainingLog(tmp_path, SimpleNamespace(trackers=[]), resumed_from=3)
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    monkeypatch.setattr(TrainingLog, "write", real_write)
+    TrainingLog(tmp_path, SimpleNamespace(trackers=[]), resumed_from=3)
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == rows[:3]
+    assert (tmp_path / "log.csv").read_text().splitlines() == before["log.csv"].splitlines()[:4]  # header + 3 rows
+
+
+def test_a_stopped_lora_save_leaves_the_earlier_file(tmp_path, monkeypatch):
+    """Issue 15.6: train-lora's final file is written under another name and renamed: a save stopped half way
+    leaves the file that was there."""
+    from diffusers import StableDiffusionPipeline
+
+    from mole_diffusion.train.lora import save_lora
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+
+    def half_a_save(folder, weight_name, **layers):
+        (folder / weight_name).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", half_a_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_lora(None, {}, path)
+    assert torch.equal(load_file(path)["w"], torch.ones(2))

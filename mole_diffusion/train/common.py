@@ -225,10 +225,18 @@ class TrainingLog:
         kept = []
         if resumed_from and self.jsonl.exists():  # drop steps taken after the checkpoint: they are redone
             kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resumed_from]
+        # the kept rows go to new files that replace the old ones by rename: a run stopped here loses no row
+        final, self.jsonl, self.csv = (self.jsonl, self.csv), self.jsonl.with_name("log.jsonl.tmp"), self.csv.with_name("log.csv.tmp")
         self.jsonl.unlink(missing_ok=True)
         self.csv.unlink(missing_ok=True)
         for row in kept:
             self.write(row, track=False)
+        for temporary, path in zip((self.jsonl, self.csv), final):
+            if temporary.exists():
+                os.replace(temporary, path)
+            else:
+                path.unlink(missing_ok=True)
+        self.jsonl, self.csv = final
 
     def write(self, row: dict, track: bool = True) -> None:
         """Append one row (every row has the same columns)."""

@@ -8,6 +8,7 @@ PEFT), and is folded into B (B' = B M) before saving, so every file is a plain L
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,4 +149,7 @@ def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig]
         if isinstance(config["target_modules"], (set, list)):  # PEFT keeps a set: sorted, the same run writes the same file
             config["target_modules"] = sorted(config["target_modules"])
         metadata[f"{component}_lora_adapter_metadata"] = config
-    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)
+    # whole or not at all: a stopped save leaves the earlier file (a resumed run's, say) as it was
+    temporary = path.with_name(f".{path.stem}.tmp.safetensors")
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=temporary.name, **layers, **metadata)
+    os.replace(temporary, path)
