@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mole_diffusion.cli import main
@@ -17,12 +18,18 @@ def test_generate_writes_a_png(world, tmp_path, capsys):
 
 
 def test_generate_with_gates_weights_and_masking(world, tmp_path, mole_pipe):
+    from test_pipeline import randomise_gates
+
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.save_gates(tmp_path / "untrained.safetensors")
+    randomise_gates(mole_pipe)  # gates a CLI that ignored --gates could not pass for untrained ones
     mole_pipe.save_gates(tmp_path / "gates.safetensors")
+    expected = mole_pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     common = ["--base", str(world["base"]), "--lora", f"a={world['a']}", "--lora", f"b={world['b']}",
               "--prompt", "a red circle", "--steps", "2"]
     runs = {
         "gates": ["--gates", str(tmp_path / "gates.safetensors")],
+        "untrained": ["--gates", str(tmp_path / "untrained.safetensors")],
         "masked": ["--experts", "a"],
         "weights": ["--weights", "0.5", "0.5"],
     }
@@ -30,8 +37,11 @@ def test_generate_with_gates_weights_and_masking(world, tmp_path, mole_pipe):
     for name, extra in runs.items():
         assert main(["generate", *common, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
         images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    # the gate file's gates draw the image: the Python API's with those gates, not the untrained one
+    assert np.abs(images["gates"] - np.asarray(expected).astype(int)).max() <= 1
+    assert np.abs(images["gates"] - images["untrained"]).max() > 1
     # untrained gates are NLA with uniform weights: the same image as --weights 0.5 0.5
-    assert np.abs(images["gates"] - images["weights"]).max() <= 1
+    assert np.abs(images["untrained"] - images["weights"]).max() <= 1
     assert np.abs(images["masked"] - images["weights"]).max() > 1
 
 

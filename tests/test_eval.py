@@ -6,6 +6,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load
 from diffusers import DDPMScheduler
 from PIL import Image
@@ -64,6 +65,30 @@ def test_scores_equal_open_clip_computed_directly(clip_name):
         assert row["clip_image_min"] == row["clip_image_x"]
     # any batch size, the same numbers
     torch.testing.assert_close(embed_pil(clip, images, batch_size=1), embed_pil(clip, images, batch_size=4), rtol=0, atol=1e-6)
+
+
+def test_the_differentiable_image_path_equals_open_clips_preprocessing(clip_name):
+    """Gate training's CLIP objective embeds tensors with its own resize, crop and normalisation: at the model's
+    size it is open_clip's preprocessing exactly; larger and not square, the same embedding up to resampling."""
+    clip = load_clip(clip_name)
+    rng = np.random.default_rng(0)
+    # smooth images (bicubic resampling of noise differs most between PIL and torch): blurred noise
+    def smooth(height, width):
+        noise = Image.fromarray(rng.integers(0, 255, (height // 4, width // 4, 3), dtype=np.uint8))
+        return noise.resize((width, height), Image.BICUBIC)
+
+    def tensor(image):
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
+
+    exact = [smooth(clip.size, clip.size) for _ in range(3)]
+    torch.testing.assert_close(torch.cat([clip.embed_images(tensor(im)) for im in exact]),
+                               F.normalize(embed_pil(clip, exact), dim=-1), rtol=0, atol=1e-5)
+    larger = [smooth(2 * clip.size + 8, 3 * clip.size) for _ in range(3)]
+    ours = torch.cat([clip.embed_images(tensor(im)) for im in larger])
+    theirs = F.normalize(embed_pil(clip, larger), dim=-1)
+    assert (ours * theirs).sum(-1).min() > 0.99
+    wrong = torch.cat([clip.embed_images(tensor(im).flip(-1)) for im in larger])  # what a mistake would look like
+    assert (ours * theirs).sum(-1).min() > (wrong * theirs).sum(-1).max()
 
 
 def config(world, eval_world, clip_name, out, **kwargs):
@@ -207,9 +232,13 @@ def test_transformers_clip_folder_scores_equal_transformers_computed_directly(tm
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
     for i, row in enumerate(rows):
         assert row["clip_text"] == pytest.approx(cos[i].item(), abs=1e-5)
-    # the differentiable path agrees with the processor's on an image already at the model's size
-    pixels = torch.from_numpy(np.asarray(images[0].resize((32, 32)))).permute(2, 0, 1)[None] / 255.0
-    assert clip.embed_images(pixels).shape == (1, 32)
+    # the differentiable path equals the processor's on an image already at the model's size
+    image = images[0].resize((32, 32))
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None] / 255.0
+    with torch.no_grad():
+        expected = model.get_image_features(**processor(images=[image], return_tensors="pt"))
+    expected = getattr(expected, "pooler_output", expected)  # a tensor, or an output object in newer transformers
+    torch.testing.assert_close(clip.embed_images(pixels), F.normalize(expected, dim=-1), rtol=0, atol=1e-5)
 
 
 def test_dino_backbone_adds_its_own_image_alignment(world, eval_world, clip_name, tmp_path):

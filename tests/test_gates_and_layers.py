@@ -123,11 +123,17 @@ def test_block_modules_share_their_blocks_gate(world, mole_pipe):
 
 
 def test_gradients_reach_every_gate_and_nothing_else(world, mole_pipe):
-    mole_pipe.load_experts({"a": world["a"], "c": world["c"]})
+    """Nothing frozen by hand (the UNet as from_pretrained gives it, every parameter trainable): injection adds
+    no trainable tensor but the gates (the experts are buffers), every gate gets a gradient and no expert does.
+    That the base weights get none in training is train_gates' freezing, tested in test_training."""
     unet = mole_pipe.unet
-    unet.requires_grad_(False)
-    for p in mole_pipe.mole.gate_parameters():
-        p.requires_grad_(True)
+    base_names = {n for n, _ in unet.named_parameters()}
+    assert all(p.requires_grad for p in unet.parameters())
+    mole_pipe.load_experts({"a": world["a"], "c": world["c"]})
+    gate_names = {f"{name.removeprefix('unet.')}.mole_gate.{k}" for name, gate in mole_pipe.mole.gates.items()
+                  if name.startswith("unet") for k, _ in gate.named_parameters()}
+    added = {n.replace(".base_layer", "") for n, _ in unet.named_parameters()} - base_names
+    assert added == gate_names
     g = torch.Generator().manual_seed(0)
     out = unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]),
                encoder_hidden_states=torch.randn(2, 77, 32, generator=g)).sample
@@ -135,4 +141,5 @@ def test_gradients_reach_every_gate_and_nothing_else(world, mole_pipe):
     for name, gate in mole_pipe.mole.gates.items():
         if name.startswith("unet"):
             assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0, name
-    assert all(p.grad is None for n, p in unet.named_parameters() if "mole_gate" not in n)
+    for layer in mole_pipe.mole.layers.values():
+        assert not layer.lora_A.requires_grad and layer.lora_A.grad is None and layer.lora_B.grad is None
