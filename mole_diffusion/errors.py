@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import TypeVar
 
+from .quiet import quiet_loading
+
 Pipeline = TypeVar("Pipeline")
 
 
@@ -21,8 +23,10 @@ class BaseModelError(MoLEError):
 
 
 def load_base_pipeline(cls: type[Pipeline], base: str | os.PathLike, **kwargs) -> Pipeline:
-    """``cls.from_pretrained(base, **kwargs)``; a missing or unreadable model is a ``BaseModelError``."""
+    """``cls.from_pretrained(base, **kwargs)``; a missing or unreadable model is a ``BaseModelError``. Without
+    diffusers' and transformers' loading bars (``quiet_loading``): the command's own bar is the one shown."""
     try:
-        return cls.from_pretrained(base, **kwargs)
+        with quiet_loading():
+            return cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as err:  # diffusers: OSError for missing files, ValueError for a bad path or id
         raise BaseModelError(f"{base}: cannot load a Stable Diffusion pipeline ({err})") from err

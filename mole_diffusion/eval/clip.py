@@ -64,7 +64,10 @@ class TransformersClip(ClipModel):
     def __init__(self, folder: str, device):
         from transformers import AutoProcessor, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        from ..quiet import quiet_loading
+
+        with quiet_loading():  # no "Loading weights" bar before the evaluator's own
+            self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
         self.processor, self.name = AutoProcessor.from_pretrained(folder), folder
         image_processor = self.processor.image_processor
         self.size = image_processor.crop_size["height"]
@@ -91,8 +94,11 @@ class ImageBackbone:
     def __init__(self, folder: str, device="cpu"):
         from transformers import AutoImageProcessor, AutoModel
 
+        from ..quiet import quiet_loading
+
         try:
-            self.model = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+            with quiet_loading():
+                self.model = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
             self.processor = AutoImageProcessor.from_pretrained(folder)
         except Exception as err:
             raise ClipError(f"cannot load image model {folder}: {type(err).__name__}: {err}") from None
