@@ -27,8 +27,8 @@ ACTIVATIONS = ("softmax", "sigmoid")
 class Gate(nn.Module):
     """G = softmax((W_g f + b_g) / tau), tau = exp(log_tau); masked experts get logit -inf.
 
-    Initialised with W_g = 0 and b_g = log(prior), so an untrained gate returns the prior weights for every
-    input: an untrained MoLE is exactly NLA with those weights.
+    Initialised with W_g = 0 and b_g = log(prior) (less its mean), so an untrained gate returns the prior
+    weights for every input: an untrained MoLE is exactly NLA with those weights.
 
     Beyond the paper (METHOD.md section 8): ``activation="sigmoid"`` gives each expert its own weight in (0, 1),
     sigmoid((W_g f + b_g) / tau) with b_g = logit(prior), off the simplex, so experts need not compete and the
@@ -50,7 +50,12 @@ class Gate(nn.Module):
                             "is 1: pass prior_weights, e.g. [0.5])")
         self.activation, self.per_position = activation, per_position
         self.weight = nn.Parameter(torch.zeros(num_experts, in_features))
-        self.bias = nn.Parameter(prior.log() if activation == "softmax" else torch.logit(prior))
+        # softmax: log(prior) less its mean, the same weights (softmax ignores a shift), but a uniform prior's
+        # logits are then exactly 0, so the temperature's gradient at the start is exactly 0 as in the math,
+        # not rounding noise that Adam would blow up into a random first step
+        log_prior = prior.log()
+        centre = log_prior[log_prior.isfinite()].mean() if bool(log_prior.isfinite().any()) else 0.0
+        self.bias = nn.Parameter(log_prior - centre if activation == "softmax" else torch.logit(prior))
         self.log_temperature = nn.Parameter(torch.zeros(()))
         self.register_buffer("mask", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         # Constant weights (1, N) that replace the gate in NLA / plain-sum mode (see MoLE.set_experts).

@@ -275,8 +275,8 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
     params |= {f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()}
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    def loss_function(indices, generator):
-        keep = torch.rand(len(indices), generator=generator) >= 0.1
+    def loss_function(indices, generator):  # generator: a common.BatchRandom, this process's share of the batch's draws
+        keep = generator.rand() >= 0.1
         prompts = [examples.prompts[i] if k else "" for i, k in zip(indices, keep.tolist())]
         latents = examples.latents[indices].to(accelerator.device)
         value = denoising_loss(pipe.unet, noise_scheduler, latents, encode_prompts(pipe, prompts), examples.loss_weights[indices], generator)

@@ -3,12 +3,18 @@ checkpoints, logs, validation grids, and the plain accelerate loop that runs the
 
 Every random draw of a step (which images, which noise, which timesteps) is derived from the seed and the
 step number, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would.
+
+Several processes (``accelerate launch``) split each micro-batch: ``batch_size`` is the global micro-batch,
+every process draws the whole step's random numbers (every micro-batch's) from the same seeded generator and
+takes its rows, gradients are averaged and batch statistics (the balance loss's mean gate weights) are taken over
+the global batch, so N processes end with the gates of one process (to float rounding), only sooner.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -20,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
@@ -60,6 +67,35 @@ class TrainingSettings:
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
     validation_steps: int = 25
     progress: bool = True
+
+
+class BatchRandom:
+    """The random draws of one global micro-batch, of which this process uses rows ``start .. start + count - 1``.
+
+    Each draw is made for the whole micro-batch and then sliced, so a process's rows are exactly the rows one
+    process with the whole batch would use: the split across processes does not change the samples.
+    """
+
+    def __init__(self, generator: torch.Generator, size: int, start: int = 0, count: int | None = None):
+        self.generator, self.size, self.start = generator, size, start
+        self.count = size - start if count is None else count
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """(count, *shape) numbers uniform in [0, 1)."""
+        return torch.rand((self.size, *shape), generator=self.generator)[self.start:self.start + self.count]
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """(count, *shape) standard normal numbers."""
+        return torch.randn((self.size, *shape), generator=self.generator)[self.start:self.start + self.count]
+
+    def randint(self, high: int) -> torch.Tensor:
+        """(count,) integers in [0, high)."""
+        return torch.randint(0, high, (self.size,), generator=self.generator)[self.start:self.start + self.count]
+
+    @staticmethod
+    def of(generator: torch.Generator | BatchRandom, size: int) -> BatchRandom:
+        """``generator`` as is, or a plain generator as the draws of a batch of ``size`` alone."""
+        return generator if isinstance(generator, BatchRandom) else BatchRandom(generator, size)
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -133,11 +169,13 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
 
 def denoising_loss(
     unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
-    loss_weights: torch.Tensor, generator: torch.Generator,
+    loss_weights: torch.Tensor, generator: torch.Generator | BatchRandom,
 ) -> torch.Tensor:
-    """The usual diffusion loss: noise the latents at random timesteps, predict epsilon / v / the sample."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+    """The usual diffusion loss: noise the latents at random timesteps, predict epsilon / v / the sample.
+    ``generator``: a plain generator (the draws of this batch alone), or this process's slice of a global batch's."""
+    random = BatchRandom.of(generator, len(latents))
+    noise = random.randn(*latents.shape[1:]).to(latents)
+    timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample
     target = {
@@ -266,14 +304,62 @@ def save_validation_grid(pipe, settings: TrainingSettings, path: Path) -> None:
 
 
 # -- the loop -------------------------------------------------------------------------------------------
+MULTI_PROCESS_ON_CPU = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mole_diffusion.cli ..."
+
+
 def make_accelerator(settings: TrainingSettings) -> Accelerator:
+    """The run's Accelerator; refuses launches whose processes would not train together, and batch sizes that
+    do not split evenly over the processes."""
     try:
         import tensorboard  # noqa: F401
 
         log_with = "tensorboard"
     except ImportError:
         log_with = None
-    return Accelerator(mixed_precision=settings.mixed_precision, log_with=log_with, project_dir=str(settings.output_dir))
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision, log_with=log_with, project_dir=str(settings.output_dir))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # torchrun started several processes, but accelerate found no GPU and so did not connect them: each
+        # would train alone, all writing the same folder
+        raise MoLEError(f"{launched} processes were launched but accelerate runs each alone (no GPU found); on CPUs "
+                        f"set ACCELERATE_USE_CPU=1: {MULTI_PROCESS_ON_CPU}")
+    if accelerator.num_processes == 1 and _one_of_several_cpu_processes():
+        # gates do not depend on the number of processes, so this run is right, only slower than asked
+        accelerator.print(f"note: `accelerate launch --cpu` started one process (without mpirun it starts no more); "
+                          f"training in one process, to the same result. For several on CPUs: {MULTI_PROCESS_ON_CPU}")
+    local_batch_size(settings, accelerator.num_processes)
+    return accelerator
+
+
+def _one_of_several_cpu_processes() -> bool:
+    """Whether ``accelerate launch --cpu --num_processes N`` (N > 1) started this single process: it sets the
+    rendezvous address for N processes, but only mpirun would start them and give them ranks."""
+    ranks = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return cpu and "MASTER_PORT" in os.environ and not any(name in os.environ for name in ranks)
+
+
+def local_batch_size(settings: TrainingSettings, processes: int) -> int:
+    """Each process's share of the global micro-batch ``settings.batch_size``."""
+    if settings.batch_size < 1:
+        raise MoLEError(f"batch_size must be at least 1, got {settings.batch_size}")
+    if settings.batch_size % processes:
+        raise MoLEError(f"--batch-size {settings.batch_size} is the global batch and must split evenly over the "
+                        f"{processes} processes: use a multiple of {processes}")
+    return settings.batch_size // processes
+
+
+def global_batch_means(tensors: list[torch.Tensor], accelerator: Accelerator) -> list[torch.Tensor]:
+    """``tensors`` (this process's rows of a batch statistic's inputs, batch first) shifted so that their mean
+    over the batch is the mean over the global batch, all processes' rows, while the gradient stays this
+    process's own. A loss that is not a mean over examples (the balance loss, -sum log q) then has the
+    global batch's value, and averaging the processes' gradients gives one process's gradient; the local
+    means alone would give another loss. All processes must hold equally many rows (``local_batch_size``)."""
+    if accelerator.num_processes == 1 or not tensors:
+        return tensors
+    local = torch.cat([t.detach().float().mean(dim=0).flatten() for t in tensors])
+    offsets = (accelerator.reduce(local, "mean") - local).split([t[0].numel() for t in tensors])
+    return [t + offset.view(t.shape[1:]).to(t.dtype) for t, offset in zip(tensors, offsets)]
 
 
 def prepare_pipeline(pipe: StableDiffusionPipeline, accelerator: Accelerator, settings: TrainingSettings) -> None:
@@ -303,14 +389,14 @@ def trainable_parameters(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Pa
     }
 
 
-LossFunction = Callable[[list[int], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+LossFunction = Callable[[list[int], BatchRandom], tuple[torch.Tensor, dict[str, float]]]
 
 
 def denoising_objective(pipe: StableDiffusionPipeline, examples: Examples) -> LossFunction:
     """The usual DreamBooth loss on the examples ``indices``, as a loss function for ``run_training``."""
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    def loss(indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(indices: list[int], generator: BatchRandom) -> tuple[torch.Tensor, dict[str, float]]:
         prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
         latents = examples.latents[indices].to(pipe.unet.device, pipe.unet.dtype)
         value = denoising_loss(pipe.unet, noise_scheduler, latents, prompt_embeds, examples.loss_weights[indices], generator)
@@ -327,8 +413,10 @@ def run_training(
     examples: Examples,
     loss_function: LossFunction,
 ) -> None:
-    """Train ``params`` (everything else in ``pipe`` frozen) on ``loss_function(indices, generator)``, which
-    returns the loss of a micro-batch (examples ``indices``; random draws from ``generator``) and values to log."""
+    """Train ``params`` (everything else in ``pipe`` frozen) on ``loss_function(indices, random)``, which
+    returns the loss of a micro-batch (examples ``indices``; random draws from ``random``) and values to log.
+    Under several processes ``indices`` and ``random`` are this process's share of the global micro-batch,
+    and the loss must be a mean over the examples (or use ``global_batch_means`` for batch statistics)."""
     for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "validation_every"):
         if getattr(settings, name) < 1:
             raise MoLEError(f"{name} must be at least 1, got {getattr(settings, name)}")
@@ -348,25 +436,38 @@ def run_training(
         accelerator.init_trackers("tensorboard")
 
     accumulation, world, rank = settings.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    local = local_batch_size(settings, world)
+    if world > 1:
+        # one starting point on every process, as DDP does (gates a pipeline was handed may differ)
+        with torch.no_grad():
+            for p in params.values():
+                p.copy_(broadcast(p.detach().clone(), from_process=0))
+        accelerator.print(f"training on {world} processes, {local} of the {settings.batch_size} examples of each micro-batch on each")
     bar = tqdm(total=settings.steps, initial=start, disable=not (settings.progress and accelerator.is_local_main_process), desc="training")
     for step in range(start + 1, settings.steps + 1):
         began, logged = time.perf_counter(), {}
         for micro in range(accumulation):
-            draw = ((step - 1) * accumulation + micro) * world + rank  # this process's micro-batch number
-            indices = sample_indices(examples, settings.seed, draw * settings.batch_size, settings.batch_size)
+            draw = (step - 1) * accumulation + micro  # the global micro-batch's number; this process takes its rows
+            indices = sample_indices(examples, settings.seed, draw * settings.batch_size + rank * local, local)
+            # the step's random draws are made for all its micro-batches together, each taking its rows: so
+            # accumulating k micro-batches of b sees the samples of one batch of k * b (a mean loss: its gradient)
+            random = BatchRandom(torch.Generator().manual_seed(settings.seed * 1_000_003 + step - 1),
+                                 accumulation * settings.batch_size, micro * settings.batch_size + rank * local, local)
             with accelerator.autocast():
-                loss, values = loss_function(indices, torch.Generator().manual_seed(settings.seed * 1_000_003 + draw))
-            if not torch.isfinite(loss):
+                loss, values = loss_function(indices, random)
+            values = {"loss": loss.item(), **values}
+            if world > 1:  # log the global batch's values (and every process sees a non-finite loss, so all stop)
+                means = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device), "mean")
+                values = dict(zip(values, means.tolist()))
+            if not math.isfinite(values["loss"]):
                 raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step}; lower --learning-rate, or train in fp32 (--mixed-precision no)"
+                    f"loss is {values['loss']} at step {step}; lower --learning-rate, or train in fp32 (--mixed-precision no)"
                 )
             accelerator.backward(loss / accumulation)
-            for key, value in {"loss": loss.item(), **values}.items():
+            for key, value in values.items():
                 logged[key] = logged.get(key, 0.0) + value / accumulation
-        if world > 1:  # data parallel: average the gradients of the few trainable tensors
-            for p in params.values():
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, "mean")
+        if world > 1:
+            average_gradients(list(params.values()), accelerator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -382,3 +483,16 @@ def run_training(
         accelerator.wait_for_everyone()
     bar.close()
     accelerator.end_training()
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Data parallel: every gradient becomes its mean over the processes, in one all-reduce. Each process's
+    loss is the mean over its equal share of the batch, so this is the global batch's gradient. A parameter
+    without a gradient on some process counts zero there; one without a gradient anywhere keeps none (AdamW
+    then leaves it alone, as in one process)."""
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params] + [present])
+    flat = accelerator.reduce(flat, "mean")
+    grads, anywhere = flat[:-len(params)].split([p.numel() for p in params]), flat[-len(params):] > 0
+    for p, grad, has in zip(params, grads, anywhere.tolist()):
+        p.grad = grad.view(p.shape).to(p.dtype) if has else None

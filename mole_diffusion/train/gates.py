@@ -26,11 +26,13 @@ from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
 from ..pipelines import MoLEStableDiffusionPipeline
 from .common import (
+    BatchRandom,
     Examples,
     TrainingSettings,
     denoising_objective,
     encode_examples,
     encode_prompts,
+    global_batch_means,
     load_image,
     make_accelerator,
     prepare_pipeline,
@@ -102,9 +104,11 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
 
     coverage = mole.gate_coverage()  # q_i counts only the gates where expert i acts
 
-    def loss_function(indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        value, logs, gate_weights = main_loss(indices, generator)
-        # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order
+    def loss_function(indices: list[int], random: BatchRandom) -> tuple[torch.Tensor, dict[str, float]]:
+        value, logs, gate_weights = main_loss(indices, random)
+        # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order; q is the
+        # global batch's under several processes, so the balance loss is one process's (common.py)
+        gate_weights = global_batch_means(gate_weights, accelerator)
         cover = coverage.repeat(len(gate_weights) // len(coverage), 1)
         balance = balance_loss(gate_weights, cover)
         mean_weight = mean_expert_weights([w.detach() for w in gate_weights], cover)
@@ -136,11 +140,11 @@ def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Example
     scheduler.set_timesteps(config.clip_sampling_steps)
     latent_size = config.resolution // pipe.vae_scale_factor
 
-    def main_loss(indices, generator):
+    def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
+        random = BatchRandom.of(random, len(indices))
         concept = examples.groups[indices].to(device)
         prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
-        shape = (len(indices), pipe.unet.config.in_channels, latent_size, latent_size)
-        latents = torch.randn(shape, generator=generator).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
+        latents = random.randn(pipe.unet.config.in_channels, latent_size, latent_size).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
         gate_weights = []
         for t in scheduler.timesteps:
             noise = pipe.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
