@@ -40,6 +40,16 @@ EVALUATE_EXAMPLE = """example:
   Paper protocol: DDPM, 50 steps, guidance 7.5 (the defaults). Started again, it skips the images it has.
 """
 
+UI_EXAMPLE = """example:
+  mole-diffusion ui                     # the shipped demo world, on http://127.0.0.1:7860
+  mole-diffusion ui --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --lora dog=loras/dog.safetensors --lora hat=loras/hat.safetensors --gates gates.safetensors \\
+      --trigger dog=sks --trigger hat=zwx
+
+  Needs Gradio: pip install -e ".[ui]". Offline: no analytics, no fonts or scripts from the internet.
+"""
+
+
 def _lora_arg(value: str) -> tuple[str, str]:
     name, sep, path = value.partition("=")
     if not sep:
@@ -176,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", help="default: cuda if available, else cpu")
 
+    ui = sub.add_parser(
+        "ui",
+        help="an app in the browser: mask experts, move weights, compare methods (needs pip install -e \".[ui]\")",
+        epilog=UI_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ui.add_argument("--base", help="diffusers Stable Diffusion folder or hub id (default: the shipped demo world)")
+    ui.add_argument("--lora", action="append", type=_lora_arg, metavar="NAME=FILE",
+                    help="with --base: a LoRA expert (repeat for each; NAME defaults to the file stem)")
+    ui.add_argument("--gates", help="with --base: gate file from train-gates (default: untrained, uniform)")
+    ui.add_argument("--trigger", action="append", type=_trigger_arg, metavar="NAME=WORDS",
+                    help="with --base: an expert's trigger word(s) in prompts, for regional routing (one for every expert)")
+    ui.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the checkpoint's own (ddim for the demo world)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--device", help="default: cuda if available, else cpu")
+
     tiny = sub.add_parser(
         "tiny-checkpoint",
         help="write a tiny random SD checkpoint and two LoRAs (offline; for tests and CI)",
@@ -187,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya), "
                       "images/dog, images/hat and concepts.toml (for train-lora / train-gates)")
     return parser
+
+
+def _trigger_arg(value: str) -> tuple[str, str]:
+    name, sep, words = value.partition("=")
+    if not sep or not name or not words.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=WORDS, got {value!r}")
+    return name, words.strip()
 
 
 def _positive(value: str) -> int:
@@ -236,7 +270,7 @@ def train_gates(args: argparse.Namespace) -> Path:
                                 clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
                                 **_training_settings(args))
     path = run(config)
-    print(f"wrote {path}")
+    _print_once(f"wrote {path}")
     return path
 
 
@@ -251,8 +285,15 @@ def train_lora(args: argparse.Namespace) -> Path:
         **_training_settings(args),
     )
     path = run(config)
-    print(f"wrote {path}")
+    _print_once(f"wrote {path}")
     return path
+
+
+def _print_once(message: str) -> None:
+    """Print from the main process only: under `accelerate launch` every process runs the command."""
+    from accelerate import PartialState
+
+    PartialState().print(message)
 
 
 def evaluate(args: argparse.Namespace) -> Path:
@@ -268,10 +309,25 @@ def evaluate(args: argparse.Namespace) -> Path:
     ))
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # under accelerate launch, one report
-        print((out / "report.md").read_text())
-        print(f"wrote {out}/results.csv, results.json, summary.csv, report.md, grid.png, plot_*.png")
+    if PartialState().is_main_process:  # under accelerate launch, one summary
+        print(headline_table((out / "report.md").read_text()))
+        print(f"\nwrote {out}/report.md (the full report), results.csv, results.json, summary.csv, paired.csv, grid.png, plot_*.png")
     return out
+
+
+def headline_table(report: str) -> str:
+    """The report's first table (a row per method) without the columns the others imply (``clip_score_*`` rescale
+    ``clip_text``; ``clip_image_<concept>`` are summed up by ``clip_image_min``): what a command ends with, short
+    enough for a terminal. The whole report stays in its file."""
+    lines = report.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[start:end]]
+    if not rows:
+        return report.strip()
+    keep = [i for i, name in enumerate(rows[0])
+            if not name.startswith("clip_score") and not (name.startswith("clip_image_") and name != "clip_image_min")]
+    return "\n".join("| " + " | ".join(row[i] for i in keep if i < len(row)) + " |" for row in rows)
 
 
 def tiny_checkpoint(args: argparse.Namespace) -> None:
@@ -300,7 +356,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
-    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, args.base, torch_dtype=dtype, safety_checker=None)
+    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, args.base, dtype=dtype, safety_checker=None)
     if args.scheduler:
         use_scheduler(pipe, args.scheduler)
     from .gate_file import gate_kind
@@ -336,9 +392,22 @@ def demo(args: argparse.Namespace) -> None:
     from .demo.run import ASSETS, run_demo
 
     out = run_demo(args.out, steps=args.steps, seeds=tuple(args.seeds), assets=Path(args.assets) if args.assets else ASSETS)
-    print((out / "scores.md").read_text())
+    print(headline_table((out / "scores.md").read_text()) + "\n")
     for name in ("grid.png", "gate_heatmap.png", "expert_maps.png", "scores.md", "scores.csv"):
         print(f"wrote {out / name}")
+    print(f"(scores.md is the full report; {out / 'eval'} holds every image and its scores)")
+
+
+def ui(args: argparse.Namespace) -> None:
+    from .ui import Studio, import_gradio, launch
+
+    import_gradio()  # a missing Gradio is said before the models load
+    if args.base:
+        studio = Studio(args.base, dict(args.lora), args.gates, dict(args.trigger or []), scheduler=args.scheduler,
+                        device=args.device)
+    else:
+        studio = Studio.demo(device=args.device, scheduler=args.scheduler or "ddim")
+    launch(studio, host=args.host, port=args.port)
 
 
 def build_demo(args: argparse.Namespace) -> None:
@@ -365,12 +434,23 @@ def main(argv: list[str] | None = None) -> int:
         for option, size in (("--height", args.height), ("--width", args.width)):  # as diffusers' pipeline requires
             if size is not None and (size < 8 or size % 8):
                 parser.error(f"{option} must be a positive multiple of 8, got {size}")
+    if args.command == "ui":
+        given = [option for option, value in (("--lora", args.lora), ("--gates", args.gates), ("--trigger", args.trigger)) if value]
+        if given and not args.base:
+            parser.error(f"{', '.join(given)} need --base (without --base the app opens the shipped demo world)")
+        if args.base and not args.lora:
+            parser.error("--base needs at least one --lora NAME=FILE")
+        names = [name for name, _ in args.lora or []]
+        if len(set(names)) != len(names):
+            parser.error(f"--lora names must differ, got {names}")
+        if not 0 <= args.port < 65536:
+            parser.error(f"--port must be from 0 to 65535, got {args.port}")
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
     from .errors import MoLEError
 
     commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "evaluate": evaluate,
-                "tiny-checkpoint": tiny_checkpoint, "demo": demo, "build-demo": build_demo}
+                "tiny-checkpoint": tiny_checkpoint, "demo": demo, "build-demo": build_demo, "ui": ui}
     try:
         commands[args.command](args)
     except MoLEError as e:  # bad files, concepts, options and refusals; anything else is a bug: its traceback shows

@@ -298,17 +298,24 @@ def test_ties_and_dare_need_one_rank(world, eval_world, clip_name, tmp_path):
 
 
 def test_accelerate_launch_shards_the_images_across_processes(world, eval_world, clip_name, tmp_path):
+    import os
     import subprocess
     import sys
+
+    from test_multiprocess import free_port
 
     common = ["--base", str(world["base"]), "--concepts", str(eval_world / "concepts.toml"), "--gates", str(eval_world / "gates.safetensors"),
               "--clip-model", clip_name, "--steps", "3", "--resolution", "32", "--seeds", "0", "1", "--prompt", "a photo of sks and zwx",
               "--methods", "mole", "nla", "base"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mole_diffusion.cli", "evaluate"]
-    done = subprocess.run([*launch, *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    # `--cpu` alone starts one process (accelerate needs mpirun for more): two joined CPU processes take this
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "-m", "mole_diffusion.cli", "evaluate"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("# Evaluation report") == 1  # the main process reports
+    assert "evaluating on 2 processes" in done.stdout
+    assert done.stdout.count("| method |") == 1 and done.stdout.count("wrote ") == 1  # the main process sums up
     assert main(["evaluate", *common, "--out", str(tmp_path / "one")]) == 0
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())

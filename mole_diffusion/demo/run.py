@@ -12,11 +12,15 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
 from ..errors import MoLEError
 from .world import CONCEPTS, composition_prompts
+
+if TYPE_CHECKING:
+    import torch
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -113,18 +117,25 @@ def expert_maps(images: Path, prompts: list[str], names: list[str], seed: int, s
     black: it does not)."""
     from safetensors.torch import load_file
 
+    rows = []
+    for row, prompt in enumerate(prompts):
+        image = images / f"p{row}-s{seed}.png"
+        rows.append((prompt, Image.open(image), load_file(str(image.with_suffix(".masks.safetensors")))["masks"]))
+    return expert_map_sheet(rows, names, side)
+
+
+def expert_map_sheet(rows: list[tuple[str, Image.Image, torch.Tensor]], names: list[str], side: int = 96) -> Image.Image:
+    """``expert_maps`` from memory (also the app's): rows of (prompt, regional image, masks (N, H, W))."""
     pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left, top, gap = 12 + int(max(pen.textlength(p) for p in prompts)), 28, 4
-    sheet = Image.new("RGB", (left + (len(names) + 1) * (side + gap), top + len(prompts) * (side + gap)), "white")
+    left, top, gap = 12 + int(max(pen.textlength(p) for p, _, _ in rows)), 28, 4
+    sheet = Image.new("RGB", (left + (len(names) + 1) * (side + gap), top + len(rows) * (side + gap)), "white")
     pen = ImageDraw.Draw(sheet)
     for column, label in enumerate(["regional", *names]):
         pen.text((left + column * (side + gap) + 2, 4), label, fill="black")
-    for row, prompt in enumerate(prompts):
+    for row, (prompt, image, masks) in enumerate(rows):
         y = top + row * (side + gap)
         pen.text((4, y + side // 2 - 6), prompt, fill="black")
-        image = images / f"p{row}-s{seed}.png"
-        sheet.paste(Image.open(image).convert("RGB").resize((side, side), Image.NEAREST), (left, y))
-        masks = load_file(str(image.with_suffix(".masks.safetensors")))["masks"]
+        sheet.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (left, y))
         for column, mask in enumerate(masks, 1):
             tile = Image.fromarray((mask.clamp(0, 1) * 255).byte().numpy(), mode="L").resize((side, side), Image.NEAREST)
             x = left + column * (side + gap)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..train.concepts import Concept, ConceptError, load_compositions, load_concepts, trigger_words
 from ..errors import MoLEError, load_base_pipeline
 from ..gate_file import GateFileError, gate_kind
+from ..quiet import quiet_adapter_loading, quiet_multiple_adapters
 from .clip import ImageBackbone, load_clip
 from .presence import load_presence_judge, presence_row
 from .stats import bootstrap_interval, by_prompt, paired_difference, wilson_interval
@@ -105,6 +106,7 @@ def evaluate(config: EvaluationConfig) -> Path:
     takes every n-th image and the main process writes the summary."""
     import diffusers
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from ..schedulers import use_scheduler
     from ..pipelines import MoLEStableDiffusionPipeline
@@ -131,7 +133,8 @@ def evaluate(config: EvaluationConfig) -> Path:
     prompts = config.prompts or compositions or default_prompts(concepts)
     out = Path(config.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    state = PartialState()
+    # as Accelerator does: ACCELERATE_USE_CPU=1 (with `accelerate launch --multi_gpu`) joins CPU processes
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     _check_same_run(out / "run.json", config, prompts, state)
     # one process per device under accelerate launch; --device picks it for a single process
     device = str(state.device) if state.num_processes > 1 or not config.device else config.device
@@ -143,7 +146,7 @@ def evaluate(config: EvaluationConfig) -> Path:
     presence = load_presence_judge(config.presence_model, concepts, device, config.presence_threshold) if config.presence_model else None
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, torch_dtype=dtype, safety_checker=None)
+    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, dtype=dtype, safety_checker=None)
     use_scheduler(pipe, config.scheduler)
     # gates trained at layer or network granularity load as such (the gate file says which)
     kind = gate_kind(config.gates) if config.gates is not None else {}
@@ -162,11 +165,12 @@ def evaluate(config: EvaluationConfig) -> Path:
     reference_pipe = None
     if {"set_adapters", "base"} & set(methods) or any(m.startswith("peft_") for m in methods):
         # diffusers' own LoRA path on models of its own (the MoLE pipeline's are wrapped)
-        reference_pipe = diffusers.StableDiffusionPipeline.from_pretrained(config.base, torch_dtype=dtype, safety_checker=None)
+        reference_pipe = load_base_pipeline(diffusers.StableDiffusionPipeline, config.base, dtype=dtype, safety_checker=None)
         reference_pipe.scheduler = pipe.scheduler
         reference_pipe.to(device)
         for c in concepts:
-            reference_pipe.load_lora_weights(c.lora, adapter_name=c.name)
+            with quiet_adapter_loading(c.name):  # the 2nd adapter on lists the 1st as MISSING: benign
+                reference_pipe.load_lora_weights(c.lora, adapter_name=c.name)
         add_peft_merges(reference_pipe, names, weights, [m.removeprefix("peft_") for m in methods if m.startswith("peft_")])
         reference_pipe.set_adapters(names, weights)
         reference_pipe.set_progress_bar_config(disable=True)
@@ -178,7 +182,10 @@ def evaluate(config: EvaluationConfig) -> Path:
     triggers = _triggers(concepts)
     done = _read_rows(out / "results.jsonl")
     todo = [(m, p, s) for m in methods for p in range(len(prompts)) for s in config.seeds if (m, p, s) not in done]
+    if state.num_processes > 1:
+        state.print(f"evaluating on {state.num_processes} processes, every {state.num_processes}-th image on each")
     todo = todo[state.process_index :: state.num_processes]
+    state.wait_for_everyone()  # every process has read what is done before any adds a row (else the shares shift)
     bar = tqdm(total=len(todo), disable=not (config.progress and state.is_local_main_process), desc="evaluating")
     for method, prompt_index, seed in todo:
         kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale, height=config.resolution,
@@ -249,7 +256,8 @@ def add_peft_merges(pipe, names: list[str], weights: list[float], combination_ty
         if not combination_types or not all(n in configs for n in names):
             continue
         # a LoraModel over the adapters diffusers loaded; it adds one inactive zero adapter of its own
-        tuner = LoraModel(model, {"merge_scratch": configs[names[0]]}, "merge_scratch")
+        with quiet_multiple_adapters():  # PEFT warns that the model already holds adapters: it is meant to
+            tuner = LoraModel(model, {"merge_scratch": configs[names[0]]}, "merge_scratch")
         for kind in combination_types:
             extra = {"density": density} if kind in SAME_RANK_MERGES else {}
             tuner.add_weighted_adapter(names, weights, f"peft_{kind}", combination_type=kind, **extra)
@@ -480,6 +488,13 @@ def _grid(out: Path, methods: list[str], prompts: list[str], seed: int) -> None:
 
 
 def _heatmap(out: Path, gate_means: dict[str, torch.Tensor], names: list[str]) -> None:
+    gate_heatmap(gate_means, names).save(out / "gate_heatmap.png")
+
+
+def gate_heatmap(gate_means: dict[str, torch.Tensor], names: list[str]) -> Image.Image:
+    """Gates x experts: each gate's mean weight per expert (rows in ``gate_means`` order); also the app's heatmap."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -492,8 +507,10 @@ def _heatmap(out: Path, gate_means: dict[str, torch.Tensor], names: list[str]) -
     axis.set_yticks(range(len(blocks)), blocks, fontsize=7)
     figure.colorbar(image, label="mean gate weight")
     figure.tight_layout()
-    figure.savefig(out / "gate_heatmap.png", dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # the colour bar's label whole
     plt.close(figure)
+    return Image.open(buffer).copy()  # loaded: independent of the buffer
 
 
 def summary_metrics(summary: list[dict]) -> list[str]:
