@@ -99,15 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
     gates.add_argument("--concepts", required=True, help="concepts TOML file (name, lora, images, prompt per concept)")
     gates.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
-    gates.add_argument("--activation", choices=("softmax", "sigmoid"), default="softmax",
-                       help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert")
+    gates.add_argument("--activation", choices=("softmax", "sigmoid", "softplus"), default="softmax",
+                       help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert; "
+                            "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength)")
     gates.add_argument("--per-position", action="store_true",
                        help="block gates also weigh each image position by its own feature (METHOD.md section 8)")
     gates.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
-    gates.add_argument("--objective", choices=("denoising", "clip"), default="denoising",
-                       help="denoising loss on the reference images (default), or the paper's CLIP-guided loss")
-    gates.add_argument("--clip-model", help="for --objective clip: open_clip name (ViT-B-32) or local-dir:PATH")
-    gates.add_argument("--clip-pretrained", help="for --objective clip: pretrained tag (openai) or checkpoint file")
+    gates.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
+                       help="what the untrained gates return, one per concept (default uniform, NLA; sigmoid needs each "
+                            "below 1; softplus: 1 1 1 starts from the plain sum)")
+    gates.add_argument("--objective", choices=("denoising", "clip", "composition"), default="denoising",
+                       help="denoising loss on the reference images (default), the paper's CLIP-guided loss, or that "
+                            "loss on images of the concepts file's [compositions] prompts, every named concept pushed")
+    gates.add_argument("--clip-model", help="for --objective clip/composition: open_clip name (ViT-B-32) or local-dir:PATH")
+    gates.add_argument("--clip-pretrained", help="for --objective clip/composition: pretrained tag (openai) or checkpoint file")
     gates.add_argument("--clip-sampling-steps", type=int, default=4, help="unrolled DDIM steps per image (default 4)")
     _add_training_options(gates, steps=400, lr=5e-3, batch_size=2)
 
@@ -265,7 +270,7 @@ def train_gates(args: argparse.Namespace) -> Path:
     from .train import train_gates as run
 
     config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
-                                activation=args.activation, per_position=args.per_position,
+                                activation=args.activation, per_position=args.per_position, prior_weights=args.prior_weights,
                                 balance_weight=args.balance_weight, objective=args.objective, clip_model=args.clip_model,
                                 clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
                                 **_training_settings(args))

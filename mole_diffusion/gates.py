@@ -21,7 +21,7 @@ def token_mean_direction(hidden_states: torch.Tensor) -> torch.Tensor:
     return F.normalize(h, dim=-1)
 
 
-ACTIVATIONS = ("softmax", "sigmoid")
+ACTIVATIONS = ("softmax", "sigmoid", "softplus")
 
 
 class Gate(nn.Module):
@@ -32,7 +32,9 @@ class Gate(nn.Module):
 
     Beyond the paper (METHOD.md section 8): ``activation="sigmoid"`` gives each expert its own weight in (0, 1),
     sigmoid((W_g f + b_g) / tau) with b_g = logit(prior), off the simplex, so experts need not compete and the
-    plain sum is reachable (untrained: still NLA with the prior); masked experts weigh 0. ``per_position``:
+    plain sum is reachable (untrained: still NLA with the prior); masked experts weigh 0. ``activation="softplus"``:
+    softplus((W_g f + b_g) / tau) with b_g = softplus^-1(prior), a weight in (0, inf) per expert: a LoRA may act
+    above its trained strength (untrained: NLA with the prior). ``per_position``:
     ``position_map`` also returns weights (B, N, H, W) from each position's own feature h_x / |h_x|, for the
     layers on image tokens (W_g = 0 gives the per-sample weights at every position).
     """
@@ -55,7 +57,9 @@ class Gate(nn.Module):
         # not rounding noise that Adam would blow up into a random first step
         log_prior = prior.log()
         centre = log_prior[log_prior.isfinite()].mean() if bool(log_prior.isfinite().any()) else 0.0
-        self.bias = nn.Parameter(log_prior - centre if activation == "softmax" else torch.logit(prior))
+        bias = {"softmax": lambda: log_prior - centre, "sigmoid": lambda: torch.logit(prior),
+                "softplus": lambda: prior.expm1().log()}[activation]()  # softplus(log(e^p - 1)) = p
+        self.bias = nn.Parameter(bias)
         self.log_temperature = nn.Parameter(torch.zeros(()))
         self.register_buffer("mask", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         # Constant weights (1, N) that replace the gate in NLA / plain-sum mode (see MoLE.set_experts).
@@ -104,12 +108,12 @@ class Gate(nn.Module):
         return self.weights if self.position_weights is None else self.position_weights.mean(dim=(2, 3))
 
     def activate(self, logits: torch.Tensor, dim: int) -> torch.Tensor:
-        """Logits over experts (on ``dim``) -> weights: temperature, mask, then softmax or sigmoid."""
+        """Logits over experts (on ``dim``) -> weights: temperature, mask, then softmax, sigmoid or softplus."""
         logits = logits / self.log_temperature.float().exp()
         mask = self.mask.view(-1, *([1] * (logits.dim() - 1 - (dim % logits.dim()))))
         if self.activation == "softmax":
             return logits.masked_fill(~mask, float("-inf")).softmax(dim=dim)
-        return logits.sigmoid() * mask
+        return (logits.sigmoid() if self.activation == "sigmoid" else F.softplus(logits)) * mask
 
     def _apply(self, fn, recurse=True):
         # Move with the model (.to(device), .cuda()) but never change dtype: pipe.to(torch.float16) or

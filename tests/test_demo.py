@@ -226,3 +226,24 @@ def test_the_shipped_attribute_judge_is_deterministic_and_reads_round_trips():
     assert round_trip_accuracy(judge, vae, count=64, seed=7) == first
     assert all(value >= 0.85 for value in first.values()), first
     assert config["concepts"] == {"star": ["shape", "star"], "stripes": ["style", "stripes"], "checker": ["background", "checker"]}
+
+
+def test_the_strengths_diagnostic_runs_nla_with_each_weight_triple(tmp_path, monkeypatch, capsys):
+    import mole_diffusion.demo.quality as quality
+    import mole_diffusion.eval.evaluate as evaluate_module
+    from mole_diffusion.demo.strengths import main as strengths
+
+    configs = []
+
+    def fake_evaluate(config):
+        configs.append(config)
+        return config.output_dir
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(quality, "read_summary", lambda run: [{"method": "nla", "n": 64, "present_all": 0.25,
+                                                               "present_all_low": 0.1, "present_all_high": 0.4}])
+    strengths(["--out", str(tmp_path), "1.5,0.75,2", "1,1,1"])
+    assert [c.nla_weights for c in configs] == [[1.5, 0.75, 2.0], [1.0, 1.0, 1.0]]
+    assert all(c.methods == ["nla"] and c.prompts == composition_prompts() and len(c.seeds) == 16 for c in configs)
+    assert configs[0].output_dir == tmp_path / "w1.5_0.75_2"
+    assert "25.0% [10.0-40.0]" in capsys.readouterr().out

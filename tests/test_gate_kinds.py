@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from mole_diffusion.gate_file import GateFileError
 from mole_diffusion.train import GateTrainingConfig, train_gates
 
-KINDS = [("softmax", True), ("sigmoid", False), ("sigmoid", True)]
+KINDS = [("softmax", True), ("sigmoid", False), ("sigmoid", True), ("softplus", False)]
 
 
 def randomise_gates(pipe, seed=0):
@@ -73,6 +73,44 @@ def test_sigmoid_gates_leave_the_simplex(world, mole_pipe):
     unet_output(mole_pipe, batch=1)
     sums = torch.cat([g.weights.sum(dim=-1) for n, g in mole_pipe.mole.gates.items() if n.startswith("unet")])
     assert (sums - 1).abs().max() > 0.1 and bool(((sums > 0) & (sums < 2)).all())
+
+
+def test_softplus_gates_let_an_expert_act_above_its_strength(world, mole_pipe):
+    """Weights in (0, inf): a LoRA at 2 (what the demo world's checker needs in a composition, README)."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, activation="softplus")
+    randomise_gates(mole_pipe)
+    unet_output(mole_pipe, batch=1)
+    weights = torch.cat([g.weights for n, g in mole_pipe.mole.gates.items() if n.startswith("unet")])
+    assert weights.max() > 1.5 and bool((weights > 0).all())
+    gate = mole_pipe.mole.gates["unet.mid_block.attentions.0"]  # temperature 1, nothing masked: softplus itself
+    torch.testing.assert_close(gate.activate(gate.bias[None], dim=-1)[0], torch.nn.functional.softplus(gate.bias))
+
+
+def test_composition_objective_trains_the_gates_on_composition_prompts(world, tmp_path):
+    """Issue 12.3a: gates learn from images of the [compositions] prompts (trainer CLIP loss on each named
+    concept, the weakest most); a concepts file without compositions is refused."""
+    from mole_diffusion.errors import MoLEError
+    from mole_diffusion.testing import make_concept_images, make_tiny_clip
+
+    make_concept_images(tmp_path / "red", "circle", (200, 30, 30), count=2)
+    make_concept_images(tmp_path / "blue", "square", (30, 30, 200), count=2, seed=1)
+    concepts = (f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a sks"\n'
+                f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a zwx"\n')
+    (tmp_path / "plain.toml").write_text(concepts)
+    (tmp_path / "composed.toml").write_text(concepts + '[compositions]\nprompts = ["a sks and a zwx", "a zwx beside a sks"]\n')
+    config = dict(base=str(world["base"]), output_dir=tmp_path / "out", steps=2, batch_size=2, resolution=32,
+                  checkpoint_every=10, learning_rate=5e-2, progress=False, objective="composition", activation="softplus",
+                  clip_model=make_tiny_clip(tmp_path / "clip"), clip_sampling_steps=2)
+    with pytest.raises(MoLEError, match=r"plain.toml has no \[compositions\]"):
+        train_gates(GateTrainingConfig(concepts=tmp_path / "plain.toml", **config))
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]}, activation="softplus")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "mole_gate" in n}
+    train_gates(GateTrainingConfig(concepts=tmp_path / "composed.toml", **config), pipe=pipe)
+    moved = [n for n, p in pipe.unet.named_parameters() if "mole_gate" in n and not torch.equal(p, before[n])]
+    assert moved
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss_clip_text"] > 0 and r["loss_clip_concepts"] > 0 for r in rows)
 
 
 def test_training_per_position_gates_moves_only_their_parameters(world, concepts_file, tmp_path):

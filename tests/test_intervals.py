@@ -84,3 +84,11 @@ def test_report_claims_a_best_method_only_where_it_is_apart(tmp_path):
     assert "Highest present_all: **mole** (75.0% [40.9-92.9]); not apart (paired) from sum." in report
     assert re.search(r"\| sum \| \+12\.5 pts \[0\.0, [\d.]+\] \|", report)  # the interval reaches 0: no star
     assert re.search(r"\| nla \| \+75\.0 pts \[[1-9][\d.]*, 100\.0\] \* \|", report)
+
+
+def test_plots_take_intervals_that_round_past_the_mean(tmp_path):
+    """A bootstrap (or Wilson) bound can land a rounding error past the mean; the bars still draw."""
+    summary = [{"method": "m", "n": 8, "score": 0.1, "score_low": 0.1 + 1e-17, "score_high": 0.1,
+                "present_all": 1.0, "present_all_low": 0.7, "present_all_high": 1.0 - 1e-17}]
+    ev._plots(tmp_path, summary, ["m"])
+    assert (tmp_path / "plot_score.png").is_file() and (tmp_path / "plot_present_all.png").is_file()

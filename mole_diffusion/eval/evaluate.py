@@ -470,8 +470,9 @@ def _plots(out: Path, summary: list[dict], methods: list[str]) -> None:
     for metric in summary_metrics(summary):
         figure, axis = plt.subplots(figsize=(max(4, 0.6 * len(methods)), 3.2))
         values = [s.get(metric, float("nan")) for s in summary]
-        errors = [[v - s.get(f"{metric}_low", v) for v, s in zip(values, summary)],  # asymmetric intervals
-                  [s.get(f"{metric}_high", v) - v for v, s in zip(values, summary)]]
+        # asymmetric intervals; at 0 or above (a bootstrap mean of equal values can round past the mean)
+        errors = [[max(0.0, v - s.get(f"{metric}_low", v)) for v, s in zip(values, summary)],
+                  [max(0.0, s.get(f"{metric}_high", v) - v) for v, s in zip(values, summary)]]
         axis.bar([s["method"] for s in summary], values, yerr=errors, capsize=3, color="#4c72b0")
         axis.set_ylabel(metric)
         axis.tick_params(axis="x", rotation=60)

@@ -11,6 +11,14 @@ run, decoded, and compared with CLIP to the concept's reference images: a global
 reference embedding and c the mean over concepts (decision: the direction from the average concept to
 concept k, so the directional term separates concepts). Far costlier: every step backpropagates through
 ``clip_sampling_steps`` UNet calls, the VAE decoder and CLIP.
+L_D, ``objective="composition"`` (issue 12, as the official MoLE code trains): the same unrolled sampling, from
+the concepts file's ``[compositions]`` prompts; the loss is the image's text alignment to its prompt,
+1 - cos(E(x), T(p)), plus every concept the prompt names pushed towards its references, the weakest most:
+sum_k s_k (1 - cos(E(x), r_k)), s = softmax over those concepts of their gaps / 0.5 (not differentiated).
+The CLIP here must not be the one that judges the results.
+
+For gates off the simplex (sigmoid, softplus) the balance loss counts each expert's share of its gate's total
+weight: -sum log q on raw weights would reward raising every weight, not spreading them.
 """
 
 from __future__ import annotations
@@ -39,9 +47,9 @@ from .common import (
     run_training,
     trainable_parameters,
 )
-from .concepts import list_images, load_concepts
+from .concepts import list_images, load_compositions, load_concepts, trigger_words
 
-OBJECTIVES = ("denoising", "clip")
+OBJECTIVES = ("denoising", "clip", "composition")
 
 
 @dataclass(kw_only=True)
@@ -51,6 +59,7 @@ class GateTrainingConfig(TrainingSettings):
     granularity: str = "block"
     activation: str = "softmax"  # or "sigmoid": one weight in (0, 1) per expert (gates.py)
     per_position: bool = False  # block gates that also weigh each image position
+    prior_weights: list[float] | None = None  # what untrained gates return (default uniform: NLA); e.g. 1s: the sum
     balance_weight: float = 0.5  # alpha of METHOD.md section 5 (the paper's value)
     learning_rate: float = 5e-3  # zero-initialised gates want a larger lr than the paper's 1e-5 (see README)
     objective: str = "denoising"
@@ -67,9 +76,12 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     """
     if config.objective not in OBJECTIVES:
         raise MoLEError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
-    if config.objective == "clip" and not config.clip_model:
-        raise MoLEError("objective 'clip' needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
+    if config.objective != "denoising" and not config.clip_model:
+        raise MoLEError(f"objective {config.objective!r} needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
     concepts = load_concepts(config.concepts)
+    if config.objective == "composition" and not load_compositions(config.concepts):
+        raise MoLEError(f"objective 'composition' samples the composition prompts: {config.concepts} has no "
+                        "[compositions] prompts = [...]")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
@@ -77,7 +89,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     if pipe is None:
         pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, safety_checker=None)
         pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity, activation=config.activation,
-                          per_position=config.per_position)
+                          per_position=config.per_position, prior_weights=config.prior_weights)
     elif pipe.expert_names != [c.name for c in concepts]:
         raise MoLEError(f"the pipeline's experts {pipe.expert_names} are not the concepts {[c.name for c in concepts]}")
     if pipe.mole.fused:
@@ -99,8 +111,10 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
         def main_loss(indices, generator):
             value, logs = denoising(indices, generator)
             return value, logs, [gate.applied_weights() for gate in mole.gates.values()]
-    else:
+    elif config.objective == "clip":
         main_loss = clip_objective(pipe, config, concepts, examples, accelerator.device)
+    else:
+        main_loss = composition_objective(pipe, config, concepts, accelerator.device)
 
     coverage = mole.gate_coverage()  # q_i counts only the gates where expert i acts
 
@@ -109,6 +123,8 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
         # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order; q is the
         # global batch's under several processes, so the balance loss is one process's (common.py)
         gate_weights = global_batch_means(gate_weights, accelerator)
+        if mole.activation != "softmax":  # shares of each gate's weight (see the module docstring)
+            gate_weights = [w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12) for w in gate_weights]
         cover = coverage.repeat(len(gate_weights) // len(coverage), 1)
         balance = balance_loss(gate_weights, cover)
         mean_weight = mean_expert_weights([w.detach() for w in gate_weights], cover)
@@ -156,5 +172,57 @@ def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Example
         directional = (1 - F.cosine_similarity(embeds - center, target - center, dim=-1)).mean()
         logs = {"loss_clip_global": global_loss.item(), "loss_clip_directional": directional.item()}
         return global_loss + directional, logs, gate_weights
+
+    return main_loss
+
+
+# how much more the weakest concept is pushed (0.05 lost the demo world's stripes altogether). Beware: on that
+# world these gates push the images into saturated textures the attribute judge misreads (README)
+CONCEPT_PUSH_TEMPERATURE = 0.5
+
+
+def composition_objective(pipe, config: GateTrainingConfig, concepts, device):
+    """Composition-aware L_D (see the module docstring), as ``main_loss(indices, random)``: sample ``indices[i]``
+    draws from composition prompt ``indices[i] % len(prompts)``."""
+    import re
+
+    from ..eval.clip import load_clip
+
+    prompts = load_compositions(config.concepts)
+    clip = load_clip(config.clip_model, config.clip_pretrained, device=device)
+    with torch.no_grad():
+        references = torch.stack([
+            F.normalize(clip.embed_images(torch.stack([load_image(p, clip.size) for p in list_images(c.images)]) / 2 + 0.5).mean(0), dim=0)
+            for c in concepts
+        ])
+        texts = clip.embed_texts(prompts)
+    triggers = [trigger_words(c, concepts) for c in concepts]
+    named = torch.tensor([[all(w in set(re.findall(r"[\w']+", p.lower())) for w in t) for t in triggers] for p in prompts])
+    if not bool(named.any(dim=1).all()):
+        empty = [p for p, row in zip(prompts, named.tolist()) if not any(row)]
+        raise MoLEError(f"composition prompts {empty} name no concept (no trigger word of {[c.name for c in concepts]})")
+    named = named.to(device)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.clip_sampling_steps)
+    latent_size = config.resolution // pipe.vae_scale_factor
+
+    def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
+        random = BatchRandom.of(random, len(indices))
+        which = torch.tensor([i % len(prompts) for i in indices], device=device)
+        prompt_embeds = encode_prompts(pipe, [prompts[i] for i in which.tolist()])
+        latents = random.randn(pipe.unet.config.in_channels, latent_size, latent_size).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
+        gate_weights = []
+        for t in scheduler.timesteps:
+            noise = pipe.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
+            gate_weights += [gate.applied_weights() for gate in pipe.mole.gates.values()]
+            latents = scheduler.step(noise, t, latents).prev_sample
+        images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        embeds = clip.embed_images(images)
+        text_loss = (1 - (embeds * texts[which]).sum(dim=-1)).mean()
+        gaps = (1 - embeds @ references.T).masked_fill(~named[which], float("-inf"))  # (B, concepts)
+        push = (gaps.detach() / CONCEPT_PUSH_TEMPERATURE).softmax(dim=-1)  # the weakest concept most
+        concept_loss = (push * gaps.nan_to_num(neginf=0.0)).sum(dim=-1).mean()
+        logs = {"loss_clip_text": text_loss.item(), "loss_clip_concepts": concept_loss.item()}
+        return text_loss + concept_loss, logs, gate_weights
 
     return main_loss
