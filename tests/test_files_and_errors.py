@@ -154,19 +154,28 @@ def test_a_gate_file_of_other_shapes_names_the_tensor_and_changes_no_gate(world,
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
     randomise_gates(mole_pipe)
     mole_pipe.save_gates(tmp_path / "gates.safetensors")
-    tensors = load_file(tmp_path / "gates.safetensors")
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "gates.safetensors"), "pt") as f:
-        metadata = f.metadata()
+    tensors, metadata = read_gate_tensors(tmp_path / "gates.safetensors")
     last = sorted(k for k in tensors if k.endswith(".weight"))[-1]
     tensors[last] = tensors[last][:, :-1].contiguous()  # one gate of another width
     save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+    assert_refused_leaving_gates_as_they_were(world, tmp_path / "bad.safetensors", f"tensor {last} has shape")
+
+
+def read_gate_tensors(path):
+    """A gate file's tensors and metadata, to write altered copies."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def assert_refused_leaving_gates_as_they_were(world, path, match):
+    """load_gates(path) on a fresh pipeline with experts a, b raises ``match`` and changes no gate parameter."""
     fresh = load(world["base"])
     fresh.load_experts({"a": world["a"], "b": world["b"]})
     before = {n: p.detach().clone() for n, p in fresh.unet.named_parameters() if "mole_gate" in n}
-    with pytest.raises(GateFileError, match=f"tensor {last} has shape"):
-        fresh.load_gates(tmp_path / "bad.safetensors")
+    with pytest.raises(GateFileError, match=match):
+        fresh.load_gates(path)
     assert all(torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters() if "mole_gate" in n)
 
 
@@ -212,18 +221,10 @@ def test_nothing_below_the_command_line_imports_it():
 @pytest.mark.parametrize("key", ["granularity", "expert_hashes", "base_fingerprint"])
 def test_a_gate_file_lacking_metadata_names_the_key_and_changes_no_gate(world, trained, tmp_path, key):
     """Issue 15.6: a gate file without one of its metadata keys is refused by name, not with a raw KeyError."""
-    from safetensors import safe_open
-
-    pipe, path = trained
-    with safe_open(str(path), "pt") as f:
-        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors, metadata = read_gate_tensors(trained[1])
     save_file(tensors, tmp_path / "partial.safetensors", metadata={k: v for k, v in metadata.items() if k != key})
-    fresh = load(world["base"])
-    fresh.load_experts({"a": world["a"], "b": world["b"]})
-    before = {n: p.detach().clone() for n, p in fresh.unet.named_parameters() if "mole_gate" in n}
-    with pytest.raises(GateFileError, match=rf"partial.safetensors: gate file metadata lacks \['{key}'\]"):
-        fresh.load_gates(tmp_path / "partial.safetensors")
-    assert all(torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters() if "mole_gate" in n)
+    assert_refused_leaving_gates_as_they_were(world, tmp_path / "partial.safetensors",
+                                              rf"partial.safetensors: gate file metadata lacks \['{key}'\]")
 
 
 @pytest.mark.parametrize("failure", ["error", "nan"])

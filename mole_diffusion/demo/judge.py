@@ -87,11 +87,10 @@ class AttributeJudge(nn.Module):
         config = {"format": FORMAT, "attributes": self.attributes, "widths": self.widths,
                   "concepts": {c: list(v) for c, v in CONCEPT_ATTRIBUTES.items()}, "resolution": world_resolution()}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        for name, write in (("model.safetensors", lambda p: save_file(state, str(p))),
-                            ("config.json", lambda p: p.write_text(json.dumps(config, indent=1)))):
-            temporary = folder / f"{name}.tmp"
-            write(temporary)
-            temporary.replace(folder / name)  # whole or not at all
+        from .build import write_atomically
+
+        write_atomically(folder / "model.safetensors", lambda temporary: save_file(state, str(temporary)))
+        write_atomically(folder / "config.json", lambda temporary: temporary.write_text(json.dumps(config, indent=1)))
         return folder
 
 

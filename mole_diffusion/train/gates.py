@@ -141,25 +141,14 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     return path
 
 
-def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Examples, device):
-    """The paper's CLIP-guided L_D (see the module docstring), as ``main_loss(indices, generator)``."""
-    from ..eval.clip import load_clip
-
-    clip = load_clip(config.clip_model, config.clip_pretrained, device=device)
-    with torch.no_grad():
-        references = torch.stack([
-            F.normalize(clip.embed_images(torch.stack([load_image(p, clip.size) for p in list_images(c.images)]) / 2 + 0.5).mean(0), dim=0)
-            for c in concepts
-        ])
-    center = references.mean(dim=0)
+def unrolled_sampler(pipe, config: GateTrainingConfig, device):
+    """``sample(prompt_embeds, random) -> (images in [0, 1], gate weights of every UNet call)``: a short DDIM run
+    (``clip_sampling_steps``) from noise, differentiable through the UNet and the VAE decoder."""
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(config.clip_sampling_steps)
     latent_size = config.resolution // pipe.vae_scale_factor
 
-    def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
-        random = BatchRandom.of(random, len(indices))
-        concept = examples.groups[indices].to(device)
-        prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
+    def sample(prompt_embeds: torch.Tensor, random: BatchRandom) -> tuple[torch.Tensor, list[torch.Tensor]]:
         latents = random.randn(pipe.unet.config.in_channels, latent_size, latent_size).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
         gate_weights = []
         for t in scheduler.timesteps:
@@ -167,6 +156,33 @@ def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Example
             gate_weights += [gate.applied_weights() for gate in pipe.mole.gates.values()]
             latents = scheduler.step(noise, t, latents).prev_sample
         images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        return images, gate_weights
+
+    return sample
+
+
+@torch.no_grad()
+def reference_directions(clip, concepts) -> torch.Tensor:
+    """(concepts, D): each concept's mean reference embedding, unit length."""
+    return torch.stack([
+        F.normalize(clip.embed_images(torch.stack([load_image(p, clip.size) for p in list_images(c.images)]) / 2 + 0.5).mean(0), dim=0)
+        for c in concepts
+    ])
+
+
+def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Examples, device):
+    """The paper's CLIP-guided L_D (see the module docstring), as ``main_loss(indices, generator)``."""
+    from ..eval.clip import load_clip
+
+    clip = load_clip(config.clip_model, config.clip_pretrained, device=device)
+    references = reference_directions(clip, concepts)
+    center = references.mean(dim=0)
+    sample = unrolled_sampler(pipe, config, device)
+
+    def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
+        concept = examples.groups[indices].to(device)
+        prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
+        images, gate_weights = sample(prompt_embeds, BatchRandom.of(random, len(indices)))
         embeds, target = clip.embed_images(images), references[concept]
         global_loss = (1 - (embeds * target).sum(dim=-1)).mean()
         directional = (1 - F.cosine_similarity(embeds - center, target - center, dim=-1)).mean()
@@ -184,39 +200,25 @@ CONCEPT_PUSH_TEMPERATURE = 0.5
 def composition_objective(pipe, config: GateTrainingConfig, concepts, device):
     """Composition-aware L_D (see the module docstring), as ``main_loss(indices, random)``: sample ``indices[i]``
     draws from composition prompt ``indices[i] % len(prompts)``."""
-    import re
-
     from ..eval.clip import load_clip
+    from ..eval.evaluate import composed_concepts
 
     prompts = load_compositions(config.concepts)
-    clip = load_clip(config.clip_model, config.clip_pretrained, device=device)
-    with torch.no_grad():
-        references = torch.stack([
-            F.normalize(clip.embed_images(torch.stack([load_image(p, clip.size) for p in list_images(c.images)]) / 2 + 0.5).mean(0), dim=0)
-            for c in concepts
-        ])
-        texts = clip.embed_texts(prompts)
-    triggers = [trigger_words(c, concepts) for c in concepts]
-    named = torch.tensor([[all(w in set(re.findall(r"[\w']+", p.lower())) for w in t) for t in triggers] for p in prompts])
+    triggers = {c.name: trigger_words(c, concepts) for c in concepts}
+    named = torch.tensor([[c.name in composed_concepts(p, triggers) for c in concepts] for p in prompts])
     if not bool(named.any(dim=1).all()):
         empty = [p for p, row in zip(prompts, named.tolist()) if not any(row)]
         raise MoLEError(f"composition prompts {empty} name no concept (no trigger word of {[c.name for c in concepts]})")
     named = named.to(device)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(config.clip_sampling_steps)
-    latent_size = config.resolution // pipe.vae_scale_factor
+    clip = load_clip(config.clip_model, config.clip_pretrained, device=device)
+    references = reference_directions(clip, concepts)
+    texts = clip.embed_texts(prompts)
+    sample = unrolled_sampler(pipe, config, device)
 
     def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
-        random = BatchRandom.of(random, len(indices))
         which = torch.tensor([i % len(prompts) for i in indices], device=device)
         prompt_embeds = encode_prompts(pipe, [prompts[i] for i in which.tolist()])
-        latents = random.randn(pipe.unet.config.in_channels, latent_size, latent_size).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
-        gate_weights = []
-        for t in scheduler.timesteps:
-            noise = pipe.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
-            gate_weights += [gate.applied_weights() for gate in pipe.mole.gates.values()]
-            latents = scheduler.step(noise, t, latents).prev_sample
-        images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        images, gate_weights = sample(prompt_embeds, BatchRandom.of(random, len(indices)))
         embeds = clip.embed_images(images)
         text_loss = (1 - (embeds * texts[which]).sum(dim=-1)).mean()
         gaps = (1 - embeds @ references.T).masked_fill(~named[which], float("-inf"))  # (B, concepts)
