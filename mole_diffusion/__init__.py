@@ -1,4 +1,4 @@
-"""mole-diffusion: Mixture of LoRA Experts (MoLE) for Stable Diffusion, on diffusers."""
+"""mole-diffusion: Mixture of LoRA Experts (MoLE) for Stable Diffusion, SDXL and Flux, on diffusers."""
 
 from .errors import MoLEError
 from .experts import Expert, ExpertError, load_expert
@@ -6,7 +6,7 @@ from .gate_file import GateFileError, load_gates, save_gates
 from .gates import Gate
 from .inject import MoLE, block_weights_to_diffusers, inject_experts
 from .layers import MoLELayer
-from .pipelines import MoLEStableDiffusionPipeline
+from .pipelines import MoLEFluxPipeline, MoLEStableDiffusionPipeline, MoLEStableDiffusionXLPipeline
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,7 +17,9 @@ __all__ = [
     "MoLE",
     "MoLEError",
     "MoLELayer",
+    "MoLEFluxPipeline",
     "MoLEStableDiffusionPipeline",
+    "MoLEStableDiffusionXLPipeline",
     "block_weights_to_diffusers",
     "inject_experts",
     "load_expert",

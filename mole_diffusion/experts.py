@@ -21,7 +21,8 @@ from torch import nn
 
 from .errors import MoLEError
 
-COMPONENTS = ("unet", "text_encoder")
+# the components a LoRA file of any supported family has weights for (each pipeline class has some of them)
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 class ExpertError(MoLEError):
@@ -99,32 +100,42 @@ def _only_safetensors(path: Path) -> Path:
     return path
 
 
-def _split_components(tensors: dict[str, torch.Tensor], text_encoder: nn.Module | None):
-    """diffusers' key conversion: kohya -> diffusers -> PEFT keys, split by component."""
-    from diffusers import StableDiffusionPipeline
+def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Module], pipeline_class: type):
+    """diffusers' key conversion, as ``pipeline_class.load_lora_weights`` does it: kohya / XLabs / ai-toolkit
+    -> diffusers -> PEFT keys, split by component. The first of ``models`` is the denoiser (UNet or transformer)."""
+    from diffusers.loaders import FluxLoraLoaderMixin
     from diffusers.utils.state_dict_utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
     )
 
-    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(tensors))
+    if issubclass(pipeline_class, FluxLoraLoaderMixin):  # kohya and XLabs files come back with alpha folded in
+        state_dict, network_alphas = pipeline_class.lora_state_dict(dict(tensors), return_alphas=True)
+    else:
+        state_dict, network_alphas = pipeline_class.lora_state_dict(dict(tensors))
     # Alphas are keyed by their lora_down key + ".alpha": run them through the same renaming as the tensors.
     alpha_tensors = {k.removesuffix(".alpha"): torch.tensor(float(v)) for k, v in (network_alphas or {}).items()}
+    components = list(models)
+    foreign = sorted(k for k in state_dict if k.split(".")[0] in set(COMPONENTS) - set(components))
+    if foreign:
+        raise ExpertError(f"{foreign[0]}: weights for a {foreign[0].split('.')[0]}, which this pipeline "
+                          f"({pipeline_class.__name__}, components {components}) does not have: a LoRA for another "
+                          "model family")
     out = {}
-    for component in COMPONENTS:
+    for component in components:
         for source, is_alpha in ((state_dict, False), (alpha_tensors, True)):
             part = {k.removeprefix(f"{component}."): v for k, v in source.items() if k.startswith(f"{component}.")}
-            if component == "unet" and not any(k.startswith(f"{c}.") for c in COMPONENTS for k in source):
-                part = dict(source)  # unprefixed files are UNet LoRAs, as in diffusers
+            if component == components[0] and not any(k.split(".")[0] in COMPONENTS for k in source):
+                part = dict(source)  # unprefixed files are the denoiser's LoRAs, as in diffusers
             if not part:
                 continue
-            if component == "unet":
+            if component == components[0]:
                 # as diffusers' load_lora_adapter: maps the `lora.down`/`lora.up` keys its training scripts write
                 part = convert_unet_state_dict_to_peft(part)
             else:
                 part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-                if text_encoder is not None and not hasattr(text_encoder, "text_model"):
+                if not hasattr(models[component], "text_model"):
                     part = {k.removeprefix("text_model."): v for k, v in part.items()}
             out.setdefault(component, [{}, {}])[is_alpha].update(part)
     return out
@@ -163,29 +174,37 @@ def _check_fits(path, component: str, module_name: str, model: nn.Module, down: 
         )
 
 
-def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module]) -> Expert:
-    """Read one LoRA and check every module against ``models`` ({"unet": ..., "text_encoder": ...}).
+def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module], pipeline_class: type | None = None) -> Expert:
+    """Read one LoRA and check every module against ``models`` ({"unet": ..., "text_encoder": ...}; the
+    denoiser first), converting its keys with ``pipeline_class``'s ``lora_state_dict`` (default
+    ``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` reads kohya's ``lora_te1_`` / ``lora_te2_``,
+    ``FluxPipeline`` kohya, XLabs and ai-toolkit Flux files).
 
     Raises ``ExpertError`` naming the file, the module and both shapes when anything does not fit.
     Nothing is changed in ``models``.
     """
+    if pipeline_class is None:
+        from diffusers import StableDiffusionPipeline as pipeline_class
     tensors, configs = _read_lora_file(path)
     unsupported = sorted(k for k in tensors if "dora_scale" in k or "lora_magnitude_vector" in k or ".hada_" in k or ".lokr_" in k)
     if unsupported:
         raise ExpertError(f"{path}: {unsupported[0]}: DoRA/LyCORIS (LoHa, LoKr) files are not LoRA experts")
     if configs is not None and "" in configs:  # PEFT adapter folder: find the component whose modules it names
         modules = {k.split(".lora_")[0] for k in tensors}
-        component = next((c for c in COMPONENTS if c in models and all(_has(models[c], m) for m in modules)), "unet")
+        component = next((c for c in models if all(_has(models[c], m) for m in modules)), next(iter(models)))
         tensors = {f"{component}.{k}": v for k, v in tensors.items()}
         configs = {component: configs[""]}
     try:
-        parts = _split_components(tensors, models.get("text_encoder"))
-    except ExpertError:
-        raise
+        parts = _split_components(tensors, models, pipeline_class)
+    except ExpertError as e:
+        raise ExpertError(f"{path}: {e}") from None
     except Exception as e:  # diffusers raises ValueError/KeyError on keys it cannot convert
-        raise ExpertError(f"{path}: diffusers could not convert its keys ({type(e).__name__}: {e})") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExpertError(f"{path}: diffusers' {pipeline_class.__name__}.lora_state_dict could not convert its keys "
+                          f"(a LoRA for another model family? keys start {sorted(tensors)[:2]}; "
+                          f"{type(e).__name__}: {first_line})") from e
     if not parts:
-        raise ExpertError(f"{path}: no LoRA weights for a UNet or text encoder found (keys start: {list(tensors)[:3]})")
+        raise ExpertError(f"{path}: no LoRA weights for {' or '.join(models)} found (keys start: {list(tensors)[:3]})")
 
     layers: dict[str, LoRAWeights] = {}
     for component, (state, alphas) in parts.items():

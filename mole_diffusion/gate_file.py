@@ -1,8 +1,8 @@
 """Gate files: the gates' tensors in safetensors, with what they were trained for in the metadata.
 
-Metadata: format version, expert names in order, each expert's content hash, granularity, and the base
-model's name and a fingerprint of the adapted modules' shapes. ``load_gates`` refuses gates trained for
-other experts, another granularity or another base, and matches experts by name, so the order in which
+Metadata: format version, expert names in order, each expert's content hash, granularity, the model family
+("sd", "sdxl", "flux"), and the base model's name and a fingerprint of the adapted modules' shapes.
+``load_gates`` refuses gates trained for other experts, another granularity, another family or another base, and matches experts by name, so the order in which
 experts are passed does not matter.
 """
 
@@ -37,7 +37,7 @@ def base_fingerprint(mole: MoLE) -> str:
     return hashlib.sha256("\n".join(shapes).encode()).hexdigest()
 
 
-def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> None:
+def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family: str = "sd") -> None:
     """Write ``mole``'s gates to ``path`` atomically (a temporary file, then a rename)."""
     tensors = {}
     for name, gate in mole.gates.items():
@@ -52,6 +52,7 @@ def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> Non
         # the gate's kind (files from before these keys are softmax, per sample)
         "activation": mole.activation,
         "per_position": json.dumps(mole.per_position),
+        "family": family,
         "base_model": base_model,
         "base_fingerprint": base_fingerprint(mole),
     }
@@ -88,10 +89,17 @@ def read_gate_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return tensors, metadata
 
 
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux"}
+
+
 @torch.no_grad()
-def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "") -> None:
+def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family: str = "sd") -> None:
     """Load gates saved by ``save_gates`` into ``mole``, after checking they were trained for it."""
     tensors, meta = read_gate_file(path)
+    saved_family = meta.get("family", "sd")  # files from before the key are Stable Diffusion's
+    if saved_family != family:
+        raise GateFileError(f"{path}: gates were trained on a {FAMILY_NAMES.get(saved_family, saved_family)} base "
+                            f"({meta['base_model'] or 'unnamed'}); this pipeline is {FAMILY_NAMES.get(family, family)}")
     saved_names = json.loads(meta["expert_names"])
     saved_hashes = json.loads(meta["expert_hashes"])
     names = mole.expert_names

@@ -10,7 +10,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.transformers.transformer_flux import (
+    FluxSingleTransformerBlock,
+    FluxTransformer2DModel,
+    FluxTransformerBlock,
+)
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
@@ -22,11 +28,16 @@ from .routing import RegionalRouting
 
 GRANULARITIES = ("block", "layer", "network")
 # METHOD.md section 2: one gate per Transformer2DModel / CLIPEncoderLayer; LoRAs outside one (resnet convs)
-# share their ResnetBlock2D's gate. A module in none of these gets a gate of its own.
-BLOCK_TYPES = (Transformer2DModel, CLIPEncoderLayer, ResnetBlock2D)
-# UNet modules whose input is the prompt's tokens (cross-attention keys and values): per-position routing
-# leaves them per-sample, as there is no image position to route by.
-PROMPT_TOKEN_MODULES = ("attn2.to_k", "attn2.to_v")
+# share their ResnetBlock2D's gate. Flux: one gate per double block (FluxTransformerBlock) and per single block
+# (FluxSingleTransformerBlock), reading the block's image tokens (``hidden_states``; a single block concatenates
+# the text tokens in front of them only inside its forward), so a gate sees the same kind of input in both.
+# A module in none of these gets a gate of its own.
+BLOCK_TYPES = (Transformer2DModel, CLIPEncoderLayer, ResnetBlock2D, FluxTransformerBlock, FluxSingleTransformerBlock)
+DENOISERS = (UNet2DConditionModel, FluxTransformer2DModel)
+# Modules whose input is the prompt's tokens (the UNet's cross-attention keys and values, the text stream of
+# Flux's double blocks): per-position routing leaves them per-sample, as there is no image position to route by.
+PROMPT_TOKEN_MODULES = ("attn2.to_k", "attn2.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                        "attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2", "norm1_context.linear")
 
 
 def _gate_scope(component: str, model: nn.Module, module_name: str, granularity: str) -> str:
@@ -34,9 +45,11 @@ def _gate_scope(component: str, model: nn.Module, module_name: str, granularity:
     if granularity == "layer":
         return module_name
     if granularity == "network":
-        # UNet: the prompt embedding (encoder_hidden_states), known before any adapted module runs.
-        # Text encoder: the token embeddings entering the encoder.
-        return "" if component == "unet" else module_name[: module_name.index("encoder.layers.")] + "encoder"
+        # UNet / Flux transformer: the prompt embedding (encoder_hidden_states), known before any adapted module
+        # runs. Text encoder: the token embeddings entering the encoder.
+        if isinstance(model, DENOISERS):
+            return ""
+        return module_name[: module_name.index("encoder.layers.")] + "encoder"
     parts = module_name.split(".")
     for end in range(len(parts) - 1, 0, -1):
         scope = ".".join(parts[:end])
@@ -47,8 +60,9 @@ def _gate_scope(component: str, model: nn.Module, module_name: str, granularity:
 
 def _scope_input(scope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden states a gate reads, from its scope module's forward arguments."""
-    if hasattr(scope, "conv_in") and hasattr(scope, "time_embedding"):  # a UNet
-        return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+    if isinstance(scope, DENOISERS):  # UNet (sample, timestep, prompt), Flux (image tokens, prompt, ...)
+        position = 2 if isinstance(scope, UNet2DConditionModel) else 1
+        return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[position]
     for key in ("hidden_states", "input_tensor", "inputs_embeds"):
         if key in kwargs:
             return kwargs[key]
@@ -301,8 +315,8 @@ def inject_experts(
 
 
 def _gate_in_features(model: nn.Module, scope: str, base: nn.Module) -> int:
-    if scope == "":  # the UNet's network gate reads the prompt embedding
-        return model.config.cross_attention_dim
+    if scope == "":  # the denoiser's network gate reads the prompt embedding
+        return model.config.cross_attention_dim if isinstance(model, UNet2DConditionModel) else model.config.joint_attention_dim
     home = model.get_submodule(scope)
     if home is base:
         return base.in_features if isinstance(base, nn.Linear) else base.in_channels
@@ -310,6 +324,8 @@ def _gate_in_features(model: nn.Module, scope: str, base: nn.Module) -> int:
         return home.in_channels
     if isinstance(home, ResnetBlock2D):
         return home.in_channels
+    if isinstance(home, (FluxTransformerBlock, FluxSingleTransformerBlock)):
+        return home.attn.query_dim
     if hasattr(home, "layers"):  # a CLIP encoder (network gate)
         return home.layers[0].embed_dim
     return home.embed_dim  # CLIPEncoderLayer

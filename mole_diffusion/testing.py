@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_clip_tokenizer", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_owlvit", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
+__all__ = ["make_clip_tokenizer", "make_t5_tokenizer", "pipeline_family", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_owlvit", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
 
 TINY_UNET_CONFIG = dict(
     sample_size=16,
@@ -71,44 +71,151 @@ def make_clip_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def make_tiny_pipeline(path: str | os.PathLike, seed: int = 0, **unet_config) -> Path:
-    """Write a tiny random Stable Diffusion pipeline folder (loadable with ``from_pretrained``) to ``path``.
+FAMILIES = ("sd", "sdxl", "flux")
+# SDXL: the UNet reads both text encoders' hidden states side by side (32 + 32) and, as added conditions,
+# the second encoder's pooled projection (32) and six size/crop numbers embedded in 8 each (32 + 48 = 80)
+TINY_SDXL_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG,
+    cross_attention_dim=64,
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+)
+TINY_FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True,
+)
+TINY_FLUX_VAE_CONFIG = dict(  # 4 latent channels, packed 2x2 into the transformer's 16
+    TINY_VAE_CONFIG, latent_channels=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+    scaling_factor=1.5035,
+)
+TINY_T5_CONFIG = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 
-    ``unet_config`` overrides entries of ``TINY_UNET_CONFIG`` (for a differently shaped base).
+
+def make_t5_tokenizer(path: str | os.PathLike):
+    """A small T5 tokenizer (a Unigram over letters, digits and punctuation, with T5's pad, eos and unk), built in
+    memory with ``tokenizers``: Flux's second tokenizer, with no hub to download T5's own from."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    pieces += [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    t5 = T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                         extra_ids=0, model_max_length=512)
+    t5.save_pretrained(path)
+    return t5
+
+
+def make_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd", **unet_config) -> Path:
+    """Write a tiny random pipeline folder (loadable with ``from_pretrained``) to ``path``.
+
+    ``family``: "sd" (Stable Diffusion 1.x), "sdxl" (two CLIP text encoders, the UNet's added conditions) or
+    "flux" (FluxTransformer2DModel, CLIP and T5 text encoders, flow matching). ``unet_config`` overrides entries
+    of the denoiser's config (``TINY_UNET_CONFIG``, ``TINY_SDXL_UNET_CONFIG`` or ``TINY_FLUX_TRANSFORMER_CONFIG``).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     path = Path(path)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, **unet_config})
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     tokenizer = make_clip_tokenizer(path / "tokenizer")
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if family == "sd":
+        pipe = StableDiffusionPipeline(
+            unet=UNet2DConditionModel(**{**TINY_UNET_CONFIG, **unet_config}),
+            vae=AutoencoderKL(**TINY_VAE_CONFIG),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    elif family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModelWithProjection
+
+        pipe = StableDiffusionXLPipeline(
+            unet=UNet2DConditionModel(**{**TINY_SDXL_UNET_CONFIG, **unet_config}),
+            vae=AutoencoderKL(**TINY_VAE_CONFIG),
+            text_encoder=text_encoder,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG)),
+            tokenizer=tokenizer,
+            tokenizer_2=make_clip_tokenizer(path / "tokenizer_2"),
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        t5_tokenizer = make_t5_tokenizer(path / "tokenizer_2")
+        pipe = FluxPipeline(
+            transformer=FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER_CONFIG, **unet_config}),
+            vae=AutoencoderKL(**TINY_FLUX_VAE_CONFIG),
+            text_encoder=text_encoder,
+            text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **TINY_T5_CONFIG)),
+            tokenizer=tokenizer,
+            tokenizer_2=t5_tokenizer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+        )
     pipe.save_pretrained(path)
     return path
 
 
+def pipeline_family(pipeline_path: str | os.PathLike) -> str:
+    """"sd", "sdxl" or "flux", from the folder's ``model_index.json``."""
+    index = Path(pipeline_path) / "model_index.json"
+    name = json.loads(index.read_text())["_class_name"] if index.exists() else ""
+    return "flux" if "Flux" in name else "sdxl" if "XL" in name else "sd"
+
+
 UNET_ATTENTION_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+# Flux LoRAs as kohya writes them (BFL's module names, q/k/v fused): kohya name -> the transformer's modules
+# (diffusers' names) it is split into, with the split of its lora_up rows
+FLUX_KOHYA_MODULES = {
+    "double_blocks_{i}_img_attn_qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), "transformer_blocks.{i}"),
+    "double_blocks_{i}_img_attn_proj": (("attn.to_out.0",), "transformer_blocks.{i}"),
+    "double_blocks_{i}_txt_attn_qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "transformer_blocks.{i}"),
+    "double_blocks_{i}_txt_attn_proj": (("attn.to_add_out",), "transformer_blocks.{i}"),
+    "double_blocks_{i}_img_mlp_0": (("ff.net.0.proj",), "transformer_blocks.{i}"),
+    # (no single_blocks linear1: diffusers' converter splits it at FLUX.1's own widths, 3072 x 3 + 12288)
+    "single_blocks_{i}_linear2": (("proj_out",), "single_transformer_blocks.{i}"),
+}
+# XLabs writes only the double blocks' attention, q/k/v fused
+FLUX_XLABS_MODULES = {"processor.qkv_lora1": "double_blocks_{i}_img_attn_qkv", "processor.proj_lora1": "double_blocks_{i}_img_attn_proj",
+                      "processor.qkv_lora2": "double_blocks_{i}_txt_attn_qkv", "processor.proj_lora2": "double_blocks_{i}_txt_attn_proj"}
+LAYOUTS = ("diffusers", "kohya", "ai-toolkit", "xlabs")
 
 
 def _lora_targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n.endswith(suffixes) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def _flux_groups(transformer: torch.nn.Module, layout: str) -> list[tuple[str, list[str]]]:
+    """(kohya name, the transformer modules it covers) for every fused module of the tiny Flux transformer."""
+    groups = []
+    for kohya, (modules, block) in FLUX_KOHYA_MODULES.items():
+        kind = "transformer_blocks" if kohya.startswith("double") else "single_transformer_blocks"
+        if layout == "xlabs" and (kind != "transformer_blocks" or "mlp" in kohya):
+            continue
+        for i in range(len(getattr(transformer, kind))):
+            groups.append((kohya.format(i=i), [f"{block.format(i=i)}.{m}" for m in modules]))
+    return groups
 
 
 def make_tiny_lora(
@@ -123,62 +230,95 @@ def make_tiny_lora(
     text_modules: tuple[str, ...] = TEXT_ATTENTION_MODULES,
     std: float = 0.3,
 ) -> Path:
-    """Write a random LoRA for the tiny pipeline at ``pipeline_path``.
+    """Write a random LoRA for the tiny pipeline at ``pipeline_path`` (any family, read from its model_index).
 
-    ``layout="diffusers"`` writes what ``StableDiffusionPipeline.save_lora_weights`` writes (PEFT keys,
+    ``layout="diffusers"`` writes what the pipeline class's ``save_lora_weights`` writes (PEFT keys,
     ``lora_adapter_metadata`` holding ``lora_alpha`` and ``r``); ``layout="kohya"`` writes the A1111/kohya
-    layout (``lora_unet_*.lora_down/lora_up/alpha``). Modules ending in ``unet_modules`` (any Linear or Conv2d,
-    so ``"conv1"`` gives a LoCon-style conv LoRA) are adapted. The same seed gives the same tensors in both
-    layouts, so the two files are twins.
+    layout (``lora_unet_*`` / ``lora_te_*`` (SDXL and Flux: ``lora_te1_*``, ``lora_te2_*``) ``.lora_down/lora_up/alpha``;
+    Flux with BFL's module names and q/k/v fused); Flux also has ``"ai-toolkit"`` (diffusers keys, no metadata,
+    alpha folded into the weights) and ``"xlabs"`` (the double blocks' attention only, no alpha). SD and SDXL:
+    modules ending in ``unet_modules`` (any Linear or Conv2d, so ``"conv1"`` gives a LoCon-style conv LoRA) and,
+    with ``text_encoder``, ``text_modules`` of every text encoder are adapted. The same seed gives the same
+    LoRA in every layout, so the files are twins.
     """
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     pipeline_path, out = Path(pipeline_path), Path(out)
+    family = pipeline_family(pipeline_path)
+    allowed = LAYOUTS if family == "flux" else LAYOUTS[:2]
+    if layout not in allowed:
+        raise ValueError(f"layout must be one of {allowed} for a {family} pipeline, got {layout!r}")
     alpha = float(rank if alpha is None else alpha)
     generator = torch.Generator().manual_seed(seed)
-    models = {"unet": (UNet2DConditionModel.from_pretrained(pipeline_path / "unet"), unet_modules)}
-    if text_encoder:
-        models["text_encoder"] = (CLIPTextModel.from_pretrained(pipeline_path / "text_encoder"), text_modules)
+    text_encoders = {"sd": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"], "flux": ["text_encoder"]}[family]
+    if layout == "xlabs":
+        text_encoder = False
+    # groups: (component, kohya key, [module names], up-row splits) sharing one lora_down
+    groups: list[tuple[str, str, list[str], list[int]]] = []
+    models: dict[str, torch.nn.Module] = {}
+    if family == "flux":
+        from diffusers import FluxTransformer2DModel
 
+        models["transformer"] = FluxTransformer2DModel.from_pretrained(pipeline_path / "transformer")
+        for kohya, names in _flux_groups(models["transformer"], layout):
+            splits = [models["transformer"].get_submodule(n).out_features for n in names]
+            groups.append(("transformer", kohya, names, splits))
+    else:
+        models["unet"] = UNet2DConditionModel.from_pretrained(pipeline_path / "unet")
+        for name, module in _lora_targets(models["unet"], unet_modules):
+            groups.append(("unet", name.replace(".", "_"), [name], []))
+    if text_encoder:
+        for component in text_encoders:
+            text_class = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+            models[component] = text_class.from_pretrained(pipeline_path / component)
+            for name, module in _lora_targets(models[component], text_modules):
+                # kohya names text-encoder modules from `text_model.`, as transformers 4 did
+                groups.append((component, name.removeprefix("text_model.").replace(".", "_"), [name], []))
+
+    kohya_tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, torch.Tensor]] = {component: {} for component in models}
     targets: dict[str, list[str]] = {component: [] for component in models}
-    for component, (model, suffixes) in models.items():
-        for name, module in _lora_targets(model, suffixes):
-            if isinstance(module, torch.nn.Linear):
-                down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
-            else:
-                down_shape = (rank, module.in_channels, *module.kernel_size)
-                up_shape = (module.out_channels, rank, 1, 1)
-            layers[component][f"{name}.lora_A.weight"] = torch.randn(down_shape, generator=generator) * std
-            layers[component][f"{name}.lora_B.weight"] = torch.randn(up_shape, generator=generator) * std
+    for component, kohya, names, splits in groups:
+        module = models[component].get_submodule(names[0])
+        if isinstance(module, torch.nn.Linear):
+            down_shape, up_shape = (rank, module.in_features), (sum(splits) or module.out_features, rank)
+        else:
+            down_shape = (rank, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, rank, 1, 1)
+        down = torch.randn(down_shape, generator=generator) * std
+        up = torch.randn(up_shape, generator=generator) * std
+        prefix = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_" if family != "sd" else "lora_te_",
+                  "text_encoder_2": "lora_te2_"}[component] + ("text_model_" if component.startswith("text") else "")
+        kohya_tensors.update({f"{prefix}{kohya}.lora_down.weight": down, f"{prefix}{kohya}.lora_up.weight": up,
+                              f"{prefix}{kohya}.alpha": torch.tensor(alpha)})
+        for name, part in zip(names, up.split(splits) if splits else [up]):
+            # ai-toolkit folds alpha / r into the factors; xlabs has no alpha (the scale is 1)
+            scale = alpha / rank if layout == "ai-toolkit" else 1.0
+            layers[component][f"{name}.lora_A.weight"] = down * scale
+            layers[component][f"{name}.lora_B.weight"] = part.contiguous()
             targets[component].append(name)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if layout == "diffusers":
-        from diffusers import StableDiffusionPipeline
+        from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        metadata = {f"{c}_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha, "target_modules": t} for c, t in targets.items()}
-        StableDiffusionPipeline.save_lora_weights(
-            out.parent,
-            unet_lora_layers=layers["unet"],
-            text_encoder_lora_layers=layers.get("text_encoder"),
-            weight_name=out.name,
-            **metadata,
-        )
+        cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}[family]
+        kwargs = {f"{c}_lora_layers": layers[c] for c in layers}
+        kwargs.update({f"{c}_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha, "target_modules": t} for c, t in targets.items()})
+        cls.save_lora_weights(out.parent, weight_name=out.name, **kwargs)
     elif layout == "kohya":
+        save_file(kohya_tensors, str(out), metadata={"format": "pt"})
+    elif layout == "ai-toolkit":
+        save_file({f"{c}.{k}": v for c, part in layers.items() for k, v in part.items()}, str(out), metadata={"format": "pt"})
+    else:  # xlabs: double_blocks.<i>.processor.<qkv|proj>_lora<1|2>.<down|up>.weight
         tensors = {}
-        for component, component_layers in layers.items():
-            # kohya names text-encoder modules from `text_model.`, as transformers 4 did
-            prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
-            for name in targets[component]:
-                key = prefix + name.removeprefix("text_model.").replace(".", "_")
-                tensors[f"{key}.lora_down.weight"] = component_layers[f"{name}.lora_A.weight"]
-                tensors[f"{key}.lora_up.weight"] = component_layers[f"{name}.lora_B.weight"]
-                tensors[f"{key}.alpha"] = torch.tensor(alpha)
+        for key, kohya in FLUX_XLABS_MODULES.items():
+            for i in range(len(models["transformer"].transformer_blocks)):
+                name = f"lora_unet_{kohya.format(i=i)}"
+                tensors[f"double_blocks.{i}.{key}.down.weight"] = kohya_tensors[f"{name}.lora_down.weight"]
+                tensors[f"double_blocks.{i}.{key}.up.weight"] = kohya_tensors[f"{name}.lora_up.weight"]
         save_file(tensors, str(out), metadata={"format": "pt"})
-    else:
-        raise ValueError(f"layout must be 'diffusers' or 'kohya', got {layout!r}")
     return out
 
 
