@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", nargs="+", help="default: all that apply (mole, mole_without_<name>, nla, sum, "
                     "set_adapters, switch, composite, single_<name>, base)")
     ev.add_argument("--nla-weights", type=float, nargs="+", help="weights for nla and set_adapters (default uniform)")
-    ev.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddpm")
+    ev.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                    help="default: ddpm for SD and SDXL; Flux keeps its flow-matching scheduler")
     ev.add_argument("--steps", type=int, default=50)
     ev.add_argument("--guidance-scale", type=float, default=7.5)
     ev.add_argument("--resolution", type=int, help="default: the model's")
@@ -210,14 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser(
         "tiny-checkpoint",
-        help="write a tiny random SD checkpoint and two LoRAs (offline; for tests and CI)",
-        epilog="example:\n  mole-diffusion tiny-checkpoint tiny\n  "
+        help="write a tiny random SD, SDXL or Flux checkpoint and two LoRAs (offline; for tests and CI)",
+        epilog="example:\n  mole-diffusion tiny-checkpoint tiny --family sdxl\n  "
         "mole-diffusion generate --base tiny/pipeline --lora tiny/dog.safetensors --lora tiny/hat.safetensors "
         "--prompt 'a dog in a hat' --steps 4 --out tiny.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tiny.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya), "
                       "images/dog, images/hat and concepts.toml (for train-lora / train-gates)")
+    tiny.add_argument("--family", choices=["sd", "sdxl", "flux"], default="sd",
+                      help="Stable Diffusion 1.x (default), SDXL (two text encoders) or Flux (a FluxTransformer2DModel)")
     return parser
 
 
@@ -339,7 +342,7 @@ def tiny_checkpoint(args: argparse.Namespace) -> None:
     from .testing import make_concept_images, make_tiny_lora, make_tiny_pipeline
 
     out = Path(args.out)
-    base = make_tiny_pipeline(out / "pipeline")
+    base = make_tiny_pipeline(out / "pipeline", family=args.family)
     print(f"wrote {base}")
     for name, layout, seed in (("dog", "diffusers", 1), ("hat", "kohya", 2)):
         print(f"wrote {make_tiny_lora(base, out / f'{name}.safetensors', rank=4, alpha=4, seed=seed, layout=layout)}")
@@ -357,11 +360,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from .errors import load_base_pipeline
-    from .pipelines import MoLEStableDiffusionPipeline
+    from .pipelines import mole_pipeline_class
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
-    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, args.base, dtype=dtype, safety_checker=None)
+    pipe = load_base_pipeline(mole_pipeline_class(args.base), args.base, dtype=dtype, safety_checker=None)
     if args.scheduler:
         use_scheduler(pipe, args.scheduler)
     from .gate_file import gate_kind

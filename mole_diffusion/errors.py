@@ -19,14 +19,19 @@ class MoLEError(ValueError):
 
 
 class BaseModelError(MoLEError):
-    """A base model (folder or hub id) that cannot be loaded as a Stable Diffusion pipeline."""
+    """A base model (folder or hub id) that cannot be loaded as a pipeline of a supported family."""
 
 
 def load_base_pipeline(cls: type[Pipeline], base: str | os.PathLike, **kwargs) -> Pipeline:
     """``cls.from_pretrained(base, **kwargs)``; a missing or unreadable model is a ``BaseModelError``. Without
-    diffusers' and transformers' loading bars (``quiet_loading``): the command's own bar is the one shown."""
+    diffusers' and transformers' loading bars (``quiet_loading``): the command's own bar is the one shown.
+    ``safety_checker`` is passed only to pipelines that have one (SD 1.x / 2.x)."""
+    import inspect
+
+    if "safety_checker" not in inspect.signature(cls.__init__).parameters:
+        kwargs.pop("safety_checker", None)
     try:
         with quiet_loading():
             return cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as err:  # diffusers: OSError for missing files, ValueError for a bad path or id
-        raise BaseModelError(f"{base}: cannot load a Stable Diffusion pipeline ({err})") from err
+        raise BaseModelError(f"{base}: cannot load a {cls.__name__} ({err})") from err

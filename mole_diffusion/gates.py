@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MoLEError
+from .layers import token_grid
 
 
 def token_mean_direction(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,9 @@ class Gate(nn.Module):
         # tokens apply them resampled to their own grid; layers on the prompt's tokens keep ``weights``.
         self.position_weights: torch.Tensor | None = None
         self._resampled: tuple[torch.Tensor | None, dict] = (None, {})  # position_weights per grid, for this forward
+        # Flux's single blocks run the prompt's tokens in front of the image's: that many leading tokens of their
+        # layers are not image positions and keep the per-sample weights (0 elsewhere)
+        self.leading_tokens = 0
         self.history: list[torch.Tensor] = []  # per-call weights, while recording
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -102,6 +106,18 @@ class Gate(nn.Module):
             else:
                 cache[size] = F.interpolate(source, size)
         return cache[size]
+
+    def token_weights(self, tokens: int) -> torch.Tensor:
+        """(B, tokens, N) for a layer on ``tokens`` tokens: each image position's weights on the layer's grid
+        (a UNet level halves the finest grid; Flux's image tokens are one sequence, a 1 x L map), after any
+        ``leading_tokens`` (the prompt's, in a Flux single block), which get the per-sample weights."""
+        image_tokens = self.position_weights.shape[-2] * self.position_weights.shape[-1]
+        lead = self.leading_tokens if self.leading_tokens and tokens == self.leading_tokens + image_tokens else 0
+        grid = token_grid(tuple(self.position_weights.shape[-2:]), tokens - lead)
+        weights = self.position_weights_on(grid).flatten(2).transpose(1, 2)
+        if lead:
+            weights = torch.cat([self.weights[:, None].expand(-1, lead, -1).to(weights), weights], dim=1)
+        return weights
 
     def applied_weights(self) -> torch.Tensor:
         """(B, N): the weights of the last forward, averaged over positions for a per-position gate."""

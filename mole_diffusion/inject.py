@@ -34,6 +34,7 @@ GRANULARITIES = ("block", "layer", "network")
 # A module in none of these gets a gate of its own.
 BLOCK_TYPES = (Transformer2DModel, CLIPEncoderLayer, ResnetBlock2D, FluxTransformerBlock, FluxSingleTransformerBlock)
 DENOISERS = (UNet2DConditionModel, FluxTransformer2DModel)
+FLUX_BLOCKS = (FluxTransformerBlock, FluxSingleTransformerBlock)
 # Modules whose input is the prompt's tokens (the UNet's cross-attention keys and values, the text stream of
 # Flux's double blocks): per-position routing leaves them per-sample, as there is no image position to route by.
 PROMPT_TOKEN_MODULES = ("attn2.to_k", "attn2.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
@@ -67,6 +68,11 @@ def _scope_input(scope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         if key in kwargs:
             return kwargs[key]
     return args[0]
+
+
+def _scope_input_prompt(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A Flux block's prompt tokens (its second argument)."""
+    return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
 
 
 class MoLE:
@@ -264,8 +270,8 @@ def inject_experts(
     """Wrap the modules the experts adapt and attach the gates; ``models`` is {"unet": ..., "text_encoder": ...}.
 
     ``activation``: "softmax" (the paper's gate, weights on the simplex) or "sigmoid" (one weight in (0, 1) per
-    expert); ``per_position``: the UNet's block gates also weigh each image position by its own feature
-    (METHOD.md section 8). Untrained, every kind is NLA with ``prior_weights``.
+    expert); ``per_position``: the denoiser's block gates (UNet blocks, Flux double and single blocks) also
+    weigh each image position by its own feature (METHOD.md section 8). Untrained, every kind is NLA with ``prior_weights``.
 
     Experts must have been loaded against these models (``load_expert`` checks every shape first), so
     nothing here can fail half-way.
@@ -297,7 +303,7 @@ def inject_experts(
             in_features = _gate_in_features(model, scope, base)
             mole.gates[gate_name] = Gate(n, in_features, prior, activation, per_position).to(base.weight.device)
         layer = MoLELayer(base, lora_A, lora_B, rank_expert, rank_scale, mole.gates[gate_name])
-        layer.reads_prompt = component != "unet" or module_name.endswith(PROMPT_TOKEN_MODULES)
+        layer.reads_prompt = component.startswith("text_encoder") or module_name.endswith(PROMPT_TOKEN_MODULES)
 
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -345,6 +351,10 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
             gate.weights = gate(hidden_states)
             if gate.per_position and hidden_states.dim() == 4:  # a UNet block's feature map (B, C, H, W)
                 gate.position_weights = gate.position_map(hidden_states)
+            elif gate.per_position and isinstance(scope, FLUX_BLOCKS):  # Flux's image tokens (B, L, C): a 1 x L map
+                gate.position_weights = gate.position_map(hidden_states.transpose(1, 2).unsqueeze(2))
+                single = isinstance(scope, FluxSingleTransformerBlock)
+                gate.leading_tokens = _scope_input_prompt(args, kwargs).shape[1] if single else 0
         if mole.record:  # a copy: constant weights are a buffer that set_experts changes in place
             gate.history.append(gate.applied_weights().detach().clone())  # per position: their mean over the image
 

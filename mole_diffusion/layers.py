@@ -64,8 +64,7 @@ class MoLELayer(nn.Module):
             return y.add_(F.conv2d(u * g.to(x.dtype), self.lora_B))
         u = F.linear(x, self.lora_A)
         if positional is not None and u.dim() == 3:  # (B, L, R): the image's tokens, row by row
-            grid = token_grid(tuple(positional.shape[-2:]), u.shape[1])
-            g = self.rank_weights(self.gate.position_weights_on(grid).flatten(2).transpose(1, 2))
+            g = self.rank_weights(self.gate.token_weights(u.shape[1]))
         else:
             g = self.rank_weights(self.gate.weights)
             g = g.view(g.shape[0], *([1] * (u.dim() - 2)), g.shape[1])

@@ -22,4 +22,9 @@ def use_scheduler(pipe: "DiffusionPipeline", name: str) -> None:
     """Replace the pipeline's scheduler by the one named, built from the checkpoint's own scheduler config."""
     import diffusers  # here, so that `mole-diffusion --help` stays quick
 
+    from .errors import MoLEError
+
+    if isinstance(pipe.scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+        raise MoLEError(f"--scheduler {name}: this base samples by flow matching (Flux) with its own "
+                        "FlowMatchEulerDiscreteScheduler; the schedulers offered are Stable Diffusion's and SDXL's")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)

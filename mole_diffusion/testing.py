@@ -108,7 +108,7 @@ def make_t5_tokenizer(path: str | os.PathLike):
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
     tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     t5 = T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                         extra_ids=0, model_max_length=512)
+                         extra_ids=0, model_max_length=64)  # FLUX.1's T5 reads 512: tests train on fewer
     t5.save_pretrained(path)
     return t5
 

@@ -84,7 +84,7 @@ class Studio:
         or value raises a ``MoLEError`` naming it, and what was loaded before stays loaded."""
         from .errors import load_base_pipeline
         from .gate_file import gate_kind
-        from .pipelines import MoLEStableDiffusionPipeline
+        from .pipelines import mole_pipeline_class
         from .schedulers import SCHEDULERS, use_scheduler
 
         loras = {str(name): str(path) for name, path in loras.items()}
@@ -104,7 +104,7 @@ class Studio:
         kind = gate_kind(gates) if gates else {}  # read before the base loads: a bad gate file fails fast
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         # a str: diffusers takes a Path it cannot find for a hub id and fails on it (AttributeError)
-        pipe = load_base_pipeline(MoLEStableDiffusionPipeline, str(base), dtype=dtype, safety_checker=None)
+        pipe = load_base_pipeline(mole_pipeline_class(str(base)), str(base), dtype=dtype, safety_checker=None)
         if scheduler is not None:
             use_scheduler(pipe, scheduler)
         pipe.load_experts(loras, **kind)

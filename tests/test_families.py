@@ -197,12 +197,87 @@ def test_a_lora_of_another_family_is_refused_before_any_change(family_world):
     assert sd.mole is None
 
 
-def test_flux_refuses_what_needs_a_unet(family_world):
+def test_flux_refuses_regional_routing(family_world):
     if family_world["family"] != "flux":
         pytest.skip("Flux only")
     mole = load(family_world)
-    with pytest.raises(MoLEError, match="per-position gates read a UNet block"):
-        mole.load_experts({"a": family_world["a"]}, per_position=True)
     mole.load_experts({"a": family_world["a"]})
     with pytest.raises(MoLEError, match="regional routing reads the UNet's cross-attention"):
         mole.enable_regional_routing({"a": "sks"})
+
+
+def randomise_gates(pipe, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in pipe.mole.gates.values():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator) * 4)
+
+
+def test_per_position_gates_on_image_tokens(family_world):
+    """Per-position gates on SDXL's UNet blocks and on Flux's image tokens: untrained they are the block gate
+    (NLA with the prior == set_adapters); trained, positions get their own weights, gradients reach the gates
+    alone, and masking all but one expert leaves that LoRA alone at every position."""
+    prior = [0.2, 0.5, 0.3]
+    mole, ref = load(family_world), load(family_world, mole=False)
+    mole.load_experts({n: family_world[n] for n in "abc"}, per_position=True, prior_weights=prior)
+    for name in "abc":
+        ref.load_lora_weights(family_world[name], adapter_name=name)
+    ref.set_adapters(["a", "b", "c"], prior)
+    np.testing.assert_allclose(generate(mole), generate(ref), atol=MIXED_ATOL)
+
+    randomise_gates(mole)
+    per_position = generate(mole)
+    block = load(family_world)
+    block.load_experts({n: family_world[n] for n in "abc"}, prior_weights=prior)
+    block_state = {name: gate.state_dict() for name, gate in mole.mole.gates.items()}
+    for name, gate in block.mole.gates.items():
+        gate.load_state_dict(block_state[name])
+    assert np.abs(per_position - generate(block)).max() > 1e-4  # the same gates, read per position, differ
+    denoiser_gates = [g for name, g in mole.mole.gates.items() if not name.startswith("text_encoder")]
+    maps = [g.position_weights for g in denoiser_gates]
+    assert all(m is not None and float(m.std(dim=(2, 3)).max()) > 1e-3 for m in maps)  # weights vary over positions
+
+    # gradients reach the gate parameters and nothing else (the LoRA factors are buffers: never trainable)
+    model = getattr(mole, mole.denoiser)
+    model.requires_grad_(False)
+    for gate in mole.mole.gates.values():
+        gate.requires_grad_(True)
+    if family_world["family"] == "flux":
+        tokens, text = torch.randn(1, 64, 16), torch.randn(1, 16, 32)
+        out = model(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=torch.randn(1, 32),
+                    timestep=torch.tensor([0.5]), img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(16, 3),
+                    guidance=torch.tensor([3.5])).sample
+    else:
+        out = model(torch.randn(1, 4, 8, 8), torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, 64),
+                    added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}).sample
+    out.square().mean().backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("mole_gate" in name for name in with_grad)
+    assert any(p.grad.abs().max() > 0 for g in denoiser_gates for p in (g.weight,))
+
+    ref.set_adapters(["b"], [1.0])
+    np.testing.assert_allclose(generate(mole, experts=["b"]), generate(ref), atol=MIXED_ATOL)
+
+
+def test_flux_single_block_text_tokens_keep_the_per_sample_weights():
+    from torch import nn
+
+    from mole_diffusion.gates import Gate
+    from mole_diffusion.layers import MoLELayer
+
+    generator = torch.Generator().manual_seed(0)
+    base = nn.Linear(8, 6)
+    layer = MoLELayer(base, torch.randn(5, 8, generator=generator), torch.randn(6, 5, generator=generator),
+                      torch.tensor([0, 0, 1, 1, 1]), torch.ones(5), Gate(2, 8))
+    text, image = 3, 10
+    x = torch.randn(2, text + image, 8, generator=generator)  # a single block's joint sequence: text first
+    weights = torch.tensor([[0.3, 0.9], [1.2, 0.1]])
+    layer.gate.weights, layer.gate.leading_tokens = weights, text
+    per_sample = layer(x.clone())
+    image_off = torch.zeros(2, 2, 1, image)  # every image position: no expert
+    layer.gate.position_weights = image_off
+    mixed = layer(x.clone())
+    torch.testing.assert_close(mixed[:, :text], per_sample[:, :text])  # the prompt's tokens: per-sample weights
+    torch.testing.assert_close(mixed[:, text:], base(x[:, text:]))  # the image's: their own (none)
+    layer.gate.position_weights = weights[:, :, None, None].expand(2, 2, 1, image).contiguous()
+    torch.testing.assert_close(layer(x.clone()), per_sample, rtol=1e-5, atol=1e-5)

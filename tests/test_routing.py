@@ -62,8 +62,8 @@ def mean_gate_weights(pipe, examples, group):
     pipe.mole.record = True
     with torch.no_grad():
         for draw in range(10):
-            embeds = common.encode_prompts(pipe, [examples.prompts[i] for i in indices])
-            common.denoising_loss(pipe.unet, scheduler, examples.latents[indices], embeds, examples.loss_weights[indices],
+            embeds = common.encode_prompts(pipe, [examples.prompts[i] for i in indices], SIZE)
+            common.denoising_loss(pipe, scheduler, examples.latents[indices], embeds, examples.loss_weights[indices],
                                   torch.Generator().manual_seed(draw))
     pipe.mole.record = False
     return torch.stack([h.mean(dim=(0, 1)) for h in pipe.mole.gate_history().values()]).mean(dim=0)

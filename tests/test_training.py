@@ -11,7 +11,6 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.gates import Gate, balance_loss
 from mole_diffusion.train import ConceptError, GateTrainingConfig, add_mixers, load_concepts, train_gates
 from mole_diffusion.train import common
@@ -31,9 +30,9 @@ def fixed_loss(pipe, concepts_file, draws=8):
     total = 0.0
     with torch.no_grad():
         for draw in range(draws):
-            embeds = common.encode_prompts(pipe, examples.prompts)
+            embeds = common.encode_prompts(pipe, examples.prompts, 32)
             generator = torch.Generator().manual_seed(draw)
-            total += common.denoising_loss(pipe.unet, scheduler, examples.latents, embeds, examples.loss_weights, generator).item()
+            total += common.denoising_loss(pipe, scheduler, examples.latents, embeds, examples.loss_weights, generator).item()
     return total / draws
 
 

@@ -279,7 +279,7 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
         keep = generator.rand() >= 0.1
         prompts = [examples.prompts[i] if k else "" for i, k in zip(indices, keep.tolist())]
         latents = examples.latents[indices].to(accelerator.device)
-        value = denoising_loss(pipe.unet, noise_scheduler, latents, encode_prompts(pipe, prompts), examples.loss_weights[indices], generator)
+        value = denoising_loss(pipe, noise_scheduler, latents, encode_prompts(pipe, prompts, RESOLUTION), examples.loss_weights[indices], generator)
         return value, {}
 
     run_training(training, accelerator, pipe, params, examples, loss_function)

@@ -28,7 +28,7 @@ import hashlib
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,7 +63,7 @@ class EvaluationConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     methods: list[str] = field(default_factory=list)  # default: every method that applies
     nla_weights: list[float] | None = None
-    scheduler: str = "ddpm"
+    scheduler: str | None = None  # None: "ddpm" for SD / SDXL, Flux's own flow-matching scheduler
     steps: int = 50
     guidance_scale: float = 7.5
     resolution: int | None = None
@@ -85,11 +85,12 @@ PEFT_MERGES = ("cat", "svd", "ties", "dare_linear")  # add_weighted_adapter comb
 SAME_RANK_MERGES = ("ties", "dare_linear")  # these combine the A's and the B's separately: one rank for all
 
 
-def method_names(concepts: list[Concept], has_gates: bool, same_rank: bool = True) -> list[str]:
+def method_names(concepts: list[Concept], has_gates: bool, same_rank: bool = True, family: str = "sd") -> list[str]:
     names = [c.name for c in concepts]
     learned = ["mole", "mole_constant", *(f"mole_without_{n}" for n in names)] if has_gates else []
     merges = [f"peft_{m}" for m in PEFT_MERGES if same_rank or m not in SAME_RANK_MERGES]
-    regional = ["regional"] if _triggers(concepts) else []
+    # regional routing reads a UNet's cross-attention maps: not Flux's joint attention
+    regional = ["regional"] if _triggers(concepts) and family != "flux" else []
     return [*learned, "nla", "sum", "set_adapters", *merges, "switch", "composite", *regional, *(f"single_{n}" for n in names), "base"]
 
 
@@ -104,12 +105,11 @@ def _triggers(concepts: list[Concept]) -> dict[str, list[str]] | None:
 def evaluate(config: EvaluationConfig) -> Path:
     """Generate, score and summarise; returns the output folder. Under ``accelerate launch`` each process
     takes every n-th image and the main process writes the summary."""
-    import diffusers
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     from ..schedulers import use_scheduler
-    from ..pipelines import MoLEStableDiffusionPipeline
+    from ..pipelines import mole_pipeline_class
 
     if config.concepts is not None:
         concepts = load_concepts(config.concepts)
@@ -120,7 +120,10 @@ def evaluate(config: EvaluationConfig) -> Path:
     names = [c.name for c in concepts]
     if config.gates is not None and not Path(config.gates).is_file():
         raise GateFileError(f"gate file {config.gates} not found")
-    available = method_names(concepts, config.gates is not None)
+    pipeline_class = mole_pipeline_class(config.base)  # reads model_index.json only: a bad base fails at once
+    available = method_names(concepts, config.gates is not None, family=pipeline_class.family)
+    if config.scheduler is None and pipeline_class.family != "flux":
+        config = replace(config, scheduler="ddpm")
     methods = config.methods or available
     unknown = [m for m in methods if m not in available]
     if unknown:
@@ -146,8 +149,9 @@ def evaluate(config: EvaluationConfig) -> Path:
     presence = load_presence_judge(config.presence_model, concepts, device, config.presence_threshold) if config.presence_model else None
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, dtype=dtype, safety_checker=None)
-    use_scheduler(pipe, config.scheduler)
+    pipe = load_base_pipeline(pipeline_class, config.base, dtype=dtype, safety_checker=None)
+    if config.scheduler is not None:
+        use_scheduler(pipe, config.scheduler)
     # gates trained at layer or network granularity load as such (the gate file says which)
     kind = gate_kind(config.gates) if config.gates is not None else {}
     pipe.load_experts({c.name: c.lora for c in concepts}, **kind)
@@ -165,7 +169,7 @@ def evaluate(config: EvaluationConfig) -> Path:
     reference_pipe = None
     if {"set_adapters", "base"} & set(methods) or any(m.startswith("peft_") for m in methods):
         # diffusers' own LoRA path on models of its own (the MoLE pipeline's are wrapped)
-        reference_pipe = load_base_pipeline(diffusers.StableDiffusionPipeline, config.base, dtype=dtype, safety_checker=None)
+        reference_pipe = load_base_pipeline(pipeline_class.diffusers_class(), config.base, dtype=dtype, safety_checker=None)
         reference_pipe.scheduler = pipe.scheduler
         reference_pipe.to(device)
         for c in concepts:
@@ -251,7 +255,7 @@ def add_peft_merges(pipe, names: list[str], weights: list[float], combination_ty
     from peft import LoraModel
 
     torch.manual_seed(0)  # dare drops entries at random: the same merge on every run
-    for model in (pipe.unet, pipe.text_encoder):
+    for model in [getattr(pipe, c) for c in pipe._lora_loadable_modules if getattr(pipe, c, None) is not None]:
         configs = getattr(model, "peft_config", {})
         if not combination_types or not all(n in configs for n in names):
             continue
@@ -353,8 +357,11 @@ def _switch(pipe, names: list[str], every: int, prompt: str, kwargs) -> Image.Im
 
 @contextmanager
 def composite(pipe, names: list[str]):
-    """LoRA Composite: every UNet call returns the mean of the N single-LoRA predictions."""
-    unet, mole = pipe.unet, pipe.mole
+    """LoRA Composite: every UNet (or Flux transformer) call returns the mean of the N single-LoRA predictions."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    unet, mole = getattr(pipe, pipe.denoiser), pipe.mole
+    output = UNet2DConditionOutput if pipe.denoiser == "unet" else Transformer2DModelOutput
     forward = unet.forward
 
     def mean_forward(*args, return_dict: bool = True, **kwargs):
@@ -363,7 +370,7 @@ def composite(pipe, names: list[str]):
             mole.set_experts(names, one_hot(names, index))
             outputs.append(forward(*args, return_dict=False, **kwargs)[0])
         sample = torch.stack(outputs).mean(dim=0)
-        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+        return output(sample=sample) if return_dict else (sample,)
 
     unet.forward = mean_forward
     try:

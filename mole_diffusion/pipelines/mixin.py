@@ -24,6 +24,11 @@ class MoLEPipelineMixin:
     family: str
     denoiser: str = "unet"
 
+    @classmethod
+    def diffusers_class(cls) -> type:
+        """The diffusers pipeline this one extends (the reference for diffusers' own LoRA loading)."""
+        return cls.__mro__[cls.__mro__.index(MoLEPipelineMixin) + 1]
+
     @property
     def mole(self) -> MoLE | None:
         # Kept on the denoiser, so a pipeline built from these components (`cls(**pipe.components)`) shares it.
@@ -64,9 +69,6 @@ class MoLEPipelineMixin:
         named = expert_paths(experts)
         if isinstance(prior_weights, dict):
             prior_weights = [prior_weights[name] for name in named]
-        if per_position and self.denoiser != "unet":
-            raise MoLEError(f"per-position gates read a UNet block's feature map; {type(self).__name__} has a "
-                            f"{self.denoiser}: load_experts(..., per_position=False)")
         loaded = [load_expert(name, path, self._models(), type(self)) for name, path in named.items()]
         models = self._models()
         getattr(self, self.denoiser).__dict__["_mole"] = inject_experts(models, loaded, granularity, prior_weights, activation, per_position)

@@ -21,3 +21,9 @@ class MoLEFluxPipeline(MoLEPipelineMixin, FluxPipeline):
 
     family = "flux"
     denoiser = "transformer"
+
+    def __call__(self, *args, **kwargs):
+        """``FluxPipeline.__call__`` (plus ``experts=``), with ``max_sequence_length`` defaulting to the T5
+        tokenizer's own length where it is below diffusers' 512 (FLUX.1's is 512; a small test tokenizer's less)."""
+        kwargs.setdefault("max_sequence_length", min(512, self.tokenizer_2.model_max_length))
+        return super().__call__(*args, **kwargs)

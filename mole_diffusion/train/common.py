@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, FluxPipeline, StableDiffusionXLPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -103,7 +103,7 @@ class BatchRandom:
 class Examples:
     """Reference images encoded once (the VAE is frozen), with their prompts and loss weights."""
 
-    latents: torch.Tensor  # (M, 4, h, w), already times the VAE scaling factor
+    latents: torch.Tensor  # (M, C, h, w), already shifted and scaled as the denoiser reads them
     prompts: list[str]
     groups: torch.Tensor  # (M,): one group per concept's instance images, one per its class images
     loss_weights: torch.Tensor  # (M,): 1, or the prior-preservation weight for class images
@@ -136,7 +136,9 @@ def encode_examples(concepts: list[Concept], vae, resolution: int, prior_loss_we
     for group, (folder, prompt, weight) in enumerate(sets):
         for path in list_images(folder):
             pixels = load_image(path, resolution)[None].to(vae.device, vae.dtype)
-            latents.append(vae.encode(pixels).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+            mean = vae.encode(pixels).latent_dist.mean.float().cpu()
+            # Flux's VAE has a shift as well as a scale (the pipeline decodes latents / scale + shift)
+            latents.append((mean - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor)
             prompts.append(image_caption(path, prompt))
             groups.append(group)
             weights.append(weight)
@@ -162,29 +164,81 @@ def sample_indices(examples: Examples, seed: int, start: int, count: int) -> lis
     return [_epoch_order(groups, seed, n // size)[n % size] for n in range(start, start + count)]
 
 
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The UNet, or Flux's transformer."""
+    return pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
+
+
+def text_encoders(pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+    """The text encoders a LoRA may adapt (diffusers' list for the pipeline: not Flux's T5)."""
+    return [getattr(pipe, c) for c in pipe._lora_loadable_modules if c.startswith("text_encoder") and getattr(pipe, c, None) is not None]
+
+
+def encode_prompts(pipe: DiffusionPipeline, prompts: list[str], resolution: int) -> dict:
+    """The denoiser's text conditions for ``prompts``, as keyword arguments of its forward, with gradients
+    through the text encoders (for their gates): SD the hidden states; SDXL both encoders' and the added
+    conditions (pooled embedding, size ``resolution`` uncropped); Flux the T5 states, the CLIP pooled
+    embedding and the text ids."""
+    device = denoiser(pipe).device
+    if isinstance(pipe, FluxPipeline):
+        # FLUX.1's T5 reads 512 tokens (its tokenizer's length; the pipeline's default); a smaller tokenizer fewer
+        length = min(512, pipe.tokenizer_2.model_max_length)
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None, device=device, max_sequence_length=length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+        size = (resolution, resolution)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        return {"encoder_hidden_states": embeds,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(prompts), 1)}}
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    return {"encoder_hidden_states": pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]}
+
+
+# Flux.1-dev is guidance-distilled: its transformer takes the guidance scale as an input, in training as well
+# (diffusers' Flux DreamBooth script: 3.5 by default)
+FLUX_TRAINING_GUIDANCE = 3.5
 
 
 def denoising_loss(
-    unet, noise_scheduler: DDPMScheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+    pipe: DiffusionPipeline, noise_scheduler: DDPMScheduler | None, latents: torch.Tensor, conditions: dict,
     loss_weights: torch.Tensor, generator: torch.Generator | BatchRandom,
 ) -> torch.Tensor:
-    """The usual diffusion loss: noise the latents at random timesteps, predict epsilon / v / the sample.
+    """The usual diffusion loss. SD / SDXL: noise the latents at random timesteps, predict epsilon / v / the
+    sample. Flux (flow matching): x_s = (1 - s) x + s noise at s uniform in [0, 1), predict noise - x.
     ``generator``: a plain generator (the draws of this batch alone), or this process's slice of a global batch's."""
     random = BatchRandom.of(generator, len(latents))
     noise = random.randn(*latents.shape[1:]).to(latents)
-    timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample
-    target = {
-        "epsilon": noise,
-        "v_prediction": noise_scheduler.get_velocity(latents, noise, timesteps),
-        "sample": latents,
-    }[noise_scheduler.config.prediction_type]
+    if isinstance(pipe, FluxPipeline):
+        prediction, target = _flow_matching_prediction(pipe, latents, noise, conditions, random.rand().to(latents))
+    else:
+        timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = pipe.unet(noisy, timesteps, **conditions).sample
+        target = {
+            "epsilon": noise,
+            "v_prediction": noise_scheduler.get_velocity(latents, noise, timesteps),
+            "sample": latents,
+        }[noise_scheduler.config.prediction_type]
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_example * loss_weights.to(per_example)).mean()
+
+
+def _flow_matching_prediction(pipe: FluxPipeline, latents: torch.Tensor, noise: torch.Tensor, conditions: dict,
+                              sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux's velocity prediction at noise levels ``sigmas`` (B,), on latents packed 2x2 into tokens as the
+    pipeline packs them, and its target."""
+    batch, channels, height, width = latents.shape
+    s = sigmas.view(-1, 1, 1, 1)
+    packed = pipe._pack_latents((1 - s) * latents + s * noise, batch, channels, height, width)
+    image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+    transformer = pipe.transformer
+    guidance = torch.full((batch,), FLUX_TRAINING_GUIDANCE, device=latents.device) if transformer.config.guidance_embeds else None
+    prediction = transformer(hidden_states=packed, timestep=sigmas, guidance=guidance, img_ids=image_ids,
+                             return_dict=False, **conditions)[0]
+    scale = pipe.vae_scale_factor
+    return pipe._unpack_latents(prediction, height * scale, width * scale, scale), noise - latents
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -362,29 +416,32 @@ def global_batch_means(tensors: list[torch.Tensor], accelerator: Accelerator) ->
     return [t + offset.view(t.shape[1:]).to(t.dtype) for t, offset in zip(tensors, offsets)]
 
 
-def prepare_pipeline(pipe: StableDiffusionPipeline, accelerator: Accelerator, settings: TrainingSettings) -> None:
+def prepare_pipeline(pipe: DiffusionPipeline, accelerator: Accelerator, settings: TrainingSettings) -> None:
     """Frozen models on the device in the mixed-precision dtype, progress bars off, checkpointing if asked."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe.to(accelerator.device)
     if weight_dtype != torch.float32:
         pipe.to(dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
-    for model in (pipe.unet, pipe.text_encoder, pipe.vae):
-        model.requires_grad_(False)
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module):
+            model.requires_grad_(False)
     if settings.gradient_checkpointing:
         # Non-reentrant checkpointing passes gradients to gates behind frozen blocks (PERFORMANCE.md).
-        pipe.unet.enable_gradient_checkpointing()
-        pipe.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        pipe.unet.train()
-        pipe.text_encoder.train()
+        denoiser(pipe).enable_gradient_checkpointing()
+        denoiser(pipe).train()
+        for text_encoder in text_encoders(pipe):
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            text_encoder.train()
 
 
-def trainable_parameters(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Parameter]:
-    """{"unet.<name>" / "text_encoder.<name>": parameter} for every parameter that requires grad."""
+def trainable_parameters(pipe: DiffusionPipeline) -> dict[str, torch.nn.Parameter]:
+    """{"unet.<name>" / "text_encoder.<name>" / ...: parameter} for every parameter that requires grad."""
     return {
         f"{component}.{name}": p
-        for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
-        for name, p in model.named_parameters()
+        for component in pipe._lora_loadable_modules
+        if getattr(pipe, component, None) is not None
+        for name, p in getattr(pipe, component).named_parameters()
         if p.requires_grad
     }
 
@@ -392,14 +449,15 @@ def trainable_parameters(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Pa
 LossFunction = Callable[[list[int], BatchRandom], tuple[torch.Tensor, dict[str, float]]]
 
 
-def denoising_objective(pipe: StableDiffusionPipeline, examples: Examples) -> LossFunction:
+def denoising_objective(pipe: DiffusionPipeline, examples: Examples) -> LossFunction:
     """The usual DreamBooth loss on the examples ``indices``, as a loss function for ``run_training``."""
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = None if isinstance(pipe, FluxPipeline) else DDPMScheduler.from_config(pipe.scheduler.config)
+    resolution = examples.latents.shape[-1] * pipe.vae_scale_factor
 
     def loss(indices: list[int], generator: BatchRandom) -> tuple[torch.Tensor, dict[str, float]]:
-        prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
-        latents = examples.latents[indices].to(pipe.unet.device, pipe.unet.dtype)
-        value = denoising_loss(pipe.unet, noise_scheduler, latents, prompt_embeds, examples.loss_weights[indices], generator)
+        conditions = encode_prompts(pipe, [examples.prompts[i] for i in indices], resolution)
+        latents = examples.latents[indices].to(denoiser(pipe).device, denoiser(pipe).dtype)
+        value = denoising_loss(pipe, noise_scheduler, latents, conditions, examples.loss_weights[indices], generator)
         return value, {"loss_denoising": value.item()}
 
     return loss
@@ -408,7 +466,7 @@ def denoising_objective(pipe: StableDiffusionPipeline, examples: Examples) -> Lo
 def run_training(
     settings: TrainingSettings,
     accelerator: Accelerator,
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     params: dict[str, torch.nn.Parameter],
     examples: Examples,
     loss_function: LossFunction,

@@ -32,7 +32,7 @@ from diffusers import DDIMScheduler
 
 from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
-from ..pipelines import MoLEStableDiffusionPipeline
+from ..pipelines import MoLEPipelineMixin, mole_pipeline_class
 from .common import (
     BatchRandom,
     Examples,
@@ -68,7 +68,7 @@ class GateTrainingConfig(TrainingSettings):
     clip_sampling_steps: int = 4
 
 
-def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | None = None) -> Path:
+def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = None) -> Path:
     """Train MoLE gates for the concepts file's LoRAs; returns the gate file (``output_dir/gates.safetensors``).
 
     ``pipe``: a pipeline with these concepts' experts already loaded (default: load ``config.base`` and the
@@ -87,10 +87,13 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEStableDiffusionPipeline | 
     accelerator = make_accelerator(config)
 
     if pipe is None:
-        pipe = load_base_pipeline(MoLEStableDiffusionPipeline, config.base, safety_checker=None)
+        pipe = load_base_pipeline(mole_pipeline_class(config.base), config.base, safety_checker=None)
         pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity, activation=config.activation,
                           per_position=config.per_position, prior_weights=config.prior_weights)
-    elif pipe.expert_names != [c.name for c in concepts]:
+    if config.objective != "denoising" and pipe.family != "sd":
+        raise MoLEError(f"objective {config.objective!r} samples through DDIM on a Stable Diffusion 1.x/2.x UNet; "
+                        f"on this {type(pipe).__name__} train with --objective denoising")
+    if pipe.expert_names != [c.name for c in concepts]:
         raise MoLEError(f"the pipeline's experts {pipe.expert_names} are not the concepts {[c.name for c in concepts]}")
     if pipe.mole.fused:
         raise MoLEError("the pipeline's experts are fused: unfuse_experts() before training its gates")
@@ -148,11 +151,11 @@ def unrolled_sampler(pipe, config: GateTrainingConfig, device):
     scheduler.set_timesteps(config.clip_sampling_steps)
     latent_size = config.resolution // pipe.vae_scale_factor
 
-    def sample(prompt_embeds: torch.Tensor, random: BatchRandom) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def sample(conditions: dict, random: BatchRandom) -> tuple[torch.Tensor, list[torch.Tensor]]:
         latents = random.randn(pipe.unet.config.in_channels, latent_size, latent_size).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
         gate_weights = []
         for t in scheduler.timesteps:
-            noise = pipe.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
+            noise = pipe.unet(scheduler.scale_model_input(latents, t), t, **conditions).sample
             gate_weights += [gate.applied_weights() for gate in pipe.mole.gates.values()]
             latents = scheduler.step(noise, t, latents).prev_sample
         images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
@@ -181,8 +184,8 @@ def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Example
 
     def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
         concept = examples.groups[indices].to(device)
-        prompt_embeds = encode_prompts(pipe, [examples.prompts[i] for i in indices])
-        images, gate_weights = sample(prompt_embeds, BatchRandom.of(random, len(indices)))
+        conditions = encode_prompts(pipe, [examples.prompts[i] for i in indices], config.resolution)
+        images, gate_weights = sample(conditions, BatchRandom.of(random, len(indices)))
         embeds, target = clip.embed_images(images), references[concept]
         global_loss = (1 - (embeds * target).sum(dim=-1)).mean()
         directional = (1 - F.cosine_similarity(embeds - center, target - center, dim=-1)).mean()
@@ -217,8 +220,8 @@ def composition_objective(pipe, config: GateTrainingConfig, concepts, device):
 
     def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
         which = torch.tensor([i % len(prompts) for i in indices], device=device)
-        prompt_embeds = encode_prompts(pipe, [prompts[i] for i in which.tolist()])
-        images, gate_weights = sample(prompt_embeds, BatchRandom.of(random, len(indices)))
+        conditions = encode_prompts(pipe, [prompts[i] for i in which.tolist()], config.resolution)
+        images, gate_weights = sample(conditions, BatchRandom.of(random, len(indices)))
         embeds = clip.embed_images(images)
         text_loss = (1 - (embeds * texts[which]).sum(dim=-1)).mean()
         gaps = (1 - embeds @ references.T).masked_fill(~named[which], float("-inf"))  # (B, concepts)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
@@ -95,14 +95,19 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
 
-    pipe = load_base_pipeline(StableDiffusionPipeline, config.base, safety_checker=None)
+    from ..pipelines import mole_pipeline_class
+
+    mole_class = mole_pipeline_class(config.base)  # the family: a plain diffusers pipeline of it trains the LoRA
+    pipe = load_base_pipeline(mole_class.diffusers_class(), config.base, safety_checker=None)
     prepare_pipeline(pipe, accelerator, config)
     alpha = float(config.rank if config.alpha is None else config.alpha)
-    lora_configs = {"unet": LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(config.target_modules))}
-    if config.train_text_encoder:
-        lora_configs["text_encoder"] = LoraConfig(
-            r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(config.text_encoder_target_modules)
-        )
+    lora_configs = {mole_class.denoiser: LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                    target_modules=list(config.target_modules))}
+    if config.train_text_encoder:  # every text encoder diffusers loads LoRAs into (SDXL: both; Flux: CLIP, not T5)
+        for component in pipe._lora_loadable_modules:
+            if component.startswith("text_encoder") and getattr(pipe, component, None) is not None:
+                lora_configs[component] = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                     target_modules=list(config.text_encoder_target_modules))
     torch.manual_seed(config.seed)  # PEFT's and the mixers' random init: seeded runs are reproducible
     for component, lora_config in lora_configs.items():
         model = getattr(pipe, component)
@@ -127,7 +132,7 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     return path
 
 
-def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig], path: Path) -> None:
+def save_lora(pipe: DiffusionPipeline, lora_configs: dict[str, LoraConfig], path: Path) -> None:
     """Fold any mixers and write a diffusers LoRA file (PEFT keys, with its rank/alpha metadata).
 
     PEFT's own ``lora_A``/``lora_B`` keys throughout: diffusers' older ``lora.down``/``lora.up`` renaming
@@ -138,7 +143,7 @@ def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig]
         model = getattr(pipe, component)
         fold_mixers(model)
         state = get_peft_model_state_dict(model)
-        if component == "text_encoder" and not hasattr(model, "text_model"):
+        if component.startswith("text_encoder") and not hasattr(model, "text_model"):
             # transformers 5 flattened CLIPTextModel; keep the `text_model.` keys that diffusers, kohya and
             # transformers 4 read (diffusers strips them again for a flattened model)
             state = {f"text_model.{k}": v for k, v in state.items()}
@@ -151,5 +156,5 @@ def save_lora(pipe: StableDiffusionPipeline, lora_configs: dict[str, LoraConfig]
         metadata[f"{component}_lora_adapter_metadata"] = config
     # whole or not at all: a stopped save leaves the earlier file (a resumed run's, say) as it was
     temporary = path.with_name(f".{path.stem}.tmp.safetensors")
-    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=temporary.name, **layers, **metadata)
+    type(pipe).save_lora_weights(path.parent, weight_name=temporary.name, **layers, **metadata)
     os.replace(temporary, path)
