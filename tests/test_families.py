@@ -281,3 +281,23 @@ def test_flux_single_block_text_tokens_keep_the_per_sample_weights():
     torch.testing.assert_close(mixed[:, text:], base(x[:, text:]))  # the image's: their own (none)
     layer.gate.position_weights = weights[:, :, None, None].expand(2, 2, 1, image).contiguous()
     torch.testing.assert_close(layer(x.clone()), per_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_export_block_weights_then_fused_constant_weights(family_world):
+    """export_block_weights reads the learned gates' mean weights per gate; set as constant weights and fused
+    they drive every gate at that mean (no gate cost), as the SD pipeline does."""
+    mole = load(family_world)
+    mole.load_experts({"a": family_world["a"], "b": family_world["b"]})
+    randomise_gates(mole, seed=1)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0))
+    weights = mole.export_block_weights(["a red circle"], **kwargs)
+    assert set(weights) == set(mole.mole.gates) and all(len(w) == 2 for w in weights.values())
+    assert len({tuple(round(x, 4) for x in w) for w in weights.values()}) > 1  # the gates learned different mixes
+    mole.set_experts(["a", "b"], weights)
+    constant = generate(mole)
+    mole.fuse_experts()
+    np.testing.assert_allclose(generate(mole), constant, atol=MIXED_ATOL)
+    mole.unfuse_experts()
+    generate(mole)  # unfused constant weights: every gate records its constant
+    for gate, history in mole.gate_weights.items():
+        torch.testing.assert_close(history[0, 0], torch.tensor(weights[gate]))

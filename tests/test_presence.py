@@ -100,3 +100,60 @@ def test_evaluate_writes_presence_columns_per_method(world, detector, tmp_path):
     assert "present_active" not in rows["base"]  # the base model means to draw no concept
     report = (out / "report.md").read_text()
     assert "present_all" in report and "%" in report
+
+
+# -- issue 12: an image counts only where it keeps its prompt (a fooled judge reads concepts into textures) --------
+def test_presence_row_with_the_prompt_kept_counts_faithful_compositions():
+    every = {"a": True, "b": True}
+    assert presence_row(every, ["a", "b"], ["a", "b"], kept=True)["present_all_faithful"] == 1.0
+    row = presence_row(every, ["a", "b"], ["a", "b"], kept=False)  # every concept "seen", the prompt lost
+    assert (row["present_all"], row["present_prompt"], row["present_all_faithful"]) == (1.0, 0.0, 0.0)
+    assert presence_row({"a": True, "b": False}, ["a", "b"], ["a", "b"], kept=True)["present_all_faithful"] == 0.0
+    assert "present_all_faithful" not in presence_row(every, ["a", "b"], ["a", "b"])  # a judge that cannot tell
+
+
+def drawn(scenes):
+    from mole_diffusion.demo import world
+
+    return [world.draw(scene) for scene in scenes]
+
+
+def test_the_attribute_judge_reads_whether_the_prompt_colour_is_kept():
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.run import ASSETS
+    from mole_diffusion.eval.presence import AttributeJudgePresence
+
+    judge = AttributeJudgePresence(ASSETS / "judge", ["star", "stripes", "checker"])
+    scene = lambda colour: world.Scene("star", colour, "checker", "large", (0.5, 0.5), "stripes")
+    images = drawn([scene("red"), scene("blue"), scene("yellow")])
+    prompts = ["a red sks in zwx style on a qkx background"] * 3
+    assert judge.prompt_kept(images, prompts) == [True, False, False]
+    assert judge.prompt_kept(images[:1], ["a sks in zwx style on a qkx background"]) == [None]  # no colour named
+    # the first colour a caption names is the object's, not the background's
+    assert judge.prompt_kept(drawn([world.Scene("circle", "green", "white", "large", (0.5, 0.5))]),
+                             ["a green circle on a white background"]) == [True]
+
+
+def test_rejudge_adds_the_faithful_rate_to_an_earlier_run(tmp_path):
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.rejudge import rejudge
+    from mole_diffusion.demo.run import ASSETS
+
+    prompt = "a red sks in zwx style on a qkx background"
+    colours = {"mole": ["red", "red", "blue", "purple"], "sum": ["red", "green", "red", "red"]}
+    rows = []
+    for method, per_seed in colours.items():
+        for seed, colour in enumerate(per_seed):
+            image = f"images/{method}/p0-s{seed}.png"
+            (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+            drawn([world.Scene("star", colour, "checker", "large", (0.5, 0.5), "stripes")])[0].save(tmp_path / image)
+            rows.append({"method": method, "prompt_index": 0, "prompt": prompt, "seed": seed, "image": image, "clip_text": 0.1})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.json").write_text(json.dumps({"concepts": str(ASSETS / "concepts.toml"), "presence_model": str(ASSETS / "judge"),
+                                                   "prompts": [prompt]}))
+    summary = {entry["method"]: entry for entry in rejudge(tmp_path)}
+    assert summary["mole"]["present_all"] == 1.0 and summary["mole"]["present_all_faithful"] == 0.5  # 2 of 4 red
+    assert summary["sum"]["present_all_faithful"] == 0.75
+    saved = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["present_prompt"] for r in saved] == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    assert "present_all_faithful" in (tmp_path / "report.md").read_text()

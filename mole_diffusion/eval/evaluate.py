@@ -210,7 +210,8 @@ def evaluate(config: EvaluationConfig) -> Path:
             scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
         if presence is not None:
             composed = composed_concepts(prompts[prompt_index], triggers) or names
-            scores.update(presence_row(presence.present([image])[0], composed, active_experts(method, names)))
+            kept = presence.prompt_kept([image], [prompts[prompt_index]])[0] if hasattr(presence, "prompt_kept") else None
+            scores.update(presence_row(presence.present([image])[0], composed, active_experts(method, names), kept))
         row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
                "image": str(path.relative_to(out)), **scores}
         with open(out / "results.jsonl", "a") as handle:  # one short append per row: processes do not interleave
@@ -585,8 +586,10 @@ def _report(out: Path, rows: list[dict], summary: list[dict], paired: list[dict]
         "- Scores: mean [95% interval], a two-stage bootstrap over prompts and their seeds (images of one prompt are "
         "not independent). `clip_image_min` is the weakest concept's alignment.",
         "- `present_<concept>`: share of images in which the presence judge sees that concept; `present_all`: every "
-        "concept of the prompt; `present_active`: every concept the method did not mask (a single LoRA: its own). "
-        "Rates in %, with Wilson 95% intervals in brackets.",
+        "concept of the prompt; `present_active`: every concept the method did not mask (a single LoRA: its own); "
+        "`present_prompt`: the image keeps the rest of its prompt (the attribute judge: the object's colour); "
+        "`present_all_faithful`: every concept and the prompt kept (a judge fooled into reading concepts in a texture "
+        "loses the colour). Rates in %, with Wilson 95% intervals in brackets.",
         "- `nla`, `set_adapters` and `peft_cat` compute the same weighted sum of deltas (exact); `sum` is the "
         "unnormalised sum; `peft_svd` truncates that sum to the largest rank; `peft_ties` / `peft_dare_linear` combine "
         "the LoRAs' A's and B's separately (cross terms), so they are not the weighted sum.",

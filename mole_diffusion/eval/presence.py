@@ -9,10 +9,17 @@ A judge answers, per image, {concept: present?}. Two kinds:
 - ``DetectorPresence``: a transformers zero-shot object detector folder (OWL-ViT, OWLv2), asked for each
   concept's ``presence`` word (default: its class prompt); present when its best box scores over a threshold.
 Rates come with Wilson 95% intervals (never "0% ± 0%").
+
+A judge can be fooled out of its training distribution: on the demo world, gates trained on the composition
+prompts drew saturated checker-and-stripe textures in which the attribute judge "saw" all three concepts (README,
+issue 12). So a judge may also say whether an image keeps the rest of its prompt (``prompt_kept``; the
+attribute judge: the colour the prompt gives the object), and ``present_all_faithful`` counts an image only
+where it keeps its prompt and shows every concept.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +61,16 @@ class AttributeJudgePresence:
 
         predicted = self.judge.predict(pil_to_tensor(images, self.resolution))
         return [{c: p[self.attribute[c][0]] == self.attribute[c][1] for c in self.concepts} for p in predicted]
+
+    def prompt_kept(self, images: list[Image.Image], prompts: list[str]) -> list[bool | None]:
+        """Per image, whether the judge reads the colour its prompt gives the object (the world's captions name
+        it first: "a red sks on a qkx background"); None where the prompt names no colour the judge knows."""
+        from ..demo.judge import pil_to_tensor
+
+        colours = self.judge.attributes["colour"]
+        named = [next((w for w in re.findall(r"[a-z]+", p.lower()) if w in colours), None) for p in prompts]
+        predicted = self.judge.predict(pil_to_tensor(images, self.resolution))
+        return [None if colour is None else p["colour"] == colour for p, colour in zip(predicted, named)]
 
 
 class DetectorPresence:
@@ -99,12 +116,18 @@ def load_presence_judge(path: str | Path, concepts: list[Concept], device: str =
     return DetectorPresence(path, {c.name: c.presence for c in concepts}, threshold, device)
 
 
-def presence_row(present: dict[str, bool], composed: list[str], active: list[str]) -> dict[str, float]:
+def presence_row(present: dict[str, bool], composed: list[str], active: list[str], kept: bool | None = None) -> dict[str, float]:
     """``present_<concept>`` (0/1) for each judged concept, ``present_all``: every concept the prompt composes,
-    and ``present_active``: every one of those that the method did not mask (== present_all when none is)."""
+    and ``present_active``: every one of those that the method did not mask (== present_all when none is).
+    With ``kept`` (the judge's word on whether the image keeps the rest of its prompt): ``present_prompt`` and
+    ``present_all_faithful``, every concept and the prompt kept."""
     row = {f"present_{name}": float(value) for name, value in present.items()}
+    if kept is not None:
+        row["present_prompt"] = float(kept)
     if composed:
         row["present_all"] = float(all(present[n] for n in composed))
+        if kept is not None:
+            row["present_all_faithful"] = float(kept and row["present_all"] == 1.0)
     if any(n in active for n in composed):  # the base model means to draw none
         row["present_active"] = float(all(present[n] for n in composed if n in active))
     return row
