@@ -247,3 +247,22 @@ def test_the_strengths_diagnostic_runs_nla_with_each_weight_triple(tmp_path, mon
     assert all(c.methods == ["nla"] and c.prompts == composition_prompts() and len(c.seeds) == 16 for c in configs)
     assert configs[0].output_dir == tmp_path / "w1.5_0.75_2"
     assert "25.0% [10.0-40.0]" in capsys.readouterr().out
+
+
+def test_token_routed_prompt_embedding_takes_each_trigger_from_its_own_lora():
+    """demo.interference (issue 12's diagnostic): trigger tokens from their own concept's text LoRA, the rest as asked."""
+    from mole_diffusion.demo.interference import NAMES, routed_embeddings, text_embeddings, trigger_positions
+
+    pipe = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    pipe.load_experts({name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES})
+    prompt, triggers = "a red sks in zwx style on a qkx background", {"star": "sks", "stripes": "zwx", "checker": "qkx"}
+    routed = routed_embeddings(pipe, prompt, [0.0, 0.0, 0.0], triggers)
+    base, ids = text_embeddings(pipe, prompt, [0.0, 0.0, 0.0])
+    positions = {name: trigger_positions(pipe.tokenizer, ids.tolist(), t) for name, t in triggers.items()}
+    assert [len(p) for p in positions.values()] == [len(pipe.tokenizer(t, add_special_tokens=False).input_ids) for t in triggers.values()]
+    for index, name in enumerate(NAMES):
+        alone, _ = text_embeddings(pipe, prompt, [float(i == index) for i in range(3)])
+        torch.testing.assert_close(routed[0, positions[name]], alone[0, positions[name]])
+        assert not torch.allclose(alone[0, positions[name]], base[0, positions[name]])  # the LoRA changes that token
+    others = [p for p in range(len(ids)) if not any(p in where for where in positions.values())]
+    torch.testing.assert_close(routed[0, others], base[0, others])
