@@ -235,6 +235,14 @@ def _has(model: nn.Module, module_name: str) -> bool:
         return False
 
 
+def lora_components(pipe) -> dict[str, nn.Module]:
+    """The models of a diffusers pipeline that LoRAs may adapt, as diffusers lists them for its class
+    (``_lora_loadable_modules``: SD unet + text_encoder, SDXL + text_encoder_2, Flux transformer + text_encoder),
+    the denoiser (UNet or transformer) first."""
+    names = sorted(pipe._lora_loadable_modules, key=lambda component: component.startswith("text_encoder"))
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+
+
 def expert_paths(experts: dict[str, str | os.PathLike] | list[str | os.PathLike]) -> dict[str, str]:
     """{name: path}; a list takes names from file stems (a folder's own name for folders)."""
     if isinstance(experts, dict):

@@ -110,14 +110,19 @@ class Gate(nn.Module):
     def token_weights(self, tokens: int) -> torch.Tensor:
         """(B, tokens, N) for a layer on ``tokens`` tokens: each image position's weights on the layer's grid
         (a UNet level halves the finest grid; Flux's image tokens are one sequence, a 1 x L map), after any
-        ``leading_tokens`` (the prompt's, in a Flux single block), which get the per-sample weights."""
+        ``leading_tokens`` (the prompt's, in a Flux single block), which get the per-sample weights. Made once
+        per forward for all the layers of this gate on as many tokens."""
         image_tokens = self.position_weights.shape[-2] * self.position_weights.shape[-1]
         lead = self.leading_tokens if self.leading_tokens and tokens == self.leading_tokens + image_tokens else 0
         grid = token_grid(tuple(self.position_weights.shape[-2:]), tokens - lead)
-        weights = self.position_weights_on(grid).flatten(2).transpose(1, 2)
-        if lead:
-            weights = torch.cat([self.weights[:, None].expand(-1, lead, -1).to(weights), weights], dim=1)
-        return weights
+        on_grid = self.position_weights_on(grid)  # also renews the cache when the weights are new
+        cache = self._resampled[1]
+        if ("tokens", tokens) not in cache:
+            weights = on_grid.flatten(2).transpose(1, 2)
+            if lead:
+                weights = torch.cat([self.weights[:, None].expand(-1, lead, -1).to(weights), weights], dim=1)
+            cache[("tokens", tokens)] = weights
+        return cache[("tokens", tokens)]
 
     def applied_weights(self) -> torch.Tensor:
         """(B, N): the weights of the last forward, averaged over positions for a per-position gate."""

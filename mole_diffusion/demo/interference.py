@@ -66,7 +66,7 @@ def run(pipe, judge, out: Path, text: list[float], unet: list[float], routed: li
             image = pipe(**conditions, num_inference_steps=25, guidance_scale=5.0,
                          generator=torch.Generator().manual_seed(seed)).images[0]
             image.save(out / f"p{p}-s{seed}.png")
-            seen, kept = judge.present([image])[0], judge.prompt_kept([image], [prompt])[0]
+            seen, kept = judge.read([image], [prompt])[0]
             for name in NAMES:
                 counts[name] += seen[name]
             counts["all"] += all(seen.values())

@@ -19,7 +19,8 @@ from PIL import Image
 def rejudge(run: Path) -> list[dict]:
     """Re-judge the images of one evaluator run in place; returns its new summary rows."""
     from ..eval.evaluate import _read_rows, _triggers, active_experts, composed_concepts, summarise, write_outputs
-    from ..eval.presence import load_presence_judge, presence_row
+    from ..eval.presence import judged_row, load_presence_judge
+    from .build import write_atomically
     from ..train.concepts import load_concepts
 
     settings = json.loads((run / "run.json").read_text())
@@ -29,13 +30,10 @@ def rejudge(run: Path) -> list[dict]:
     triggers = _triggers(concepts)
     rows = list(_read_rows(run / "results.jsonl").values())
     for row in rows:
-        image = Image.open(run / row["image"])
-        kept = judge.prompt_kept([image], [row["prompt"]])[0] if hasattr(judge, "prompt_kept") else None
         composed = composed_concepts(row["prompt"], triggers) or names
-        row.update(presence_row(judge.present([image])[0], composed, active_experts(row["method"], names), kept))
-    temporary = run / "results.jsonl.tmp"
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    temporary.replace(run / "results.jsonl")
+        row.update(judged_row(judge, Image.open(run / row["image"]), row["prompt"], composed, active_experts(row["method"], names)))
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    write_atomically(run / "results.jsonl", lambda temporary: temporary.write_text(lines))
     methods = list(dict.fromkeys(row["method"] for row in rows))
     seeds = sorted({row["seed"] for row in rows})
     write_outputs(run, methods, settings["prompts"], seeds, names)

@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 
 from ..train.concepts import Concept, ConceptError, load_compositions, load_concepts, trigger_words
 from ..errors import MoLEError, load_base_pipeline
+from ..experts import lora_components
 from ..gate_file import GateFileError, gate_kind
 from ..quiet import quiet_adapter_loading, quiet_multiple_adapters
 from .clip import ImageBackbone, load_clip
-from .presence import load_presence_judge, presence_row
+from .presence import judged_row, load_presence_judge
 from .stats import bootstrap_interval, by_prompt, paired_difference, wilson_interval
 from .scores import image_alignment, reference_embeddings, score_images
 
@@ -210,8 +211,7 @@ def evaluate(config: EvaluationConfig) -> Path:
             scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
         if presence is not None:
             composed = composed_concepts(prompts[prompt_index], triggers) or names
-            kept = presence.prompt_kept([image], [prompts[prompt_index]])[0] if hasattr(presence, "prompt_kept") else None
-            scores.update(presence_row(presence.present([image])[0], composed, active_experts(method, names), kept))
+            scores.update(judged_row(presence, image, prompts[prompt_index], composed, active_experts(method, names)))
         row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
                "image": str(path.relative_to(out)), **scores}
         with open(out / "results.jsonl", "a") as handle:  # one short append per row: processes do not interleave
@@ -256,7 +256,7 @@ def add_peft_merges(pipe, names: list[str], weights: list[float], combination_ty
     from peft import LoraModel
 
     torch.manual_seed(0)  # dare drops entries at random: the same merge on every run
-    for model in [getattr(pipe, c) for c in pipe._lora_loadable_modules if getattr(pipe, c, None) is not None]:
+    for model in lora_components(pipe).values():
         configs = getattr(model, "peft_config", {})
         if not combination_types or not all(n in configs for n in names):
             continue

@@ -37,8 +37,9 @@ class PresenceError(MoLEError):
 class PresenceJudge(Protocol):
     concepts: list[str]
 
-    def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
-        """Per image, {concept name: whether the judge sees it}."""
+    def read(self, images: list[Image.Image], prompts: list[str]) -> list[tuple[dict[str, bool], bool | None]]:
+        """Per image, {concept name: whether the judge sees it}, and whether the image keeps the rest of its
+        prompt (None: the judge cannot tell)."""
         ...
 
 
@@ -56,21 +57,23 @@ class AttributeJudgePresence:
         self.attribute = {c: tuple(config["concepts"][c]) for c in concepts}
         self.resolution = config.get("resolution", 64)
 
-    def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
-        from ..demo.judge import pil_to_tensor
-
-        predicted = self.judge.predict(pil_to_tensor(images, self.resolution))
-        return [{c: p[self.attribute[c][0]] == self.attribute[c][1] for c in self.concepts} for p in predicted]
-
-    def prompt_kept(self, images: list[Image.Image], prompts: list[str]) -> list[bool | None]:
-        """Per image, whether the judge reads the colour its prompt gives the object (the world's captions name
-        it first: "a red sks on a qkx background"); None where the prompt names no colour the judge knows."""
+    def read(self, images: list[Image.Image], prompts: list[str]) -> list[tuple[dict[str, bool], bool | None]]:
+        """One pass of the judge: each concept's attribute value, and whether it reads the colour the prompt gives
+        the object (the world's captions name it first: "a red sks on a qkx background"; None where the prompt
+        names no colour the judge knows)."""
         from ..demo.judge import pil_to_tensor
 
         colours = self.judge.attributes["colour"]
         named = [next((w for w in re.findall(r"[a-z]+", p.lower()) if w in colours), None) for p in prompts]
         predicted = self.judge.predict(pil_to_tensor(images, self.resolution))
-        return [None if colour is None else p["colour"] == colour for p, colour in zip(predicted, named)]
+        return [({c: p[self.attribute[c][0]] == self.attribute[c][1] for c in self.concepts},
+                 None if colour is None else p["colour"] == colour) for p, colour in zip(predicted, named)]
+
+    def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
+        return [seen for seen, _ in self.read(images, [""] * len(images))]
+
+    def prompt_kept(self, images: list[Image.Image], prompts: list[str]) -> list[bool | None]:
+        return [kept for _, kept in self.read(images, prompts)]
 
 
 class DetectorPresence:
@@ -98,6 +101,9 @@ class DetectorPresence:
         scores = self.scores(images)
         return [{c: bool(scores[i, j] >= self.threshold) for j, c in enumerate(self.concepts)} for i in range(len(images))]
 
+    def read(self, images: list[Image.Image], prompts: list[str]) -> list[tuple[dict[str, bool], bool | None]]:
+        return [(seen, None) for seen in self.present(images)]  # a detector cannot tell whether the prompt is kept
+
 
 def load_presence_judge(path: str | Path, concepts: list[Concept], device: str = "cpu", threshold: float = 0.1) -> PresenceJudge:
     """An attribute-judge folder (the demo world's) or a zero-shot detector folder."""
@@ -114,6 +120,12 @@ def load_presence_judge(path: str | Path, concepts: list[Concept], device: str =
         raise PresenceError(f"concepts {missing} have no detector query: give each a `presence` (or `class_prompt`) "
                          "in the concepts file")
     return DetectorPresence(path, {c.name: c.presence for c in concepts}, threshold, device)
+
+
+def judged_row(judge: PresenceJudge, image: Image.Image, prompt: str, composed: list[str], active: list[str]) -> dict[str, float]:
+    """``presence_row`` of one image, read by ``judge``."""
+    present, kept = judge.read([image], [prompt])[0]
+    return presence_row(present, composed, active, kept)
 
 
 def presence_row(present: dict[str, bool], composed: list[str], active: list[str], kept: bool | None = None) -> dict[str, float]:

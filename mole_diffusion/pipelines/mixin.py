@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import MoLEError
-from ..experts import expert_paths, load_expert
+from ..experts import expert_paths, load_expert, lora_components
 from ..gate_file import load_gates, save_gates
 from ..inject import MoLE, inject_experts
 
@@ -43,11 +43,6 @@ class MoLEPipelineMixin:
     def expert_names(self) -> list[str]:
         return [] if self.mole is None else self.mole.expert_names
 
-    def _models(self) -> dict[str, torch.nn.Module]:
-        """The modules experts may adapt, the denoiser first: {"unet": ..., "text_encoder": ..., ...}."""
-        names = [self.denoiser] + [c for c in self._lora_loadable_modules if c != self.denoiser]
-        return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
-
     def load_experts(
         self,
         experts: dict[str, str | os.PathLike] | list[str | os.PathLike],
@@ -69,8 +64,8 @@ class MoLEPipelineMixin:
         named = expert_paths(experts)
         if isinstance(prior_weights, dict):
             prior_weights = [prior_weights[name] for name in named]
-        loaded = [load_expert(name, path, self._models(), type(self)) for name, path in named.items()]
-        models = self._models()
+        models = lora_components(self)
+        loaded = [load_expert(name, path, models, type(self)) for name, path in named.items()]
         getattr(self, self.denoiser).__dict__["_mole"] = inject_experts(models, loaded, granularity, prior_weights, activation, per_position)
 
     def set_experts(

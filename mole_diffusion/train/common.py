@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import MoLEError
+from ..experts import lora_components
 from .concepts import Concept, list_images
 
 
@@ -166,12 +167,12 @@ def sample_indices(examples: Examples, seed: int, start: int, count: int) -> lis
 
 def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
     """The UNet, or Flux's transformer."""
-    return pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
+    return next(iter(lora_components(pipe).values()))
 
 
 def text_encoders(pipe: DiffusionPipeline) -> list[torch.nn.Module]:
     """The text encoders a LoRA may adapt (diffusers' list for the pipeline: not Flux's T5)."""
-    return [getattr(pipe, c) for c in pipe._lora_loadable_modules if c.startswith("text_encoder") and getattr(pipe, c, None) is not None]
+    return [model for name, model in lora_components(pipe).items() if name.startswith("text_encoder")]
 
 
 def encode_prompts(pipe: DiffusionPipeline, prompts: list[str], resolution: int) -> dict:
@@ -439,9 +440,8 @@ def trainable_parameters(pipe: DiffusionPipeline) -> dict[str, torch.nn.Paramete
     """{"unet.<name>" / "text_encoder.<name>" / ...: parameter} for every parameter that requires grad."""
     return {
         f"{component}.{name}": p
-        for component in pipe._lora_loadable_modules
-        if getattr(pipe, component, None) is not None
-        for name, p in getattr(pipe, component).named_parameters()
+        for component, model in lora_components(pipe).items()
+        for name, p in model.named_parameters()
         if p.requires_grad
     }
 

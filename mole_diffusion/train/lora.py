@@ -95,6 +95,7 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
 
+    from ..experts import lora_components
     from ..pipelines import mole_pipeline_class
 
     mole_class = mole_pipeline_class(config.base)  # the family: a plain diffusers pipeline of it trains the LoRA
@@ -104,8 +105,8 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     lora_configs = {mole_class.denoiser: LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                                     target_modules=list(config.target_modules))}
     if config.train_text_encoder:  # every text encoder diffusers loads LoRAs into (SDXL: both; Flux: CLIP, not T5)
-        for component in pipe._lora_loadable_modules:
-            if component.startswith("text_encoder") and getattr(pipe, component, None) is not None:
+        for component in lora_components(pipe):
+            if component.startswith("text_encoder"):
                 lora_configs[component] = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                                      target_modules=list(config.text_encoder_target_modules))
     torch.manual_seed(config.seed)  # PEFT's and the mixers' random init: seeded runs are reproducible
