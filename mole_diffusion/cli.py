@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--per-position", action="store_true",
                        help="block gates also weigh each image position by its own feature (METHOD.md section 8)")
     gates.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
+    gates.add_argument("--sparsity-weight", type=float, default=0.0,
+                       help="beta: cost per unit of expert weight, so a LoRA stays on only where it helps (sigmoid or "
+                            "softplus gates; default 0)")
     gates.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
                        help="what the untrained gates return, one per concept (default uniform, NLA; sigmoid needs each "
                             "below 1; softplus: 1 1 1 starts from the plain sum)")
@@ -274,7 +277,7 @@ def train_gates(args: argparse.Namespace) -> Path:
 
     config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
                                 activation=args.activation, per_position=args.per_position, prior_weights=args.prior_weights,
-                                balance_weight=args.balance_weight, objective=args.objective, clip_model=args.clip_model,
+                                balance_weight=args.balance_weight, sparsity_weight=args.sparsity_weight, objective=args.objective, clip_model=args.clip_model,
                                 clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
                                 **_training_settings(args))
     path = run(config)

@@ -15,6 +15,7 @@ from conftest import generate
 from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.cli import main
 from mole_diffusion.gates import balance_loss, mean_expert_weights
+from mole_diffusion.errors import MoLEError
 from mole_diffusion.train import GateTrainingConfig, train_gates
 from mole_diffusion.train import gates as train_gates_module
 from test_pipeline import randomise_gates
@@ -144,6 +145,29 @@ def test_gate_training_passes_the_coverage_to_the_balance_loss(world, tmp_path, 
                                    steps=1, batch_size=2, resolution=32, validation_steps=1, validation_seeds=[0],
                                    progress=False), pipe=pipe)
     assert len(seen) == 1 and seen[0] is not None and torch.equal(seen[0], pipe.mole.gate_coverage())
+
+
+def test_a_sparsity_weight_lowers_the_total_expert_weight_and_needs_gates_off_the_simplex(world, tmp_path):
+    """Issue 12: beta * the mean total weight per gate; the same run with it ends with less weight on the experts."""
+    write_images(tmp_path / "red", (200, 20, 20), count=2)
+    write_images(tmp_path / "blue", (20, 20, 200), count=2, seed=1)
+    (tmp_path / "concepts.toml").write_text(
+        f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
+        f'[[concepts]]\nname = "c"\nlora = "{world["c"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n'
+    )
+    totals = {}
+    for beta in (0.0, 1.0):
+        config = GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / f"b{beta}",
+                                    activation="sigmoid", per_position=True, sparsity_weight=beta, steps=4, batch_size=2,
+                                    resolution=32, learning_rate=5e-2, validation_steps=1, validation_seeds=[0], progress=False)
+        pipe = MoLEStableDiffusionPipeline.from_pretrained(world["base"])
+        pipe.load_experts({"a": world["a"], "c": world["c"]}, activation="sigmoid", per_position=True)
+        train_gates(config, pipe=pipe)
+        totals[beta] = torch.stack([torch.sigmoid(g.bias.detach()).sum() for g in pipe.mole.gates.values()]).mean().item()
+    assert totals[1.0] < totals[0.0] - 0.05, totals
+    with pytest.raises(MoLEError, match="off the simplex"):
+        train_gates(GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "x",
+                                       sparsity_weight=0.1, steps=1, progress=False))
 
 
 # -- item 7: the command prints the errors it knows, and shows the others --------------------------------

@@ -134,6 +134,27 @@ def test_the_attribute_judge_reads_whether_the_prompt_colour_is_kept():
                              ["a green circle on a white background"]) == [True]
 
 
+def test_the_attribute_judge_sees_no_object_in_a_texture_of_the_prompts_colours():
+    """What fooled the colour-only check (docs/faithful-but-textures.png): checker-and-stripe textures in the
+    prompt's colour. Drawn fresh here (a seed the judge's training never drew), they show no star and do not
+    keep the prompt; a drawn composition still does."""
+    import random
+
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.judge import objectless
+    from mole_diffusion.demo.run import ASSETS
+    from mole_diffusion.eval.presence import AttributeJudgePresence
+
+    judge = AttributeJudgePresence(ASSETS / "judge", ["star", "stripes", "checker"])
+    rng = random.Random("a texture test")
+    textures = [objectless(rng)[0] for _ in range(32)]
+    read = judge.read(textures, ["a blue sks in zwx style on a qkx background"] * len(textures))
+    assert sum(seen["star"] for seen, _ in read) <= 2 and sum(bool(kept) for _, kept in read) <= 2
+    composition = drawn([world.Scene("star", "blue", "checker", "large", (0.5, 0.5), "stripes")])
+    assert judge.read(composition, ["a blue sks in zwx style on a qkx background"]) == [
+        ({"star": True, "stripes": True, "checker": True}, True)]
+
+
 def test_rejudge_adds_the_faithful_rate_to_an_earlier_run(tmp_path):
     from mole_diffusion.demo import world
     from mole_diffusion.demo.rejudge import rejudge

@@ -7,6 +7,11 @@ Generated images are not the clean drawings the labels come from, so training se
 does: a round trip through the world's own VAE (with noise in latent space), blur, pixel noise, shifts of up
 to 4 pixels and a mild colour jitter.
 
+Global pooling alone reads colours and textures wherever they are, so a saturated checker-and-stripe texture in
+the prompt's colours passed every head (README, issue 12). The shape head therefore has a value ``none``:
+training also sees pictures that are not a scene of one object (a background alone, full-frame checkerboards of
+any colours and cell size, stripes over everything, both together), so "the star is there" means an object is.
+
 Files (``judge/`` in the demo assets): ``config.json`` (the attributes and their values, the layer widths, and
 which attribute value each concept is) and ``model.safetensors``.
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,7 +36,7 @@ from . import world
 
 FORMAT = "mole-diffusion-attribute-judge"
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": (*world.SHAPES, "star"),
+    "shape": (*world.SHAPES, "star", "none"),  # none: no single object (a background alone, a texture)
     "colour": tuple(world.COLOURS),
     "style": ("plain", "stripes"),
     "background": (*world.COLOURS, "checker"),
@@ -46,13 +51,16 @@ def scene_labels(scene: world.Scene) -> dict[str, str]:
 
 class AttributeJudge(nn.Module):
     """Four stages of two convolutions (each stage halving the side), global mean and max pooling, then one
-    linear head per attribute.
+    linear head per attribute; and (``object_mask``) a map of where the object is, on the 16 x 16 grid, from the
+    last three stages.
 
-    Global pooling makes it blind to where the shape is; the 4-pixel shifts in training make it blind to where stripes
-    and checker cells fall on the pixel grid.
+    Global pooling makes the attribute heads blind to where the shape is; the 4-pixel shifts in training make them
+    blind to where stripes and checker cells fall on the pixel grid. The object map is what sees the layout: a
+    scene of the world has one compact object (6-41% of the image), a texture has none or many.
     """
 
-    def __init__(self, attributes: dict[str, tuple[str, ...]] = ATTRIBUTES, widths: tuple[int, ...] = (32, 64, 96, 128)):
+    def __init__(self, attributes: dict[str, tuple[str, ...]] = ATTRIBUTES, widths: tuple[int, ...] = (32, 64, 96, 128),
+                 object_mask: bool = True):
         super().__init__()
         self.attributes = {a: tuple(v) for a, v in attributes.items()}
         self.widths = tuple(widths)
@@ -63,13 +71,25 @@ class AttributeJudge(nn.Module):
             channels = width
         self.features = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({a: nn.Linear(2 * channels, len(v)) for a, v in self.attributes.items()})
+        # one 1x1 convolution per stage from the second on, summed on the second stage's grid
+        self.object_mask = nn.ModuleList([nn.Conv2d(w, 1, 1) for w in widths[1:]]) if object_mask else None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``images`` (B, 3, H, W) in [0, 1] -> {attribute: logits (B, values)}."""
-        maps = self.features(images * 2 - 1)
+        """``images`` (B, 3, H, W) in [0, 1] -> {attribute: logits (B, values)}, and ``object``: logits (B, H/4, W/4)
+        of each cell being the object's, when the judge has the map."""
+        maps, stages = images * 2 - 1, []
+        for layer in self.features:
+            maps = layer(maps)
+            if isinstance(layer, nn.MaxPool2d):
+                stages.append(maps)
         # mean and max over positions: the mean reads colours and textures, the max a corner or a point wherever it is
         features = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
-        return {a: head(features) for a, head in self.heads.items()}
+        logits = {a: head(features) for a, head in self.heads.items()}
+        if self.object_mask is not None:
+            grid = stages[1].shape[-2:]
+            logits["object"] = sum(F.interpolate(conv(stage), grid, mode="bilinear", align_corners=False) if i else conv(stage)
+                                   for i, (conv, stage) in enumerate(zip(self.object_mask, stages[1:])))[:, 0]
+        return logits
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | list[Image.Image]) -> list[dict[str, str]]:
@@ -79,12 +99,17 @@ class AttributeJudge(nn.Module):
         param = next(self.parameters())
         logits = self(images.to(param.device, param.dtype))
         picks = {a: logits[a].argmax(dim=-1).tolist() for a in self.attributes}
-        return [{a: self.attributes[a][picks[a][i]] for a in self.attributes} for i in range(len(images))]
+        read = [{a: self.attributes[a][picks[a][i]] for a in self.attributes} for i in range(len(images))]
+        if "object" in logits:  # no single compact object: no shape, whatever the shape head says
+            for values, cells in zip(read, logits["object"].sigmoid() > 0.5):
+                if not one_object(cells):
+                    values["shape"] = "none"
+        return read
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = {"format": FORMAT, "attributes": self.attributes, "widths": self.widths,
+        config = {"format": FORMAT, "attributes": self.attributes, "widths": self.widths, "object_mask": self.object_mask is not None,
                   "concepts": {c: list(v) for c, v in CONCEPT_ATTRIBUTES.items()}, "resolution": world_resolution()}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         from .build import write_atomically
@@ -98,6 +123,29 @@ def world_resolution() -> int:
     from .build import RESOLUTION
 
     return RESOLUTION
+
+
+def one_object(cells: torch.Tensor, smallest: float = 0.03, largest: float = 0.6, whole: float = 0.8) -> bool:
+    """Whether a boolean object map (H, W) shows one compact object: its largest 4-connected region covers
+    ``smallest``-``largest`` of the image (the world's objects cover 6-41%) and at least ``whole`` of all the
+    cells marked object."""
+    cells = cells.cpu().tolist()
+    height, width, seen, sizes = len(cells), len(cells[0]), set(), []
+    for start in ((y, x) for y in range(height) for x in range(width) if cells[y][x]):
+        if start in seen:
+            continue
+        seen.add(start)
+        stack, size = [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for near in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= near[0] < height and 0 <= near[1] < width and cells[near[0]][near[1]] and near not in seen:
+                    seen.add(near)
+                    stack.append(near)
+        sizes.append(size)
+    biggest = max(sizes, default=0)
+    return smallest * height * width <= biggest <= largest * height * width and biggest >= whole * sum(sizes)
 
 
 def is_judge_folder(folder: str | Path) -> bool:
@@ -115,7 +163,7 @@ def load_judge(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise MoLEError(f"{folder}: no attribute judge here (expected config.json with format {FORMAT!r} "
                                 "and model.safetensors; build one with `mole-diffusion build-demo`)")
     config = json.loads((folder / "config.json").read_text())
-    judge = AttributeJudge(config["attributes"], tuple(config["widths"]))
+    judge = AttributeJudge(config["attributes"], tuple(config["widths"]), config.get("object_mask", False))
     judge.load_state_dict(load_file(str(folder / "model.safetensors")))
     return judge.eval().to(device), config
 
@@ -139,19 +187,23 @@ def vae_round_trip(vae, images: torch.Tensor, generator: torch.Generator, latent
     return (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1).float().cpu()
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None):
     """Shifts of up to 4 pixels, Gaussian blur (sigma 0-1.2), colour jitter (gain 0.9-1.1 per channel, offset
-    +-0.04) and pixel noise (std 0-0.06), each drawn per image."""
+    +-0.04) and pixel noise (std 0-0.06), each drawn per image. With ``masks`` (N, 1, H, W) in [0, 1], returns
+    them too, shifted with their images."""
     from .build import _jitter
 
-    images = _jitter((images * 255).round().to(torch.uint8), generator).float() / 255
+    stacked = images if masks is None else torch.cat([images, masks.to(images)], dim=1)
+    stacked = _jitter((stacked * 255).round().to(torch.uint8), generator).float() / 255
+    images, masks = (stacked, None) if masks is None else (stacked[:, :3], stacked[:, 3:])
     n = len(images)
     sigma = torch.rand(n, generator=generator) * 1.2
     blurred = torch.stack([_blur(image, float(s)) for image, s in zip(images, sigma)])
     gain = 0.9 + 0.2 * torch.rand(n, 3, 1, 1, generator=generator)
     offset = 0.08 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
     noise = torch.rand(n, 1, 1, 1, generator=generator) * 0.06 * torch.randn(blurred.shape, generator=generator)
-    return (blurred * gain + offset + noise).clamp(0, 1)
+    augmented = (blurred * gain + offset + noise).clamp(0, 1)
+    return augmented if masks is None else (augmented, masks)
 
 
 def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -166,9 +218,74 @@ def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(rows, kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)[0]
 
 
-def _targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
-    labels = [scene_labels(s) for s in scenes]
-    return {a: torch.tensor([values.index(l[a]) for l in labels]) for a, values in ATTRIBUTES.items()}
+def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, dict[str, str | None]]:
+    """A picture that is not a scene of one object, and what is known of it (None: nothing to read).
+
+    A quarter are a background alone (plain or the world's checkerboard); a quarter a scene cut into 8- or
+    16-pixel tiles and shuffled (its colours and local patterns kept, its layout lost); the rest are textures over
+    the whole frame: a checkerboard of two random colours (black and white included) at a random cell size and
+    phase, diagonal stripes of a random colour, period and direction, or both, as the failed compositions drew."""
+    palette = [*world.COLOURS.values(), (25, 25, 25), (235, 235, 235)]
+    kind = rng.random()
+    if kind < 1 / 4:
+        background = rng.choice([*world.COLOURS, "checker"])
+        empty = world.Scene("circle", "red", background, "small", (2.0, 2.0))  # the circle lies off the canvas
+        return world.draw(empty, resolution), {"shape": "none", "colour": None, "style": "plain", "background": background}
+    if kind < 1 / 2:
+        scene = _scenes(rng, 1)[0]
+        image, tile = world.draw(scene, resolution), rng.choice((8, 16))
+        corners = [(x, y) for y in range(0, resolution, tile) for x in range(0, resolution, tile)]
+        tiles = [image.crop((x, y, x + tile, y + tile)) for x, y in corners]
+        rng.shuffle(tiles)
+        for piece, corner in zip(tiles, corners):
+            image.paste(piece, corner)
+        return image, {"shape": "none", "colour": None, "style": None, "background": None}
+    texture = rng.choice(("checker", "stripes", "both"))
+    image = Image.new("RGB", (resolution, resolution), rng.choice(palette))
+    pen = ImageDraw.Draw(image)
+    if texture in ("checker", "both"):
+        first, second = rng.sample(palette, 2)
+        cell, dx, dy = rng.randint(5, 12), rng.randint(0, 11), rng.randint(0, 11)
+        for row in range(-1, resolution // cell + 2):
+            for col in range(-1, resolution // cell + 2):
+                x, y = col * cell - dx, row * cell - dy
+                pen.rectangle((x, y, x + cell - 1, y + cell - 1), fill=first if (row + col) % 2 == 0 else second)
+    if texture in ("stripes", "both"):
+        colour, period, width, sign = rng.choice(palette), rng.randint(5, 10), rng.randint(2, 4), rng.choice((-1, 1))
+        for offset in range(-2 * resolution, 2 * resolution, period):
+            start, end = (offset, 0), (offset + sign * resolution, resolution)
+            pen.line((*start, *end), fill=colour, width=width)
+    return image, {"shape": "none", "colour": None, "style": None, "background": None}
+
+
+def _examples(rng: random.Random, count: int, objectless_share: float = 0.25) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(N, 3, H, W) uint8 pictures and their targets: per attribute a value index (-100: not known, left out of
+    the loss), and ``object`` (N, 1, H, W), 1 where the object is. Scenes of the whole world, and about
+    ``objectless_share`` pictures of no single object (no object anywhere)."""
+    resolution = world_resolution()
+    images, labels, masks = [], [], []
+    for scene in _scenes(rng, count):
+        mask = Image.new("L", (resolution, resolution), 0)
+        if rng.random() < objectless_share:
+            image, label = objectless(rng)
+        else:
+            image, label = world.draw(scene, resolution), scene_labels(scene)
+            ImageDraw.Draw(mask).polygon(world._outline(scene, resolution), fill=255)
+        images.append(image)
+        labels.append(label)
+        masks.append(torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, resolution, resolution))
+    pixels = pil_to_tensor(images, resolution).mul(255).round().to(torch.uint8)
+    targets = {a: torch.tensor([values.index(l[a]) if l[a] is not None else -100 for l in labels])
+               for a, values in ATTRIBUTES.items()}
+    targets["object"] = torch.stack(masks).float() / 255
+    return pixels, targets
+
+
+def _loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per attribute, and the object map against the share of each cell the object covers."""
+    loss = sum(F.cross_entropy(logits[a], targets[a].to(logits[a].device)) for a in ATTRIBUTES)
+    cover = F.adaptive_avg_pool2d(masks.to(logits["object"].device), logits["object"].shape[-2:])[:, 0]
+    return loss + F.binary_cross_entropy_with_logits(logits["object"], cover)
 
 
 def _scenes(rng: random.Random, count: int) -> list[world.Scene]:
@@ -193,19 +310,16 @@ class JudgeSettings:
 
 
 def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, device: str | torch.device = "cpu") -> Path:
-    """Train the attribute judge on labelled scenes (half VAE round trips, half clean drawings, all augmented);
-    writes ``out/config.json`` and ``out/model.safetensors``."""
-    from .build import _pixels
-
+    """Train the attribute judge and its object map on labelled scenes and objectless pictures (half VAE round
+    trips, half clean drawings, all augmented); writes ``out/config.json`` and ``out/model.safetensors``."""
     settings = settings or JudgeSettings()
     torch.manual_seed(settings.seed)
     rng = random.Random(f"judge-{settings.seed}")
     generator = torch.Generator().manual_seed(settings.seed)
     vae = vae.to(device).eval()
-    pool_scenes = _scenes(rng, settings.pool_size)
-    pool = torch.cat([vae_round_trip(vae, _pixels(pool_scenes[i : i + 200]).float() / 255, generator)
-                      for i in tqdm(range(0, len(pool_scenes), 200), desc="judge: VAE round trips")])
-    pool_targets = _targets(pool_scenes)
+    pool_pixels, pool_targets = _examples(rng, settings.pool_size)
+    pool = torch.cat([vae_round_trip(vae, pool_pixels[i : i + 200].float() / 255, generator)
+                      for i in tqdm(range(0, len(pool_pixels), 200), desc="judge: VAE round trips")])
 
     judge = AttributeJudge().to(device).train()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
@@ -215,12 +329,10 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
     half = settings.batch_size // 2
     for _ in bar:
         picked = torch.randint(0, len(pool), (half,), generator=generator)
-        fresh = _scenes(rng, settings.batch_size - half)
-        images = augment(torch.cat([pool[picked], _pixels(fresh).float() / 255]), generator).to(device)
-        fresh_targets = _targets(fresh)
-        logits = judge(images)
-        loss = sum(F.cross_entropy(logits[a], torch.cat([pool_targets[a][picked], fresh_targets[a]]).to(device))
-                   for a in ATTRIBUTES)
+        fresh, fresh_targets = _examples(rng, settings.batch_size - half)
+        targets = {a: torch.cat([pool_targets[a][picked], fresh_targets[a]]) for a in fresh_targets}
+        images, masks = augment(torch.cat([pool[picked], fresh.float() / 255]), generator, targets.pop("object"))
+        loss = _loss(judge(images.to(device)), targets, masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -232,15 +344,23 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
 @torch.no_grad()
 def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int = 4321) -> dict[str, float]:
     """Accuracy per attribute on VAE round trips (with latent noise) of ``count`` fresh scenes, drawn from a
-    seed the judge's training never used."""
+    seed the judge's training never used; and, where the judge knows ``none``, ``no object``: the share of
+    ``count`` fresh objectless pictures (backgrounds alone, textures) it reads as no object."""
     from .build import _pixels
 
     rng = random.Random(f"judge-test-{seed}")
     generator = torch.Generator().manual_seed(seed)
+
+    def round_trips(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.cat([vae_round_trip(vae, pixels[i : i + 200].float() / 255, generator) for i in range(0, len(pixels), 200)])
+
     scenes = _scenes(rng, count)
-    images = torch.cat([vae_round_trip(vae, _pixels(scenes[i : i + 200]).float() / 255, generator) for i in range(0, count, 200)])
-    predicted = judge.predict(images)
-    return {a: sum(p[a] == scene_labels(s)[a] for p, s in zip(predicted, scenes)) / count for a in ATTRIBUTES}
+    predicted = judge.predict(round_trips(_pixels(scenes)))
+    accuracy = {a: sum(p[a] == scene_labels(s)[a] for p, s in zip(predicted, scenes)) / count for a in judge.attributes}
+    if "none" in judge.attributes["shape"]:
+        pictures = pil_to_tensor([objectless(rng)[0] for _ in range(count)]).mul(255).round().to(torch.uint8)
+        accuracy["no object"] = sum(p["shape"] == "none" for p in judge.predict(round_trips(pictures))) / count
+    return accuracy
 
 
 def main(argv: list[str] | None = None) -> None:

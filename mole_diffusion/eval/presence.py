@@ -13,8 +13,9 @@ Rates come with Wilson 95% intervals (never "0% ± 0%").
 A judge can be fooled out of its training distribution: on the demo world, gates trained on the composition
 prompts drew saturated checker-and-stripe textures in which the attribute judge "saw" all three concepts (README,
 issue 12). So a judge may also say whether an image keeps the rest of its prompt (``prompt_kept``; the
-attribute judge: the colour the prompt gives the object), and ``present_all_faithful`` counts an image only
-where it keeps its prompt and shows every concept.
+attribute judge: an object in the colour the prompt gives it), and ``present_all_faithful`` counts an image only
+where it keeps its prompt and shows every concept. Since the colour alone still let textures in the prompt's
+colours through, the attribute judge now also knows pictures of no single object (shape ``none``).
 """
 
 from __future__ import annotations
@@ -58,16 +59,18 @@ class AttributeJudgePresence:
         self.resolution = config.get("resolution", 64)
 
     def read(self, images: list[Image.Image], prompts: list[str]) -> list[tuple[dict[str, bool], bool | None]]:
-        """One pass of the judge: each concept's attribute value, and whether it reads the colour the prompt gives
-        the object (the world's captions name it first: "a red sks on a qkx background"; None where the prompt
-        names no colour the judge knows)."""
+        """One pass of the judge: each concept's attribute value, and whether the image keeps its prompt: an
+        object is there (where the judge can say there is none) in the colour the prompt gives it (the world's
+        captions name it first: "a red sks on a qkx background"; None where the prompt names no colour the judge
+        knows)."""
         from ..demo.judge import pil_to_tensor
 
         colours = self.judge.attributes["colour"]
         named = [next((w for w in re.findall(r"[a-z]+", p.lower()) if w in colours), None) for p in prompts]
         predicted = self.judge.predict(pil_to_tensor(images, self.resolution))
         return [({c: p[self.attribute[c][0]] == self.attribute[c][1] for c in self.concepts},
-                 None if colour is None else p["colour"] == colour) for p, colour in zip(predicted, named)]
+                 None if colour is None else p["colour"] == colour and p["shape"] != "none")
+                for p, colour in zip(predicted, named)]
 
     def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
         return [seen for seen, _ in self.read(images, [""] * len(images))]

@@ -19,6 +19,11 @@ The CLIP here must not be the one that judges the results.
 
 For gates off the simplex (sigmoid, softplus) the balance loss counts each expert's share of its gate's total
 weight: -sum log q on raw weights would reward raising every weight, not spreading them.
+
+``sparsity_weight`` beta (issue 12, gates off the simplex only) adds beta * the mean total weight per gate (per
+position, for per-position gates): an expert then stays on only where it lowers L_D by more than it costs, so a
+per-position gate may learn where each LoRA helps (a background LoRA off the object) from each concept's own
+images, without masks.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class GateTrainingConfig(TrainingSettings):
     per_position: bool = False  # block gates that also weigh each image position
     prior_weights: list[float] | None = None  # what untrained gates return (default uniform: NLA); e.g. 1s: the sum
     balance_weight: float = 0.5  # alpha of METHOD.md section 5 (the paper's value)
+    sparsity_weight: float = 0.0  # beta: the cost of each unit of expert weight (sigmoid, softplus; see above)
     learning_rate: float = 5e-3  # zero-initialised gates want a larger lr than the paper's 1e-5 (see README)
     objective: str = "denoising"
     clip_model: str | None = None  # for objective="clip": an open_clip name, or "local-dir:PATH"
@@ -78,6 +84,9 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
         raise MoLEError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if config.objective != "denoising" and not config.clip_model:
         raise MoLEError(f"objective {config.objective!r} needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
+    if config.sparsity_weight and config.activation == "softmax":
+        raise MoLEError("a sparsity weight needs gates off the simplex (activation sigmoid or softplus): softmax weights "
+                        "always sum to 1")
     concepts = load_concepts(config.concepts)
     if config.objective == "composition" and not load_compositions(config.concepts):
         raise MoLEError(f"objective 'composition' samples the composition prompts: {config.concepts} has no "
@@ -126,13 +135,18 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
         # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order; q is the
         # global batch's under several processes, so the balance loss is one process's (common.py)
         gate_weights = global_batch_means(gate_weights, accelerator)
+        sparsity = torch.stack([w.sum(dim=-1).mean() for w in gate_weights]).mean() if config.sparsity_weight else None
         if mole.activation != "softmax":  # shares of each gate's weight (see the module docstring)
             gate_weights = [w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12) for w in gate_weights]
         cover = coverage.repeat(len(gate_weights) // len(coverage), 1)
         balance = balance_loss(gate_weights, cover)
         mean_weight = mean_expert_weights([w.detach() for w in gate_weights], cover)
         logs = {**logs, "loss_balance": balance.item(), **{f"gate_{n}": float(q) for n, q in zip(mole.expert_names, mean_weight)}}
-        return value + config.balance_weight * balance, logs
+        value = value + config.balance_weight * balance
+        if sparsity is not None:
+            logs["gate_total"] = sparsity.item()
+            value = value + config.sparsity_weight * sparsity
+        return value, logs
 
     if not config.validation_prompts:
         config.validation_prompts = [c.prompt for c in concepts]
