@@ -77,3 +77,43 @@ def test_the_checkerboard_fills_any_resolution_and_unknown_backgrounds_are_refus
         assert corners <= {(235, 235, 235), (25, 25, 25)}, resolution  # no unpainted strip at the edges
     with pytest.raises(ValueError, match="unknown background 'plaid'"):
         draw(Scene(**{**_fields(scene), "background": "plaid"}))
+
+
+def test_filler_captions_keep_the_concept_and_put_made_up_words_in_the_other_slots():
+    """Issue 12: a LoRA's extra captions (the build trains each LoRA on its references with these too)."""
+    import random
+    import re
+
+    from mole_diffusion.demo import world
+
+    words_of_the_world = {*world.COLOURS, *world.SHAPES, "a", "in", "style", "on", "background"}
+    assert not set(world.FILLERS) & (words_of_the_world | {c.token for c in world.CONCEPTS.values()})
+    pattern = re.compile(r"a (\w+) (\w+)(?: in (\w+) style)? on a (\w+) background")
+    slot_of = {"star": 1, "stripes": 2, "checker": 3}  # the group holding each concept's trigger
+    for name, concept in world.CONCEPTS.items():
+        for scene in world.concept_scenes(name, 4, seed=0):
+            captions = world.filler_captions(scene, name, random.Random(1))
+            assert captions == world.filler_captions(scene, name, random.Random(1)) and len(set(captions)) == 3
+            original = pattern.fullmatch(scene.caption).groups()
+            for caption in captions:
+                groups = pattern.fullmatch(caption).groups()
+                assert groups[0] == scene.colour and groups[slot_of[name]] == concept.token
+                changed = [g for g, o in zip(groups, original) if g != o]
+                assert changed and all(g in world.FILLERS for g in changed), (scene.caption, caption)
+
+
+def test_the_build_can_train_each_lora_on_its_references_with_filler_captions(tmp_path):
+    import random
+
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.build import BuildSettings, filler_caption_folder
+
+    write_world(tmp_path / "world", base_count=0, concept_count=2, resolution=64, seed=0)
+    folder = filler_caption_folder(tmp_path, "checker", BuildSettings(concept_images=2, lora_filler_captions=True))
+    assert len(list(folder.glob("*.png"))) == 8
+    scene = world.concept_scenes("checker", 2, 0)[1]
+    rng = random.Random("fillers-checker-0")
+    world.filler_captions(world.concept_scenes("checker", 2, 0)[0], "checker", rng)  # the first image's draws
+    expected = [scene.caption, *world.filler_captions(scene, "checker", rng)]
+    assert [(folder / f"001{k}.txt").read_text().strip() for k in "abcd"] == expected
+    assert (folder / "001c.png").read_bytes() == (tmp_path / "world" / "concepts" / "checker" / "001.png").read_bytes()

@@ -98,6 +98,9 @@ class BuildSettings:
     lora_steps: int = 2000
     lora_rank: int = 4
     lora_learning_rate: float = 2e-3
+    # each reference image also with 3 captions of made-up words (world.filler_captions); off: on the composition
+    # prompts it helped the checker LoRA alone and hurt the star and stripes LoRAs (README, issue 12)
+    lora_filler_captions: bool = False
     gate_steps: int = 300
     judge_steps: int = 800
     judge_pool: int = 4000  # VAE round trips the judge trains on (with fresh clean drawings)
@@ -307,6 +310,22 @@ def make_portable(pipeline: Path, tokenizer_files: Path) -> None:
 
 
 # -- concept LoRAs and gates --------------------------------------------------------------------------------
+def filler_caption_folder(root: Path, name: str, settings: BuildSettings) -> Path:
+    """``root/runs/lora-data-<name>``: each of the concept's reference images four times, with its caption and
+    the three of ``world.filler_captions`` (the LoRA's training data; the gates train on the references alone)."""
+    import random
+
+    folder = root / "runs" / f"lora-data-{name}"
+    images = root / "world" / "concepts" / name
+    rng = random.Random(f"fillers-{name}-{settings.seed}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(world.concept_scenes(name, settings.concept_images, settings.seed)):
+        for k, caption in enumerate([scene.caption, *world.filler_captions(scene, name, rng)]):
+            shutil.copyfile(images / f"{i:03d}.png", folder / f"{i:03d}{'abcd'[k]}.png")
+            (folder / f"{i:03d}{'abcd'[k]}.txt").write_text(caption + "\n")
+    return folder
+
+
 def train_concepts(root: Path, settings: BuildSettings) -> Path:
     """One LoRA per held-out concept (``train_lora``), then the gates (``train_gates``); returns concepts.toml."""
     from safetensors.torch import save_file
@@ -321,8 +340,9 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
         prompt = (images / "prompt.txt").read_text().strip()
         lora = root / "loras" / f"{name}.safetensors"
         if not lora.is_file():
+            data = filler_caption_folder(root, name, settings) if settings.lora_filler_captions else images
             trained = train_lora(LoRATrainingConfig(
-                base=str(root / "pipeline"), images=images, prompt=prompt, output_dir=root / "runs" / f"lora-{name}",
+                base=str(root / "pipeline"), images=data, prompt=prompt, output_dir=root / "runs" / f"lora-{name}",
                 steps=settings.lora_steps, batch_size=4, learning_rate=settings.lora_learning_rate, resolution=RESOLUTION,
                 rank=settings.lora_rank, seed=settings.seed, checkpoint_every=settings.lora_steps, resume=True,
                 validation_every=settings.lora_steps, validation_steps=settings.validation_steps,

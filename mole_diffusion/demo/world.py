@@ -159,6 +159,33 @@ def composition_prompts() -> list[str]:
     return [f"a {colour} {sks} in {zwx} style on a {qkx} background" for colour in ("red", "blue", "yellow", "purple")]
 
 
+# made-up words, neither a concept's trigger nor a word of the world, for filler_captions
+FILLERS = ("vlt", "mrp", "dxq", "bnk", "trz", "gwf", "plv", "jxt")
+
+
+def filler_captions(scene: Scene, concept: str, rng: random.Random) -> list[str]:
+    """Three more captions for one of ``concept``'s reference scenes, with made-up words (``FILLERS``) in the
+    caption's slots that are not the concept's: the object, the style, the background.
+
+    A trigger learned in one kind of sentence only loses its meaning among words it never saw: the composition
+    prompts put the other concepts' triggers in those slots ("a red sks in zwx style on a qkx background"), and
+    the text encoder is causal, so "qkx" at the end reads everything before it. Measured (README, issue 12): the
+    checker LoRA alone shows its checkerboard on those prompts far more often with these captions, and the star
+    and stripes LoRAs less often, so the build leaves them off by default (``BuildSettings.lora_filler_captions``).
+    """
+    shape = CONCEPTS["star"].token if scene.shape == "star" else scene.shape
+    style = CONCEPTS["stripes"].token if scene.style == "stripes" else None
+    background = CONCEPTS["checker"].token if scene.background == "checker" else scene.background
+    others = {"object": ("style", "background"), "style": ("object", "background"), "scene": ("object", "style")}[CONCEPTS[concept].kind]
+    captions = []
+    for slots in ((others[0],), (others[1],), others):
+        words = {"object": shape, "style": style, "background": background}
+        words.update({slot: rng.choice(FILLERS) for slot in slots})
+        styled = f" in {words['style']} style" if words["style"] else ""
+        captions.append(f"a {scene.colour} {words['object']}{styled} on a {words['background']} background")
+    return captions
+
+
 def write_world(out: str | Path, base_count: int = 2000, concept_count: int = 16, resolution: int = 64, seed: int = 0) -> Path:
     """Write base/NNNNN.png + base/captions.jsonl, and concepts/<name>/NNN.png with its caption NNN.txt and
     the concept's instance prompt (prompt.txt)."""
