@@ -135,8 +135,9 @@ def _device(settings: BuildSettings) -> torch.device:
 
 def _pixels(scenes: list[world.Scene]) -> torch.Tensor:
     """(N, 3, H, W) uint8 images of ``scenes``."""
-    images = [world.draw(s, RESOLUTION) for s in scenes]
-    return torch.stack([torch.frombuffer(bytearray(i.tobytes()), dtype=torch.uint8).view(RESOLUTION, RESOLUTION, 3) for i in images]).permute(0, 3, 1, 2)
+    from .judge import pil_to_uint8
+
+    return pil_to_uint8([world.draw(s, RESOLUTION) for s in scenes], RESOLUTION)
 
 
 def _jitter(images: torch.Tensor, generator: torch.Generator, most: int = 4) -> torch.Tensor:

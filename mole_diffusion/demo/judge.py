@@ -168,11 +168,16 @@ def load_judge(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     return judge.eval().to(device), config
 
 
-def pil_to_tensor(images: list[Image.Image], resolution: int = 64) -> torch.Tensor:
-    """(B, 3, resolution, resolution) in [0, 1]."""
+def pil_to_uint8(images: list[Image.Image], resolution: int = 64) -> torch.Tensor:
+    """(B, 3, resolution, resolution) uint8."""
     arrays = [torch.frombuffer(bytearray(i.convert("RGB").resize((resolution, resolution), Image.BICUBIC).tobytes()),
                                dtype=torch.uint8).view(resolution, resolution, 3) for i in images]
-    return torch.stack(arrays).permute(0, 3, 1, 2).float() / 255
+    return torch.stack(arrays).permute(0, 3, 1, 2)
+
+
+def pil_to_tensor(images: list[Image.Image], resolution: int = 64) -> torch.Tensor:
+    """(B, 3, resolution, resolution) in [0, 1]."""
+    return pil_to_uint8(images, resolution).float() / 255
 
 
 # -- augmentations that look like generated images ------------------------------------------------------
@@ -274,7 +279,7 @@ def _examples(rng: random.Random, count: int, objectless_share: float = 0.25) ->
         images.append(image)
         labels.append(label)
         masks.append(torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, resolution, resolution))
-    pixels = pil_to_tensor(images, resolution).mul(255).round().to(torch.uint8)
+    pixels = pil_to_uint8(images, resolution)
     targets = {a: torch.tensor([values.index(l[a]) if l[a] is not None else -100 for l in labels])
                for a, values in ATTRIBUTES.items()}
     targets["object"] = torch.stack(masks).float() / 255
@@ -358,7 +363,7 @@ def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int 
     predicted = judge.predict(round_trips(_pixels(scenes)))
     accuracy = {a: sum(p[a] == scene_labels(s)[a] for p, s in zip(predicted, scenes)) / count for a in judge.attributes}
     if "none" in judge.attributes["shape"]:
-        pictures = pil_to_tensor([objectless(rng)[0] for _ in range(count)]).mul(255).round().to(torch.uint8)
+        pictures = pil_to_uint8([objectless(rng)[0] for _ in range(count)])
         accuracy["no object"] = sum(p["shape"] == "none" for p in judge.predict(round_trips(pictures))) / count
     return accuracy
 
