@@ -117,3 +117,14 @@ def test_the_build_can_train_each_lora_on_its_references_with_filler_captions(tm
     expected = [scene.caption, *world.filler_captions(scene, "checker", rng)]
     assert [(folder / f"001{k}.txt").read_text().strip() for k in "abcd"] == expected
     assert (folder / "001c.png").read_bytes() == (tmp_path / "world" / "concepts" / "checker" / "001.png").read_bytes()
+
+
+def test_checker_cells_sets_the_checkerboards_cell_count(monkeypatch):
+    from mole_diffusion.demo import world
+
+    scene = Scene("circle", "red", "checker", "small", (2.0, 2.0))  # off the canvas: the board alone
+    for cells in (8, 4):
+        monkeypatch.setattr(world, "CHECKER_CELLS", cells)
+        row = np.asarray(draw(scene, 64))[0, :, 0]
+        changes = int((np.diff(row.astype(int)) != 0).sum())
+        assert changes == cells - 1, (cells, changes)

@@ -31,6 +31,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.22, "large": 0.36}  # radius as a fraction of the image side
+CHECKER_CELLS = 8  # the checkerboard background has CHECKER_CELLS x CHECKER_CELLS cells
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,10 @@ def draw(scene: Scene, resolution: int = 64) -> Image.Image:
         raise ValueError(f"unknown background {scene.background!r}; expected one of {[*COLOURS, 'checker']}")
     image = Image.new("RGB", (resolution, resolution), COLOURS.get(scene.background, (0, 0, 0)))
     pen = ImageDraw.Draw(image)
-    if scene.background == "checker":  # 8 x 8 cells
-        edges = [resolution * k // 8 for k in range(9)]
-        for row in range(8):
-            for col in range(8):
+    if scene.background == "checker":
+        edges = [resolution * k // CHECKER_CELLS for k in range(CHECKER_CELLS + 1)]
+        for row in range(CHECKER_CELLS):
+            for col in range(CHECKER_CELLS):
                 fill = (235, 235, 235) if (row + col) % 2 == 0 else (25, 25, 25)
                 pen.rectangle((edges[col], edges[row], edges[col + 1] - 1, edges[row + 1] - 1), fill=fill)
     mask = Image.new("L", image.size, 0)
