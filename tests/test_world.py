@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mole_diffusion.demo import CONCEPTS, Scene, base_world, composition_prompts, concept_scenes, draw, write_world
+from mole_diffusion.demo import CONCEPTS, world, Scene, base_world, composition_prompts, concept_scenes, draw, write_world
 from mole_diffusion.demo.world import COLOURS, SIZES
 
 
@@ -84,8 +84,6 @@ def test_filler_captions_keep_the_concept_and_put_made_up_words_in_the_other_slo
     import random
     import re
 
-    from mole_diffusion.demo import world
-
     words_of_the_world = {*world.COLOURS, *world.SHAPES, "a", "in", "style", "on", "background"}
     assert not set(world.FILLERS) & (words_of_the_world | {c.token for c in world.CONCEPTS.values()})
     pattern = re.compile(r"a (\w+) (\w+)(?: in (\w+) style)? on a (\w+) background")
@@ -105,7 +103,6 @@ def test_filler_captions_keep_the_concept_and_put_made_up_words_in_the_other_slo
 def test_the_build_can_train_each_lora_on_its_references_with_filler_captions(tmp_path):
     import random
 
-    from mole_diffusion.demo import world
     from mole_diffusion.demo.build import BuildSettings, filler_caption_folder
 
     write_world(tmp_path / "world", base_count=0, concept_count=2, resolution=64, seed=0)
@@ -120,8 +117,6 @@ def test_the_build_can_train_each_lora_on_its_references_with_filler_captions(tm
 
 
 def test_checker_cells_sets_the_checkerboards_cell_count(monkeypatch):
-    from mole_diffusion.demo import world
-
     scene = Scene("circle", "red", "checker", "small", (2.0, 2.0))  # off the canvas: the board alone
     for cells in (8, 4):
         monkeypatch.setattr(world, "CHECKER_CELLS", cells)

@@ -31,7 +31,9 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.22, "large": 0.36}  # radius as a fraction of the image side
-CHECKER_CELLS = 8  # the checkerboard background has CHECKER_CELLS x CHECKER_CELLS cells
+# The checkerboard background has CHECKER_CELLS x CHECKER_CELLS cells. A knob for experiments (README, issue 12:
+# 4 was tried and drew worse), not a BuildSettings field: a build does not record it, so change it only for a fresh folder.
+CHECKER_CELLS = 8
 
 
 @dataclass(frozen=True)
