@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength)")
     gates.add_argument("--per-position", action="store_true",
                        help="block gates also weigh each image position by its own feature (METHOD.md section 8)")
+    gates.add_argument("--timestep-knots", type=int, default=0, metavar="K",
+                       help="the denoiser's gates also read the step's noise level: K >= 2 learned logit offsets per "
+                            "expert at evenly spaced noise levels, interpolated (default 0: off)")
     gates.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
     gates.add_argument("--sparsity-weight", type=float, default=0.0,
                        help="beta: cost per unit of expert weight, so a LoRA stays on only where it helps (sigmoid or "
@@ -276,7 +279,8 @@ def train_gates(args: argparse.Namespace) -> Path:
     from .train import train_gates as run
 
     config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
-                                activation=args.activation, per_position=args.per_position, prior_weights=args.prior_weights,
+                                activation=args.activation, per_position=args.per_position, timestep_knots=args.timestep_knots,
+                                prior_weights=args.prior_weights,
                                 balance_weight=args.balance_weight, sparsity_weight=args.sparsity_weight, objective=args.objective, clip_model=args.clip_model,
                                 clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
                                 **_training_settings(args))

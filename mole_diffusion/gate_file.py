@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import MoLEError
-from .inject import MoLE
+from .gates import ACTIVATIONS
+from .inject import MoLE, reads_timestep
 
 FORMAT = "mole-diffusion-gates"
 FORMAT_VERSION = "1"
@@ -52,6 +53,7 @@ def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
         # the gate's kind (files from before these keys are softmax, per sample)
         "activation": mole.activation,
         "per_position": json.dumps(mole.per_position),
+        "timestep_knots": json.dumps(mole.timestep_knots),
         "family": family,
         "base_model": base_model,
         "base_fingerprint": base_fingerprint(mole),
@@ -94,7 +96,8 @@ FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux"
 
 @torch.no_grad()
 def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family: str = "sd") -> None:
-    """Load gates saved by ``save_gates`` into ``mole``, after checking they were trained for it."""
+    """Load gates saved by ``save_gates`` into ``mole``, after checking they were trained for it; the gates
+    become the file's kind (activation, per position, timestep knots), so they compute what was trained."""
     tensors, meta = read_gate_file(path)
     saved_family = meta.get("family", "sd")  # files from before the key are Stable Diffusion's
     if saved_family != family:
@@ -124,13 +127,9 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
             f"{path}: gates have granularity {meta['granularity']!r}, experts were loaded with {mole.granularity!r}; "
             f"load_experts(..., granularity={meta['granularity']!r})"
         )
-    kind = (meta.get("activation", "softmax"), json.loads(meta.get("per_position", "false")))
-    if kind != (mole.activation, mole.per_position):
-        raise GateFileError(
-            f"{path}: gates are {kind[0]} gates{' per position' if kind[1] else ''}, the experts were loaded with "
-            f"{mole.activation}{' per position' if mole.per_position else ''}; load_experts(..., activation={kind[0]!r}, "
-            f"per_position={kind[1]})"
-        )
+    kind = _kind(path, meta)
+    if kind["per_position"] and mole.granularity != "block":
+        raise GateFileError(f"{path}: per-position gates need granularity 'block', the experts were loaded with {mole.granularity!r}")
     if meta["base_fingerprint"] != base_fingerprint(mole):
         raise GateFileError(
             f"{path}: gates were trained on another base model ({meta['base_model'] or 'unnamed'}, adapted-shape "
@@ -141,22 +140,43 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
         logger.warning("%s: gates were trained on %s, loading into %s (same shapes)", path, meta["base_model"], base_model)
 
     order = [saved_names.index(n) for n in names]  # file's expert order -> loaded order
-    expected = {f"{g}.{k}" for g, gate in mole.gates.items() for k, _ in gate.named_parameters()}
-    if set(tensors) != expected:
-        raise GateFileError(f"{path}: gate tensors do not match the injected gates (first difference: {sorted(set(tensors) ^ expected)[:1]})")
-    for name, gate in mole.gates.items():  # every shape checked before any gate changes: no half-loaded gates
-        for key, param in gate.named_parameters():
-            if tensors[f"{name}.{key}"].shape != param.shape:
-                raise GateFileError(f"{path}: tensor {name}.{key} has shape {tuple(tensors[f'{name}.{key}'].shape)}, "
-                                    f"this pipeline's gate has {tuple(param.shape)}")
+    n = len(names)
+    # the shapes the file's kind of gate has (W_g, b_g, tau; timestep knots on the denoiser's gates), checked
+    # before any gate changes: a refused file leaves the gates as they were
+    expected = {}
     for name, gate in mole.gates.items():
-        gate.weight.copy_(tensors[f"{name}.weight"][order])
-        gate.bias.copy_(tensors[f"{name}.bias"][order])
-        gate.log_temperature.copy_(tensors[f"{name}.log_temperature"])
+        expected |= {f"{name}.weight": tuple(gate.weight.shape), f"{name}.bias": (n,), f"{name}.log_temperature": ()}
+        if kind["timestep_knots"] and reads_timestep(name):
+            expected[f"{name}.timestep_logits"] = (n, kind["timestep_knots"])
+    if set(tensors) != set(expected):
+        raise GateFileError(f"{path}: gate tensors do not match the injected gates (first difference: {sorted(set(tensors) ^ set(expected))[:1]})")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise GateFileError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this pipeline's gate has {shape}")
+    mole.set_gate_kind(kind["activation"], kind["per_position"], kind["timestep_knots"])  # restore what was trained
+    for name, gate in mole.gates.items():
+        for key, param in gate.named_parameters():
+            saved = tensors[f"{name}.{key}"]
+            param.copy_(saved if key == "log_temperature" else saved[order])
+
+
+def _kind(path, meta: dict[str, str]) -> dict:
+    """The gate file's kind of gate; files from before these keys are softmax, per sample, timestep-blind."""
+    try:
+        kind = {"activation": meta.get("activation", "softmax"), "per_position": json.loads(meta.get("per_position", "false")),
+                "timestep_knots": json.loads(meta.get("timestep_knots", "0"))}
+    except json.JSONDecodeError as e:
+        raise GateFileError(f"{path}: gate file metadata per_position / timestep_knots is not JSON ({e})") from e
+    if kind["activation"] not in ACTIVATIONS or not isinstance(kind["per_position"], bool) or not isinstance(kind["timestep_knots"], int) \
+            or kind["timestep_knots"] == 1 or kind["timestep_knots"] < 0:
+        raise GateFileError(f"{path}: gate file metadata names an unknown kind of gate {kind} (activation one of {ACTIVATIONS}, "
+                            "per_position true or false, timestep_knots 0 or at least 2)")
+    return kind
 
 
 def gate_kind(path: str | os.PathLike) -> dict:
-    """What ``load_experts`` needs to load a gate file as trained: granularity, activation, per_position."""
+    """What ``load_experts`` needs to load a gate file as trained: granularity, activation, per_position,
+    timestep_knots (``load_gates`` also turns the gates into the file's kind, all but the granularity)."""
+    path = Path(path)
     meta = read_gate_file(path)[1]
-    return {"granularity": meta["granularity"], "activation": meta.get("activation", "softmax"),
-            "per_position": json.loads(meta.get("per_position", "false"))}
+    return {"granularity": meta["granularity"], **_kind(path, meta)}

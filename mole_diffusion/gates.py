@@ -37,11 +37,14 @@ class Gate(nn.Module):
     softplus((W_g f + b_g) / tau) with b_g = softplus^-1(prior), a weight in (0, inf) per expert: a LoRA may act
     above its trained strength (untrained: NLA with the prior). ``per_position``:
     ``position_map`` also returns weights (B, N, H, W) from each position's own feature h_x / |h_x|, for the
-    layers on image tokens (W_g = 0 gives the per-sample weights at every position).
+    layers on image tokens (W_g = 0 gives the per-sample weights at every position). ``timestep_knots=K``
+    (the denoiser's gates, issue 12 item 3e): the logits also get c(t), one offset per expert at K evenly spaced
+    noise levels t in [0, 1] (t = 1: pure noise) interpolated linearly, so a LoRA can act early (layout) and
+    another late (texture); c = 0 at start, the plain gate.
     """
 
     def __init__(self, num_experts: int, in_features: int, prior_weights: torch.Tensor | None = None,
-                 activation: str = "softmax", per_position: bool = False):
+                 activation: str = "softmax", per_position: bool = False, timestep_knots: int = 0):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise MoLEError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -62,6 +65,7 @@ class Gate(nn.Module):
                 "softplus": lambda: prior.expm1().log()}[activation]()  # softplus(log(e^p - 1)) = p
         self.bias = nn.Parameter(bias)
         self.log_temperature = nn.Parameter(torch.zeros(()))
+        self.set_timestep_knots(timestep_knots)
         self.register_buffer("mask", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         # Constant weights (1, N) that replace the gate in NLA / plain-sum mode (see MoLE.set_experts).
         self.register_buffer("constant", torch.zeros(1, num_experts), persistent=False)
@@ -75,21 +79,42 @@ class Gate(nn.Module):
         self.leading_tokens = 0
         self.history: list[torch.Tensor] = []  # per-call weights, while recording
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def set_timestep_knots(self, knots: int) -> None:
+        """Make the gate timestep-aware with ``knots`` (>= 2) offsets per expert, all 0, or plain (0)."""
+        if knots == 1 or knots < 0:
+            raise MoLEError(f"a timestep-aware gate needs at least 2 knots (0 for none), got {knots}")
+        if "timestep_logits" in self._parameters:
+            del self._parameters["timestep_logits"]
+        self.timestep_logits = nn.Parameter(torch.zeros(len(self.bias), knots, device=self.bias.device)) if knots else None
+
+    def timestep_offsets(self, t: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """c(t): (batch, N) logit offsets at noise levels ``t`` in [0, 1] (a number or (batch,)); 0 without knots."""
+        if self.timestep_logits is None or t is None:
+            return torch.zeros((), device=self.bias.device)
+        knots = self.timestep_logits.float()
+        position = torch.as_tensor(t, dtype=torch.float32, device=knots.device).clamp(0, 1).expand(batch) * (knots.shape[1] - 1)
+        left = position.floor().clamp(max=knots.shape[1] - 2).long()
+        right_share = (position - left)[:, None]
+        return knots[:, left].T * (1 - right_share) + knots[:, left + 1].T * right_share
+
+    def forward(self, hidden_states: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, ...) hidden states -> (B, N) weights; ``t``: the noise level in [0, 1] of a timestep-aware gate."""
         # fp32 whatever the model runs in: under autocast the logits would be half precision, and small trained
         # weight differences (or a near-tie in the softmax) would round away. The layers cast what they apply.
         device = hidden_states.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             features = token_mean_direction(hidden_states)
-            return self.activate(F.linear(features, self.weight.float(), self.bias.float()), dim=-1)
+            logits = F.linear(features, self.weight.float(), self.bias.float()) + self.timestep_offsets(t, len(features))
+            return self.activate(logits, dim=-1)
 
-    def position_map(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def position_map(self, hidden_states: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) feature map -> (B, N, H, W): the gate applied to each position's unit feature."""
         device = hidden_states.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             features = F.normalize(hidden_states.float(), dim=1)
             logits = torch.einsum("bchw,nc->bnhw", features, self.weight.float()) + self.bias.float()[:, None, None]
-            return self.activate(logits, dim=1)
+            offsets = self.timestep_offsets(t, len(features))
+            return self.activate(logits + (offsets[..., None, None] if offsets.dim() else offsets), dim=1)
 
     def position_weights_on(self, size: tuple[int, int]) -> torch.Tensor:
         """``position_weights`` on an (H, W) grid (area-pooled down, nearest up), resampled once per forward for
@@ -147,6 +172,7 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", activation={self.activation}" + (", per_position=True" if self.per_position else "")
+        extra += f", timestep_knots={self.timestep_logits.shape[1]}" if self.timestep_logits is not None else ""
         return f"num_experts={self.weight.shape[0]}, in_features={self.weight.shape[1]}{extra}"
 
 

@@ -22,7 +22,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .errors import MoLEError
 from .experts import Expert
-from .gates import Gate
+from .gates import ACTIVATIONS, Gate
 from .layers import MoLELayer
 from .routing import RegionalRouting
 
@@ -78,14 +78,19 @@ def _scope_input_prompt(args: tuple, kwargs: dict) -> torch.Tensor:
 class MoLE:
     """The experts injected into a pipeline's models, their gates, and the switches over them."""
 
-    def __init__(self, experts: list[Expert], granularity: str, activation: str = "softmax", per_position: bool = False):
+    def __init__(self, experts: list[Expert], granularity: str, activation: str = "softmax", per_position: bool = False,
+                 timestep_knots: int = 0):
         self.experts = experts
         self.granularity = granularity
-        self.activation, self.per_position = activation, per_position  # the gates' kind (gates.py), saved with them
+        # the gates' kind (gates.py), saved with them
+        self.activation, self.per_position, self.timestep_knots = activation, per_position, timestep_knots
+        # the denoiser call's noise level in [0, 1] (timestep / 1000 in a UNet, Flux's sigma), for timestep-aware gates
+        self.noise_level: torch.Tensor | None = None
         self.gates: dict[str, Gate] = {}  # "unet.down_blocks.0.attentions.0" -> Gate
         self.layers: dict[str, MoLELayer] = {}  # "unet.down_blocks.0...to_q" -> MoLELayer
         self._originals: dict[str, tuple[nn.Module, str, nn.Module]] = {}  # name -> (parent, attr, original)
         self._gate_homes: dict[str, tuple[nn.Module, torch.utils.hooks.RemovableHandle]] = {}
+        self._timestep_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.active: list[str] = list(self.expert_names)
         # None: learned gates; a list: the same N weights at every gate; a dict: N weights per gate
         self.constant_weights: list[float] | dict[str, list[float]] | None = None
@@ -166,6 +171,18 @@ class MoLE:
             raise ValueError("masking every expert leaves nothing to mix; pass at least one expert name")
         return list(names)
 
+    def set_gate_kind(self, activation: str, per_position: bool, timestep_knots: int) -> None:
+        """Turn every gate into another kind (all kinds share W_g, b_g and tau; timestep knots start at 0), as
+        ``load_gates`` does to restore what a gate file was trained as. The parameters are then the file's to set."""
+        if activation not in ACTIVATIONS:
+            raise MoLEError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if per_position and self.granularity != "block":
+            raise MoLEError(f"per-position gates read a block's feature map: granularity 'block', not {self.granularity!r}")
+        for name, gate in self.gates.items():
+            gate.activation, gate.per_position = activation, per_position
+            gate.set_timestep_knots(timestep_knots if reads_timestep(name) else 0)
+        self.activation, self.per_position, self.timestep_knots = activation, per_position, timestep_knots
+
     # -- fusing ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def fuse(self) -> None:
@@ -211,6 +228,9 @@ class MoLE:
             handle.remove()
             if hasattr(home, "mole_gate"):
                 del home.mole_gate
+        for handle in self._timestep_handles:
+            handle.remove()
+        self._timestep_handles = []
         self.gates, self.layers, self._originals, self._gate_homes = {}, {}, {}, {}
 
     # -- gate weights of the last run ----------------------------------------------------------------
@@ -266,12 +286,14 @@ def inject_experts(
     prior_weights: Sequence[float] | None = None,
     activation: str = "softmax",
     per_position: bool = False,
+    timestep_knots: int = 0,
 ) -> MoLE:
     """Wrap the modules the experts adapt and attach the gates; ``models`` is {"unet": ..., "text_encoder": ...}.
 
     ``activation``: "softmax" (the paper's gate, weights on the simplex) or "sigmoid" (one weight in (0, 1) per
     expert); ``per_position``: the denoiser's block gates (UNet blocks, Flux double and single blocks) also
-    weigh each image position by its own feature (METHOD.md section 8). Untrained, every kind is NLA with ``prior_weights``.
+    weigh each image position by its own feature (METHOD.md section 8); ``timestep_knots`` (0: off): the denoiser's
+    gates also read the step's noise level (``Gate``). Untrained, every kind is NLA with ``prior_weights``.
 
     Experts must have been loaded against these models (``load_expert`` checks every shape first), so
     nothing here can fail half-way.
@@ -284,7 +306,9 @@ def inject_experts(
     prior = torch.full((n,), 1.0 / n) if prior_weights is None else torch.tensor([float(w) for w in prior_weights])
     if prior.shape != (n,) or not bool((prior > 0).all()):
         raise ValueError(f"prior_weights must be {n} positive numbers (one per expert), got {prior_weights}")
-    mole = MoLE(experts, granularity, activation, per_position)
+    if timestep_knots == 1 or timestep_knots < 0:
+        raise MoLEError(f"timestep_knots must be 0 (off) or at least 2, got {timestep_knots}")
+    mole = MoLE(experts, granularity, activation, per_position, timestep_knots)
 
     module_names = sorted({m for e in experts for m in e.layers}, key=lambda m: (m.split(".")[0], m))
     for full_name in module_names:
@@ -301,7 +325,8 @@ def inject_experts(
         gate_name = f"{component}.{scope}" if scope else component
         if gate_name not in mole.gates:
             in_features = _gate_in_features(model, scope, base)
-            mole.gates[gate_name] = Gate(n, in_features, prior, activation, per_position).to(base.weight.device)
+            knots = timestep_knots if reads_timestep(gate_name) else 0
+            mole.gates[gate_name] = Gate(n, in_features, prior, activation, per_position, knots).to(base.weight.device)
         layer = MoLELayer(base, lora_A, lora_B, rank_expert, rank_scale, mole.gates[gate_name])
         layer.reads_prompt = component.startswith("text_encoder") or module_name.endswith(PROMPT_TOKEN_MODULES)
 
@@ -317,7 +342,29 @@ def inject_experts(
         home.mole_gate = gate  # a submodule of its block, so .to(device/dtype) moves it along
         handle = home.register_forward_pre_hook(_make_gate_hook(mole, gate), with_kwargs=True)
         mole._gate_homes[gate_name] = (home, handle)
+    for component, model in models.items():
+        if isinstance(model, DENOISERS):
+            mole._timestep_handles.append(model.register_forward_pre_hook(_make_timestep_hook(mole), with_kwargs=True))
     return mole
+
+
+def reads_timestep(gate_name: str) -> bool:
+    """The denoiser's gates see the step's noise level; the text encoder runs once per prompt, before any step."""
+    return not gate_name.startswith("text_encoder")
+
+
+def _make_timestep_hook(mole: MoLE):
+    def hook(denoiser: nn.Module, args: tuple, kwargs: dict) -> None:
+        position = 1 if isinstance(denoiser, UNet2DConditionModel) else 3  # (sample, timestep, ...), Flux's 4th
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[position] if len(args) > position else None
+        if timestep is None:
+            mole.noise_level = None
+            return
+        timestep = torch.as_tensor(timestep).float().flatten()
+        # a UNet's timestep counts 0..999 (every SD scheduler trains on 1000); Flux's is sigma in [0, 1] already
+        mole.noise_level = timestep / 1000 if isinstance(denoiser, UNet2DConditionModel) else timestep
+
+    return hook
 
 
 def _gate_in_features(model: nn.Module, scope: str, base: nn.Module) -> int:
@@ -348,11 +395,12 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
             gate.weights = gate.constant
         else:
             hidden_states = _scope_input(scope, args, kwargs)
-            gate.weights = gate(hidden_states)
+            t = mole.noise_level if gate.timestep_logits is not None else None
+            gate.weights = gate(hidden_states, t)
             if gate.per_position and hidden_states.dim() == 4:  # a UNet block's feature map (B, C, H, W)
-                gate.position_weights = gate.position_map(hidden_states)
+                gate.position_weights = gate.position_map(hidden_states, t)
             elif gate.per_position and isinstance(scope, FLUX_BLOCKS):  # Flux's image tokens (B, L, C): a 1 x L map
-                gate.position_weights = gate.position_map(hidden_states.transpose(1, 2).unsqueeze(2))
+                gate.position_weights = gate.position_map(hidden_states.transpose(1, 2).unsqueeze(2), t)
                 single = isinstance(scope, FluxSingleTransformerBlock)
                 gate.leading_tokens = _scope_input_prompt(args, kwargs).shape[1] if single else 0
         if mole.record:  # a copy: constant weights are a buffer that set_experts changes in place

@@ -50,14 +50,16 @@ class MoLEPipelineMixin:
         prior_weights: Sequence[float] | dict[str, float] | None = None,
         activation: str = "softmax",
         per_position: bool = False,
+        timestep_knots: int = 0,
     ) -> None:
         """Load LoRA files as experts (dict name -> path, or a list of paths named by their stems) and gate them.
 
         Every file is read and checked against the base model before any module is changed. Untrained gates
         return ``prior_weights`` (default uniform), so the result starts as NLA with those weights.
         ``activation`` ("softmax": the paper's; "sigmoid": a weight per expert, off the simplex) and
-        ``per_position`` (block gates that also weigh each image position) choose the kind of gate; a gate file
-        records its kind, and ``load_gates`` refuses another.
+        ``per_position`` (block gates that also weigh each image position) and ``timestep_knots`` (0: off; K >= 2:
+        the denoiser's gates also read the step's noise level) choose the kind of gate for training; a gate file
+        records its kind, and ``load_gates`` restores it.
         """
         if self.mole is not None:
             raise RuntimeError(f"experts {self.expert_names} are already loaded: call unload_experts() first")
@@ -66,7 +68,8 @@ class MoLEPipelineMixin:
             prior_weights = [prior_weights[name] for name in named]
         models = lora_components(self)
         loaded = [load_expert(name, path, models, type(self)) for name, path in named.items()]
-        getattr(self, self.denoiser).__dict__["_mole"] = inject_experts(models, loaded, granularity, prior_weights, activation, per_position)
+        getattr(self, self.denoiser).__dict__["_mole"] = inject_experts(
+            models, loaded, granularity, prior_weights, activation, per_position, timestep_knots)
 
     def set_experts(
         self, names: Sequence[str] | None = None, weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None

@@ -64,6 +64,7 @@ class GateTrainingConfig(TrainingSettings):
     granularity: str = "block"
     activation: str = "softmax"  # or "sigmoid": one weight in (0, 1) per expert (gates.py)
     per_position: bool = False  # block gates that also weigh each image position
+    timestep_knots: int = 0  # K >= 2: the denoiser's gates also read the step's noise level (K offsets per expert)
     prior_weights: list[float] | None = None  # what untrained gates return (default uniform: NLA); e.g. 1s: the sum
     balance_weight: float = 0.5  # alpha of METHOD.md section 5 (the paper's value)
     sparsity_weight: float = 0.0  # beta: the cost of each unit of expert weight (sigmoid, softplus; see above)
@@ -98,7 +99,8 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     if pipe is None:
         pipe = load_base_pipeline(mole_pipeline_class(config.base), config.base, safety_checker=None)
         pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity, activation=config.activation,
-                          per_position=config.per_position, prior_weights=config.prior_weights)
+                          per_position=config.per_position, timestep_knots=config.timestep_knots,
+                          prior_weights=config.prior_weights)
     if config.objective != "denoising" and pipe.family != "sd":
         raise MoLEError(f"objective {config.objective!r} samples through DDIM on a Stable Diffusion 1.x/2.x UNet; "
                         f"on this {type(pipe).__name__} train with --objective denoising")
