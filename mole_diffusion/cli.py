@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
                        help="what the untrained gates return, one per concept (default uniform, NLA; sigmoid needs each "
                             "below 1; softplus: 1 1 1 starts from the plain sum)")
-    gates.add_argument("--objective", choices=("denoising", "clip", "composition"), default="denoising",
-                       help="denoising loss on the reference images (default), the paper's CLIP-guided loss, or that "
-                            "loss on images of the concepts file's [compositions] prompts, every named concept pushed")
+    gates.add_argument("--objective", choices=("denoising", "clip", "composition", "distillation"), default="denoising",
+                       help="denoising loss on the reference images (default), the paper's CLIP-guided loss, that "
+                            "loss on images of the concepts file's [compositions] prompts, every named concept pushed, or "
+                            "distillation: on each concept's images the mixture reproduces that concept's LoRA alone")
     gates.add_argument("--clip-model", help="for --objective clip/composition: open_clip name (ViT-B-32) or local-dir:PATH")
     gates.add_argument("--clip-pretrained", help="for --objective clip/composition: pretrained tag (openai) or checkpoint file")
     gates.add_argument("--clip-sampling-steps", type=int, default=4, help="unrolled DDIM steps per image (default 4)")

@@ -16,6 +16,11 @@ the concepts file's ``[compositions]`` prompts; the loss is the image's text ali
 1 - cos(E(x), T(p)), plus every concept the prompt names pushed towards its references, the weakest most:
 sum_k s_k (1 - cos(E(x), r_k)), s = softmax over those concepts of their gaps / 0.5 (not differentiated).
 The CLIP here must not be the one that judges the results.
+L_D, ``objective="distillation"`` (issue 12): on concept k's images the mixture reproduces LoRA k alone, the
+MSE between the MoLE UNet's prediction and that of expert k at weight 1 (every gate, no grad) on the same
+noisy latents: where LoRA k changes the prediction, the gates must give it k's weight; where the LoRAs agree
+they are free. Its target has none of the denoising loss's noise (the true noise is unknowable from x_t), so
+the gates' signal is far clearer; one more UNet call per step. SD / SDXL.
 
 For gates off the simplex (sigmoid, softplus) the balance loss counts each expert's share of its gate's total
 weight: -sum log q on raw weights would reward raising every weight, not spreading them.
@@ -33,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
@@ -54,7 +59,7 @@ from .common import (
 )
 from .concepts import list_images, load_compositions, load_concepts, trigger_words
 
-OBJECTIVES = ("denoising", "clip", "composition")
+OBJECTIVES = ("denoising", "clip", "composition", "distillation")
 
 
 @dataclass(kw_only=True)
@@ -83,7 +88,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     """
     if config.objective not in OBJECTIVES:
         raise MoLEError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
-    if config.objective != "denoising" and not config.clip_model:
+    if config.objective in ("clip", "composition") and not config.clip_model:
         raise MoLEError(f"objective {config.objective!r} needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
     if config.sparsity_weight and config.activation == "softmax":
         raise MoLEError("a sparsity weight needs gates off the simplex (activation sigmoid or softplus): softmax weights "
@@ -101,7 +106,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
         pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity, activation=config.activation,
                           per_position=config.per_position, timestep_knots=config.timestep_knots,
                           prior_weights=config.prior_weights)
-    if config.objective != "denoising" and pipe.family != "sd":
+    if config.objective in ("clip", "composition") and pipe.family != "sd":
         raise MoLEError(f"objective {config.objective!r} samples through DDIM on a Stable Diffusion 1.x/2.x UNet; "
                         f"on this {type(pipe).__name__} train with --objective denoising")
     if pipe.expert_names != [c.name for c in concepts]:
@@ -115,7 +120,9 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     mole = pipe.mole
     for gate in mole.gates.values():  # trainable parameters stay in fp32 whatever the model's dtype
         gate.float().requires_grad_(True)
-    if config.objective == "clip":  # prior preservation is a denoising-loss device
+    if config.objective == "distillation" and pipe.family == "flux":
+        raise MoLEError("objective 'distillation' noises latents with the UNet's DDPM schedule; on Flux train with --objective denoising")
+    if config.objective in ("clip", "distillation"):  # prior preservation is a denoising-loss device
         concepts = [replace(c, class_images=None, class_prompt=None) for c in concepts]
     examples = encode_examples(concepts, pipe.vae, config.resolution, config.prior_loss_weight)
 
@@ -127,6 +134,8 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
             return value, logs, [gate.applied_weights() for gate in mole.gates.values()]
     elif config.objective == "clip":
         main_loss = clip_objective(pipe, config, concepts, examples, accelerator.device)
+    elif config.objective == "distillation":
+        main_loss = distillation_objective(pipe, examples, config.resolution)
     else:
         main_loss = composition_objective(pipe, config, concepts, accelerator.device)
 
@@ -158,6 +167,34 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     if accelerator.is_main_process:
         pipe.save_gates(path)
     return path
+
+
+def distillation_objective(pipe, examples: Examples, resolution: int):
+    """Self-distillation L_D (see the module docstring), as ``main_loss(indices, random)``."""
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    mole, unet = pipe.mole, pipe.unet
+
+    def main_loss(indices: list[int], random: BatchRandom | torch.Generator):
+        random = BatchRandom.of(random, len(indices))
+        prompts = [examples.prompts[i] for i in indices]
+        latents = examples.latents[indices].to(unet.device, unet.dtype)
+        noise = random.randn(*latents.shape[1:]).to(latents)
+        timesteps = random.randint(scheduler.config.num_train_timesteps).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        experts = examples.groups[indices].tolist()  # instance images only: group k is expert k's
+        target = torch.empty_like(noisy, dtype=torch.float32)
+        with torch.no_grad():
+            for k in sorted(set(experts)):  # expert k alone, at weight 1 on every gate (text encoder included)
+                rows = [i for i, e in enumerate(experts) if e == k]
+                mole.set_experts(None, [float(j == k) for j in range(len(mole.experts))])
+                conditions = encode_prompts(pipe, [prompts[i] for i in rows], resolution)
+                target[rows] = unet(noisy[rows], timesteps[rows], **conditions).sample.float()
+        mole.set_experts(None)  # the learned gates again
+        prediction = unet(noisy, timesteps, **encode_prompts(pipe, prompts, resolution)).sample
+        value = F.mse_loss(prediction.float(), target)
+        return value, {"loss_distillation": value.item()}, [gate.applied_weights() for gate in mole.gates.values()]
+
+    return main_loss
 
 
 def unrolled_sampler(pipe, config: GateTrainingConfig, device):
