@@ -157,15 +157,15 @@ def test_gate_files_record_their_kind_and_old_files_still_load(world, mole_pipe,
 def test_distillation_objective_targets_each_concepts_lora_alone(world, concepts_file, tmp_path):
     """One expert: the mixture is that LoRA at weight 1 everywhere, so the loss is 0; two: it is not, and only the
     gates move towards it."""
-    config = dict(base=str(world["base"]), steps=2, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2,
-                  progress=False, objective="distillation", per_position=True, timestep_knots=2)
+    config = dict(base=str(world["base"]), steps=1, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2,
+                  progress=False, objective="distillation", per_position=True, timestep_knots=2, validation_every=10)
     lines = concepts_file.read_text().split("\n\n")
     (concepts_file.parent / "one.toml").write_text(lines[0] + "\n")
     one = load(world["base"])
     one.load_experts({"a": world["a"]}, per_position=True, timestep_knots=2)
     train_gates(GateTrainingConfig(concepts=concepts_file.parent / "one.toml", output_dir=tmp_path / "one", **config), pipe=one)
     rows = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["loss_distillation"] < 1e-10 for r in rows)
+    assert len(rows) == 1 and rows[0]["loss_distillation"] < 1e-10
 
     two = load(world["base"])
     two.load_experts({"a": world["a"], "b": world["b"]}, per_position=True, timestep_knots=2)
@@ -174,7 +174,7 @@ def test_distillation_objective_targets_each_concepts_lora_alone(world, concepts
     before = {n: p.detach().clone() for c in ("unet", "text_encoder") for n, p in getattr(two, c).named_parameters() if "mole_gate" in n}
     train_gates(GateTrainingConfig(concepts=concepts_file, output_dir=tmp_path / "two", **config), pipe=two)
     rows = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert all(r["loss_distillation"] > 1e-6 for r in rows)
+    assert len(rows) == 1 and rows[0]["loss_distillation"] > 1e-6
     after = {n: p for c in ("unet", "text_encoder") for n, p in getattr(two, c).named_parameters()}
     assert all(torch.equal(after[n], frozen[n]) for n in frozen)
     moved = {n.rsplit(".", 1)[-1] for n in before if not torch.equal(after[n], before[n])}
