@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import MoLEError
-from .gates import ACTIVATIONS
+from .gates import ACTIVATIONS, check_timestep_knots
 from .inject import MoLE, reads_timestep
 
 FORMAT = "mole-diffusion-gates"
@@ -167,8 +167,12 @@ def _kind(path, meta: dict[str, str]) -> dict:
                 "timestep_knots": json.loads(meta.get("timestep_knots", "0"))}
     except json.JSONDecodeError as e:
         raise GateFileError(f"{path}: gate file metadata per_position / timestep_knots is not JSON ({e})") from e
-    if kind["activation"] not in ACTIVATIONS or not isinstance(kind["per_position"], bool) or not isinstance(kind["timestep_knots"], int) \
-            or kind["timestep_knots"] == 1 or kind["timestep_knots"] < 0:
+    try:
+        check_timestep_knots(kind["timestep_knots"])
+        known = kind["activation"] in ACTIVATIONS and isinstance(kind["per_position"], bool)
+    except MoLEError:
+        known = False
+    if not known:
         raise GateFileError(f"{path}: gate file metadata names an unknown kind of gate {kind} (activation one of {ACTIVATIONS}, "
                             "per_position true or false, timestep_knots 0 or at least 2)")
     return kind

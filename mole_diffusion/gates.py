@@ -25,6 +25,12 @@ def token_mean_direction(hidden_states: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = ("softmax", "sigmoid", "softplus")
 
 
+def check_timestep_knots(knots: int) -> None:
+    """A timestep-aware gate's knot count: 0 (off) or at least 2 (the ends of [0, 1], then evenly between)."""
+    if not isinstance(knots, int) or knots == 1 or knots < 0:
+        raise MoLEError(f"a timestep-aware gate needs at least 2 knots (0 for none), got {knots!r}")
+
+
 class Gate(nn.Module):
     """G = softmax((W_g f + b_g) / tau), tau = exp(log_tau); masked experts get logit -inf.
 
@@ -81,16 +87,13 @@ class Gate(nn.Module):
 
     def set_timestep_knots(self, knots: int) -> None:
         """Make the gate timestep-aware with ``knots`` (>= 2) offsets per expert, all 0, or plain (0)."""
-        if knots == 1 or knots < 0:
-            raise MoLEError(f"a timestep-aware gate needs at least 2 knots (0 for none), got {knots}")
+        check_timestep_knots(knots)
         if "timestep_logits" in self._parameters:
             del self._parameters["timestep_logits"]
         self.timestep_logits = nn.Parameter(torch.zeros(len(self.bias), knots, device=self.bias.device)) if knots else None
 
-    def timestep_offsets(self, t: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """c(t): (batch, N) logit offsets at noise levels ``t`` in [0, 1] (a number or (batch,)); 0 without knots."""
-        if self.timestep_logits is None or t is None:
-            return torch.zeros((), device=self.bias.device)
+    def timestep_offsets(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """c(t): (batch, N) logit offsets at noise levels ``t`` in [0, 1] (a number or (batch,))."""
         knots = self.timestep_logits.float()
         position = torch.as_tensor(t, dtype=torch.float32, device=knots.device).clamp(0, 1).expand(batch) * (knots.shape[1] - 1)
         left = position.floor().clamp(max=knots.shape[1] - 2).long()
@@ -104,7 +107,9 @@ class Gate(nn.Module):
         device = hidden_states.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             features = token_mean_direction(hidden_states)
-            logits = F.linear(features, self.weight.float(), self.bias.float()) + self.timestep_offsets(t, len(features))
+            logits = F.linear(features, self.weight.float(), self.bias.float())
+            if t is not None and self.timestep_logits is not None:
+                logits = logits + self.timestep_offsets(t, len(features))
             return self.activate(logits, dim=-1)
 
     def position_map(self, hidden_states: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,8 +118,9 @@ class Gate(nn.Module):
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             features = F.normalize(hidden_states.float(), dim=1)
             logits = torch.einsum("bchw,nc->bnhw", features, self.weight.float()) + self.bias.float()[:, None, None]
-            offsets = self.timestep_offsets(t, len(features))
-            return self.activate(logits + (offsets[..., None, None] if offsets.dim() else offsets), dim=1)
+            if t is not None and self.timestep_logits is not None:
+                logits = logits + self.timestep_offsets(t, len(features))[..., None, None]
+            return self.activate(logits, dim=1)
 
     def position_weights_on(self, size: tuple[int, int]) -> torch.Tensor:
         """``position_weights`` on an (H, W) grid (area-pooled down, nearest up), resampled once per forward for

@@ -22,7 +22,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .errors import MoLEError
 from .experts import Expert
-from .gates import ACTIVATIONS, Gate
+from .gates import ACTIVATIONS, Gate, check_timestep_knots
 from .layers import MoLELayer
 from .routing import RegionalRouting
 
@@ -306,8 +306,7 @@ def inject_experts(
     prior = torch.full((n,), 1.0 / n) if prior_weights is None else torch.tensor([float(w) for w in prior_weights])
     if prior.shape != (n,) or not bool((prior > 0).all()):
         raise ValueError(f"prior_weights must be {n} positive numbers (one per expert), got {prior_weights}")
-    if timestep_knots == 1 or timestep_knots < 0:
-        raise MoLEError(f"timestep_knots must be 0 (off) or at least 2, got {timestep_knots}")
+    check_timestep_knots(timestep_knots)  # also where no gate is the denoiser's (a text-encoder-only LoRA)
     mole = MoLE(experts, granularity, activation, per_position, timestep_knots)
 
     module_names = sorted({m for e in experts for m in e.layers}, key=lambda m: (m.split(".")[0], m))
@@ -395,7 +394,7 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
             gate.weights = gate.constant
         else:
             hidden_states = _scope_input(scope, args, kwargs)
-            t = mole.noise_level if gate.timestep_logits is not None else None
+            t = mole.noise_level
             gate.weights = gate(hidden_states, t)
             if gate.per_position and hidden_states.dim() == 4:  # a UNet block's feature map (B, C, H, W)
                 gate.position_weights = gate.position_map(hidden_states, t)
