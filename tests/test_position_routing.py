@@ -81,7 +81,9 @@ def test_all_ones_regional_weights_are_the_plain_sum_and_diffusers_set_adapters(
     for name in "ab":
         ref_pipe.load_lora_weights(world[name], adapter_name=name)
     ref_pipe.set_adapters(["a", "b"], [1.0, 1.0])
-    np.testing.assert_allclose(regional, generate(ref_pipe, num_inference_steps=4), atol=1e-5)
+    # PEFT adds each adapter's product on its own, MoLE one concatenated product: float32 sums in another order,
+    # which on some CPUs' kernels moves a pixel by 1e-5 after four steps and the VAE
+    np.testing.assert_allclose(regional, generate(ref_pipe, num_inference_steps=4), rtol=1e-4, atol=1e-5)
 
 
 def test_regional_masks_change_the_image_and_masking_removes_an_expert_everywhere(world, mole_pipe):

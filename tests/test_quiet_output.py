@@ -22,15 +22,27 @@ NOISE = ("LOAD REPORT", "MISSING", "newly initialized", "[transformers]", "Warni
 _BAR = re.compile(r"^(?P<desc>[^\n|]*?):?\s*\d+%\|")  # a tqdm line: "evaluating:  50%|█████ | 22/44 ..."
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> str:
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     """``python -m mole_diffusion.cli ARGS`` in a fresh process, as a user runs it (no pytest warning filters, no
-    test-wide logging settings); stdout and stderr together, in order."""
+    test-wide logging settings), on one thread; stdout and stderr together, in order."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "mole_diffusion.cli", *args], cwd=cwd, env=env, timeout=timeout,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert done.returncode == 0, done.stdout
-    return done.stdout
+    return subprocess.Popen([sys.executable, "-m", "mole_diffusion.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process: subprocess.Popen, timeout: int = 300) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == 0, output
+    return output
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> str:
+    return finished(start_cli(args, cwd), timeout)
 
 
 def assert_quiet(output: str, bars: set[str]) -> None:
@@ -73,8 +85,10 @@ def test_generate_evaluate_and_training_are_quiet_on_the_demo_world(tmp_path):
                       "--prompt", "a red sks in zwx style on a qkx background", "--scheduler", "ddim", "--out", "eval"],
                      {"evaluating"}, "wrote eval/report.md"),
     }
+    # one thread each, so two of them at a time use a 2-core machine fully; each writes its own folder
+    started = {name: start_cli(args, cwd=tmp_path) for name, (args, _, _) in commands.items()}
     for name, (args, bars, summary) in commands.items():
-        out = run_cli(args, cwd=tmp_path)
+        out = finished(started[name])
         assert_quiet(out, bars)
         assert summary in out, (name, out)
     assert "| set_adapters | 1 |" in out and "| peft_cat | 1 |" in out  # evaluate's headline table
