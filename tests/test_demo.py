@@ -266,3 +266,49 @@ def test_token_routed_prompt_embedding_takes_each_trigger_from_its_own_lora():
         assert not torch.allclose(alone[0, positions[name]], base[0, positions[name]])  # the LoRA changes that token
     others = [p for p in range(len(ids)) if not any(p in where for where in positions.values())]
     torch.testing.assert_close(routed[0, others], base[0, others])
+
+
+def test_two_means_splits_an_object_from_the_background_that_holds_the_border():
+    """demo.spatial (issue 12's diagnostic): the object is the cluster away from the border, whichever way 2-means
+    numbers the clusters, and the masks keep the checker off it (and DILATE pixels around it)."""
+    from mole_diffusion.demo.spatial import expert_masks, two_means_object
+
+    x0 = torch.zeros(2, 4, 8, 8)
+    x0[:, :, 2:5, 3:6] = 1.0  # a 3 x 3 object
+    x0[1] = 1.0 - x0[1]  # the same layout with the colours swapped
+    x0 += 0.05 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    expected = torch.zeros(8, 8)
+    expected[2:5, 3:6] = 1.0
+    obj = two_means_object(x0)
+    assert torch.equal(obj, expected.expand(2, 8, 8))
+
+    masks = expert_masks(obj, (1.0, 0.5), everywhere=False, dilate=0)
+    assert torch.equal(masks[:, 0], obj) and torch.equal(masks[:, 1], 0.5 * obj) and torch.equal(masks[:, 2], 1 - obj)
+    grown = expert_masks(obj, (1.0, 1.0), everywhere=True, dilate=1)
+    assert torch.equal(grown[:, 0], torch.ones(2, 8, 8))  # the object experts everywhere
+    assert grown[:, 2].sum() == 2 * (64 - 25) and grown[:, 2, 1:6, 2:7].sum() == 0  # the checker kept a pixel further away
+
+
+def test_spatial_masks_run_the_star_alone_then_split_the_layout(shipped_pipe):
+    """The masks each UNet call ran with: the star alone everywhere before the lead step, then from the predicted x0
+    of the lead step, kept; the stripes (weight 0 here) and the checker off the object."""
+    from mole_diffusion.demo.spatial import SpatialMasks
+
+    shipped_pipe.enable_regional_routing({name: CONCEPTS[name].token for name in CONCEPTS}, weights=[1.0, 1.0, 1.0])
+    masks = SpatialMasks(shipped_pipe, None, "split", 2, (1.0, 0.0), everywhere=True, dilate=0, guidance_scale=5.0)
+    try:
+        shipped_pipe(composition_prompts()[0], num_inference_steps=4, guidance_scale=5.0,
+                     generator=torch.Generator().manual_seed(0))
+    finally:
+        masks.remove()
+        shipped_pipe.disable_regional_routing()
+    history = masks.history
+    assert len(history) == 4 and all(m.shape == (1, 3, 16, 16) for m in history)
+    star_alone = torch.zeros(1, 3, 16, 16)
+    star_alone[:, 0] = 1.0
+    assert torch.equal(history[0], star_alone) and torch.equal(history[1], star_alone)
+    obj = masks.split
+    assert obj.shape == (1, 16, 16) and 0 < obj.sum() < 256
+    for later in history[2:]:
+        assert torch.equal(later[:, 0], torch.ones(1, 16, 16)) and torch.equal(later[:, 1], torch.zeros(1, 16, 16))
+        assert torch.equal(later[:, 2], 1 - obj)
