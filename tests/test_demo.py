@@ -312,3 +312,36 @@ def test_spatial_masks_run_the_star_alone_then_split_the_layout(shipped_pipe):
     for later in history[2:]:
         assert torch.equal(later[:, 0], torch.ones(1, 16, 16)) and torch.equal(later[:, 1], torch.zeros(1, 16, 16))
         assert torch.equal(later[:, 2], 1 - obj)
+
+
+def test_the_two_pass_composite_joins_the_object_and_background_predictions_by_the_mask(shipped_pipe):
+    """demo.spatial's regional composite: before the lead step the star LoRA alone; from it, m x (star, stripes
+    pass) + (1 - m) x (checker pass), each the UNet with only those LoRAs; the UNet's own forward back after."""
+    from mole_diffusion.demo.spatial import NAMES, TwoPassComposite
+
+    unet = shipped_pipe.unet
+    sample = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompt = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    obj = torch.zeros(1, 16, 16)
+    obj[:, 4:12, 3:9] = 1.0
+    composite = TwoPassComposite(shipped_pipe, None, "split", 1, (1.0, 0.5), 0, 5.0)
+    try:
+        first = composite.composite_forward(sample, 500, encoder_hidden_states=prompt).sample
+        composite.object = obj  # as the split of the lead step would have kept it
+        joined = composite.composite_forward(sample, 400, encoder_hidden_states=prompt).sample
+    finally:
+        composite.remove()
+    assert "forward" not in vars(unet)
+
+    def alone(weights, t):
+        shipped_pipe.set_experts(list(NAMES), weights)
+        return unet(sample, t, encoder_hidden_states=prompt).sample
+
+    try:
+        torch.testing.assert_close(first, alone([1.0, 0.0, 0.0], 500))
+        m = obj[:, None]
+        expected = m * alone([1.0, 0.5, 0.0], 400) + (1 - m) * alone([0.0, 0.0, 1.0], 400)
+        torch.testing.assert_close(joined, expected)
+        assert not torch.allclose(joined, alone([1.0, 0.5, 0.0], 400))  # the background pass does show
+    finally:
+        shipped_pipe.set_experts()  # the fixture's learned gates again

@@ -1,7 +1,7 @@
 """A diagnostic for issue 12: does the demo world compose when the checker LoRA is kept to the background?
 
     python -m mole_diffusion.demo.spatial --out build/spatial --seeds 8 \\
-        "alone:split:26:1,0:everywhere:0;judge8:judge:8:1,0:everywhere:0;split8:split:8:1,0:everywhere:1"
+        "alone:split:26:1,0:everywhere:0;judge8:judge:8:1,0:everywhere:0;two_pass:split:8:1,0:two-pass:2"
 
 Each spec is ``label:MASK:LEAD:STAR,STRIPES:WHERE:DILATE``. Every UNet call routes by masks (the regional routing
 of ``mole_diffusion.routing``, its masks set here instead of from cross-attention), the text encoders sum the three
@@ -16,7 +16,13 @@ where the object is:
 - ``disc``: a centred disc of radius LEAD latent pixels from the first step, as a user's region mask would be
   (kohya regional LoRA, Mix-of-Show); no star-alone lead.
 
-4 composition prompts x SEEDS, DDIM 25 steps, guidance 5; prints the judge's rates. A diagnostic: a choice of
+WHERE ``two-pass`` (MASK ``split`` or ``judge``) runs a regional composite instead (``TwoPassComposite``, as
+Mix-of-Show's regional sampling and MultiDiffusion join regions): from step LEAD two UNet calls a step, one with the
+star and stripes LoRAs (STAR, STRIPES), one with the checker LoRA alone, their noise predictions joined by the
+object mask, so no LoRA's delta reaches the other's region through the convolutions; before LEAD the star LoRA alone.
+
+4 composition prompts x SEEDS, DDIM 25 steps, guidance 5; prints the judge's rates and how often the star and the
+checker show together. A diagnostic: a choice of
 masks or weights picked by these numbers would make the judge a training signal.
 """
 
@@ -121,10 +127,7 @@ class SpatialMasks:
                 self.split = two_means_object(x0)
             obj = self.split
         else:
-            vae = self.pipe.vae
-            image = (vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-            obj = (self.judge(image.float())["object"].sigmoid() > 0.5).float()
-            obj = F.interpolate(obj[:, None], size, mode="nearest")[:, 0]
+            obj = judge_object(self.pipe.vae, self.judge, x0)
         self.routing.masks = expert_masks(obj, self.object_weights, self.everywhere, self.dilate).repeat(2, 1, 1, 1)
 
     def reset(self) -> None:
@@ -135,17 +138,82 @@ class SpatialMasks:
             handle.remove()
 
 
+class TwoPassComposite:
+    """The UNet's forward replaced: before step ``lead`` the star LoRA alone; from it, the object pass (star,
+    stripes) and the background pass (checker alone) joined by the object mask, m eps_object + (1 - m) eps_background
+    (both guidance halves). The mask comes from the object pass's guided predicted x0: at step ``lead`` split by
+    ``two_means_object`` and kept (``split``), or the judge's object map at every step (``judge``)."""
+
+    def __init__(self, pipe, judge, mask: str, lead: int, object_weights: tuple[float, float], dilate: int,
+                 guidance_scale: float):
+        if mask not in ("split", "judge"):
+            raise ValueError(f"the two-pass composite takes its mask from x0: 'split' or 'judge', got {mask!r}")
+        self.pipe, self.judge, self.mask, self.lead, self.dilate = pipe, judge, mask, lead, dilate
+        self.object_weights, self.guidance_scale = object_weights, guidance_scale
+        self.forward = pipe.unet.forward
+        pipe.unet.forward = self.composite_forward
+        self.reset()
+
+    def reset(self) -> None:
+        self.step, self.object = 0, None
+        self.pipe.mole.set_experts(list(NAMES), self.unet_weights([1.0, 0.0, 0.0]))  # the prompt's encoding: summed
+
+    def unet_weights(self, weights: list[float]) -> dict[str, list[float]]:
+        """Per-gate weights: the text encoders sum the three LoRAs, the UNet's gates get ``weights``."""
+        return {g: [1.0] * len(NAMES) if g.startswith("text_encoder") else weights for g in self.pipe.mole.gates}
+
+    def predict(self, weights: list[float], sample, timestep, args, kwargs) -> torch.Tensor:
+        self.pipe.mole.set_experts(list(NAMES), self.unet_weights(weights))
+        return self.forward(sample, timestep, *args, return_dict=False, **kwargs)[0]
+
+    @torch.no_grad()
+    def composite_forward(self, sample, timestep, *args, return_dict: bool = True, **kwargs):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        step, self.step = self.step, self.step + 1
+        if step < self.lead:
+            noise = self.predict([1.0, 0.0, 0.0], sample, timestep, args, kwargs)
+        else:
+            object_noise = self.predict([*self.object_weights, 0.0], sample, timestep, args, kwargs)
+            if self.object is None or self.mask == "judge":
+                unconditional, conditional = object_noise.chunk(2)
+                guided = unconditional + self.guidance_scale * (conditional - unconditional)
+                alpha = self.pipe.scheduler.alphas_cumprod[int(timestep)]
+                x0 = (sample.chunk(2)[1] - (1 - alpha).sqrt() * guided) / alpha.sqrt()
+                obj = two_means_object(x0) if self.mask == "split" else judge_object(self.pipe.vae, self.judge, x0)
+                if self.dilate:
+                    obj = F.max_pool2d(obj[:, None], 2 * self.dilate + 1, 1, self.dilate)[:, 0]
+                self.object = obj
+            background_noise = self.predict([0.0, 0.0, 1.0], sample, timestep, args, kwargs)
+            m = self.object[:, None].repeat(2, 1, 1, 1).to(object_noise)
+            noise = m * object_noise + (1 - m) * background_noise
+        return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
+
+    def remove(self) -> None:
+        del self.pipe.unet.forward  # back to the class's forward
+
+
+def judge_object(vae, judge, x0: torch.Tensor) -> torch.Tensor:
+    """(B, 4, H, W) latent x0 -> (B, H, W): the judge's object map of its decoding, on the latent grid."""
+    image = (vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    obj = (judge(image.float())["object"].sigmoid() > 0.5).float()
+    return F.interpolate(obj[:, None], tuple(x0.shape[-2:]), mode="nearest")[:, 0]
+
+
 def run(pipe, judge, presence, out: Path, spec: str, seeds: int) -> dict[str, float]:
     from . import world
 
     label, mask, lead, weights, where, dilate = spec.split(":")
-    if where not in ("object", "everywhere"):
-        raise ValueError(f"{spec}: WHERE is 'object' or 'everywhere', got {where!r}")
+    if where not in ("object", "everywhere", "two-pass"):
+        raise ValueError(f"{spec}: WHERE is 'object', 'everywhere' or 'two-pass', got {where!r}")
     star, stripes = (float(w) for w in weights.split(","))
     guidance_scale = 5.0
-    pipe.enable_regional_routing({n: world.CONCEPTS[n].token for n in NAMES}, weights=[1.0] * len(NAMES))
-    masks = SpatialMasks(pipe, judge, mask, int(lead), (star, stripes), where == "everywhere", int(dilate), guidance_scale)
-    counts = dict.fromkeys([*NAMES, "all"], 0)
+    if where == "two-pass":
+        masks = TwoPassComposite(pipe, judge, mask, int(lead), (star, stripes), int(dilate), guidance_scale)
+    else:
+        pipe.enable_regional_routing({n: world.CONCEPTS[n].token for n in NAMES}, weights=[1.0] * len(NAMES))
+        masks = SpatialMasks(pipe, judge, mask, int(lead), (star, stripes), where == "everywhere", int(dilate), guidance_scale)
+    counts = dict.fromkeys([*NAMES, "star_and_checker", "all"], 0)
     folder = out / label
     folder.mkdir(parents=True, exist_ok=True)
     prompts = world.composition_prompts()
@@ -159,10 +227,12 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int) -> dict[str, fl
                 seen, _ = presence.read([image], [prompt])[0]
                 for name in NAMES:
                     counts[name] += seen[name]
+                counts["star_and_checker"] += seen["star"] and seen["checker"]
                 counts["all"] += all(seen.values())
     finally:
         masks.remove()
-        pipe.disable_regional_routing()
+        if where != "two-pass":
+            pipe.disable_regional_routing()
     return {k: 100 * v / (len(prompts) * seeds) for k, v in counts.items()}
 
 
@@ -188,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.load_experts({name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES})
     presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
     judge, _ = load_judge(ASSETS / "judge")
-    print("| spec | " + " | ".join(f"present_{k}" for k in (*NAMES, "all")) + " |")
+    print("| spec | " + " | ".join(f"present_{k}" for k in (*NAMES, "star_and_checker", "all")) + " |")
     for spec in args.specs.split(";"):
         rates = run(pipe, judge, presence, Path(args.out), spec, args.seeds)
         print(f"| {spec} | " + " | ".join(f"{v:.1f}%" for v in rates.values()) + " |", flush=True)
