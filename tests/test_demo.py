@@ -345,3 +345,47 @@ def test_the_two_pass_composite_joins_the_object_and_background_predictions_by_t
         assert not torch.allclose(joined, alone([1.0, 0.5, 0.0], 400))  # the background pass does show
     finally:
         shipped_pipe.set_experts()  # the fixture's learned gates again
+
+
+def test_solid_closes_stripe_gaps_and_fills_holes_but_keeps_the_background():
+    """demo.spatial's inpaint mask: a striped object's dark stripes fall in the background's 2-means cluster; the
+    object handed to the background pass is the whole shape (gaps of a pixel closed, holes filled), nothing more."""
+    from mole_diffusion.demo.spatial import solid
+
+    shape = torch.zeros(12, 12)
+    shape[3:9, 2:9] = 1.0
+    striped = shape.clone()
+    striped[4:8:2, 2:9] = 0.0  # rows of stripes through the object
+    striped[5:7, 4:7] = 0.0  # and a hole
+    assert torch.equal(solid(striped[None]), shape[None])
+    assert torch.equal(solid(shape[None], close=0), shape[None])
+    ring = torch.zeros(12, 12)
+    ring[2:10, 2:10] = 1.0
+    ring[4:8, 4:8] = 0.0  # a hole wider than a closing bridges is still filled: it does not reach the border
+    filled = torch.zeros(12, 12)
+    filled[2:10, 2:10] = 1.0
+    assert torch.equal(solid(ring[None], close=0), filled[None])
+    corner = torch.zeros(12, 12)
+    corner[:4, :4] = 1.0  # an object on the border stays as it is
+    assert torch.equal(solid(corner[None]), corner[None])
+
+
+def test_layout_then_background_holds_the_object_and_runs_each_pass_with_its_loras(shipped_pipe):
+    """demo.spatial's inpaint mode: the object pass runs the star LoRA, the stripes LoRA from the lead step, text
+    encoders with those two; the background pass the checker LoRA alone in the UNet, the three summed in the text
+    encoders; the final latent is the object pass's exactly where the object is, and the background pass's elsewhere;
+    the pipeline's gates are back afterwards."""
+    from mole_diffusion.demo.spatial import LayoutThenBackground
+
+    compose = LayoutThenBackground(shipped_pipe, lead=2, object_weights=(1.0, 0.5), checker_weight=2.0, dilate=0,
+                                   guidance_scale=5.0, steps=4)
+    latents, layout, obj = compose.latents(composition_prompts()[1], seed=0)
+    assert shipped_pipe.mole.constant_weights is None  # the fixture's learned gates again
+    unet = [weights for weights, _ in compose.history]
+    text = [weights for _, weights in compose.history]
+    assert unet == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.5, 0.0], [1.0, 0.5, 0.0], [1.0, 0.5, 0.0], [0.0, 0.0, 2.0]]
+    assert text[:-1] == [[1.0, 1.0, 0.0]] * 5 and text[-1] == [1.0, 1.0, 1.0]
+    held = obj[:, None].bool().expand_as(latents)
+    assert 0 < obj.sum() < obj.numel()
+    torch.testing.assert_close(latents[held], layout[held], rtol=0, atol=0)
+    assert not torch.allclose(latents[~held], layout[~held])  # the background pass drew the rest

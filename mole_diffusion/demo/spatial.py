@@ -3,7 +3,7 @@
     python -m mole_diffusion.demo.spatial --out build/spatial --seeds 8 \\
         "alone:split:26:1,0:everywhere:0;judge8:judge:8:1,0:everywhere:0;two_pass:split:8:1,0:two-pass:2"
 
-Each spec is ``label:MASK:LEAD:STAR,STRIPES:WHERE:DILATE``. Every UNet call routes by masks (the regional routing
+Each spec is ``label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE`` (CHECKER, the checker LoRA's weight, 1 unless given). Every UNet call routes by masks (the regional routing
 of ``mole_diffusion.routing``, its masks set here instead of from cross-attention), the text encoders sum the three
 LoRAs. Before step LEAD the star LoRA acts alone, everywhere; from then on the checker LoRA acts on the background
 and the star and stripes LoRAs (with weights STAR, STRIPES) on the object (WHERE ``object``) or everywhere
@@ -21,7 +21,14 @@ Mix-of-Show's regional sampling and MultiDiffusion join regions): from step LEAD
 star and stripes LoRAs (STAR, STRIPES), one with the checker LoRA alone, their noise predictions joined by the
 object mask, so no LoRA's delta reaches the other's region through the convolutions; before LEAD the star LoRA alone.
 
-4 composition prompts x SEEDS, DDIM 25 steps, guidance 5; prints the judge's rates and how often the star and the
+WHERE ``inpaint`` (MASK ``split``) draws the layout first and the background around it (``LayoutThenBackground``,
+as diffusers' inpainting does with a plain UNet): an object pass with the star LoRA and, from step LEAD, the stripes
+LoRA (style late), its text encoders adapted by those two; its final latent split by ``two_means_object``, holes
+filled, grown by DILATE; then a background pass from the same noise with the checker LoRA alone in the UNet and the
+three LoRAs summed in the text encoders, the object's latent put back after every step at that step's noise level,
+so the background is drawn around an object it cannot change.
+
+4 composition prompts (or --colours) x SEEDS (from --first-seed), DDIM 25 steps, guidance 5; prints the judge's rates and how often the star and the
 checker show together. A diagnostic: a choice of
 masks or weights picked by these numbers would make the judge a training signal.
 """
@@ -55,6 +62,23 @@ def two_means_object(x0: torch.Tensor, iterations: int = 10) -> torch.Tensor:
         background = int((assign[border] == 1).float().mean() > 0.5)
         objects.append((assign != background).float().view(height, width))
     return torch.stack(objects)
+
+
+def solid(obj: torch.Tensor, close: int = 1) -> torch.Tensor:
+    """(B, H, W) object map -> the same with gaps up to 2 x ``close`` pixels closed (grow, then shrink) and every
+    hole filled: a striped object's dark stripes fall in the background's cluster of ``two_means_object``."""
+    obj = obj[:, None].float()
+    if close:
+        obj = F.max_pool2d(obj, 2 * close + 1, 1, close)
+        obj = 1 - F.max_pool2d(1 - obj, 2 * close + 1, 1, close)  # the padding never wins a max: no erosion at the border
+    border = torch.ones_like(obj)
+    border[..., 1:-1, 1:-1] = 0
+    outside = border * (1 - obj)  # background reached from the border; what it cannot reach is object
+    while True:
+        grown = F.max_pool2d(outside, 3, 1, 1) * (1 - obj)
+        if torch.equal(grown, outside):
+            return (1 - outside)[:, 0]
+        outside = grown
 
 
 def disc(size: tuple[int, int], radius: float) -> torch.Tensor:
@@ -193,6 +217,77 @@ class TwoPassComposite:
         del self.pipe.unet.forward  # back to the class's forward
 
 
+class LayoutThenBackground:
+    """Layout first, then the background around it: two pipeline calls from the same starting noise.
+
+    1. The object pass: the star LoRA (weight ``object_weights[0]``) in the UNet from the first step, the stripes LoRA
+       (``object_weights[1]``) from step ``lead`` (style late, as K-LoRA); the text encoders adapted by those two.
+       Its final latent, split by ``two_means_object``, holes filled (``solid``) and grown by ``dilate``, is the object.
+    2. The background pass: the checker LoRA alone in the UNet (weight ``checker_weight``), the three LoRAs summed
+       in the text encoders. After every step the object's latent is put back, noised to the next step's level with
+       the object pass's starting noise (diffusers' inpainting with a plain UNet), so the background is drawn
+       around an object it cannot change and no LoRA's delta crosses into the other's region.
+    """
+
+    def __init__(self, pipe, lead: int, object_weights: tuple[float, float], checker_weight: float, dilate: int,
+                 guidance_scale: float, steps: int = 25):
+        self.pipe, self.lead, self.object_weights, self.checker_weight = pipe, lead, object_weights, checker_weight
+        self.dilate, self.guidance_scale, self.steps = dilate, guidance_scale, steps
+        self.history: list[tuple[list[float], list[float]]] = []  # (UNet, text encoders) weights set in the last call
+
+    def set_weights(self, unet: list[float], text_encoders: list[float]) -> None:
+        self.history.append((unet, text_encoders))
+        self.pipe.mole.set_experts(list(NAMES), {g: text_encoders if g.startswith("text_encoder") else unet
+                                                 for g in self.pipe.mole.gates})
+
+    def object_unet(self, step: int) -> list[float]:
+        return [self.object_weights[0], self.object_weights[1] if step >= self.lead else 0.0, 0.0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, seed: int):
+        """(image, object mask (1, H, W) on the latent grid)."""
+        latents, _, obj = self.latents(prompt, seed)
+        image = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor).sample
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0], obj
+
+    @torch.no_grad()
+    def latents(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(final latents, the object pass's final latents, object mask (1, H, W))."""
+        pipe = self.pipe
+        noise = torch.randn(1, pipe.unet.config.in_channels, *self.latent_size(), generator=torch.Generator().manual_seed(seed))
+        common = dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale, output_type="latent")
+        object_text = [1.0 if w else 0.0 for w in self.object_weights] + [0.0]
+        self.history = []
+
+        def object_step(pipe, step, timestep, tensors):  # after step ``step``: the weights of the next
+            self.set_weights(self.object_unet(step + 1), object_text)
+            return tensors
+
+        self.set_weights(self.object_unet(0), object_text)
+        try:
+            layout = pipe(prompt, latents=noise.clone(), callback_on_step_end=object_step, **common).images
+            obj = solid(two_means_object(layout))
+            if self.dilate:
+                obj = F.max_pool2d(obj[:, None], 2 * self.dilate + 1, 1, self.dilate)[:, 0]
+            held = obj[:, None]
+
+            def background_step(pipe, step, timestep, tensors):
+                timesteps = pipe.scheduler.timesteps
+                at_next = pipe.scheduler.add_noise(layout, noise, timesteps[step + 1:step + 2]) if step + 1 < len(timesteps) else layout
+                tensors["latents"] = held * at_next + (1 - held) * tensors["latents"]
+                return tensors
+
+            self.set_weights([0.0, 0.0, self.checker_weight], [1.0, 1.0, 1.0])
+            latents = pipe(prompt, latents=noise.clone(), callback_on_step_end=background_step, **common).images
+        finally:
+            pipe.mole.set_experts()
+        return latents, layout, obj
+
+    def latent_size(self) -> tuple[int, int]:
+        side = self.pipe.unet.config.sample_size
+        return side, side
+
+
 def judge_object(vae, judge, x0: torch.Tensor) -> torch.Tensor:
     """(B, 4, H, W) latent x0 -> (B, H, W): the judge's object map of its decoding, on the latent grid."""
     image = (vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
@@ -200,15 +295,24 @@ def judge_object(vae, judge, x0: torch.Tensor) -> torch.Tensor:
     return F.interpolate(obj[:, None], tuple(x0.shape[-2:]), mode="nearest")[:, 0]
 
 
-def run(pipe, judge, presence, out: Path, spec: str, seeds: int) -> dict[str, float]:
+def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
+        colours: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
+    """{rate: (images that show it, images)} for one spec over the composition prompts."""
     from . import world
 
     label, mask, lead, weights, where, dilate = spec.split(":")
-    if where not in ("object", "everywhere", "two-pass"):
-        raise ValueError(f"{spec}: WHERE is 'object', 'everywhere' or 'two-pass', got {where!r}")
-    star, stripes = (float(w) for w in weights.split(","))
+    if where not in ("object", "everywhere", "two-pass", "inpaint"):
+        raise ValueError(f"{spec}: WHERE is 'object', 'everywhere', 'two-pass' or 'inpaint', got {where!r}")
+    if where == "inpaint" and mask != "split":
+        raise ValueError(f"{spec}: 'inpaint' splits the object pass's own latent: MASK must be 'split', got {mask!r}")
+    star, stripes, *checker = (float(w) for w in weights.split(","))
+    checker_weight = checker[0] if checker else 1.0
+    if checker_weight != 1.0 and where != "inpaint":
+        raise ValueError(f"{spec}: a CHECKER weight is read by WHERE 'inpaint' only")
     guidance_scale = 5.0
-    if where == "two-pass":
+    if where == "inpaint":
+        masks = LayoutThenBackground(pipe, int(lead), (star, stripes), checker_weight, int(dilate), guidance_scale)
+    elif where == "two-pass":
         masks = TwoPassComposite(pipe, judge, mask, int(lead), (star, stripes), int(dilate), guidance_scale)
     else:
         pipe.enable_regional_routing({n: world.CONCEPTS[n].token for n in NAMES}, weights=[1.0] * len(NAMES))
@@ -216,13 +320,16 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int) -> dict[str, fl
     counts = dict.fromkeys([*NAMES, "star_and_checker", "all"], 0)
     folder = out / label
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = world.composition_prompts()
+    prompts = world.composition_prompts(*([colours] if colours else []))
     try:
         for p, prompt in enumerate(prompts):
-            for seed in range(seeds):
-                masks.reset()
-                image = pipe(prompt, num_inference_steps=25, guidance_scale=guidance_scale,
-                             generator=torch.Generator().manual_seed(seed)).images[0]
+            for seed in range(first_seed, first_seed + seeds):
+                if where == "inpaint":
+                    image, _ = masks(prompt, seed)
+                else:
+                    masks.reset()
+                    image = pipe(prompt, num_inference_steps=25, guidance_scale=guidance_scale,
+                                 generator=torch.Generator().manual_seed(seed)).images[0]
                 image.save(folder / f"p{p}-s{seed}.png")
                 seen, _ = presence.read([image], [prompt])[0]
                 for name in NAMES:
@@ -230,10 +337,11 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int) -> dict[str, fl
                 counts["star_and_checker"] += seen["star"] and seen["checker"]
                 counts["all"] += all(seen.values())
     finally:
-        masks.remove()
-        if where != "two-pass":
+        if where in ("object", "everywhere"):
             pipe.disable_regional_routing()
-    return {k: 100 * v / (len(prompts) * seeds) for k, v in counts.items()}
+        if where != "inpaint":
+            masks.remove()
+    return {k: (v, len(prompts) * seeds) for k, v in counts.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,10 +349,13 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a folder for each spec's images")
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("specs", help="label:MASK:LEAD:STAR,STRIPES:WHERE:DILATE specs, separated by ';'")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1")
+    parser.add_argument("--colours", help="the composition prompts' colours, comma-separated (default: red,blue,yellow,purple)")
+    parser.add_argument("specs", help="label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE specs, separated by ';'")
     args = parser.parse_args(argv)
 
     from ..eval.presence import AttributeJudgePresence
+    from ..eval.stats import wilson_interval
     from ..pipelines import MoLEStableDiffusionPipeline
     from ..quiet import quiet_loading
     from ..schedulers import use_scheduler
@@ -260,8 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     judge, _ = load_judge(ASSETS / "judge")
     print("| spec | " + " | ".join(f"present_{k}" for k in (*NAMES, "star_and_checker", "all")) + " |")
     for spec in args.specs.split(";"):
-        rates = run(pipe, judge, presence, Path(args.out), spec, args.seeds)
-        print(f"| {spec} | " + " | ".join(f"{v:.1f}%" for v in rates.values()) + " |", flush=True)
+        colours = tuple(args.colours.split(",")) if args.colours else None
+        counts = run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed, colours)
+        cells = [f"{100 * k / n:.1f}% [{100 * wilson_interval(k, n)[0]:.1f}-{100 * wilson_interval(k, n)[1]:.1f}]"
+                 for k, n in counts.values()]
+        print(f"| {spec} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

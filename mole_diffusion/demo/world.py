@@ -155,11 +155,11 @@ def concept_scenes(concept: str, count: int, seed: int = 0) -> list[Scene]:
     raise ValueError(f"unknown concept {concept!r}; the world's concepts are {sorted(CONCEPTS)}")
 
 
-def composition_prompts() -> list[str]:
+def composition_prompts(colours: tuple[str, ...] = ("red", "blue", "yellow", "purple")) -> list[str]:
     """Prompts that combine all three held-out concepts (so "the weakest concept" is defined for each), in the
-    base world's own words, for the demo grid and the evaluator."""
+    base world's own words, for the demo grid and the evaluator; other ``colours`` (green, white) for a held-out set."""
     sks, zwx, qkx = (CONCEPTS[c].token for c in ("star", "stripes", "checker"))
-    return [f"a {colour} {sks} in {zwx} style on a {qkx} background" for colour in ("red", "blue", "yellow", "purple")]
+    return [f"a {colour} {sks} in {zwx} style on a {qkx} background" for colour in colours]
 
 
 # made-up words, neither a concept's trigger nor a word of the world, for filler_captions
