@@ -38,6 +38,12 @@ def base_fingerprint(mole: MoLE) -> str:
     return hashlib.sha256("\n".join(shapes).encode()).hexdigest()
 
 
+def model_id(base_model: str) -> str:
+    """How a gate file names its base: a local folder by its absolute path (so "pipe" and "/work/pipe" are one
+    base, whatever the working folder), anything else (a hub id) as given."""
+    return str(Path(base_model).resolve()) if base_model and Path(base_model).is_dir() else base_model
+
+
 def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family: str = "sd") -> None:
     """Write ``mole``'s gates to ``path`` atomically (a temporary file, then a rename)."""
     tensors = {}
@@ -55,7 +61,7 @@ def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
         "per_position": json.dumps(mole.per_position),
         "timestep_knots": json.dumps(mole.timestep_knots),
         "family": family,
-        "base_model": base_model,
+        "base_model": model_id(base_model),
         "base_fingerprint": base_fingerprint(mole),
     }
     path = Path(path)
@@ -136,7 +142,7 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
             f"fingerprint {meta['base_fingerprint'][:12]}); this one ({base_model or 'unnamed'}) has "
             f"{base_fingerprint(mole)[:12]}"
         )
-    if meta["base_model"] and base_model and meta["base_model"] != base_model:
+    if meta["base_model"] and base_model and model_id(meta["base_model"]) != model_id(base_model):
         logger.warning("%s: gates were trained on %s, loading into %s (same shapes)", path, meta["base_model"], base_model)
 
     order = [saved_names.index(n) for n in names]  # file's expert order -> loaded order

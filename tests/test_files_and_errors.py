@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import generate, load
@@ -69,6 +70,32 @@ def test_gate_file_refuses_other_base(world, trained, tmp_path):
     save_file(tensors, str(tmp_path / "g.safetensors"), metadata=meta)
     with pytest.raises(GateFileError, match="another base model"):
         pipe.load_gates(tmp_path / "g.safetensors")
+
+
+def test_a_base_named_by_a_relative_or_an_absolute_path_is_one_base(world, tmp_path, monkeypatch, caplog):
+    """A gate file names a local base folder by its absolute path: gates trained with ``--base tiny`` load into the
+    same folder named ``/abs/.../tiny`` (or from another working folder) without a warning; a copy of the base in
+    another folder (same shapes) still warns, naming both."""
+    import shutil
+
+    monkeypatch.chdir(world["base"].parent)
+    relative = load(world["base"].name)
+    relative.load_experts({"a": world["a"], "b": world["b"]})
+    relative.save_gates(tmp_path / "gates.safetensors")
+    with safe_open(str(tmp_path / "gates.safetensors"), "pt") as handle:
+        assert handle.metadata()["base_model"] == str(world["base"].resolve())
+    monkeypatch.chdir(tmp_path)
+    for base in (world["base"].resolve(), shutil.copytree(world["base"], tmp_path / "copy")):
+        pipe = load(base)
+        pipe.load_experts({"a": world["a"], "b": world["b"]})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mole_diffusion.gate_file"):
+            pipe.load_gates(tmp_path / "gates.safetensors")
+        warnings = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
+        if base == world["base"].resolve():
+            assert warnings == []
+        else:
+            assert len(warnings) == 1 and str(world["base"].resolve()) in warnings[0] and "copy" in warnings[0]
 
 
 def test_gate_file_missing_or_not_a_gate_file(world, trained, tmp_path):
