@@ -389,3 +389,23 @@ def test_layout_then_background_holds_the_object_and_runs_each_pass_with_its_lor
     assert 0 < obj.sum() < obj.numel()
     torch.testing.assert_close(latents[held], layout[held], rtol=0, atol=0)
     assert not torch.allclose(latents[~held], layout[~held])  # the background pass drew the rest
+
+
+def test_stripes_inside_act_only_within_the_stars_own_layout_from_the_lead_step(shipped_pipe):
+    """demo.spatial's inpaint-inside: in the object pass the star LoRA acts everywhere and the checker nowhere at
+    every step; the stripes LoRA nowhere before the lead step and, from it, exactly on one fixed object (the split
+    of the star's layout); regional routing is off again afterwards, and the object is still held exactly."""
+    from mole_diffusion.demo.spatial import LayoutThenBackground
+
+    compose = LayoutThenBackground(shipped_pipe, lead=2, object_weights=(1.0, 1.0), checker_weight=2.0, dilate=0,
+                                   guidance_scale=5.0, steps=4, stripes_inside=True)
+    latents, layout, obj = compose.latents(composition_prompts()[1], seed=0)
+    assert shipped_pipe.mole.regional is None and shipped_pipe.mole.constant_weights is None
+    masks = compose.object_masks
+    assert len(masks) == 4 and all(m.shape == (1, 3, 16, 16) for m in masks)
+    assert all(torch.equal(m[:, 0], torch.ones(1, 16, 16)) and not m[:, 2].any() for m in masks)
+    assert not masks[0][:, 1].any() and not masks[1][:, 1].any()
+    inside = masks[2][:, 1]
+    assert 0 < inside.sum() < inside.numel() and torch.equal(masks[3][:, 1], inside)
+    held = obj[:, None].bool().expand_as(latents)
+    torch.testing.assert_close(latents[held], layout[held], rtol=0, atol=0)

@@ -26,7 +26,9 @@ as diffusers' inpainting does with a plain UNet): an object pass with the star L
 LoRA (style late), its text encoders adapted by those two; its final latent split by ``two_means_object``, holes
 filled, grown by DILATE; then a background pass from the same noise with the checker LoRA alone in the UNet and the
 three LoRAs summed in the text encoders, the object's latent put back after every step at that step's noise level,
-so the background is drawn around an object it cannot change.
+so the background is drawn around an object it cannot change. WHERE ``inpaint-inside``: the same, but the stripes LoRA
+acts from step LEAD only inside the star's own layout (the split of step LEAD - 1's predicted x0), so it cannot round
+the star's outline.
 
 4 composition prompts (or --colours) x SEEDS (from --first-seed), DDIM 25 steps, guidance 5; prints the judge's rates and how often the star and the
 checker show together. A diagnostic: a choice of
@@ -62,6 +64,14 @@ def two_means_object(x0: torch.Tensor, iterations: int = 10) -> torch.Tensor:
         background = int((assign[border] == 1).float().mean() > 0.5)
         objects.append((assign != background).float().view(height, width))
     return torch.stack(objects)
+
+
+def guided_x0(scheduler, sample: torch.Tensor, timestep, noise: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The predicted clean latent of the prompt's half of a classifier-free-guidance batch (negative, prompt)."""
+    unconditional, conditional = noise.chunk(2)
+    guided = unconditional + guidance_scale * (conditional - unconditional)
+    alpha = scheduler.alphas_cumprod[int(timestep)]
+    return (sample.chunk(2)[1] - (1 - alpha).sqrt() * guided) / alpha.sqrt()
 
 
 def solid(obj: torch.Tensor, close: int = 1) -> torch.Tensor:
@@ -135,10 +145,7 @@ class SpatialMasks:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         noise = output[0] if isinstance(output, tuple) else output.sample
-        unconditional, conditional = noise.chunk(2)  # classifier-free guidance: (negative, prompt) halves
-        noise = unconditional + self.guidance_scale * (conditional - unconditional)
-        alpha = self.pipe.scheduler.alphas_cumprod[int(timestep)]
-        x0 = (sample.chunk(2)[1] - (1 - alpha).sqrt() * noise) / alpha.sqrt()
+        x0 = guided_x0(self.pipe.scheduler, sample, timestep, noise, self.guidance_scale)
         self.step += 1
         size = tuple(x0.shape[-2:])
         if self.mask == "disc":
@@ -200,10 +207,7 @@ class TwoPassComposite:
         else:
             object_noise = self.predict([*self.object_weights, 0.0], sample, timestep, args, kwargs)
             if self.object is None or self.mask == "judge":
-                unconditional, conditional = object_noise.chunk(2)
-                guided = unconditional + self.guidance_scale * (conditional - unconditional)
-                alpha = self.pipe.scheduler.alphas_cumprod[int(timestep)]
-                x0 = (sample.chunk(2)[1] - (1 - alpha).sqrt() * guided) / alpha.sqrt()
+                x0 = guided_x0(self.pipe.scheduler, sample, timestep, object_noise, self.guidance_scale)
                 obj = two_means_object(x0) if self.mask == "split" else judge_object(self.pipe.vae, self.judge, x0)
                 if self.dilate:
                     obj = F.max_pool2d(obj[:, None], 2 * self.dilate + 1, 1, self.dilate)[:, 0]
@@ -222,6 +226,9 @@ class LayoutThenBackground:
 
     1. The object pass: the star LoRA (weight ``object_weights[0]``) in the UNet from the first step, the stripes LoRA
        (``object_weights[1]``) from step ``lead`` (style late, as K-LoRA); the text encoders adapted by those two.
+       With ``stripes_inside`` the stripes LoRA acts from step ``lead`` only inside the star's own layout (the
+       2-means split of step ``lead - 1``'s predicted x0, drawn by the star LoRA alone, so it cannot round the star's
+       outline), by the regional routing's masks (its weights then also reach the prompt tokens from the first step).
        Its final latent, split by ``two_means_object``, holes filled (``solid``) and grown by ``dilate``, is the object.
     2. The background pass: the checker LoRA alone in the UNet (weight ``checker_weight``), the three LoRAs summed
        in the text encoders. After every step the object's latent is put back, noised to the next step's level with
@@ -230,10 +237,11 @@ class LayoutThenBackground:
     """
 
     def __init__(self, pipe, lead: int, object_weights: tuple[float, float], checker_weight: float, dilate: int,
-                 guidance_scale: float, steps: int = 25):
+                 guidance_scale: float, steps: int = 25, stripes_inside: bool = False):
         self.pipe, self.lead, self.object_weights, self.checker_weight = pipe, lead, object_weights, checker_weight
-        self.dilate, self.guidance_scale, self.steps = dilate, guidance_scale, steps
+        self.dilate, self.guidance_scale, self.steps, self.stripes_inside = dilate, guidance_scale, steps, stripes_inside
         self.history: list[tuple[list[float], list[float]]] = []  # (UNet, text encoders) weights set in the last call
+        self.object_masks: list[torch.Tensor] = []  # with stripes_inside: each object-pass UNet call's masks (prompt half)
 
     def set_weights(self, unet: list[float], text_encoders: list[float]) -> None:
         self.history.append((unet, text_encoders))
@@ -263,9 +271,12 @@ class LayoutThenBackground:
             self.set_weights(self.object_unet(step + 1), object_text)
             return tensors
 
-        self.set_weights(self.object_unet(0), object_text)
         try:
-            layout = pipe(prompt, latents=noise.clone(), callback_on_step_end=object_step, **common).images
+            if self.stripes_inside:
+                layout = self.object_pass_inside(prompt, noise, common)
+            else:
+                self.set_weights(self.object_unet(0), object_text)
+                layout = pipe(prompt, latents=noise.clone(), callback_on_step_end=object_step, **common).images
             obj = solid(two_means_object(layout))
             if self.dilate:
                 obj = F.max_pool2d(obj[:, None], 2 * self.dilate + 1, 1, self.dilate)[:, 0]
@@ -282,6 +293,43 @@ class LayoutThenBackground:
         finally:
             pipe.mole.set_experts()
         return latents, layout, obj
+
+    def object_pass_inside(self, prompt: str, noise: torch.Tensor, common: dict) -> torch.Tensor:
+        """The object pass with the stripes LoRA confined to the star's layout from step ``lead``: the regional
+        routing's masks, set before every UNet call (after the routing's own hook, which reads cross-attention)."""
+        from . import world
+
+        pipe = self.pipe
+        pipe.enable_regional_routing({n: world.CONCEPTS[n].token for n in NAMES}, weights=[*self.object_weights, 0.0])
+        routing, state = pipe.mole.regional, {"step": 0, "x0": None, "object": None}
+        self.object_masks = []
+
+        def before(unet, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            masks = torch.zeros(len(sample), len(NAMES), *sample.shape[-2:])
+            masks[:, 0] = 1.0  # the star everywhere, the checker nowhere
+            if state["step"] >= self.lead:
+                if state["object"] is None:  # the star's layout so far: plain, no stripes to close
+                    state["object"] = solid(two_means_object(state["x0"]), close=0)
+                masks[:, 1] = state["object"].repeat(len(sample) // len(state["object"]), 1, 1)
+            routing.masks = masks
+            self.object_masks.append(masks[len(masks) // 2:].clone())
+
+        def after(unet, args, kwargs, output):
+            sample = args[0] if args else kwargs["sample"]
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            noise_prediction = output[0] if isinstance(output, tuple) else output.sample
+            state["x0"] = guided_x0(pipe.scheduler, sample, timestep, noise_prediction, self.guidance_scale)
+            state["step"] += 1
+
+        handles = [pipe.unet.register_forward_pre_hook(before, with_kwargs=True),
+                   pipe.unet.register_forward_hook(after, with_kwargs=True)]
+        try:
+            return pipe(prompt, latents=noise.clone(), **common).images
+        finally:
+            for handle in handles:
+                handle.remove()
+            pipe.disable_regional_routing()
 
     def latent_size(self) -> tuple[int, int]:
         side = self.pipe.unet.config.sample_size
@@ -301,17 +349,19 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
     from . import world
 
     label, mask, lead, weights, where, dilate = spec.split(":")
-    if where not in ("object", "everywhere", "two-pass", "inpaint"):
-        raise ValueError(f"{spec}: WHERE is 'object', 'everywhere', 'two-pass' or 'inpaint', got {where!r}")
-    if where == "inpaint" and mask != "split":
+    if where not in ("object", "everywhere", "two-pass", "inpaint", "inpaint-inside"):
+        raise ValueError(f"{spec}: WHERE is 'object', 'everywhere', 'two-pass', 'inpaint' or 'inpaint-inside', got {where!r}")
+    inpaint = where.startswith("inpaint")
+    if inpaint and mask != "split":
         raise ValueError(f"{spec}: 'inpaint' splits the object pass's own latent: MASK must be 'split', got {mask!r}")
     star, stripes, *checker = (float(w) for w in weights.split(","))
     checker_weight = checker[0] if checker else 1.0
-    if checker_weight != 1.0 and where != "inpaint":
-        raise ValueError(f"{spec}: a CHECKER weight is read by WHERE 'inpaint' only")
+    if checker_weight != 1.0 and not inpaint:
+        raise ValueError(f"{spec}: a CHECKER weight is read by WHERE 'inpaint' and 'inpaint-inside' only")
     guidance_scale = 5.0
-    if where == "inpaint":
-        masks = LayoutThenBackground(pipe, int(lead), (star, stripes), checker_weight, int(dilate), guidance_scale)
+    if inpaint:
+        masks = LayoutThenBackground(pipe, int(lead), (star, stripes), checker_weight, int(dilate), guidance_scale,
+                                     stripes_inside=where == "inpaint-inside")
     elif where == "two-pass":
         masks = TwoPassComposite(pipe, judge, mask, int(lead), (star, stripes), int(dilate), guidance_scale)
     else:
@@ -324,7 +374,7 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
     try:
         for p, prompt in enumerate(prompts):
             for seed in range(first_seed, first_seed + seeds):
-                if where == "inpaint":
+                if inpaint:
                     image, _ = masks(prompt, seed)
                 else:
                     masks.reset()
@@ -339,7 +389,7 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
     finally:
         if where in ("object", "everywhere"):
             pipe.disable_regional_routing()
-        if where != "inpaint":
+        if not inpaint:
             masks.remove()
     return {k: (v, len(prompts) * seeds) for k, v in counts.items()}
 
