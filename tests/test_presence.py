@@ -155,6 +155,29 @@ def test_the_attribute_judge_sees_no_object_in_a_texture_of_the_prompts_colours(
         ({"star": True, "stripes": True, "checker": True}, True)]
 
 
+def test_a_rim_changes_only_a_ring_of_one_colour_around_the_object():
+    """The judge's rim augmentation (JudgeSettings.rim_share): the object's own pixels and everything further than
+    4 pixels from it stay as drawn; the ring it paints is one colour."""
+    import random
+
+    import torch.nn.functional as F
+    from PIL import ImageDraw
+
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.judge import with_rim
+
+    scene = world.Scene("star", "red", "checker", "large", (0.5, 0.5))
+    image, mask = world.draw(scene), Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).polygon(world._outline(scene, 64), fill=255)
+    for seed in range(4):
+        rimmed = with_rim(image, mask, random.Random(seed))
+        changed = (np.asarray(image) != np.asarray(rimmed)).any(axis=-1)
+        inside = torch.from_numpy(np.asarray(mask) > 0)
+        near = F.max_pool2d(inside[None, None].float(), 9, 1, 4)[0, 0].bool()
+        assert changed.any() and not changed[inside.numpy()].any() and not changed[~near.numpy()].any()
+        assert len({tuple(p) for p in np.asarray(rimmed)[changed]}) == 1
+
+
 def test_rejudge_adds_the_faithful_rate_to_an_earlier_run(tmp_path):
     from mole_diffusion.demo import world
     from mole_diffusion.demo.rejudge import rejudge

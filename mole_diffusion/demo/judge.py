@@ -263,10 +263,24 @@ def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, d
     return image, {"shape": "none", "colour": None, "style": None, "background": None}
 
 
-def _examples(rng: random.Random, count: int, objectless_share: float = 0.25) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def with_rim(image: Image.Image, mask: Image.Image, rng: random.Random) -> Image.Image:
+    """The picture with a rim 1-4 pixels wide, of a random colour, around the object of ``mask``: generated objects
+    often sit in a ring of another colour (their own background, or a dark edge), which changes no attribute."""
+    palette = [*world.COLOURS.values(), (25, 25, 25), (235, 235, 235)]
+    width = rng.randint(1, 4)
+    inside = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, 1, *mask.size[::-1]).float()
+    ring = F.max_pool2d(inside, 2 * width + 1, 1, width) - inside
+    rimmed = image.copy()
+    rimmed.paste(Image.new("RGB", image.size, rng.choice(palette)), (0, 0), Image.fromarray(ring[0, 0].byte().numpy()))
+    return rimmed
+
+
+def _examples(rng: random.Random, count: int, objectless_share: float = 0.25,
+              rim_share: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(N, 3, H, W) uint8 pictures and their targets: per attribute a value index (-100: not known, left out of
     the loss), and ``object`` (N, 1, H, W), 1 where the object is. Scenes of the whole world, and about
-    ``objectless_share`` pictures of no single object (no object anywhere)."""
+    ``objectless_share`` pictures of no single object (no object anywhere); about ``rim_share`` of the scenes get a
+    rim around the object (``with_rim``; the object map keeps the object alone)."""
     resolution = world_resolution()
     images, labels, masks = [], [], []
     for scene in _scenes(rng, count):
@@ -276,6 +290,8 @@ def _examples(rng: random.Random, count: int, objectless_share: float = 0.25) ->
         else:
             image, label = world.draw(scene, resolution), scene_labels(scene)
             ImageDraw.Draw(mask).polygon(world._outline(scene, resolution), fill=255)
+            if rim_share and rng.random() < rim_share:  # no draw at all when off: the shipped judge's data unchanged
+                image = with_rim(image, mask, rng)
         images.append(image)
         labels.append(label)
         masks.append(torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, resolution, resolution))
@@ -312,6 +328,7 @@ class JudgeSettings:
     learning_rate: float = 2e-3
     pool_size: int = 4000  # VAE round trips drawn once; each step takes half its batch from them, half fresh
     seed: int = 0
+    rim_share: float = 0.0  # scenes with a rim around the object (with_rim); the shipped judge has none
 
 
 def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, device: str | torch.device = "cpu") -> Path:
@@ -322,7 +339,7 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
     rng = random.Random(f"judge-{settings.seed}")
     generator = torch.Generator().manual_seed(settings.seed)
     vae = vae.to(device).eval()
-    pool_pixels, pool_targets = _examples(rng, settings.pool_size)
+    pool_pixels, pool_targets = _examples(rng, settings.pool_size, rim_share=settings.rim_share)
     pool = torch.cat([vae_round_trip(vae, pool_pixels[i : i + 200].float() / 255, generator)
                       for i in tqdm(range(0, len(pool_pixels), 200), desc="judge: VAE round trips")])
 
@@ -334,7 +351,7 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
     half = settings.batch_size // 2
     for _ in bar:
         picked = torch.randint(0, len(pool), (half,), generator=generator)
-        fresh, fresh_targets = _examples(rng, settings.batch_size - half)
+        fresh, fresh_targets = _examples(rng, settings.batch_size - half, rim_share=settings.rim_share)
         targets = {a: torch.cat([pool_targets[a][picked], fresh_targets[a]]) for a in fresh_targets}
         images, masks = augment(torch.cat([pool[picked], fresh.float() / 255]), generator, targets.pop("object"))
         loss = _loss(judge(images.to(device)), targets, masks)
@@ -378,9 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", required=True, help="a built demo world (its pipeline/vae is used)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=JudgeSettings.steps)
+    parser.add_argument("--rim-share", type=float, default=JudgeSettings.rim_share,
+                        help="share of scenes drawn with a rim around the object (default 0, as shipped)")
     args = parser.parse_args(argv)
     vae = AutoencoderKL.from_pretrained(Path(args.assets) / "pipeline" / "vae")
-    out = train_judge(args.out, vae, JudgeSettings(steps=args.steps))
+    out = train_judge(args.out, vae, JudgeSettings(steps=args.steps, rim_share=args.rim_share))
     judge, _ = load_judge(out)
     print(round_trip_accuracy(judge, vae))
 
