@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..eval.stats import wilson_interval
+from ..eval.stats import format_rate
 
 
 def read_labels(path: str | Path) -> tuple[list[dict], list[str]]:
@@ -58,16 +58,12 @@ def agreement(eye: list[dict[str, bool]], judge: list[dict[str, bool]], concepts
 
 
 def format_table(table: dict[str, dict[str, float]]) -> list[str]:
-    def rate(k: int, n: int) -> str:
-        low, high = wilson_interval(k, n)
-        return f"{100 * k / n:.1f}% [{100 * low:.1f}-{100 * high:.1f}]"
-
     def share(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.0f}%"
 
     lines = ["| concept | by eye | by the judge | judge's recall | judge's precision | agree |", "|---|---|---|---|---|---|"]
     for name, row in table.items():
-        lines.append(f"| {name} | {rate(row['eye'], row['n'])} | {rate(row['judge'], row['n'])} | {share(row['recall'])} | "
+        lines.append(f"| {name} | {format_rate(row['eye'], row['n'])} | {format_rate(row['judge'], row['n'])} | {share(row['recall'])} | "
                      f"{share(row['precision'])} | {row['agree']}/{row['n']} |")
     return lines
 

@@ -223,6 +223,15 @@ def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(rows, kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)[0]
 
 
+# the colours textures and rims are drawn in: the world's, and the checkerboard's black and white
+PALETTE = [*world.COLOURS.values(), (25, 25, 25), (235, 235, 235)]
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """A Pillow "L" mask as a (1, H, W) uint8 tensor."""
+    return torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, mask.height, mask.width)
+
+
 def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, dict[str, str | None]]:
     """A picture that is not a scene of one object, and what is known of it (None: nothing to read).
 
@@ -230,7 +239,6 @@ def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, d
     16-pixel tiles and shuffled (its colours and local patterns kept, its layout lost); the rest are textures over
     the whole frame: a checkerboard of two random colours (black and white included) at a random cell size and
     phase, diagonal stripes of a random colour, period and direction, or both, as the failed compositions drew."""
-    palette = [*world.COLOURS.values(), (25, 25, 25), (235, 235, 235)]
     kind = rng.random()
     if kind < 1 / 4:
         background = rng.choice([*world.COLOURS, "checker"])
@@ -246,17 +254,17 @@ def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, d
             image.paste(piece, corner)
         return image, {"shape": "none", "colour": None, "style": None, "background": None}
     texture = rng.choice(("checker", "stripes", "both"))
-    image = Image.new("RGB", (resolution, resolution), rng.choice(palette))
+    image = Image.new("RGB", (resolution, resolution), rng.choice(PALETTE))
     pen = ImageDraw.Draw(image)
     if texture in ("checker", "both"):
-        first, second = rng.sample(palette, 2)
+        first, second = rng.sample(PALETTE, 2)
         cell, dx, dy = rng.randint(5, 12), rng.randint(0, 11), rng.randint(0, 11)
         for row in range(-1, resolution // cell + 2):
             for col in range(-1, resolution // cell + 2):
                 x, y = col * cell - dx, row * cell - dy
                 pen.rectangle((x, y, x + cell - 1, y + cell - 1), fill=first if (row + col) % 2 == 0 else second)
     if texture in ("stripes", "both"):
-        colour, period, width, sign = rng.choice(palette), rng.randint(5, 10), rng.randint(2, 4), rng.choice((-1, 1))
+        colour, period, width, sign = rng.choice(PALETTE), rng.randint(5, 10), rng.randint(2, 4), rng.choice((-1, 1))
         for offset in range(-2 * resolution, 2 * resolution, period):
             start, end = (offset, 0), (offset + sign * resolution, resolution)
             pen.line((*start, *end), fill=colour, width=width)
@@ -266,12 +274,11 @@ def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, d
 def with_rim(image: Image.Image, mask: Image.Image, rng: random.Random) -> Image.Image:
     """The picture with a rim 1-4 pixels wide, of a random colour, around the object of ``mask``: generated objects
     often sit in a ring of another colour (their own background, or a dark edge), which changes no attribute."""
-    palette = [*world.COLOURS.values(), (25, 25, 25), (235, 235, 235)]
     width = rng.randint(1, 4)
-    inside = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, 1, *mask.size[::-1]).float()
+    inside = mask_tensor(mask)[None].float()
     ring = F.max_pool2d(inside, 2 * width + 1, 1, width) - inside
     rimmed = image.copy()
-    rimmed.paste(Image.new("RGB", image.size, rng.choice(palette)), (0, 0), Image.fromarray(ring[0, 0].byte().numpy()))
+    rimmed.paste(Image.new("RGB", image.size, rng.choice(PALETTE)), (0, 0), Image.fromarray(ring[0, 0].byte().numpy()))
     return rimmed
 
 
@@ -294,7 +301,7 @@ def _examples(rng: random.Random, count: int, objectless_share: float = 0.25,
                 image = with_rim(image, mask, rng)
         images.append(image)
         labels.append(label)
-        masks.append(torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, resolution, resolution))
+        masks.append(mask_tensor(mask))
     pixels = pil_to_uint8(images, resolution)
     targets = {a: torch.tensor([values.index(l[a]) if l[a] is not None else -100 for l in labels])
                for a, values in ATTRIBUTES.items()}

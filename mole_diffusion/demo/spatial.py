@@ -91,6 +91,11 @@ def solid(obj: torch.Tensor, close: int = 1) -> torch.Tensor:
         outside = grown
 
 
+def grow(obj: torch.Tensor, pixels: int) -> torch.Tensor:
+    """(B, H, W) object map grown by ``pixels`` in every direction (a square neighbourhood)."""
+    return F.max_pool2d(obj[:, None], 2 * pixels + 1, 1, pixels)[:, 0] if pixels else obj
+
+
 def disc(size: tuple[int, int], radius: float) -> torch.Tensor:
     """(H, W): 1 inside the centred disc of ``radius`` pixels."""
     height, width = size
@@ -100,8 +105,7 @@ def disc(size: tuple[int, int], radius: float) -> torch.Tensor:
 
 def expert_masks(obj: torch.Tensor, object_weights: tuple[float, float], everywhere: bool, dilate: int) -> torch.Tensor:
     """(B, H, W) object map -> (B, 3, H, W) masks for star, stripes, checker."""
-    if dilate:
-        obj = F.max_pool2d(obj[:, None], 2 * dilate + 1, 1, dilate)[:, 0]
+    obj = grow(obj, dilate)
     where = torch.ones_like(obj) if everywhere else obj
     return torch.stack([where * object_weights[0], where * object_weights[1], 1 - obj], dim=1)
 
@@ -209,9 +213,7 @@ class TwoPassComposite:
             if self.object is None or self.mask == "judge":
                 x0 = guided_x0(self.pipe.scheduler, sample, timestep, object_noise, self.guidance_scale)
                 obj = two_means_object(x0) if self.mask == "split" else judge_object(self.pipe.vae, self.judge, x0)
-                if self.dilate:
-                    obj = F.max_pool2d(obj[:, None], 2 * self.dilate + 1, 1, self.dilate)[:, 0]
-                self.object = obj
+                self.object = grow(obj, self.dilate)
             background_noise = self.predict([0.0, 0.0, 1.0], sample, timestep, args, kwargs)
             m = self.object[:, None].repeat(2, 1, 1, 1).to(object_noise)
             noise = m * object_noise + (1 - m) * background_noise
@@ -264,22 +266,11 @@ class LayoutThenBackground:
         pipe = self.pipe
         noise = torch.randn(1, pipe.unet.config.in_channels, *self.latent_size(), generator=torch.Generator().manual_seed(seed))
         common = dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale, output_type="latent")
-        object_text = [1.0 if w else 0.0 for w in self.object_weights] + [0.0]
         self.history = []
-
-        def object_step(pipe, step, timestep, tensors):  # after step ``step``: the weights of the next
-            self.set_weights(self.object_unet(step + 1), object_text)
-            return tensors
-
         try:
-            if self.stripes_inside:
-                layout = self.object_pass_inside(prompt, noise, common)
-            else:
-                self.set_weights(self.object_unet(0), object_text)
-                layout = pipe(prompt, latents=noise.clone(), callback_on_step_end=object_step, **common).images
-            obj = solid(two_means_object(layout))
-            if self.dilate:
-                obj = F.max_pool2d(obj[:, None], 2 * self.dilate + 1, 1, self.dilate)[:, 0]
+            object_pass = self.object_pass_inside if self.stripes_inside else self.object_pass
+            layout = object_pass(prompt, noise, common)
+            obj = grow(solid(two_means_object(layout)), self.dilate)
             held = obj[:, None]
 
             def background_step(pipe, step, timestep, tensors):
@@ -293,6 +284,17 @@ class LayoutThenBackground:
         finally:
             pipe.mole.set_experts()
         return latents, layout, obj
+
+    def object_pass(self, prompt: str, noise: torch.Tensor, common: dict) -> torch.Tensor:
+        """The object pass with constant weights, set again after every step for the next (the stripes from ``lead``)."""
+        text_encoders = [1.0 if w else 0.0 for w in self.object_weights] + [0.0]
+
+        def next_step(pipe, step, timestep, tensors):
+            self.set_weights(self.object_unet(step + 1), text_encoders)
+            return tensors
+
+        self.set_weights(self.object_unet(0), text_encoders)
+        return self.pipe(prompt, latents=noise.clone(), callback_on_step_end=next_step, **common).images
 
     def object_pass_inside(self, prompt: str, noise: torch.Tensor, common: dict) -> torch.Tensor:
         """The object pass with the stripes LoRA confined to the star's layout from step ``lead``: the regional
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from ..eval.presence import AttributeJudgePresence
-    from ..eval.stats import wilson_interval
+    from ..eval.stats import format_rate
     from ..pipelines import MoLEStableDiffusionPipeline
     from ..quiet import quiet_loading
     from ..schedulers import use_scheduler
@@ -423,9 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.specs.split(";"):
         colours = tuple(args.colours.split(",")) if args.colours else None
         counts = run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed, colours)
-        cells = [f"{100 * k / n:.1f}% [{100 * wilson_interval(k, n)[0]:.1f}-{100 * wilson_interval(k, n)[1]:.1f}]"
-                 for k, n in counts.values()]
-        print(f"| {spec} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ too narrow, and two methods seen on the same images are compared best image by i
   drawn prompt; the percentile interval of the mean. It is conservative (both stages add their variance).
 - ``paired_difference``: method minus reference on the same (prompt, seed), with that bootstrap interval;
   ``apart`` when the interval excludes 0.
-- ``wilson_interval``: a binomial rate's interval over images (good at 0 and 1, where the normal one collapses).
+- ``wilson_interval``: a binomial rate's interval over images (good at 0 and 1, where the normal one collapses);
+  ``format_rate`` writes a rate with it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_rate(successes: int, n: int) -> str:
+    """``43.8% [32.3-55.9]``: a rate of images with its Wilson 95% interval."""
+    low, high = wilson_interval(successes, n)
+    return f"{100 * successes / n:.1f}% [{100 * low:.1f}-{100 * high:.1f}]"
 
 
 def bootstrap_interval(groups: list[list[float]], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
