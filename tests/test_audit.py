@@ -47,3 +47,13 @@ def test_the_shipped_judge_agrees_with_labels_of_clean_drawings(tmp_path, capsys
     (tmp_path / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 labelled images are missing, e.g. .*1.png"):
         main([str(labels)])
+
+
+def test_a_method_column_counts_each_method_apart():
+    from mole_diffusion.demo.audit import format_groups
+
+    eye = [{"a": True}, {"a": True}, {"a": False}]
+    judge = [{"a": True}, {"a": False}, {"a": True}]
+    lines = format_groups(eye, judge, ["a"], ["x", "x", "y"])
+    assert lines[0] == "| method | n | a: eye / judge / both | all: eye / judge / both |"
+    assert lines[2:] == ["| x | 2 | 2 / 1 / 1 | 2 / 1 / 1 |", "| y | 1 | 0 / 1 / 0 | 0 / 1 / 0 |"]

@@ -9,8 +9,11 @@ set of generated images a person labelled, how the judge's reading compares:
 - every concept of the prompt, by eye and by the judge, with Wilson 95% intervals.
 
 LABELS.csv has a row per image: ``prompt``, ``image`` (a path relative to the file) and ``eye_<concept>`` (1 or 0)
-for each concept. ``docs/eye-audit-inpaint-inside.csv`` is one: 64 images of the layout-then-background composite,
+for each concept; with a ``method`` column it also prints, per method, the images each concept was seen in by the eye,
+by the judge and by both. ``docs/eye-audit-inpaint-inside.csv`` is one: 64 images of the layout-then-background composite,
 labelled by the author of that method (criteria in the README), so a later judge can be measured on the same images.
+``docs/eye-audit-fresh.csv`` is another: 192 images of six methods on seeds no choice looked at, labelled before any
+judge read them.
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ def format_table(table: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def format_groups(eye: list[dict[str, bool]], judge: list[dict[str, bool]], concepts: list[str], groups: list[str]) -> list[str]:
+    """Per group (a method), each concept's count of images seen by the eye / by the judge / by both."""
+    names = [*concepts, "all"]
+    lines = ["| method | n | " + " | ".join(f"{name}: eye / judge / both" for name in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for group in dict.fromkeys(groups):
+        picked = [i for i, g in enumerate(groups) if g == group]
+        table = agreement([eye[i] for i in picked], [judge[i] for i in picked], concepts)
+        lines.append(f"| {group} | {len(picked)} | " + " | ".join(f"{table[n]['eye']} / {table[n]['judge']} / {table[n]['both']}" for n in names) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     reads = [seen for seen, _ in judge.read(images, [r["prompt"] for r in rows])]
     eye = [{c: r[f"eye_{c}"] == "1" for c in concepts} for r in rows]
     print("\n".join(format_table(agreement(eye, reads, concepts))))
+    if "method" in rows[0]:
+        print("\n" + "\n".join(format_groups(eye, reads, concepts, [r["method"] for r in rows])))
 
 
 if __name__ == "__main__":
