@@ -409,3 +409,31 @@ def test_stripes_inside_act_only_within_the_stars_own_layout_from_the_lead_step(
     assert 0 < inside.sum() < inside.numel() and torch.equal(masks[3][:, 1], inside)
     held = obj[:, None].bool().expand_as(latents)
     torch.testing.assert_close(latents[held], layout[held], rtol=0, atol=0)
+
+
+def test_spatial_rejudge_reads_an_earlier_runs_images_again_and_names_a_missing_one(tmp_path, capsys):
+    """--rejudge generates nothing: it reads OUT/<label>/p<prompt>-s<seed>.png with the installed judge. Drawn
+    striped stars on boards for two prompts and plain circles for the other two: all three in 2 of 4."""
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.spatial import main
+
+    folder = tmp_path / "drawn"
+    folder.mkdir()
+    for p, colour in enumerate(("red", "blue", "yellow", "purple")):
+        scene = world.Scene("star", colour, "checker", "large", (0.5, 0.5), "stripes") if p < 2 else \
+            world.Scene("circle", colour, "white" if colour != "white" else "red", "large", (0.5, 0.5))
+        world.draw(scene).save(folder / f"p{p}-s5.png")
+    main(["--out", str(tmp_path), "--seeds", "1", "--first-seed", "5", "--rejudge", "drawn:split:4:1,1,2:inpaint-inside:1"])
+    row = capsys.readouterr().out.splitlines()[1].split(" | ")
+    assert row[1:] == ["50.0% [15.0-85.0]"] * 5 + ["50.0% [15.0-85.0] |"]  # star, stripes, checker, star and checker, all, active
+    with pytest.raises(FileNotFoundError, match=r"p0-s6.png: no image from an earlier run of 'drawn'"):
+        main(["--out", str(tmp_path), "--seeds", "2", "--first-seed", "5", "--rejudge", "drawn:split:4:1,1,2:inpaint-inside:1"])
+
+
+def test_a_specs_active_concepts_are_those_with_a_weight_above_zero():
+    from mole_diffusion.demo.spatial import active_concepts
+
+    assert active_concepts("a:split:4:1,1,2:inpaint-inside:1") == ["star", "stripes", "checker"]
+    assert active_concepts("a:split:4:0,1,2:inpaint-inside:1") == ["stripes", "checker"]
+    assert active_concepts("a:split:4:1,1,0:inpaint-inside:1") == ["star", "stripes"]
+    assert active_concepts("a:split:8:1,0:two-pass:2") == ["star", "checker"]  # CHECKER 1 unless given

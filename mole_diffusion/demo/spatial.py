@@ -30,9 +30,10 @@ so the background is drawn around an object it cannot change. WHERE ``inpaint-in
 acts from step LEAD only inside the star's own layout (the split of step LEAD - 1's predicted x0), so it cannot round
 the star's outline.
 
-4 composition prompts (or --colours) x SEEDS (from --first-seed), DDIM 25 steps, guidance 5; prints the judge's rates and how often the star and the
-checker show together. A diagnostic: a choice of
-masks or weights picked by these numbers would make the judge a training signal.
+4 composition prompts (or --colours) x SEEDS (from --first-seed), DDIM 25 steps, guidance 5; prints the judge's rates:
+each concept, the star with the checker, all three, and every concept the spec gives a weight above 0 (``active``).
+``--rejudge`` reads the images an earlier run wrote again, with the installed judge, and generates nothing. A
+diagnostic: a choice of masks or weights picked by these numbers would make the judge a training signal.
 """
 
 from __future__ import annotations
@@ -345,6 +346,44 @@ def judge_object(vae, judge, x0: torch.Tensor) -> torch.Tensor:
     return F.interpolate(obj[:, None], tuple(x0.shape[-2:]), mode="nearest")[:, 0]
 
 
+COUNTED = (*NAMES, "star_and_checker", "all", "active")
+
+
+def active_concepts(spec: str) -> list[str]:
+    """The concepts a spec gives a weight above 0 (CHECKER 1 unless given)."""
+    weights = [float(w) for w in spec.split(":")[3].split(",")]
+    return [name for name, weight in zip(NAMES, [*weights, 1.0][:3]) if weight > 0]
+
+
+def add_reading(counts: dict[str, int], seen: dict[str, bool], active: list[str]) -> None:
+    """Count one image's reading: each concept, the star with the checker, all three, and every active one."""
+    for name in NAMES:
+        counts[name] += seen[name]
+    counts["star_and_checker"] += seen["star"] and seen["checker"]
+    counts["all"] += all(seen.values())
+    counts["active"] += all(seen[name] for name in active)
+
+
+def rejudge(presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
+            colours: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
+    """The rates of the images an earlier run of ``spec`` wrote, read again by ``presence``; nothing is generated."""
+    from PIL import Image
+
+    from . import world
+
+    label, active = spec.split(":")[0], active_concepts(spec)
+    counts = dict.fromkeys(COUNTED, 0)
+    prompts = world.composition_prompts(*([colours] if colours else []))
+    for p, prompt in enumerate(prompts):
+        for seed in range(first_seed, first_seed + seeds):
+            path = out / label / f"p{p}-s{seed}.png"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no image from an earlier run of {label!r} with these seeds and colours")
+            add_reading(counts, presence.read([Image.open(path).convert("RGB")], [prompt])[0][0], active)
+    images = len(prompts) * seeds
+    return {name: (count, images) for name, count in counts.items()}
+
+
 def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
         colours: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
     """{rate: (images that show it, images)} for one spec over the composition prompts."""
@@ -369,7 +408,7 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
     else:
         pipe.enable_regional_routing({n: world.CONCEPTS[n].token for n in NAMES}, weights=[1.0] * len(NAMES))
         masks = SpatialMasks(pipe, judge, mask, int(lead), (star, stripes), where == "everywhere", int(dilate), guidance_scale)
-    counts = dict.fromkeys([*NAMES, "star_and_checker", "all"], 0)
+    counts, active = dict.fromkeys(COUNTED, 0), active_concepts(spec)
     folder = out / label
     folder.mkdir(parents=True, exist_ok=True)
     prompts = world.composition_prompts(*([colours] if colours else []))
@@ -383,11 +422,7 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
                     image = pipe(prompt, num_inference_steps=25, guidance_scale=guidance_scale,
                                  generator=torch.Generator().manual_seed(seed)).images[0]
                 image.save(folder / f"p{p}-s{seed}.png")
-                seen, _ = presence.read([image], [prompt])[0]
-                for name in NAMES:
-                    counts[name] += seen[name]
-                counts["star_and_checker"] += seen["star"] and seen["checker"]
-                counts["all"] += all(seen.values())
+                add_reading(counts, presence.read([image], [prompt])[0][0], active)
     finally:
         if where in ("object", "everywhere"):
             pipe.disable_regional_routing()
@@ -403,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1")
     parser.add_argument("--colours", help="the composition prompts' colours, comma-separated (default: red,blue,yellow,purple)")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="read the images an earlier run wrote under OUT again with the installed judge; generate nothing")
     parser.add_argument("specs", help="label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE specs, separated by ';'")
     args = parser.parse_args(argv)
 
@@ -414,16 +451,23 @@ def main(argv: list[str] | None = None) -> None:
     from .judge import load_judge
     from .run import ASSETS
 
+    presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
+    colours = tuple(args.colours.split(",")) if args.colours else None
+    header = "| spec | " + " | ".join(f"present_{k}" for k in COUNTED) + " |"
+    if args.rejudge:
+        print(header)
+        for spec in args.specs.split(";"):
+            counts = rejudge(presence, Path(args.out), spec, args.seeds, args.first_seed, colours)
+            print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)
+        return
     with quiet_loading():
         pipe = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
     use_scheduler(pipe, "ddim")
     pipe.set_progress_bar_config(disable=True)
     pipe.load_experts({name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES})
-    presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
     judge, _ = load_judge(ASSETS / "judge")
-    print("| spec | " + " | ".join(f"present_{k}" for k in (*NAMES, "star_and_checker", "all")) + " |")
+    print(header)
     for spec in args.specs.split(";"):
-        colours = tuple(args.colours.split(",")) if args.colours else None
         counts = run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed, colours)
         print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)
 
