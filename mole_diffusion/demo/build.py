@@ -113,6 +113,7 @@ class BuildSettings:
     gate_steps: int = 300
     judge_steps: int = 800
     judge_pool: int = 4000  # VAE round trips the judge trains on (with fresh clean drawings)
+    judge_rim_share: float = 0.3  # its scenes drawn with a rim around the object (judge.with_rim)
     validation_steps: int = 20  # sampling steps of the LoRA and gate runs' validation grids
     device: str | None = None
 
@@ -469,6 +470,7 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
 
         with staged_folder(out / "judge") as folder:
             train_judge(folder, AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
-                        JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool, seed=settings.seed), _device(settings))
+                        JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool, seed=settings.seed,
+                                      rim_share=settings.judge_rim_share), _device(settings))
     train_concepts(out, settings)
     return out
