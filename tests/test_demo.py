@@ -421,7 +421,7 @@ def test_spatial_rejudge_reads_an_earlier_runs_images_again_and_names_a_missing_
     folder.mkdir()
     for p, colour in enumerate(("red", "blue", "yellow", "purple")):
         scene = world.Scene("star", colour, "checker", "large", (0.5, 0.5), "stripes") if p < 2 else \
-            world.Scene("circle", colour, "white" if colour != "white" else "red", "large", (0.5, 0.5))
+            world.Scene("circle", colour, "white", "large", (0.5, 0.5))
         world.draw(scene).save(folder / f"p{p}-s5.png")
     main(["--out", str(tmp_path), "--seeds", "1", "--first-seed", "5", "--rejudge", "drawn:split:4:1,1,2:inpaint-inside:1"])
     row = capsys.readouterr().out.splitlines()[1].split(" | ")

@@ -349,10 +349,15 @@ def judge_object(vae, judge, x0: torch.Tensor) -> torch.Tensor:
 COUNTED = (*NAMES, "star_and_checker", "all", "active")
 
 
+def spec_weights(spec: str) -> tuple[float, float, float]:
+    """A spec's STAR, STRIPES and CHECKER weights (CHECKER 1 unless given)."""
+    star, stripes, *checker = (float(w) for w in spec.split(":")[3].split(","))
+    return star, stripes, checker[0] if checker else 1.0
+
+
 def active_concepts(spec: str) -> list[str]:
-    """The concepts a spec gives a weight above 0 (CHECKER 1 unless given)."""
-    weights = [float(w) for w in spec.split(":")[3].split(",")]
-    return [name for name, weight in zip(NAMES, [*weights, 1.0][:3]) if weight > 0]
+    """The concepts a spec gives a weight above 0."""
+    return [name for name, weight in zip(NAMES, spec_weights(spec)) if weight > 0]
 
 
 def add_reading(counts: dict[str, int], seen: dict[str, bool], active: list[str]) -> None:
@@ -373,15 +378,15 @@ def rejudge(presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
 
     label, active = spec.split(":")[0], active_concepts(spec)
     counts = dict.fromkeys(COUNTED, 0)
-    prompts = world.composition_prompts(*([colours] if colours else []))
-    for p, prompt in enumerate(prompts):
-        for seed in range(first_seed, first_seed + seeds):
-            path = out / label / f"p{p}-s{seed}.png"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no image from an earlier run of {label!r} with these seeds and colours")
-            add_reading(counts, presence.read([Image.open(path).convert("RGB")], [prompt])[0][0], active)
-    images = len(prompts) * seeds
-    return {name: (count, images) for name, count in counts.items()}
+    shots = [(p, prompt, seed) for p, prompt in enumerate(world.composition_prompts(*([colours] if colours else [])))
+             for seed in range(first_seed, first_seed + seeds)]
+    paths = [out / label / f"p{p}-s{seed}.png" for p, _, seed in shots]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing:
+        raise FileNotFoundError(f"{missing}: no image from an earlier run of {label!r} with these seeds and colours")
+    for seen, _ in presence.read([Image.open(path).convert("RGB") for path in paths], [prompt for _, prompt, _ in shots]):
+        add_reading(counts, seen, active)
+    return {name: (count, len(paths)) for name, count in counts.items()}
 
 
 def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
@@ -389,14 +394,13 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
     """{rate: (images that show it, images)} for one spec over the composition prompts."""
     from . import world
 
-    label, mask, lead, weights, where, dilate = spec.split(":")
+    label, mask, lead, _, where, dilate = spec.split(":")
     if where not in ("object", "everywhere", "two-pass", "inpaint", "inpaint-inside"):
         raise ValueError(f"{spec}: WHERE is 'object', 'everywhere', 'two-pass', 'inpaint' or 'inpaint-inside', got {where!r}")
     inpaint = where.startswith("inpaint")
     if inpaint and mask != "split":
         raise ValueError(f"{spec}: 'inpaint' splits the object pass's own latent: MASK must be 'split', got {mask!r}")
-    star, stripes, *checker = (float(w) for w in weights.split(","))
-    checker_weight = checker[0] if checker else 1.0
+    star, stripes, checker_weight = spec_weights(spec)
     if checker_weight != 1.0 and not inpaint:
         raise ValueError(f"{spec}: a CHECKER weight is read by WHERE 'inpaint' and 'inpaint-inside' only")
     guidance_scale = 5.0
@@ -454,21 +458,17 @@ def main(argv: list[str] | None = None) -> None:
     presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
     colours = tuple(args.colours.split(",")) if args.colours else None
     header = "| spec | " + " | ".join(f"present_{k}" for k in COUNTED) + " |"
-    if args.rejudge:
-        print(header)
-        for spec in args.specs.split(";"):
-            counts = rejudge(presence, Path(args.out), spec, args.seeds, args.first_seed, colours)
-            print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)
-        return
-    with quiet_loading():
-        pipe = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
-    use_scheduler(pipe, "ddim")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_experts({name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES})
-    judge, _ = load_judge(ASSETS / "judge")
+    if not args.rejudge:
+        with quiet_loading():
+            pipe = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+        use_scheduler(pipe, "ddim")
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_experts({name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES})
+        judge, _ = load_judge(ASSETS / "judge")
     print(header)
     for spec in args.specs.split(";"):
-        counts = run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed, colours)
+        counts = (rejudge(presence, Path(args.out), spec, args.seeds, args.first_seed, colours) if args.rejudge
+                  else run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed, colours))
         print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)
 
 
