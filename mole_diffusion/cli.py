@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lora", action="append", type=_lora_arg, metavar="NAME=FILE",
                     help="instead of --concepts: LoRA files (no reference images: text alignment only; needs --prompt)")
     ev.add_argument("--gates", help="gate file for the mole methods (without it they are skipped)")
+    ev.add_argument("--images", action="append", type=_lora_arg, metavar="NAME=DIR",
+                    help="images made elsewhere, scored beside the methods: DIR holds p<prompt index>-s<seed>.png for "
+                         "every prompt and seed (repeat; NAME defaults to the folder's name)")
     ev.add_argument("--clip-model", required=True, help="open_clip name (ViT-B-32) or local-dir:PATH")
     ev.add_argument("--clip-pretrained", help="pretrained tag (openai) or checkpoint file for a named model")
     ev.add_argument("--image-model", help="second image backbone for image alignment, e.g. a DINO transformers folder")
@@ -320,7 +323,7 @@ def evaluate(args: argparse.Namespace) -> Path:
         base=args.base, concepts=Path(args.concepts) if args.concepts else None, loras=dict(args.lora or []), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, image_model=args.image_model,
         presence_model=args.presence_model, presence_threshold=args.presence_threshold, prompts=args.prompts or [], seeds=args.seeds,
-        methods=args.methods or [], nla_weights=args.nla_weights, scheduler=args.scheduler, steps=args.steps,
+        methods=args.methods or [], image_folders=dict(args.images or []), nla_weights=args.nla_weights, scheduler=args.scheduler, steps=args.steps,
         guidance_scale=args.guidance_scale, resolution=args.resolution, switch_every=args.switch_every, device=args.device,
     ))
     from accelerate import PartialState

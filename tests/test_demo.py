@@ -249,6 +249,30 @@ def test_the_strengths_diagnostic_runs_nla_with_each_weight_triple(tmp_path, mon
     assert "25.0% [10.0-40.0]" in capsys.readouterr().out
 
 
+def test_quality_scores_a_spatial_sampler_on_the_methods_prompts_and_seeds(tmp_path, monkeypatch):
+    """demo.quality --layout: the spec's images are drawn on the composition prompts and the run's seeds, then handed
+    to the same evaluator run as the methods (an image folder under the spec's label)."""
+    import mole_diffusion.demo.judge as judge_module
+    import mole_diffusion.demo.quality as quality
+    import mole_diffusion.demo.spatial as spatial
+    import mole_diffusion.eval.evaluate as evaluate_module
+
+    configs, drawn = [], []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda config: configs.append(config) or config.output_dir)
+    monkeypatch.setattr(quality, "read_summary", lambda run, label="": [])
+    monkeypatch.setattr(quality, "read_rows", lambda run, label="": [])
+    monkeypatch.setattr(judge_module, "round_trip_accuracy", lambda judge, vae, count: {"shape": 1.0})
+    monkeypatch.setattr(spatial, "load_world", lambda assets: ("pipe", "judge"))
+    monkeypatch.setattr(spatial, "run", lambda pipe, judge, presence, out, spec, seeds, first_seed, **kw:
+                        drawn.append((out, spec, seeds, first_seed, kw)))
+    spec = "layout_without_star:split:4:0,1,2:inpaint-inside:1"
+    quality.main(["--out", str(tmp_path), "--seeds", "3", "--first-seed", "100", "--skip-lift", "--layout", spec])
+    assert drawn == [(tmp_path / "layout", spec, 3, 100, {"steps": 25, "guidance_scale": 5.0})]
+    (composition,) = configs
+    assert composition.seeds == [100, 101, 102] and composition.prompts == composition_prompts()
+    assert composition.image_folders == {"layout_without_star": str(tmp_path / "layout" / "layout_without_star")}
+
+
 def test_token_routed_prompt_embedding_takes_each_trigger_from_its_own_lora():
     """demo.interference (issue 12's diagnostic): trigger tokens from their own concept's text LoRA, the rest as asked."""
     from mole_diffusion.demo.interference import NAMES, routed_embeddings, text_embeddings, trigger_positions

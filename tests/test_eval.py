@@ -189,6 +189,8 @@ def test_composite_guidance_is_the_mean_of_the_per_lora_guidances(world, mole_pi
         (["--gates", "no_such_gates.safetensors"], "gate file no_such_gates.safetensors not found"),
         (["--clip-model", "local-dir:/no/such/clip"], "cannot load CLIP model local-dir:/no/such/clip"),
         (["--clip-model", "ViT-B-32", "--clip-pretrained", "/no/such/file.safetensors"], "cannot load CLIP model ViT-B-32"),
+        (["--images", "sum=/no/such/folder"], "image folders named ['sum'] clash with methods"),
+        (["--images", "mine=/no/such/folder"], "/no/such/folder/p0-s0.png: not found"),
     ],
 )
 def test_bad_evaluate_input_is_a_clear_error(world, eval_world, clip_name, tmp_path, capsys, extra, message):
@@ -356,3 +358,24 @@ def test_mole_constant_is_fused_once_and_equals_unfused_per_block_weights(world,
                      generator=torch.Generator().manual_seed(seed)).images[0]
         saved = Image.open(out / "images" / "mole_constant" / f"p0-s{seed}.png")
         assert np.abs(np.asarray(image).astype(int) - np.asarray(saved).astype(int)).max() <= 1
+
+
+def test_images_made_elsewhere_are_scored_like_the_generated_ones(world, eval_world, clip_name, tmp_path):
+    first = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "first", methods=["sum"]))
+    folder = first / "images" / "sum"
+    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "second", methods=["sum"],
+                             image_folders={"again": str(folder), "again_without_b": str(folder)}))
+    rows = json.loads((out / "results.json").read_text())
+    by_method = {m: [r for r in rows if r["method"] == m] for m in ("sum", "again", "again_without_b")}
+    assert [len(v) for v in by_method.values()] == [2, 2, 2]
+    scores = [{k: v for k, v in r.items() if k not in ("method", "image")} for r in by_method["sum"]]
+    for name in ("again", "again_without_b"):  # the same pictures: the same scores, prompt by prompt and seed by seed
+        assert [{k: v for k, v in r.items() if k not in ("method", "image")} for r in by_method[name]] == scores
+        assert (out / "images" / name / "p0-s1.png").is_file()
+    assert "| again |" in (out / "report.md").read_text()
+    assert ev.active_experts("again_without_b", ["a", "b"]) == ["a"]
+    (tmp_path / "short").mkdir()
+    Image.open(folder / "p0-s0.png").save(tmp_path / "short" / "p0-s0.png")
+    with pytest.raises(ValueError, match="short/p0-s1.png: not found"):  # seed 1 is missing
+        ev.evaluate(config(world, eval_world, clip_name, tmp_path / "third", methods=["sum"],
+                           image_folders={"short": str(tmp_path / "short")}))

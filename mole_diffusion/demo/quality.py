@@ -7,6 +7,8 @@ prints (and writes ``DIR/quality.md``):
    background"), with ``present_<concept>`` and ``present_all`` (Wilson 95% intervals) beside the CLIP columns,
    and the shipped MoLE against each method on the same images (paired, bootstrap over prompts and seeds);
 3. each concept's own prompts: how often base, the LoRA alone, NLA, the sum, regional routing and MoLE show it.
+``--layout SPEC`` adds a sampler of ``mole_diffusion.demo.spatial`` (e.g. the training-free layout-then-background)
+to the composition table: drawn on the same prompts and seeds, scored beside the methods under the spec's label.
 The judge is trained on the world's labels only; no method is trained against it.
 """
 
@@ -83,12 +85,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for quality.md and the evaluator's runs")
     parser.add_argument("--assets", default=str(ASSETS), help="the demo world (default: the installed one)")
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--lift-seeds", type=int, help="seeds per prompt for each concept's own prompts (default --seeds)")
     parser.add_argument("--skip-lift", action="store_true", help="only the judge and the composition table")
     parser.add_argument("--gates", action="append", default=[], metavar="NAME=FILE",
                         help="another gate file to compare as `mole (NAME)` (repeat), e.g. a routing variant")
+    parser.add_argument("--layout", action="append", default=[], metavar="SPEC",
+                        help="a demo.spatial spec (label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE), drawn on the "
+                             "composition prompts and seeds and scored as LABEL (repeat; LABEL_without_<concept> masks one)")
     args = parser.parse_args(argv)
 
     from diffusers import AutoencoderKL
@@ -100,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     assets, out = Path(args.assets), Path(args.out)
     check_assets(assets)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     concepts = load_concepts(assets / "concepts.toml")
     names = [c.name for c in concepts]
-    lines = ["## Demo world quality", "", f"`python -m mole_diffusion.demo.quality --out {out} --seeds {args.seeds}` "
-             f"({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
+    lines = ["## Demo world quality", "", f"`python -m mole_diffusion.demo.quality --out {out} --seeds {args.seeds} "
+             f"--first-seed {args.first_seed}` ({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
 
     judge, _ = load_judge(assets / "judge")
     vae = AutoencoderKL.from_pretrained(assets / "pipeline" / "vae")
@@ -121,7 +127,20 @@ def main(argv: list[str] | None = None) -> None:
     methods = ["base", *(f"single_{n}" for n in names), "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties",
                "peft_dare_linear", "switch", "composite", "regional", "mole", "mole_constant", *(f"mole_without_{n}" for n in names)]
     prompts = world.composition_prompts()
-    run = evaluate(EvaluationConfig(**common, output_dir=out / "composition", prompts=prompts, methods=methods))
+    drawn = {}
+    if args.layout:
+        from . import spatial
+        from ..eval.presence import AttributeJudgePresence
+
+        pipe, spatial_judge = spatial.load_world(assets)
+        presence = AttributeJudgePresence(assets / "judge", names)
+        for spec in args.layout:
+            spatial.run(pipe, spatial_judge, presence, out / "layout", spec, args.seeds, args.first_seed,
+                        steps=args.steps, guidance_scale=args.guidance_scale)
+            drawn[spec.split(":")[0]] = str(out / "layout" / spec.split(":")[0])
+        del pipe
+    run = evaluate(EvaluationConfig(**common, output_dir=out / "composition", prompts=prompts, methods=methods,
+                                    image_folders=drawn))
     summary, rows = read_summary(run), read_rows(run)
     for name, file in (g.split("=", 1) for g in args.gates):
         variant = {**common, "gates": Path(file)}

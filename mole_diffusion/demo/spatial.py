@@ -390,8 +390,9 @@ def rejudge(presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
 
 
 def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
-        colours: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
-    """{rate: (images that show it, images)} for one spec over the composition prompts."""
+        colours: tuple[str, ...] | None = None, steps: int = 25, guidance_scale: float = 5.0) -> dict[str, tuple[int, int]]:
+    """{rate: (images that show it, images)} for one spec over the composition prompts; the images are written to
+    OUT/<label>/p<prompt index>-s<seed>.png."""
     from . import world
 
     label, mask, lead, _, where, dilate = spec.split(":")
@@ -403,10 +404,9 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
     star, stripes, checker_weight = spec_weights(spec)
     if checker_weight != 1.0 and not inpaint:
         raise ValueError(f"{spec}: a CHECKER weight is read by WHERE 'inpaint' and 'inpaint-inside' only")
-    guidance_scale = 5.0
     if inpaint:
         masks = LayoutThenBackground(pipe, int(lead), (star, stripes), checker_weight, int(dilate), guidance_scale,
-                                     stripes_inside=where == "inpaint-inside")
+                                     steps=steps, stripes_inside=where == "inpaint-inside")
     elif where == "two-pass":
         masks = TwoPassComposite(pipe, judge, mask, int(lead), (star, stripes), int(dilate), guidance_scale)
     else:
@@ -423,7 +423,7 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
                     image, _ = masks(prompt, seed)
                 else:
                     masks.reset()
-                    image = pipe(prompt, num_inference_steps=25, guidance_scale=guidance_scale,
+                    image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  generator=torch.Generator().manual_seed(seed)).images[0]
                 image.save(folder / f"p{p}-s{seed}.png")
                 add_reading(counts, presence.read([image], [prompt])[0][0], active)
@@ -433,6 +433,22 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
         if not inpaint:
             masks.remove()
     return {k: (v, len(prompts) * seeds) for k, v in counts.items()}
+
+
+def load_world(assets: Path):
+    """(the demo world's pipeline with DDIM and its three LoRAs loaded, no gates; its attribute judge)"""
+    from ..pipelines import MoLEStableDiffusionPipeline
+    from ..quiet import quiet_loading
+    from ..schedulers import use_scheduler
+    from .judge import load_judge
+
+    with quiet_loading():
+        pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
+    use_scheduler(pipe, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_experts({name: assets / "loras" / f"{name}.safetensors" for name in NAMES})
+    judge, _ = load_judge(assets / "judge")
+    return pipe, judge
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -449,22 +465,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from ..eval.presence import AttributeJudgePresence
     from ..eval.stats import format_rate
-    from ..pipelines import MoLEStableDiffusionPipeline
-    from ..quiet import quiet_loading
-    from ..schedulers import use_scheduler
-    from .judge import load_judge
     from .run import ASSETS
 
     presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
     colours = tuple(args.colours.split(",")) if args.colours else None
     header = "| spec | " + " | ".join(f"present_{k}" for k in COUNTED) + " |"
     if not args.rejudge:
-        with quiet_loading():
-            pipe = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
-        use_scheduler(pipe, "ddim")
-        pipe.set_progress_bar_config(disable=True)
-        pipe.load_experts({name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES})
-        judge, _ = load_judge(ASSETS / "judge")
+        pipe, judge = load_world(ASSETS)
     print(header)
     for spec in args.specs.split(";"):
         counts = (rejudge(presence, Path(args.out), spec, args.seeds, args.first_seed, colours) if args.rejudge

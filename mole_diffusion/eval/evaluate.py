@@ -19,6 +19,9 @@ Methods (names as in the outputs):
   cross-attention of its trigger word points (the trigger: the concepts file's ``trigger``, or the instance
   prompt's own word);
 - ``single_<name>``: one LoRA alone; ``base``: no LoRA.
+Images made elsewhere (another tool, a sampler of your own) join the table through ``image_folders`` (NAME -> a
+folder of ``p{prompt index}-s{seed}.png``), scored by the same CLIP, references and presence judge, on the same
+prompts and seeds; a name ending in ``_without_<concept>`` masks that concept, as ``mole_without_<concept>`` does.
 A run keeps ``results.jsonl`` as it goes and skips what is done when started again.
 """
 
@@ -63,6 +66,7 @@ class EvaluationConfig:
     prompts: list[str] = field(default_factory=list)  # default: templates over the concepts' instance prompts
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     methods: list[str] = field(default_factory=list)  # default: every method that applies
+    image_folders: dict[str, str] = field(default_factory=dict)  # NAME -> folder of p{prompt}-s{seed}.png made elsewhere
     nla_weights: list[float] | None = None
     scheduler: str | None = None  # None: "ddpm" for SD / SDXL, Flux's own flow-matching scheduler
     steps: int = 50
@@ -130,11 +134,21 @@ def evaluate(config: EvaluationConfig) -> Path:
     if unknown:
         hint = " (mole methods need a gate file)" if any(m.startswith("mole") for m in unknown) else ""
         raise MoLEError(f"unknown method(s) {unknown}{hint}; available: {available}")
+    clashes = [m for m in config.image_folders if m in available]
+    if clashes:
+        raise MoLEError(f"image folders named {clashes} clash with methods of the evaluator; name them otherwise")
     weights = config.nla_weights or [1.0 / len(names)] * len(names)
     if len(weights) != len(names):
         raise MoLEError(f"{len(weights)} NLA weights for {len(names)} concepts {names}")
     compositions = load_compositions(config.concepts) if config.concepts is not None else []
     prompts = config.prompts or compositions or default_prompts(concepts)
+    made_elsewhere = {name: Path(folder) for name, folder in config.image_folders.items()}
+    missing = next((folder / f"p{p}-s{s}.png" for folder in made_elsewhere.values() for p in range(len(prompts))
+                    for s in config.seeds if not (folder / f"p{p}-s{s}.png").is_file()), None)
+    if missing is not None:
+        raise MoLEError(f"{missing}: not found; an image folder holds p<prompt index>-s<seed>.png for every one of the "
+                         f"{len(prompts)} prompts and seeds {config.seeds}")
+    methods = [*methods, *made_elsewhere]
     out = Path(config.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     # as Accelerator does: ACCELERATE_USE_CPU=1 (with `accelerate launch --multi_gpu`) joins CPU processes
@@ -195,8 +209,11 @@ def evaluate(config: EvaluationConfig) -> Path:
     for method, prompt_index, seed in todo:
         kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale, height=config.resolution,
                       width=config.resolution, generator=torch.Generator().manual_seed(seed))
-        image = generate(pipe, reference_pipe, method, prompts[prompt_index], names, weights, config.switch_every, kwargs,
-                         block_weights, triggers)
+        if method in made_elsewhere:
+            image = Image.open(made_elsewhere[method] / f"p{prompt_index}-s{seed}.png").convert("RGB")
+        else:
+            image = generate(pipe, reference_pipe, method, prompts[prompt_index], names, weights, config.switch_every,
+                             kwargs, block_weights, triggers)
         path = out / "images" / method / f"p{prompt_index}-s{seed}.png"
         path.parent.mkdir(exist_ok=True)
         if method == "mole":  # gate weights (steps, batch, N), mean over steps and both CFG halves, for the heatmap
@@ -238,6 +255,8 @@ def _check_same_run(path: Path, config: EvaluationConfig, prompts: list[str], st
         "prompts": prompts, "nla_weights": config.nla_weights, "scheduler": config.scheduler, "steps": config.steps,
         "guidance_scale": config.guidance_scale, "resolution": config.resolution, "switch_every": config.switch_every,
     }
+    if config.image_folders:  # only then: runs from before image folders resume
+        settings["image_folders"] = {name: str(Path(folder).resolve()) for name, folder in config.image_folders.items()}
     with state.main_process_first():
         if path.is_file():
             saved = json.loads(path.read_text())
@@ -333,12 +352,13 @@ def composed_concepts(prompt: str, triggers: dict[str, list[str]] | None) -> lis
 
 
 def active_experts(method: str, names: list[str]) -> list[str]:
-    """The concepts a method means to draw: all but the masked one, the single LoRA's, none for the base."""
+    """The concepts a method means to draw: all but the masked one (``<method>_without_<name>``), the single LoRA's,
+    none for the base."""
     if method == "base":
         return []
     if method.startswith("single_"):
         return [method.removeprefix("single_")]
-    return [n for n in names if method != f"mole_without_{n}"]
+    return [n for n in names if not method.endswith(f"_without_{n}")]
 
 
 def one_hot(names: list[str], index: int) -> list[float]:
