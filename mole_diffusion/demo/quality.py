@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for quality.md and the evaluator's runs")
     parser.add_argument("--assets", default=str(ASSETS), help="the demo world (default: the installed one)")
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
-    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1")
+    parser.add_argument("--first-seed", type=int, default=0, help="the composition prompts' seeds: FIRST_SEED .. FIRST_SEED + SEEDS - 1 "
+                             "(each concept's own prompts: 0 .. LIFT_SEEDS - 1)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--lift-seeds", type=int, help="seeds per prompt for each concept's own prompts (default --seeds)")
