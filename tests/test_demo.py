@@ -461,3 +461,35 @@ def test_a_specs_active_concepts_are_those_with_a_weight_above_zero():
     assert active_concepts("a:split:4:0,1,2:inpaint-inside:1") == ["stripes", "checker"]
     assert active_concepts("a:split:4:1,1,0:inpaint-inside:1") == ["star", "stripes"]
     assert active_concepts("a:split:8:1,0:two-pass:2") == ["star", "checker"]  # CHECKER 1 unless given
+
+
+def test_region_masks_put_one_expert_at_its_two_strengths():
+    """demo.roles: expert k at its object strength on the object, its background strength elsewhere, the rest 0."""
+    from mole_diffusion.demo.roles import region_masks, sampler_specs
+
+    obj = torch.zeros(2, 4, 4)
+    obj[0, 1:3, 1:3] = 1.0
+    masks = region_masks(torch.tensor([2.0, 0.5]), obj, expert=1, experts=3)
+    assert masks.shape == (2, 3, 4, 4)
+    assert torch.equal(masks[:, 1], 2.0 * obj + 0.5 * (1 - obj))
+    assert masks[:, [0, 2]].abs().sum() == 0
+    assert sampler_specs(torch.tensor([[1.0, 0.9], [1.1, 0.2], [0.3, 2.0]])) == [
+        "learned:split:4:1.00,1.10,2.00:inpaint-inside:1", "learned_plain:split:0:1.00,1.10,2.00:inpaint:0"]
+    assert sampler_specs(torch.tensor([[0.9, 1.0], [1.1, 0.2], [0.3, 2.0]])) == []  # the star learned the background
+
+
+def test_region_strengths_learn_and_nothing_else_moves(shipped_pipe):
+    """demo.roles: a few steps move the six strengths from 1 (softplus of the start); the UNet, the text encoder and
+    the LoRAs stay bit for bit, and regional routing is off again afterwards."""
+    from mole_diffusion.demo.roles import learn_region_strengths
+
+    frozen = {k: v.clone() for k, v in shipped_pipe.unet.state_dict().items()}
+    frozen_text = {k: v.clone() for k, v in shipped_pipe.text_encoder.state_dict().items()}
+    lora = next(iter(shipped_pipe.mole.layers.values())).lora_B.clone()
+    strengths = learn_region_strengths(shipped_pipe, ASSETS / "concepts.toml", steps=3, batch_size=2)
+    assert strengths.shape == (3, 2) and (strengths > 0).all()
+    assert not torch.allclose(strengths, torch.ones(3, 2))
+    assert all(torch.equal(v, frozen[k]) for k, v in shipped_pipe.unet.state_dict().items())
+    assert all(torch.equal(v, frozen_text[k]) for k, v in shipped_pipe.text_encoder.state_dict().items())
+    assert torch.equal(next(iter(shipped_pipe.mole.layers.values())).lora_B, lora)
+    assert shipped_pipe.mole.regional is None
