@@ -2,6 +2,7 @@
 every file, and the build command runs end to end (with a handful of steps per stage)."""
 
 import json
+import math
 import shutil
 from dataclasses import replace
 
@@ -493,3 +494,18 @@ def test_region_strengths_learn_and_nothing_else_moves(shipped_pipe):
     assert all(torch.equal(v, frozen_text[k]) for k, v in shipped_pipe.text_encoder.state_dict().items())
     assert torch.equal(next(iter(shipped_pipe.mole.layers.values())).lora_B, lora)
     assert shipped_pipe.mole.regional is None
+
+
+def test_the_background_strength_learns_through_the_held_object_and_nothing_else_moves(shipped_pipe):
+    """demo.roles: the checker's strength in the layout sampler's background pass moves from 1 under a CLIP's
+    composition loss (the evaluator's CLIP here: the machinery only); the models stay, routing is off afterwards."""
+    from mole_diffusion.demo.roles import learn_background_strength
+    from mole_diffusion.eval.clip import load_clip
+
+    frozen = {k: v.clone() for k, v in shipped_pipe.unet.state_dict().items()}
+    strength, losses = learn_background_strength(shipped_pipe, load_clip(f"local-dir:{ASSETS / 'clip'}"), ASSETS / "concepts.toml",
+                                                 steps=2, seeds=1, sampling_steps=2)
+    assert strength != pytest.approx(1.0, abs=1e-4) and strength > 0
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert all(torch.equal(v, frozen[k]) for k, v in shipped_pipe.unet.state_dict().items())
+    assert shipped_pipe.mole.regional is None and shipped_pipe.mole.constant_weights is None

@@ -18,6 +18,13 @@ judge reads the images as in ``demo.spatial``. A diagnostic: no setting here is 
 
 First it prints why such strengths can (or cannot) be learned: each concept's denoising loss on its own images,
 on the same noisy latents, with no LoRA, its LoRA on the object only, on the background only, and everywhere.
+
+    python -m mole_diffusion.demo.roles --out build/roles --trainer-clip build/trainer_clip --steps 60
+
+learns instead the one setting the sampler's composition rests on, the checker LoRA's strength in the background
+pass, from the composition prompts: the composition objective of ``train-gates --objective composition`` on a
+trainer CLIP (a second tiny CLIP, never the evaluator's), through a short unrolled background pass around the held
+object (``learn_background_strength``); then samples the layout sampler with it.
 """
 
 from __future__ import annotations
@@ -130,6 +137,78 @@ def learn_region_strengths(pipe, concepts_file: Path, steps: int = 300, batch_si
     return F.softplus(raw.detach())
 
 
+def learn_background_strength(pipe, clip, concepts_file: Path, steps: int = 60, seeds: int = 4, sampling_steps: int = 4,
+                              learning_rate: float = 5e-2, seed: int = 0, lead: int = 4, dilate: int = 1,
+                              guidance_scale: float = 5.0) -> tuple[float, list[float]]:
+    """The checker LoRA's strength in the layout sampler's background pass, learned on the composition prompts by
+    a trainer ``clip`` (never the judge) with the composition objective (``train.gates.composition_loss``).
+
+    The object passes are drawn once, as the sampler draws them (the star LoRA, the stripes from ``lead`` inside its
+    layout; 25 steps; seeds 1000..), and their objects split off. Each step then unrolls a short background pass
+    (``sampling_steps`` DDIM steps from the object pass's noise, the object put back after every step) for every
+    prompt, with a random one of the ``seeds`` draws, the checker LoRA alone in the UNet at softplus(s) (from 1), the
+    text encoders summing the three LoRAs; decodes it and scores it. Returns (strength, the loss of every step)."""
+    from diffusers import DDIMScheduler
+
+    from ..train.concepts import load_concepts
+    from ..train.gates import composition_loss, reference_directions
+    from .spatial import LayoutThenBackground, grow
+    from .world import CONCEPTS, composition_prompts
+
+    prompts, experts = composition_prompts(), len(pipe.expert_names)
+    sampler = LayoutThenBackground(pipe, lead, (1.0, 1.0), 1.0, dilate, guidance_scale, stripes_inside=True)
+    size = sampler.latent_size()
+    noises, layouts, held = [], [], []
+    with torch.no_grad():
+        for p, prompt in enumerate(prompts):
+            for draw in range(seeds):
+                noise = torch.randn(1, pipe.unet.config.in_channels, *size, generator=torch.Generator().manual_seed(1000 + draw))
+                layout = sampler.object_pass_inside(prompt, noise, dict(num_inference_steps=25, guidance_scale=guidance_scale,
+                                                                        output_type="latent"))
+                noises.append(noise), layouts.append(layout), held.append(grow(solid(two_means_object(layout)), dilate)[:, None])
+        pipe.mole.set_experts(list(pipe.expert_names), {g: [1.0] * experts if g.startswith("text_encoder") else [0.0] * experts
+                                                        for g in pipe.mole.gates})
+        embeds = [pipe.encode_prompt(prompt, "cpu", 1, True) for prompt in prompts]  # (prompt, negative), LoRAs summed
+        pipe.mole.set_experts()
+        texts = clip.embed_texts(prompts)
+        references = reference_directions(clip, load_concepts(concepts_file))
+    named = torch.ones(len(prompts), experts, dtype=torch.bool)  # every composition prompt names all three
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(sampling_steps)
+    raw = torch.tensor(math.log(math.e - 1), requires_grad=True)
+    optimizer = torch.optim.Adam([raw], lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    pipe.unet.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    pipe.enable_regional_routing({n: CONCEPTS[n].token for n in pipe.expert_names})
+    routing, losses = pipe.mole.regional, []
+    try:
+        for _ in range(steps):
+            rows = [p * seeds + int(torch.randint(seeds, (1,), generator=generator)) for p in range(len(prompts))]
+            noise, layout, obj = (torch.cat([t[r] for r in rows]) for t in (noises, layouts, held))
+            conditions = torch.cat([torch.cat([embeds[p][1] for p in range(len(prompts))]),
+                                    torch.cat([embeds[p][0] for p in range(len(prompts))])])
+            routing.weights = F.pad(F.softplus(raw)[None], (experts - 1, 0))[None]  # (1, N): the checker alone
+            routing.masks = torch.ones(2 * len(rows), experts, *size)
+            latents = noise * scheduler.init_noise_sigma
+            for i, t in enumerate(scheduler.timesteps):
+                prediction = pipe.unet(torch.cat([latents, latents]), t, encoder_hidden_states=conditions).sample
+                unconditional, conditional = prediction.chunk(2)
+                latents = scheduler.step(unconditional + guidance_scale * (conditional - unconditional), t, latents).prev_sample
+                later = scheduler.timesteps[i + 1:i + 2]
+                at_next = scheduler.add_noise(layout, noise, later) if len(later) else layout
+                latents = obj * at_next + (1 - obj) * latents
+            images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+            loss, _ = composition_loss(clip.embed_images(images), texts, references, named)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        pipe.disable_regional_routing()
+    return F.softplus(raw).item(), losses
+
+
 def sampler_specs(strengths: torch.Tensor) -> list[str]:
     """``demo.spatial`` specs for the learned strengths, or [] when the learned roles are not the sampler's (the
     star and the stripes on the object, the checker on the background): it cannot put them elsewhere."""
@@ -147,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (the concepts in turn)")
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--first-seed", type=int, default=100)
+    parser.add_argument("--trainer-clip", metavar="DIR",
+                        help="instead: learn the checker's strength in the background pass from the composition prompts "
+                             "with this CLIP (an open_clip local-dir folder; never the evaluator's), then sample with it")
     args = parser.parse_args(argv)
 
     from ..eval.presence import AttributeJudgePresence
@@ -155,6 +237,20 @@ def main(argv: list[str] | None = None) -> None:
     from .run import ASSETS
 
     pipe, judge = spatial.load_world(ASSETS)
+    presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
+    header = "| spec | " + " | ".join(f"present_{k}" for k in spatial.COUNTED) + " |"
+    if args.trainer_clip:
+        from ..eval.clip import load_clip
+
+        strength, losses = learn_background_strength(pipe, load_clip(f"local-dir:{args.trainer_clip}"), ASSETS / "concepts.toml",
+                                                     steps=args.steps)
+        tenth = max(1, len(losses) // 10)
+        print(f"learned checker strength {strength:.2f}; composition loss {sum(losses[:tenth]) / tenth:.4f} (first tenth "
+              f"of the steps) -> {sum(losses[-tenth:]) / tenth:.4f} (last tenth)\n\n{header}")
+        spec = f"layout_learned:split:4:1,1,{strength:.2f}:inpaint-inside:1"
+        counts = spatial.run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed)
+        print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |")
+        return
     print("| concept | object share | no LoRA | its LoRA on the object only | on the background only | everywhere |\n"
           "|---|---|---|---|---|---|")
     for name, row in region_losses(pipe, ASSETS / "concepts.toml").items():
@@ -168,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if not specs:
         print("the learned roles are not the layout sampler's: nothing to sample")
         return
-    presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
-    print("\n| spec | " + " | ".join(f"present_{k}" for k in spatial.COUNTED) + " |")
+    print(f"\n{header}")
     for spec in specs:
         counts = spatial.run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed)
         print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)

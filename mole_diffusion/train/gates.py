@@ -275,12 +275,19 @@ def composition_objective(pipe, config: GateTrainingConfig, concepts, device):
         which = torch.tensor([i % len(prompts) for i in indices], device=device)
         conditions = encode_prompts(pipe, [prompts[i] for i in which.tolist()], config.resolution)
         images, gate_weights = sample(conditions, BatchRandom.of(random, len(indices)))
-        embeds = clip.embed_images(images)
-        text_loss = (1 - (embeds * texts[which]).sum(dim=-1)).mean()
-        gaps = (1 - embeds @ references.T).masked_fill(~named[which], float("-inf"))  # (B, concepts)
-        push = (gaps.detach() / CONCEPT_PUSH_TEMPERATURE).softmax(dim=-1)  # the weakest concept most
-        concept_loss = (push * gaps.nan_to_num(neginf=0.0)).sum(dim=-1).mean()
-        logs = {"loss_clip_text": text_loss.item(), "loss_clip_concepts": concept_loss.item()}
-        return text_loss + concept_loss, logs, gate_weights
+        value, logs = composition_loss(clip.embed_images(images), texts[which], references, named[which])
+        return value, logs, gate_weights
 
     return main_loss
+
+
+def composition_loss(embeds: torch.Tensor, texts: torch.Tensor, references: torch.Tensor,
+                     named: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The composition objective on unit image embeddings (B, D): 1 - cos to each image's prompt ``texts`` (B, D),
+    plus every concept its prompt names (``named`` (B, concepts)) pushed towards its ``references`` (concepts, D),
+    the weakest most (see the module docstring)."""
+    text_loss = (1 - (embeds * texts).sum(dim=-1)).mean()
+    gaps = (1 - embeds @ references.T).masked_fill(~named, float("-inf"))  # (B, concepts)
+    push = (gaps.detach() / CONCEPT_PUSH_TEMPERATURE).softmax(dim=-1)  # the weakest concept most
+    concept_loss = (push * gaps.nan_to_num(neginf=0.0)).sum(dim=-1).mean()
+    return text_loss + concept_loss, {"loss_clip_text": text_loss.item(), "loss_clip_concepts": concept_loss.item()}
