@@ -61,16 +61,21 @@ def concept_examples(pipe, concepts_file: Path, resolution: int = 64):
     return examples, solid(two_means_object(examples.latents), close=1)
 
 
-def regional_loss(pipe, examples, objects: torch.Tensor, rows: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                  expert: int, strengths: torch.Tensor, resolution: int = 64) -> torch.Tensor:
-    """The denoising loss on examples ``rows`` with expert ``expert`` alone at ``strengths`` (object, background),
-    its text-encoder LoRA at weight 1 (0 when both strengths are 0). Regional routing must be enabled."""
-    from diffusers import DDPMScheduler
+def enable_trigger_routing(pipe) -> None:
+    """Regional routing on the demo world's trigger words; its masks and weights are then set by hand."""
+    from .world import CONCEPTS
 
+    pipe.enable_regional_routing({n: CONCEPTS[n].token for n in pipe.expert_names})
+
+
+def regional_loss(pipe, scheduler, examples, objects: torch.Tensor, rows: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor, expert: int, strengths: torch.Tensor, resolution: int = 64) -> torch.Tensor:
+    """The denoising loss on examples ``rows`` (noised by the DDPM ``scheduler``) with expert ``expert`` alone at
+    ``strengths`` (object, background), its text-encoder LoRA at weight 1 (0 when both strengths are 0). Regional
+    routing must be enabled."""
     from ..train.common import encode_prompts
 
     routing, experts = pipe.mole.regional, len(pipe.expert_names)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     text_weight = float(bool(strengths.detach().abs().sum() > 0))
     routing.weights = F.one_hot(torch.tensor([expert]), experts).float() * text_weight
     routing.masks = region_masks(strengths, objects[rows], expert, experts)
@@ -85,23 +90,24 @@ def region_losses(pipe, concepts_file: Path, draws: int = 8, seed: int = 0) -> d
     """Per concept: the object's share of its images, and its denoising loss on them (each image ``draws`` times,
     the same noise and timesteps for every setting) with no LoRA, its LoRA on the object only, on the background
     only, and everywhere."""
-    from .world import CONCEPTS
+    from diffusers import DDPMScheduler
 
     examples, objects = concept_examples(pipe, concepts_file)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     settings = {"none": (0.0, 0.0), "object": (1.0, 0.0), "background": (0.0, 1.0), "everywhere": (1.0, 1.0)}
     generator = torch.Generator().manual_seed(seed)
-    pipe.enable_regional_routing({n: CONCEPTS[n].token for n in pipe.expert_names})
+    enable_trigger_routing(pipe)
     table = {}
     try:
         for k, name in enumerate(pipe.expert_names):
             rows = (examples.groups == k).nonzero().flatten().repeat(draws)
             noise = torch.randn(examples.latents[rows].shape, generator=generator)
             timesteps = torch.randint(1000, (len(rows),), generator=generator)
+            chunks = [slice(i, i + 32) for i in range(0, len(rows), 32)]
             table[name] = {"object_share": objects[rows].mean().item()}
             for label, strengths in settings.items():
-                chunks = [slice(i, i + 32) for i in range(0, len(rows), 32)]
-                total = sum(regional_loss(pipe, examples, objects, rows[c], noise[c], timesteps[c], k, torch.tensor(strengths))
-                            * len(rows[c]) for c in chunks)
+                total = sum(regional_loss(pipe, scheduler, examples, objects, rows[c], noise[c], timesteps[c], k,
+                                          torch.tensor(strengths)) * len(rows[c]) for c in chunks)
                 table[name][label] = (total / len(rows)).item()
     finally:
         pipe.disable_regional_routing()
@@ -111,16 +117,17 @@ def region_losses(pipe, concepts_file: Path, draws: int = 8, seed: int = 0) -> d
 def learn_region_strengths(pipe, concepts_file: Path, steps: int = 300, batch_size: int = 6, learning_rate: float = 5e-2,
                            seed: int = 0, resolution: int = 64) -> torch.Tensor:
     """(experts, 2) strengths (object, background) learned as the module docstring says; concepts in turn."""
-    from .world import CONCEPTS
+    from diffusers import DDPMScheduler
 
     examples, objects = concept_examples(pipe, concepts_file, resolution)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     experts = len(pipe.expert_names)
     raw = torch.full((experts, len(REGIONS)), math.log(math.e - 1), requires_grad=True)  # softplus: 1, the LoRA as trained
     optimizer = torch.optim.Adam([raw], lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
-    pipe.enable_regional_routing({n: CONCEPTS[n].token for n in pipe.expert_names})
+    enable_trigger_routing(pipe)
     try:
         for step in range(steps):
             k = step % experts
@@ -128,7 +135,7 @@ def learn_region_strengths(pipe, concepts_file: Path, steps: int = 300, batch_si
             rows = mine[torch.randint(len(mine), (batch_size,), generator=generator)]
             noise = torch.randn(examples.latents[rows].shape, generator=generator)
             timesteps = torch.randint(1000, (batch_size,), generator=generator)
-            loss = regional_loss(pipe, examples, objects, rows, noise, timesteps, k, F.softplus(raw[k]), resolution)
+            loss = regional_loss(pipe, scheduler, examples, objects, rows, noise, timesteps, k, F.softplus(raw[k]), resolution)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -152,8 +159,8 @@ def learn_background_strength(pipe, clip, concepts_file: Path, steps: int = 60, 
 
     from ..train.concepts import load_concepts
     from ..train.gates import composition_loss, reference_directions
-    from .spatial import LayoutThenBackground, grow
-    from .world import CONCEPTS, composition_prompts
+    from .spatial import LayoutThenBackground, grow, hold
+    from .world import composition_prompts
 
     prompts, experts = composition_prompts(), len(pipe.expert_names)
     sampler = LayoutThenBackground(pipe, lead, (1.0, 1.0), 1.0, dilate, guidance_scale, stripes_inside=True)
@@ -169,6 +176,7 @@ def learn_background_strength(pipe, clip, concepts_file: Path, steps: int = 60, 
         pipe.mole.set_experts(list(pipe.expert_names), {g: [1.0] * experts if g.startswith("text_encoder") else [0.0] * experts
                                                         for g in pipe.mole.gates})
         embeds = [pipe.encode_prompt(prompt, "cpu", 1, True) for prompt in prompts]  # (prompt, negative), LoRAs summed
+        conditions = torch.cat([*(negative for _, negative in embeds), *(positive for positive, _ in embeds)])
         pipe.mole.set_experts()
         texts = clip.embed_texts(prompts)
         references = reference_directions(clip, load_concepts(concepts_file))
@@ -180,24 +188,20 @@ def learn_background_strength(pipe, clip, concepts_file: Path, steps: int = 60, 
     generator = torch.Generator().manual_seed(seed)
     pipe.unet.requires_grad_(False)
     pipe.vae.requires_grad_(False)
-    pipe.enable_regional_routing({n: CONCEPTS[n].token for n in pipe.expert_names})
+    enable_trigger_routing(pipe)
     routing, losses = pipe.mole.regional, []
+    routing.masks = torch.ones(2 * len(prompts), experts, *size)  # every position: the weights alone
     try:
         for _ in range(steps):
             rows = [p * seeds + int(torch.randint(seeds, (1,), generator=generator)) for p in range(len(prompts))]
             noise, layout, obj = (torch.cat([t[r] for r in rows]) for t in (noises, layouts, held))
-            conditions = torch.cat([torch.cat([embeds[p][1] for p in range(len(prompts))]),
-                                    torch.cat([embeds[p][0] for p in range(len(prompts))])])
             routing.weights = F.pad(F.softplus(raw)[None], (experts - 1, 0))[None]  # (1, N): the checker alone
-            routing.masks = torch.ones(2 * len(rows), experts, *size)
             latents = noise * scheduler.init_noise_sigma
             for i, t in enumerate(scheduler.timesteps):
                 prediction = pipe.unet(torch.cat([latents, latents]), t, encoder_hidden_states=conditions).sample
                 unconditional, conditional = prediction.chunk(2)
                 latents = scheduler.step(unconditional + guidance_scale * (conditional - unconditional), t, latents).prev_sample
-                later = scheduler.timesteps[i + 1:i + 2]
-                at_next = scheduler.add_noise(layout, noise, later) if len(later) else layout
-                latents = obj * at_next + (1 - obj) * latents
+                latents = hold(scheduler, i, layout, noise, obj, latents)
             images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
             loss, _ = composition_loss(clip.embed_images(images), texts, references, named)
             optimizer.zero_grad()
@@ -232,7 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from ..eval.presence import AttributeJudgePresence
-    from ..eval.stats import format_rate
     from . import spatial
     from .run import ASSETS
 
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
               f"of the steps) -> {sum(losses[-tenth:]) / tenth:.4f} (last tenth)\n\n{header}")
         spec = f"layout_learned:split:4:1,1,{strength:.2f}:inpaint-inside:1"
         counts = spatial.run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed)
-        print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |")
+        print(spatial.spec_row(spec, counts))
         return
     print("| concept | object share | no LoRA | its LoRA on the object only | on the background only | everywhere |\n"
           "|---|---|---|---|---|---|")
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{header}")
     for spec in specs:
         counts = spatial.run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed)
-        print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)
+        print(spatial.spec_row(spec, counts), flush=True)
 
 
 if __name__ == "__main__":

@@ -275,9 +275,7 @@ class LayoutThenBackground:
             held = obj[:, None]
 
             def background_step(pipe, step, timestep, tensors):
-                timesteps = pipe.scheduler.timesteps
-                at_next = pipe.scheduler.add_noise(layout, noise, timesteps[step + 1:step + 2]) if step + 1 < len(timesteps) else layout
-                tensors["latents"] = held * at_next + (1 - held) * tensors["latents"]
+                tensors["latents"] = hold(pipe.scheduler, step, layout, noise, held, tensors["latents"])
                 return tensors
 
             self.set_weights([0.0, 0.0, self.checker_weight], [1.0, 1.0, 1.0])
@@ -337,6 +335,21 @@ class LayoutThenBackground:
     def latent_size(self) -> tuple[int, int]:
         side = self.pipe.unet.config.sample_size
         return side, side
+
+
+def hold(scheduler, step: int, layout: torch.Tensor, noise: torch.Tensor, held: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """``latents`` after step ``step`` of ``scheduler.timesteps`` with the ``held`` region (B, 1, H, W) put back:
+    ``layout`` noised with ``noise`` to the next step's level (``layout`` itself after the last step)."""
+    later = scheduler.timesteps[step + 1:step + 2]
+    at_next = scheduler.add_noise(layout, noise, later) if len(later) else layout
+    return held * at_next + (1 - held) * latents
+
+
+def spec_row(spec: str, counts: dict[str, tuple[int, int]]) -> str:
+    """A markdown row of a spec's rates, in ``COUNTED`` order."""
+    from ..eval.stats import format_rate
+
+    return f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |"
 
 
 def judge_object(vae, judge, x0: torch.Tensor) -> torch.Tensor:
@@ -464,7 +477,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from ..eval.presence import AttributeJudgePresence
-    from ..eval.stats import format_rate
     from .run import ASSETS
 
     presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
@@ -476,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.specs.split(";"):
         counts = (rejudge(presence, Path(args.out), spec, args.seeds, args.first_seed, colours) if args.rejudge
                   else run(pipe, judge, presence, Path(args.out), spec, args.seeds, args.first_seed, colours))
-        print(f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |", flush=True)
+        print(spec_row(spec, counts), flush=True)
 
 
 if __name__ == "__main__":
