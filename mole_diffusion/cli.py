@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
     lora.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder's attention")
     lora.add_argument("--mixer", choices=("orthogonal", "kaiming"), help="train MoSLoRA with this mixer init")
+    lora.add_argument("--orthogonal-slot", type=int, metavar="K",
+                      help="orthogonal adaptation: fix A to slot K of a basis shared by every LoRA trained so (one "
+                           "slot per concept), train only B")
     _add_training_options(lora, steps=500, lr=1e-4, batch_size=1)
 
     ev = sub.add_parser(
@@ -301,7 +304,7 @@ def train_lora(args: argparse.Namespace) -> Path:
         base=args.base, images=Path(args.images), prompt=args.prompt, class_prompt=args.class_prompt,
         class_images=Path(args.class_images) if args.class_images else None, rank=args.rank, alpha=args.alpha,
         target_modules=args.target_modules, train_text_encoder=args.train_text_encoder, mixer=args.mixer,
-        **_training_settings(args),
+        orthogonal_slot=args.orthogonal_slot, **_training_settings(args),
     )
     path = run(config)
     _print_once(f"wrote {path}")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mole_diffusion.cli import main
 
@@ -94,6 +95,11 @@ def test_readme_training_commands_on_the_tiny_checkpoint(tmp_path, capsys, monke
                  "--out", "runs/hat", "--mixer", "orthogonal", "--rank", "2", *small]) == 0
     assert main(["train-gates", "--base", "tiny/pipeline", "--concepts", "tiny/concepts.toml", "--out", "runs/gates", *small]) == 0
     assert "wrote runs/gates/gates.safetensors" in capsys.readouterr().out
+    assert main(["train-lora", "--base", "tiny/pipeline", "--images", "tiny/images/hat", "--prompt", "a photo of sks hat",
+                 "--out", "runs/hat_orthogonal", "--orthogonal-slot", "1", "--rank", "2", *small]) == 0
+    down = {k: v for k, v in load_file("runs/hat_orthogonal/pytorch_lora_weights.safetensors").items() if "lora_A" in k}
+    assert down and all(torch.allclose(a.flatten(1) @ a.flatten(1).T, torch.eye(2) * a[0].numel() / 4, atol=1e-4)
+                        for a in down.values())  # the fixed orthogonal slice, not a trained A
     for run in ("dog", "hat", "gates"):
         assert (tmp_path / "runs" / run / "validation" / "step-000004.png").is_file()
         assert [p.name for p in sorted((tmp_path / "runs" / run / "checkpoints").iterdir())] == ["step-000002", "step-000004"]

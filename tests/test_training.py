@@ -280,6 +280,35 @@ def test_train_lora_resume_gives_the_file_of_an_uninterrupted_run(world, concept
         assert torch.equal(whole[key], split[key]), key
 
 
+def test_orthogonal_slots_fix_a_to_orthogonal_subspaces_and_train_only_b(world, concepts_file, tmp_path):
+    from mole_diffusion.errors import MoLEError
+    from mole_diffusion.train import LoRATrainingConfig, train_lora
+
+    def trained(slot):
+        return load_file(train_lora(LoRATrainingConfig(
+            base=str(world["base"]), images=concepts_file.parent / "red", prompt="a photo of sks", output_dir=tmp_path / str(slot),
+            steps=3, resolution=32, learning_rate=1e-2, train_text_encoder=True, target_modules=["to_q", "to_k", "conv1"],
+            orthogonal_slot=slot, progress=False)))
+
+    first, second = trained(0), trained(1)
+    downs = [k for k in first if "lora_A" in k]
+    assert downs and any(k.startswith("text_encoder.") for k in downs) and first.keys() == second.keys()
+    for key in downs:
+        a0, a1 = first[key].flatten(1).double(), second[key].flatten(1).double()
+        rank, inputs = a0.shape
+        # each A its own slice of one orthogonal basis, rows at the gaussian init's length: untouched by training
+        torch.testing.assert_close(a0 @ a0.T, torch.eye(rank, dtype=torch.float64) * inputs / rank**2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a0 @ a1.T, torch.zeros(rank, rank, dtype=torch.float64), atol=1e-5, rtol=0)
+        up0 = first[key.replace("lora_A", "lora_B")].flatten(1).double()
+        up1 = second[key.replace("lora_A", "lora_B")].flatten(1).double()
+        assert up0.abs().sum() > 0 and up1.abs().sum() > 0  # B moved from its zero init
+        # the two deltas' row spaces are orthogonal: (B0 A0)(B1 A1)^T = 0
+        torch.testing.assert_close((up0 @ a0) @ (up1 @ a1).T, torch.zeros(up0.shape[0], up1.shape[0], dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+    with pytest.raises(MoLEError, match=r"has \d+ inputs: at rank 4 it holds orthogonal slots 0\.\.\d+, not slot 99"):
+        trained(99)
+
+
 def test_a_new_run_into_an_old_runs_folder_is_refused(world, concepts_file, tmp_path):
     train_gates(gate_config(world, concepts_file, tmp_path, steps=3))
     with pytest.raises(common.CheckpointError, match="earlier run .*pass --resume"):

@@ -1,4 +1,5 @@
-"""DreamBooth-LoRA training of one concept expert, on PEFT; optionally MoSLoRA (METHOD.md section 1).
+"""DreamBooth-LoRA training of one concept expert, on PEFT; optionally MoSLoRA (METHOD.md section 1) or
+orthogonal adaptation.
 
 MoSLoRA puts a learnable r x r mixer M between A and B: delta = s * B M A x. The mixer sits in front of B
 (PEFT's layer computes ``lora_B(lora_A(x))``, so ``lora_B = Sequential(M, B)`` is MoSLoRA without touching
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,7 @@ class LoRATrainingConfig(TrainingSettings):
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     mixer: str | None = None  # None: plain LoRA; "orthogonal" or "kaiming": MoSLoRA with that mixer init
+    orthogonal_slot: int | None = None  # orthogonal adaptation: A fixed to this slot of a shared basis, only B trains
 
 
 def add_mixers(model: nn.Module, init: str, adapter: str = "default") -> int:
@@ -67,6 +70,32 @@ def add_mixers(model: nn.Module, init: str, adapter: str = "default") -> int:
                 nn.init.kaiming_uniform_(mixer.weight, a=math.sqrt(5))
             module.lora_B[adapter] = nn.Sequential(mixer.to(up.weight), up)
             count += 1
+    return count
+
+
+@torch.no_grad()
+def fix_orthogonal_down(model: nn.Module, slot: int, component: str, adapter: str = "default") -> int:
+    """Orthogonal adaptation (Po et al., CVPR 2024): every LoRA layer's down-projection A is fixed to rows
+    ``slot * r .. (slot + 1) * r`` of a random orthogonal basis of its (flattened) input, seeded by the layer's name,
+    so that LoRAs trained with different slots read orthogonal subspaces and their B A have orthogonal row spaces;
+    only B trains. Rows are scaled to the length of PEFT's gaussian init (std 1/r), so B learns at the usual rate."""
+    if slot < 0:
+        raise MoLEError(f"orthogonal slot must be 0 or more, got {slot}")
+    count = 0
+    for name, module in model.named_modules():
+        if not (isinstance(module, LoraLayer) and adapter in module.lora_A):
+            continue
+        down = module.lora_A[adapter].weight
+        rank, inputs = down.shape[0], down[0].numel()
+        if (slot + 1) * rank > inputs:
+            raise MoLEError(f"{component}.{name} has {inputs} inputs: at rank {rank} it holds orthogonal slots "
+                            f"0..{inputs // rank - 1}, not slot {slot}")
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{component}.{name}".encode()))
+        basis, _ = torch.linalg.qr(torch.randn(inputs, inputs, generator=generator, dtype=torch.float64))
+        rows = basis.T[slot * rank:(slot + 1) * rank] * (math.sqrt(inputs) / rank)
+        down.copy_(rows.reshape(down.shape))
+        down.requires_grad_(False)
+        count += 1
     return count
 
 
@@ -118,6 +147,8 @@ def train_lora(config: LoRATrainingConfig) -> Path:
             raise MoLEError(f"{where}: {component}: {err}") from None
         if config.mixer:
             add_mixers(model, config.mixer)
+        if config.orthogonal_slot is not None:
+            fix_orthogonal_down(model, config.orthogonal_slot, component)
         cast_training_params(model, dtype=torch.float32)  # trainable weights in fp32 under mixed precision
 
     concept = Concept(name="concept", prompt=config.prompt, images=Path(config.images),
