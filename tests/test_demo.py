@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,6 +292,25 @@ def test_token_routed_prompt_embedding_takes_each_trigger_from_its_own_lora():
         assert not torch.allclose(alone[0, positions[name]], base[0, positions[name]])  # the LoRA changes that token
     others = [p for p in range(len(ids)) if not any(p in where for where in positions.values())]
     torch.testing.assert_close(routed[0, others], base[0, others])
+
+
+def test_interference_takes_other_lora_files_by_name(tmp_path, monkeypatch, capsys):
+    from mole_diffusion.demo import interference
+
+    loaded = []
+
+    def stop(self, files):
+        loaded.append(dict(files))
+        raise SystemExit(0)  # the files are what this test is about; generating would take minutes
+
+    monkeypatch.setattr(MoLEStableDiffusionPipeline, "load_experts", stop)
+    with pytest.raises(SystemExit):
+        interference.main(["--out", str(tmp_path), "--lora", "star=mine/star.safetensors", "sum:1,1,1:1,1,1:"])
+    assert loaded == [{"star": Path("mine/star.safetensors"), "stripes": ASSETS / "loras" / "stripes.safetensors",
+                       "checker": ASSETS / "loras" / "checker.safetensors"}]
+    with pytest.raises(SystemExit) as refused:
+        interference.main(["--out", str(tmp_path), "--lora", "dog=mine/dog.safetensors", "sum:1,1,1:1,1,1:"])
+    assert refused.value.code == 2 and "--lora dog=mine/dog.safetensors: expected NAME=FILE with NAME one of star, stripes, checker" in capsys.readouterr().err
 
 
 def test_two_means_splits_an_object_from_the_background_that_holds_the_border():
