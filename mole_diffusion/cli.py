@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--assets", help="where to install the shipped files (default: OUT/assets)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", help="default: cuda if available, else cpu")
+    build.add_argument("--unet-channels", type=int, nargs=3, metavar="C",
+                       help="the base UNet's widths (default 32 64 64; wider ones want a GPU: 64 128 128 is ~4x the work)")
 
     ui = sub.add_parser(
         "ui",
@@ -435,7 +437,10 @@ def ui(args: argparse.Namespace) -> None:
 def build_demo(args: argparse.Namespace) -> None:
     from .demo.build import BuildSettings, build, install_assets
 
-    root = build(args.out, BuildSettings(seed=args.seed, device=args.device))
+    settings = BuildSettings(seed=args.seed, device=args.device)
+    if args.unet_channels:
+        settings.unet_channels = args.unet_channels
+    root = build(args.out, settings)
     print(f"installed the demo world in {install_assets(root, Path(args.assets) if args.assets else root / 'assets')}")
 
 

@@ -17,6 +17,7 @@ from mole_diffusion.cli import main
 from mole_diffusion.demo import CONCEPTS, composition_prompts
 from mole_diffusion.demo.build import SHIPPED, BuildSettings, build, install_assets
 from mole_diffusion.demo.run import ASSETS, AssetsError, check_assets, demo_methods, run_demo
+from mole_diffusion.errors import MoLEError
 from mole_diffusion.gate_file import GateFileError, read_gate_file
 from mole_diffusion.pipelines import MoLEStableDiffusionPipeline
 
@@ -195,9 +196,13 @@ def test_demo_writes_every_file(tmp_path, capsys):
 def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
     tiny = BuildSettings(concept_images=4, clip_steps=2, clip_batch_size=8, vae_steps=2, vae_batch_size=4, base_images=16,
                          base_steps=2, base_batch_size=4, lora_steps=2, gate_steps=2, validation_steps=1,
-                         judge_steps=2, judge_pool=8)
+                         judge_steps=2, judge_pool=8, unet_channels=[16, 32, 32])
     assets = install_assets(build(tmp_path / "world", tiny), tmp_path / "assets")
     files = check_assets(assets)
+    assert json.loads((assets / "pipeline" / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32, 32]
+    with pytest.raises(MoLEError, match=r"unet_channels \[16, 30, 32\]: expected three positive multiples of 8"):
+        build(tmp_path / "odd", replace(tiny, unet_channels=[16, 30, 32]))
+    assert not (tmp_path / "odd").exists()  # refused before anything is written
     assert "pipeline/tokenizer/vocab.json" in files and "pipeline/tokenizer/tokenizer.json" not in files
     assert json.loads((assets / "build_settings.json").read_text())["clip_steps"] == 2
     with pytest.raises(ValueError, match="lora_steps 2 -> 3"):  # a stopped build goes on only as it started
@@ -213,6 +218,12 @@ def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
             assert (assets / name).read_bytes() == (again / name).read_bytes(), name
     out = run_demo(tmp_path / "demo", steps=1, assets=assets, progress=False)
     assert (out / "grid.png").is_file() and (out / "gate_heatmap.png").is_file()
+
+
+def test_build_demo_takes_the_unet_widths_and_refuses_odd_ones(tmp_path, capsys):
+    assert main(["build-demo", "--out", str(tmp_path / "odd"), "--unet-channels", "64", "128", "100"]) == 1
+    assert "unet_channels [64, 128, 100]: expected three positive multiples of 8" in capsys.readouterr().err
+    assert not (tmp_path / "odd").exists()
 
 
 def test_the_shipped_attribute_judge_is_deterministic_and_reads_round_trips():

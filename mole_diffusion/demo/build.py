@@ -103,6 +103,9 @@ class BuildSettings:
     base_steps: int = 3000
     base_batch_size: int = 64
     base_learning_rate: float = 5e-4
+    # the base UNet's widths at 16x16, 8x8 and 4x4 (1.7 M parameters); wider ones are for a build on a GPU (issue 12:
+    # whether LoRA deltas add in a larger UNet), as 2 CPU cores take about 4x as long at twice the width
+    unet_channels: list[int] = field(default_factory=lambda: list(UNET_CONFIG["block_out_channels"]))
     lora_steps: int = 2000
     lora_rank: int = 4
     lora_learning_rate: float = 2e-3
@@ -233,16 +236,17 @@ def train_vae(settings: BuildSettings):
     return vae.cpu()
 
 
-def make_pipeline(vae, seed: int, tokenizer_dir: Path):
+def make_pipeline(vae, seed: int, tokenizer_dir: Path, unet_channels: list[int] | None = None):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..testing import make_clip_tokenizer
 
+    channels = tuple(unet_channels or UNET_CONFIG["block_out_channels"])
     torch.manual_seed(seed)
     return StableDiffusionPipeline(
         vae=vae,
-        unet=UNet2DConditionModel(**UNET_CONFIG),
+        unet=UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": channels}),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
         tokenizer=make_clip_tokenizer(tokenizer_dir),
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -266,7 +270,7 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
             train_vae(settings).save_pretrained(folder)
     vae = AutoencoderKL.from_pretrained(vae_path)
     vae.register_to_config(_name_or_path="")  # not this build folder's path, in the shipped config.json
-    pipe = make_pipeline(vae, settings.seed, stage / "tokenizer")
+    pipe = make_pipeline(vae, settings.seed, stage / "tokenizer", settings.unet_channels)
 
     scenes = world.base_world(settings.base_images, seed=settings.seed)
     latents = []
@@ -443,6 +447,9 @@ def write_manifest(assets: Path) -> None:
 def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
     """Run every stage that has no output yet; returns ``out``."""
     settings = settings or BuildSettings()
+    channels = settings.unet_channels
+    if len(channels) != 3 or any(c <= 0 or c % 8 for c in channels):  # 8 norm groups, attention heads of 8
+        raise MoLEError(f"unet_channels {list(channels)}: expected three positive multiples of 8, e.g. [64, 128, 128]")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record, recorded = out / "build_settings.json", {k: v for k, v in asdict(settings).items() if k != "device"}
