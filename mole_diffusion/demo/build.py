@@ -236,17 +236,16 @@ def train_vae(settings: BuildSettings):
     return vae.cpu()
 
 
-def make_pipeline(vae, seed: int, tokenizer_dir: Path, unet_channels: list[int] | None = None):
+def make_pipeline(vae, seed: int, tokenizer_dir: Path, unet_channels: list[int]):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..testing import make_clip_tokenizer
 
-    channels = tuple(unet_channels or UNET_CONFIG["block_out_channels"])
     torch.manual_seed(seed)
     return StableDiffusionPipeline(
         vae=vae,
-        unet=UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": channels}),
+        unet=UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": tuple(unet_channels)}),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
         tokenizer=make_clip_tokenizer(tokenizer_dir),
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
