@@ -76,12 +76,10 @@ def run(pipe, judge, out: Path, text: list[float], unet: list[float], routed: li
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli import _lora_arg  # NAME=FILE, as generate and evaluate read --lora
-
     parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.interference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a folder for each spec's images")
-    parser.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="NAME=FILE",
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
                         help="another LoRA file in place of the shipped one for NAME (star, stripes, checker; repeat)")
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("specs", help="label:TEXT:UNET:ROUTED specs, separated by ';'")
@@ -98,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     use_scheduler(pipe, "ddim")
     pipe.set_progress_bar_config(disable=True)
     files = {name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES}
-    for name, file in args.lora:
-        if name not in NAMES:
-            parser.error(f"--lora {name}={file}: expected NAME=FILE with NAME one of {', '.join(NAMES)}")
+    for item in args.lora:
+        name, _, file = item.partition("=")
+        if name not in NAMES or not file:
+            parser.error(f"--lora {item}: expected NAME=FILE with NAME one of {', '.join(NAMES)}")
         files[name] = Path(file)
     pipe.load_experts(files)
     judge = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
