@@ -324,6 +324,32 @@ def test_interference_takes_other_lora_files_by_name(tmp_path, monkeypatch, caps
     assert refused.value.code == 2 and "--lora dog=mine/dog.safetensors: expected NAME=FILE with NAME one of star, stripes, checker" in capsys.readouterr().err
 
 
+def test_interference_runs_on_a_world_of_your_own(tmp_path, monkeypatch):
+    """--assets: the pipeline and the LoRAs come from that world (build-demo's install folder), not the package's."""
+    from mole_diffusion.demo import interference
+
+    opened, loaded = [], []
+    original = MoLEStableDiffusionPipeline.from_pretrained.__func__
+
+    def open_shipped(cls, path, **kwargs):
+        opened.append(Path(path))
+        return original(cls, ASSETS / "pipeline", **kwargs)  # a pipeline that exists; the path asked is the point
+
+    def stop(self, files):
+        loaded.append(dict(files))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(MoLEStableDiffusionPipeline, "from_pretrained", classmethod(open_shipped))
+    monkeypatch.setattr(MoLEStableDiffusionPipeline, "load_experts", stop)
+    mine = tmp_path / "world"
+    with pytest.raises(SystemExit):
+        interference.main(["--out", str(tmp_path / "out"), "--assets", str(mine), "--lora", "star=s.safetensors",
+                           "sum:1,1,1:1,1,1:"])
+    assert opened == [mine / "pipeline"]
+    assert loaded == [{"star": Path("s.safetensors"), "stripes": mine / "loras" / "stripes.safetensors",
+                       "checker": mine / "loras" / "checker.safetensors"}]
+
+
 def test_two_means_splits_an_object_from_the_background_that_holds_the_border():
     """demo.spatial (issue 12's diagnostic): the object is the cluster away from the border, whichever way 2-means
     numbers the clusters, and the masks keep the checker off it (and DILATE pixels around it)."""

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
                         help="another LoRA file in place of the shipped one for NAME (star, stripes, checker; repeat)")
     parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--assets", type=Path, default=None,
+                        help="a world of your own (build-demo's install folder): its pipeline, LoRAs and judge")
     parser.add_argument("specs", help="label:TEXT:UNET:ROUTED specs, separated by ';'")
     args = parser.parse_args(argv)
 
@@ -91,18 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     from ..schedulers import use_scheduler
     from .run import ASSETS
 
+    assets = args.assets or ASSETS
     with quiet_loading():
-        pipe = MoLEStableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+        pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
     use_scheduler(pipe, "ddim")
     pipe.set_progress_bar_config(disable=True)
-    files = {name: ASSETS / "loras" / f"{name}.safetensors" for name in NAMES}
+    files = {name: assets / "loras" / f"{name}.safetensors" for name in NAMES}
     for item in args.lora:
         name, _, file = item.partition("=")
         if name not in NAMES or not file:
             parser.error(f"--lora {item}: expected NAME=FILE with NAME one of {', '.join(NAMES)}")
         files[name] = Path(file)
     pipe.load_experts(files)
-    judge = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
+    judge = AttributeJudgePresence(assets / "judge", list(NAMES))
     numbers = lambda text: [float(x) for x in text.split(",")]
     print("| spec | " + " | ".join(f"present_{k}" for k in (*NAMES, "all", "prompt", "all_faithful")) + " |")
     for spec in args.specs.split(";"):
