@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", help="default: cuda if available, else cpu")
     build.add_argument("--unet-channels", type=int, nargs=3, metavar="C",
-                       help="the base UNet's widths (default 32 64 64; wider ones want a GPU: 64 128 128 is ~4x the work)")
+                       help="the base UNet's widths (default 32 64 64; 64 128 128: 6.5 M parameters, its training about 2x as long on CPU)")
 
     ui = sub.add_parser(
         "ui",

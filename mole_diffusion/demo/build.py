@@ -103,8 +103,8 @@ class BuildSettings:
     base_steps: int = 3000
     base_batch_size: int = 64
     base_learning_rate: float = 5e-4
-    # the base UNet's widths at 16x16, 8x8 and 4x4 (1.7 M parameters); wider ones are for a build on a GPU (issue 12:
-    # whether LoRA deltas add in a larger UNet), as 2 CPU cores take about 4x as long at twice the width
+    # the base UNet's widths at 16x16, 8x8 and 4x4 (1.7 M parameters); 64 128 128 (6.5 M) trains in about twice the
+    # time on 2 CPU cores, and its LoRAs come closer to adding (issue 12, docs/composition-experiments.md)
     unet_channels: list[int] = field(default_factory=lambda: list(UNET_CONFIG["block_out_channels"]))
     lora_steps: int = 2000
     lora_rank: int = 4
