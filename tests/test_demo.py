@@ -305,16 +305,23 @@ def test_token_routed_prompt_embedding_takes_each_trigger_from_its_own_lora():
     torch.testing.assert_close(routed[0, others], base[0, others])
 
 
-def test_interference_takes_other_lora_files_by_name(tmp_path, monkeypatch, capsys):
-    from mole_diffusion.demo import interference
-
+@pytest.fixture
+def loaded_experts(monkeypatch) -> list[dict]:
+    """The files each ``load_experts`` call got; the call then stops the run (generating would take minutes)."""
     loaded = []
 
     def stop(self, files):
         loaded.append(dict(files))
-        raise SystemExit(0)  # the files are what this test is about; generating would take minutes
+        raise SystemExit(0)
 
     monkeypatch.setattr(MoLEStableDiffusionPipeline, "load_experts", stop)
+    return loaded
+
+
+def test_interference_takes_other_lora_files_by_name(tmp_path, loaded_experts, capsys):
+    from mole_diffusion.demo import interference
+
+    loaded = loaded_experts
     with pytest.raises(SystemExit):
         interference.main(["--out", str(tmp_path), "--lora", "star=mine/star.safetensors", "sum:1,1,1:1,1,1:"])
     assert loaded == [{"star": Path("mine/star.safetensors"), "stripes": ASSETS / "loras" / "stripes.safetensors",
@@ -324,23 +331,18 @@ def test_interference_takes_other_lora_files_by_name(tmp_path, monkeypatch, caps
     assert refused.value.code == 2 and "--lora dog=mine/dog.safetensors: expected NAME=FILE with NAME one of star, stripes, checker" in capsys.readouterr().err
 
 
-def test_interference_runs_on_a_world_of_your_own(tmp_path, monkeypatch):
+def test_interference_runs_on_a_world_of_your_own(tmp_path, monkeypatch, loaded_experts):
     """--assets: the pipeline and the LoRAs come from that world (build-demo's install folder), not the package's."""
     from mole_diffusion.demo import interference
 
-    opened, loaded = [], []
+    opened, loaded = [], loaded_experts
     original = MoLEStableDiffusionPipeline.from_pretrained.__func__
 
     def open_shipped(cls, path, **kwargs):
         opened.append(Path(path))
         return original(cls, ASSETS / "pipeline", **kwargs)  # a pipeline that exists; the path asked is the point
 
-    def stop(self, files):
-        loaded.append(dict(files))
-        raise SystemExit(0)
-
     monkeypatch.setattr(MoLEStableDiffusionPipeline, "from_pretrained", classmethod(open_shipped))
-    monkeypatch.setattr(MoLEStableDiffusionPipeline, "load_experts", stop)
     mine = tmp_path / "world"
     with pytest.raises(SystemExit):
         interference.main(["--out", str(tmp_path / "out"), "--assets", str(mine), "--lora", "star=s.safetensors",
