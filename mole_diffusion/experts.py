@@ -112,10 +112,19 @@ def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Mod
 
     if issubclass(pipeline_class, FluxLoraLoaderMixin):  # kohya and XLabs files come back with alpha folded in
         state_dict, network_alphas = pipeline_class.lora_state_dict(dict(tensors), return_alphas=True)
-    else:
-        state_dict, network_alphas = pipeline_class.lora_state_dict(dict(tensors))
-    # Alphas are keyed by their lora_down key + ".alpha": run them through the same renaming as the tensors.
-    alpha_tensors = {k.removesuffix(".alpha"): torch.tensor(float(v)) for k, v in (network_alphas or {}).items()}
+    else:  # SDXL: kohya's original (sgm) block names are mapped with the UNet's config, as load_lora_weights does
+        unet = models.get("unet")
+        state_dict, network_alphas = pipeline_class.lora_state_dict(
+            dict(tensors), unet_config=None if unet is None else unet.config)
+    # diffusers names a kohya alpha after its module ("<module>.alpha") or after its down weight
+    # ("<down key>.alpha"). Each alpha is renamed here to sit beside its down weight ("...down.alpha"), so that the
+    # key conversion below renames it with that weight and it ends up as "<module>.lora_A.alpha" on every module.
+    for key, alpha in (network_alphas or {}).items():
+        stem = key.removesuffix(".alpha")
+        down = stem if stem in state_dict else f"{stem}.lora.down.weight"
+        if down not in state_dict:
+            raise ExpertError(f"{key}: an alpha that belongs to no lora_down weight")
+        state_dict[down.removesuffix("weight") + "alpha"] = torch.tensor(float(alpha))
     components = list(models)
     foreign = sorted(k for k in state_dict if k.split(".")[0] in set(COMPONENTS) - set(components))
     if foreign:
@@ -124,33 +133,45 @@ def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Mod
                           "model family")
     out = {}
     for component in components:
-        for source, is_alpha in ((state_dict, False), (alpha_tensors, True)):
-            part = {k.removeprefix(f"{component}."): v for k, v in source.items() if k.startswith(f"{component}.")}
-            if component == components[0] and not any(k.split(".")[0] in COMPONENTS for k in source):
-                part = dict(source)  # unprefixed files are the denoiser's LoRAs, as in diffusers
-            if not part:
-                continue
-            if component == components[0]:
-                # as diffusers' load_lora_adapter: maps the `lora.down`/`lora.up` keys its training scripts write
-                part = convert_unet_state_dict_to_peft(part)
-            else:
-                part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-                if not hasattr(models[component], "text_model"):
-                    part = {k.removeprefix("text_model."): v for k, v in part.items()}
-            out.setdefault(component, [{}, {}])[is_alpha].update(part)
+        part = {k.removeprefix(f"{component}."): v for k, v in state_dict.items() if k.startswith(f"{component}.")}
+        if component == components[0] and not any(k.split(".")[0] in COMPONENTS for k in state_dict):
+            part = dict(state_dict)  # unprefixed files are the denoiser's LoRAs, as in diffusers
+        if not part:
+            continue
+        if component == components[0]:
+            # as diffusers' load_lora_adapter: maps the `lora.down`/`lora.up` keys its training scripts write
+            part = convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            if not hasattr(models[component], "text_model"):
+                part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        out[component] = part
     return out
 
 
-def _scale(module: str, rank: int, config: dict | None, alphas: dict[str, torch.Tensor]) -> float:
-    """alpha / r as diffusers/PEFT would set it for ``module``."""
-    if config is not None:  # a LoraConfig: lora_alpha with per-module alpha_pattern
+def _scale(module: str, rank: int, config: dict | None, alpha: torch.Tensor | None) -> float:
+    """alpha / r as diffusers/PEFT would set it for ``module``: from the file's LoraConfig (``lora_alpha``, per-module
+    ``alpha_pattern``, ``use_rslora``: alpha / sqrt(r)) or else the module's own kohya alpha (none: alpha == r)."""
+    if config is not None:
         from peft.utils.other import get_pattern_key
 
         alpha_pattern = config.get("alpha_pattern") or {}
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank))
-        return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    alpha = alphas.get(f"{module}.lora_A.weight")
-    return 1.0 if alpha is None else float(alpha) / rank  # no alpha: diffusers' alpha == rank
+        value = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank))
+        return float(value) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return 1.0 if alpha is None else float(alpha) / rank
+
+
+# what follows ".lora_" in a converted key: the two factors and the kohya alpha carried beside lora_A
+LORA_KEYS = ("A.weight", "B.weight", "A.alpha")
+
+
+def _check_values(where: str, key: str, tensor: torch.Tensor) -> None:
+    """Refuse tensors a LoRA cannot hold: not floating point (an int8 file would be cast silently), NaN or inf."""
+    if not tensor.is_floating_point():
+        raise ExpertError(f"{where}: {key} is {tensor.dtype} (expected floating-point weights)")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ExpertError(f"{where}: {key} holds {bad} NaN or inf value(s) (expected finite numbers)")
 
 
 def _check_fits(path, component: str, module_name: str, model: nn.Module, down: torch.Tensor, up: torch.Tensor):
@@ -207,23 +228,31 @@ def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module]
         raise ExpertError(f"{path}: no LoRA weights for {' or '.join(models)} found (keys start: {list(tensors)[:3]})")
 
     layers: dict[str, LoRAWeights] = {}
-    for component, (state, alphas) in parts.items():
-        if component not in models:
-            raise ExpertError(f"{path}: has {component} weights but the pipeline has no {component}")
-        for key in sorted(state):
-            if key.endswith(".lora_A.weight"):
-                continue
-            if not key.endswith(".lora_B.weight"):
-                raise ExpertError(f"{path}: unexpected key {component}.{key} (expected lora_A/lora_B weights)")
-        for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
-            module = key.removesuffix(".lora_A.weight")
-            up = state.get(f"{module}.lora_B.weight")
-            if up is None:
-                raise ExpertError(f"{path}: {component}.{module} has lora_A but no lora_B")
-            down = state[key]
+    for component, state in parts.items():
+        modules = sorted({key.rsplit(".lora_", 1)[0] for key in state if ".lora_" in key})
+        unexpected = sorted(k for k in state if ".lora_" not in k or k.rsplit(".lora_", 1)[1] not in LORA_KEYS)
+        if unexpected:
+            raise ExpertError(f"{path}: unexpected key {component}.{unexpected[0]} (expected lora_A/lora_B weights "
+                              "and an alpha per module)")
+        config = None if configs is None else configs.get(component)
+        for module in modules:
+            where = f"{path}: {component}.{module}"
+            down, up = state.get(f"{module}.lora_A.weight"), state.get(f"{module}.lora_B.weight")
+            if down is None or up is None:
+                raise ExpertError(f"{where} has lora_{'A' if down is not None else 'B'} but no "
+                                  f"lora_{'B' if down is not None else 'A'}: every module needs both")
+            for key, tensor in (("lora_A", down), ("lora_B", up)):
+                _check_values(where, key, tensor)
+            if down.shape[0] == 0:
+                raise ExpertError(f"{where}: rank 0 (lora_A {tuple(down.shape)}): a LoRA needs rank >= 1")
             _check_fits(path, component, module, models[component], down, up)
-            config = None if configs is None else configs.get(component)
-            layers[f"{component}.{module}"] = LoRAWeights(down, up, _scale(module, down.shape[0], config, alphas))
+            alpha = state.get(f"{module}.lora_A.alpha")
+            if alpha is not None:
+                _check_values(where, "alpha", alpha)
+            scale = _scale(module, down.shape[0], config, alpha)
+            if not math.isfinite(scale):
+                raise ExpertError(f"{where}: its scale alpha / r is {scale} (expected a finite number)")
+            layers[f"{component}.{module}"] = LoRAWeights(down, up, scale)
     return Expert(name=name, path=str(path), layers=layers)
 
 

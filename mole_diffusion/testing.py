@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_clip_tokenizer", "make_t5_tokenizer", "pipeline_family", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_owlvit", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "TINY_UNET_CONFIG"]
+__all__ = ["make_clip_tokenizer", "make_t5_tokenizer", "pipeline_family", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_owlvit", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "tiny_lora_deltas", "sgm_module_name", "TINY_UNET_CONFIG"]
 
 TINY_UNET_CONFIG = dict(
     sample_size=16,
@@ -199,7 +201,34 @@ FLUX_KOHYA_MODULES = {
 # XLabs writes only the double blocks' attention, q/k/v fused
 FLUX_XLABS_MODULES = {"processor.qkv_lora1": "double_blocks_{i}_img_attn_qkv", "processor.proj_lora1": "double_blocks_{i}_img_attn_proj",
                       "processor.qkv_lora2": "double_blocks_{i}_txt_attn_qkv", "processor.proj_lora2": "double_blocks_{i}_txt_attn_proj"}
-LAYOUTS = ("diffusers", "kohya", "ai-toolkit", "xlabs")
+LAYOUTS = ("diffusers", "kohya", "ai-toolkit", "xlabs", "kohya-sgm", "peft")
+FAMILY_LAYOUTS = {"sd": ("diffusers", "peft", "kohya"), "sdxl": ("diffusers", "peft", "kohya", "kohya-sgm"),
+                  "flux": ("diffusers", "peft", "kohya", "ai-toolkit", "xlabs")}
+# kohya's names for a diffusers resnet's layers in the original (sgm) SDXL UNet
+SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                     "conv_shortcut": "skip_connection"}
+
+
+def sgm_module_name(name: str, layers_per_block: int) -> str:
+    """A diffusers UNet module name in the original (sgm) SDXL UNet's terms, as kohya's sd-scripts write it:
+    ``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in`` (with 2 layers per block)."""
+    parts = name.split(".")
+    inner = {"resnets": 0, "attentions": 1}
+    if parts[0] == "mid_block":
+        index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(parts[1], parts[2])]
+        head, rest = f"middle_block.{index}", parts[3:]
+    else:
+        block, kind, layer = int(parts[1]), parts[2], int(parts[3])
+        if kind not in inner:
+            raise ValueError(f"{name}: only resnets and attentions have sgm names here")
+        if parts[0] == "down_blocks":
+            head = f"input_blocks.{1 + block * (layers_per_block + 1) + layer}.{inner[kind]}"
+        else:
+            head = f"output_blocks.{block * (layers_per_block + 1) + layer}.{inner[kind]}"
+        rest = parts[4:]
+    if "resnets" in name:
+        rest = SGM_RESNET_LAYERS[".".join(rest)].split(".")
+    return ".".join([head, *rest])
 
 
 def _lora_targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
@@ -226,34 +255,108 @@ def make_tiny_lora(
     seed: int = 0,
     layout: str = "diffusers",
     text_encoder: bool = True,
-    unet_modules: tuple[str, ...] = UNET_ATTENTION_MODULES,
+    unet_modules: tuple[str, ...] | None = None,
     text_modules: tuple[str, ...] = TEXT_ATTENTION_MODULES,
     std: float = 0.3,
+    per_module: bool = False,
+    rslora: bool = False,
 ) -> Path:
     """Write a random LoRA for the tiny pipeline at ``pipeline_path`` (any family, read from its model_index).
 
-    ``layout="diffusers"`` writes what the pipeline class's ``save_lora_weights`` writes (PEFT keys,
-    ``lora_adapter_metadata`` holding ``lora_alpha`` and ``r``); ``layout="kohya"`` writes the A1111/kohya
-    layout (``lora_unet_*`` / ``lora_te_*`` (SDXL and Flux: ``lora_te1_*``, ``lora_te2_*``) ``.lora_down/lora_up/alpha``;
-    Flux with BFL's module names and q/k/v fused); Flux also has ``"ai-toolkit"`` (diffusers keys, no metadata,
-    alpha folded into the weights) and ``"xlabs"`` (the double blocks' attention only, no alpha). SD and SDXL:
-    modules ending in ``unet_modules`` (any Linear or Conv2d, so ``"conv1"`` gives a LoCon-style conv LoRA) and,
-    with ``text_encoder``, ``text_modules`` of every text encoder are adapted. The same seed gives the same
-    LoRA in every layout, so the files are twins.
+    Layouts (``FAMILY_LAYOUTS`` says which a family has):
+
+    - ``"diffusers"``: what the pipeline class's ``save_lora_weights`` writes (PEFT keys, ``lora_adapter_metadata``
+      holding ``lora_alpha``, ``r`` and, with ``per_module``, ``rank_pattern`` / ``alpha_pattern``);
+    - ``"peft"``: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for the denoiser
+      alone, as ``PeftModel.save_pretrained`` writes it; ``rslora`` sets ``use_rslora`` (scale alpha / sqrt(r));
+    - ``"kohya"``: the A1111/kohya layout (``lora_unet_*`` / ``lora_te_*`` (SDXL and Flux: ``lora_te1_*``,
+      ``lora_te2_*``) ``.lora_down/lora_up/alpha``, an alpha per module; Flux with BFL's module names and q/k/v fused);
+    - ``"kohya-sgm"`` (SDXL): kohya with the original (sgm) UNet block names, as kohya's sd-scripts write SDXL LoRAs;
+    - Flux also has ``"ai-toolkit"`` (diffusers keys, no metadata, alpha folded into the weights) and ``"xlabs"``
+      (the double blocks' attention only, no alpha: scale 1).
+
+    SD and SDXL: modules ending in ``unet_modules`` (default: attention's q/k/v/out; any Linear or Conv2d, so
+    ``"conv1"`` gives a LoCon-style conv LoRA) and, with ``text_encoder``, ``text_modules`` of every text encoder
+    are adapted. Flux: the fused kohya modules that cover a module ending in ``unet_modules`` (default: all).
+    ``per_module`` gives module i its own alpha (``alpha * (1 + i % 3)``) and every third module half the rank,
+    as real kohya files can have. The same arguments give the same LoRA in every layout, so the files are twins;
+    ``tiny_lora_deltas`` returns the weight deltas they hold, in closed form.
     """
+    pipeline_path, out = Path(pipeline_path), Path(out)
+    family = pipeline_family(pipeline_path)
+    if layout not in FAMILY_LAYOUTS[family]:
+        raise ValueError(f"layout must be one of {FAMILY_LAYOUTS[family]} for a {family} pipeline, got {layout!r}")
+    if layout in ("xlabs", "peft"):
+        text_encoder = False  # XLabs files and PEFT folders hold the denoiser only
+    entries, models = _tiny_lora_entries(pipeline_path, family, rank, alpha, seed, layout, text_encoder, unet_modules,
+                                         text_modules, std, per_module)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if layout == "diffusers":
+        _save_diffusers_lora(out, family, entries, rank, float(rank if alpha is None else alpha))
+    elif layout == "peft":
+        _save_peft_folder(out, entries, rank, float(rank if alpha is None else alpha), rslora)
+    elif layout in ("kohya", "kohya-sgm"):
+        tensors = {}
+        for entry in entries:
+            key = entry["kohya"]
+            if layout == "kohya-sgm" and entry["component"] == "unet":
+                key = "lora_unet_" + sgm_module_name(entry["names"][0], models["unet"].config.layers_per_block).replace(".", "_")
+            tensors.update({f"{key}.lora_down.weight": entry["down"], f"{key}.lora_up.weight": entry["up"],
+                            f"{key}.alpha": torch.tensor(entry["alpha"])})
+        save_file(tensors, str(out), metadata={"format": "pt"})
+    elif layout == "ai-toolkit":  # diffusers keys with alpha / r folded into lora_A
+        tensors = {}
+        for entry in entries:
+            for name, part in zip(entry["names"], entry["parts"]):
+                tensors[f"{entry['component']}.{name}.lora_A.weight"] = entry["down"] * entry["scale"]
+                tensors[f"{entry['component']}.{name}.lora_B.weight"] = part
+        save_file(tensors, str(out), metadata={"format": "pt"})
+    else:  # xlabs: double_blocks.<i>.processor.<qkv|proj>_lora<1|2>.<down|up>.weight, scale 1
+        by_kohya = {entry["kohya"]: entry for entry in entries}
+        tensors = {}
+        for key, kohya in FLUX_XLABS_MODULES.items():
+            for i in range(len(models["transformer"].transformer_blocks)):
+                entry = by_kohya.get(f"lora_unet_{kohya.format(i=i)}")
+                if entry is not None:
+                    tensors[f"double_blocks.{i}.{key}.down.weight"] = entry["down"]
+                    tensors[f"double_blocks.{i}.{key}.up.weight"] = entry["up"]
+        save_file(tensors, str(out), metadata={"format": "pt"})
+    return out
+
+
+def tiny_lora_deltas(pipeline_path: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
+    """{"<component>.<module>": scale * B A} of the LoRA ``make_tiny_lora(pipeline_path, ..., **kwargs)`` writes,
+    computed from its factors (conv deltas in the weight's 4-D shape): the hand merge that equivalence tests
+    apply to a plain pipeline where no library is a reference."""
+    family = pipeline_family(pipeline_path)
+    layout = kwargs.get("layout", "diffusers")
+    if layout in ("xlabs", "peft"):
+        kwargs["text_encoder"] = False
+    entries, _ = _tiny_lora_entries(Path(pipeline_path), family, kwargs.get("rank", 4), kwargs.get("alpha"),
+                                    kwargs.get("seed", 0), layout, kwargs.get("text_encoder", True),
+                                    kwargs.get("unet_modules"), kwargs.get("text_modules", TEXT_ATTENTION_MODULES),
+                                    kwargs.get("std", 0.3), kwargs.get("per_module", False))
+    rslora = kwargs.get("rslora", False)
+    deltas = {}
+    for entry in entries:
+        r = entry["down"].shape[0]
+        scale = 1.0 if layout == "xlabs" else entry["alpha"] / (math.sqrt(r) if rslora else r)
+        down = entry["down"].flatten(1)
+        for name, part in zip(entry["names"], entry["parts"]):
+            delta = scale * (part.flatten(1) @ down)
+            deltas[f"{entry['component']}.{name}"] = delta.reshape(part.shape[0], *entry["down"].shape[1:])
+    return deltas
+
+
+def _tiny_lora_entries(pipeline_path: Path, family: str, rank: int, alpha: float | None, seed: int, layout: str,
+                       text_encoder: bool, unet_modules, text_modules, std: float, per_module: bool):
+    """One entry per kohya module (Flux: fused q/k/v): its component, kohya key, the modules it covers, the factors
+    (up split by module) and its alpha."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    pipeline_path, out = Path(pipeline_path), Path(out)
-    family = pipeline_family(pipeline_path)
-    allowed = LAYOUTS if family == "flux" else LAYOUTS[:2]
-    if layout not in allowed:
-        raise ValueError(f"layout must be one of {allowed} for a {family} pipeline, got {layout!r}")
-    alpha = float(rank if alpha is None else alpha)
     generator = torch.Generator().manual_seed(seed)
     text_encoders = {"sd": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"], "flux": ["text_encoder"]}[family]
-    if layout == "xlabs":
-        text_encoder = False
     # groups: (component, kohya key, [module names], up-row splits) sharing one lora_down
     groups: list[tuple[str, str, list[str], list[int]]] = []
     models: dict[str, torch.nn.Module] = {}
@@ -262,64 +365,82 @@ def make_tiny_lora(
 
         models["transformer"] = FluxTransformer2DModel.from_pretrained(pipeline_path / "transformer")
         for kohya, names in _flux_groups(models["transformer"], layout):
-            splits = [models["transformer"].get_submodule(n).out_features for n in names]
-            groups.append(("transformer", kohya, names, splits))
+            if unet_modules is None or any(n.endswith(tuple(unet_modules)) for n in names):
+                splits = [models["transformer"].get_submodule(n).out_features for n in names]
+                groups.append(("transformer", "lora_unet_" + kohya, names, splits))
     else:
         models["unet"] = UNet2DConditionModel.from_pretrained(pipeline_path / "unet")
-        for name, module in _lora_targets(models["unet"], unet_modules):
-            groups.append(("unet", name.replace(".", "_"), [name], []))
+        for name, module in _lora_targets(models["unet"], tuple(unet_modules or UNET_ATTENTION_MODULES)):
+            groups.append(("unet", "lora_unet_" + name.replace(".", "_"), [name], []))
     if text_encoder:
         for component in text_encoders:
             text_class = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
             models[component] = text_class.from_pretrained(pipeline_path / component)
+            prefix = {"text_encoder": "lora_te_" if family == "sd" else "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
             for name, module in _lora_targets(models[component], text_modules):
                 # kohya names text-encoder modules from `text_model.`, as transformers 4 did
-                groups.append((component, name.removeprefix("text_model.").replace(".", "_"), [name], []))
+                groups.append((component, prefix + "text_model_" + name.removeprefix("text_model.").replace(".", "_"), [name], []))
 
-    kohya_tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, torch.Tensor]] = {component: {} for component in models}
-    targets: dict[str, list[str]] = {component: [] for component in models}
-    for component, kohya, names, splits in groups:
+    entries = []
+    for index, (component, kohya, names, splits) in enumerate(groups):
         module = models[component].get_submodule(names[0])
+        r = max(1, rank // 2) if per_module and index % 3 == 2 else rank
         if isinstance(module, torch.nn.Linear):
-            down_shape, up_shape = (rank, module.in_features), (sum(splits) or module.out_features, rank)
+            down_shape, up_shape = (r, module.in_features), (sum(splits) or module.out_features, r)
         else:
-            down_shape = (rank, module.in_channels, *module.kernel_size)
-            up_shape = (module.out_channels, rank, 1, 1)
+            down_shape = (r, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, r, 1, 1)
         down = torch.randn(down_shape, generator=generator) * std
         up = torch.randn(up_shape, generator=generator) * std
-        prefix = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_" if family != "sd" else "lora_te_",
-                  "text_encoder_2": "lora_te2_"}[component] + ("text_model_" if component.startswith("text") else "")
-        kohya_tensors.update({f"{prefix}{kohya}.lora_down.weight": down, f"{prefix}{kohya}.lora_up.weight": up,
-                              f"{prefix}{kohya}.alpha": torch.tensor(alpha)})
-        for name, part in zip(names, up.split(splits) if splits else [up]):
-            # ai-toolkit folds alpha / r into the factors; xlabs has no alpha (the scale is 1)
-            scale = alpha / rank if layout == "ai-toolkit" else 1.0
-            layers[component][f"{name}.lora_A.weight"] = down * scale
-            layers[component][f"{name}.lora_B.weight"] = part.contiguous()
-            targets[component].append(name)
+        module_alpha = float(rank if alpha is None else alpha) * (1 + index % 3 if per_module else 1)
+        entries.append(dict(component=component, kohya=kohya, names=names, down=down, up=up, alpha=module_alpha,
+                            scale=module_alpha / r, parts=[p.contiguous() for p in (up.split(splits) if splits else [up])]))
+    return entries, models
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if layout == "diffusers":
-        from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}[family]
-        kwargs = {f"{c}_lora_layers": layers[c] for c in layers}
-        kwargs.update({f"{c}_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha, "target_modules": t} for c, t in targets.items()})
-        cls.save_lora_weights(out.parent, weight_name=out.name, **kwargs)
-    elif layout == "kohya":
-        save_file(kohya_tensors, str(out), metadata={"format": "pt"})
-    elif layout == "ai-toolkit":
-        save_file({f"{c}.{k}": v for c, part in layers.items() for k, v in part.items()}, str(out), metadata={"format": "pt"})
-    else:  # xlabs: double_blocks.<i>.processor.<qkv|proj>_lora<1|2>.<down|up>.weight
-        tensors = {}
-        for key, kohya in FLUX_XLABS_MODULES.items():
-            for i in range(len(models["transformer"].transformer_blocks)):
-                name = f"lora_unet_{kohya.format(i=i)}"
-                tensors[f"double_blocks.{i}.{key}.down.weight"] = kohya_tensors[f"{name}.lora_down.weight"]
-                tensors[f"double_blocks.{i}.{key}.up.weight"] = kohya_tensors[f"{name}.lora_up.weight"]
-        save_file(tensors, str(out), metadata={"format": "pt"})
-    return out
+def _save_diffusers_lora(out: Path, family: str, entries: list[dict], rank: int, alpha: float) -> None:
+    """As the pipeline class's ``save_lora_weights`` writes it, per-module ranks and alphas as PEFT patterns."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    metadata: dict[str, dict] = {}
+    for entry in entries:
+        component = entry["component"]
+        config = metadata.setdefault(component, {"r": rank, "lora_alpha": alpha, "target_modules": [],
+                                                 "rank_pattern": {}, "alpha_pattern": {}})
+        for name, part in zip(entry["names"], entry["parts"]):
+            layers.setdefault(component, {})[f"{name}.lora_A.weight"] = entry["down"].clone()  # Flux: q, k, v share it
+            layers[component][f"{name}.lora_B.weight"] = part
+            config["target_modules"].append(name)
+            if entry["down"].shape[0] != rank:
+                config["rank_pattern"][f"^{re.escape(name)}$"] = entry["down"].shape[0]
+            if entry["alpha"] != alpha:
+                config["alpha_pattern"][f"^{re.escape(name)}$"] = entry["alpha"]
+    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}[family]
+    kwargs = {f"{c}_lora_layers": layers[c] for c in layers}
+    kwargs.update({f"{c}_lora_adapter_metadata": config for c, config in metadata.items()})
+    cls.save_lora_weights(out.parent, weight_name=out.name, **kwargs)
+
+
+def _save_peft_folder(out: Path, entries: list[dict], rank: int, alpha: float, rslora: bool) -> None:
+    """A PEFT adapter folder for the denoiser, as ``PeftModel.save_pretrained`` writes it."""
+    from peft import LoraConfig
+
+    tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, []
+    for entry in entries:
+        for name, part in zip(entry["names"], entry["parts"]):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = entry["down"].clone()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = part
+            targets.append(name)
+            if entry["down"].shape[0] != rank:
+                rank_pattern[f"^{re.escape(name)}$"] = entry["down"].shape[0]
+            if entry["alpha"] != alpha:
+                alpha_pattern[f"^{re.escape(name)}$"] = entry["alpha"]
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, rank_pattern=rank_pattern,
+                        alpha_pattern=alpha_pattern, use_rslora=rslora)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
 
 
 def make_concept_images(

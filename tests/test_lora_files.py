@@ -1,0 +1,159 @@
+"""LoRA files as they are shared, read exactly: every layout x alpha x coverage, one expert against a reference.
+
+The reference is diffusers' own ``load_lora_weights`` wherever diffusers applies the file exactly. Where it does
+not, the reference is the merge by hand (``tiny_lora_deltas``: each module's ``alpha / r * B A`` from the factors
+the file was written from, added to a plain pipeline's weights):
+
+- kohya files with a different alpha (and rank) per module on SD and SDXL: diffusers 0.42 gives every module the
+  file's most common alpha (its ``alpha_pattern`` keys do not match the module names);
+- PEFT adapter folders, which diffusers does not read: the reference is PEFT's own ``merge_and_unload``.
+"""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from mole_diffusion import MoLEFluxPipeline, MoLEStableDiffusionPipeline, MoLEStableDiffusionXLPipeline
+from mole_diffusion.testing import (
+    FAMILY_LAYOUTS,
+    UNET_ATTENTION_MODULES,
+    make_tiny_lora,
+    make_tiny_pipeline,
+    tiny_lora_deltas,
+)
+
+PIPELINES = {"sd": (MoLEStableDiffusionPipeline, StableDiffusionPipeline),
+             "sdxl": (MoLEStableDiffusionXLPipeline, StableDiffusionXLPipeline),
+             "flux": (MoLEFluxPipeline, FluxPipeline)}
+ALPHAS = {"alpha_is_rank": dict(rank=4), "alpha_below_rank": dict(rank=4, alpha=1.0),
+          "per_module": dict(rank=4, alpha=1.0, per_module=True)}
+PROJ_FF = UNET_ATTENTION_MODULES + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+# (modules of the denoiser, text encoders too); Flux has no convolutions, and its attention is the fused q/k/v
+COVERAGE = {
+    "sd": {"attention": (UNET_ATTENTION_MODULES, False), "proj_ff": (PROJ_FF, False),
+           "convs": (PROJ_FF + ("conv1", "conv2", "time_emb_proj"), False),
+           "text": (PROJ_FF + ("conv1", "conv2", "time_emb_proj"), True)},
+    "flux": {"attention": (("to_q", "to_out.0", "add_q_proj", "to_add_out"), False), "proj_ff": (None, False),
+             "text": (None, True)},
+}
+COVERAGE["sdxl"] = COVERAGE["sd"]
+DIFFUSERS_OFF = {("sd", "kohya", "per_module"), ("sdxl", "kohya", "per_module"), ("sdxl", "kohya-sgm", "per_module")}
+CASES = [(family, layout, alphas, coverage) for family in PIPELINES for layout in FAMILY_LAYOUTS[family]
+         for alphas in ALPHAS for coverage in COVERAGE[family]
+         if not (layout == "xlabs" and alphas != "alpha_is_rank")  # XLabs files have no alpha
+         and not (layout in ("peft", "xlabs") and coverage == "text")]  # nor text encoders, as PEFT folders
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Per family: a tiny checkpoint, a MoLE pipeline and a plain diffusers one, reused (and restored) by each case."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            base = make_tiny_pipeline(tmp_path_factory.mktemp(family) / "base", family=family)
+            pipes = [cls.from_pretrained(base) for cls in PIPELINES[family]]
+            for pipe in pipes:
+                pipe.set_progress_bar_config(disable=True)
+            cache[family] = (base, *pipes)
+        return cache[family]
+
+    return get
+
+
+def generate(pipe):
+    kwargs = dict(max_sequence_length=16) if isinstance(pipe, FluxPipeline) else {}
+    return pipe("a red circle on a blue background", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def hand_merged(pipe, deltas):
+    """Images of ``pipe`` with every delta added to its module's weight, the weights put back afterwards."""
+    originals = {}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            component, module = name.split(".", 1)
+            weight = getattr(pipe, component).get_submodule(module).weight
+            originals[name] = weight.clone()
+            weight.add_(delta.reshape(weight.shape))
+    try:
+        return generate(pipe)
+    finally:
+        with torch.no_grad():
+            for name, weight in originals.items():
+                component, module = name.split(".", 1)
+                getattr(pipe, component).get_submodule(module).weight.copy_(weight)
+
+
+def peft_merged(pipe, folder, denoiser):
+    from peft import PeftModel
+
+    original = getattr(pipe, denoiser)
+    state = {k: v.clone() for k, v in original.state_dict().items()}
+    try:
+        setattr(pipe, denoiser, PeftModel.from_pretrained(original, folder).merge_and_unload())
+        return generate(pipe)
+    finally:
+        setattr(pipe, denoiser, original)
+        original.load_state_dict(state)
+
+
+@pytest.mark.parametrize("family,layout,alphas,coverage", CASES)
+def test_one_expert_equals_the_reference(pipelines, tmp_path, family, layout, alphas, coverage):
+    base, mole, ref = pipelines(family)
+    unet_modules, text_encoder = COVERAGE[family][coverage]
+    spec = dict(ALPHAS[alphas], unet_modules=unet_modules, text_encoder=text_encoder, layout=layout, seed=1)
+    path = make_tiny_lora(base, tmp_path / ("lora" if layout == "peft" else "lora.safetensors"), **spec)
+    plain = generate(mole)
+    mole.load_experts({"lora": path})
+    try:
+        image = generate(mole)
+    finally:
+        mole.unload_experts()
+    assert np.abs(image - plain).max() > 1e-3  # the expert does something
+    if layout == "peft":
+        expected = peft_merged(ref, path, mole.denoiser)
+    elif (family, layout, alphas) in DIFFUSERS_OFF:
+        expected = hand_merged(ref, tiny_lora_deltas(base, **spec))
+    else:
+        ref.load_lora_weights(path, adapter_name="lora")
+        try:
+            expected = generate(ref)
+        finally:
+            ref.unload_lora_weights()
+    np.testing.assert_allclose(image, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(PIPELINES))
+@pytest.mark.parametrize("alphas", list(ALPHAS))
+def test_kohya_files_and_their_twins_have_one_content_hash(pipelines, tmp_path, family, alphas):
+    """The same LoRA in every layout that keeps its factors as trained (Flux's kohya files come back from diffusers
+    with alpha folded into the factors, so they are not compared here)."""
+    base, mole, _ = pipelines(family)
+    layouts = [layout for layout in ("diffusers", "kohya", "kohya-sgm") if layout in FAMILY_LAYOUTS[family]]
+    if family == "flux":
+        layouts.remove("kohya")
+    unet_modules = None if family == "flux" else PROJ_FF + ("conv1",)
+    hashes = set()
+    for layout in layouts:
+        path = make_tiny_lora(base, tmp_path / f"{layout}.safetensors", layout=layout, unet_modules=unet_modules,
+                              seed=1, **ALPHAS[alphas])
+        mole.load_experts({"lora": path})
+        hashes.add(mole.mole.experts[0].content_hash)
+        mole.unload_experts()
+    assert len(hashes) == 1, layouts
+
+
+def test_rslora_adapter_folder_is_scaled_by_alpha_over_sqrt_rank(pipelines, tmp_path):
+    base, mole, ref = pipelines("sd")
+    path = make_tiny_lora(base, tmp_path / "rslora", layout="peft", rank=4, alpha=2.0, rslora=True, seed=1)
+    mole.load_experts({"lora": path})
+    try:
+        assert {layer.scale for layer in mole.mole.experts[0].layers.values()} == {1.0}  # 2 / sqrt(4)
+        image = generate(mole)
+    finally:
+        mole.unload_experts()
+    np.testing.assert_allclose(image, peft_merged(ref, path, "unet"), atol=1e-4)
+    np.testing.assert_allclose(image, hand_merged(ref, tiny_lora_deltas(base, layout="peft", rank=4, alpha=2.0,
+                                                                        rslora=True, seed=1)), atol=1e-4)
