@@ -12,6 +12,11 @@ q/k/v/out), x 3072 -> 12288 (the MLP's up projection, ff.net.0.proj / proj_mlp),
 
     python benchmarks/bench_layer.py [--device cuda --dtype float16] [--experts 1 2 3 4 8]
     python benchmarks/bench_layer.py --shapes flux --experts 3 [--device cuda --dtype bfloat16]
+    python benchmarks/bench_layer.py --lycoris
+
+``--lycoris``: one expert per row at the SD shapes, as MoLE reads it: a LoRA of rank 16, a LoHa of two rank-4
+pairs and a LoKr (factor 8, W2 of rank 2), which load as the LoRA pairs they equal (rank 4 * 4 = 16 and
+rank(W1) * 2 = 16), beside PEFT's LoHa layer, which rebuilds the dense delta (B1 A1) * (B2 A2) on every call.
 """
 
 from __future__ import annotations
@@ -79,6 +84,33 @@ def variants(tokens: int, width: int, n: int, rank: int, device: str, dtype: tor
             "peft": lambda: peft_model.proj(x), "loop": loop}
 
 
+def lycoris_variants(tokens: int, width: int, device: str, dtype: torch.dtype, batch: int = 2):
+    """One expert: LoRA rank 16, LoHa 4 x 4 and LoKr converted to LoRA pairs (mole_diffusion.lycoris), PEFT's LoHa."""
+    from peft import LoHaConfig
+
+    from mole_diffusion.lycoris import lycoris_to_lora
+
+    x = torch.randn(batch, tokens, width, device=device, dtype=dtype)
+    base = nn.Linear(width, width).to(device, dtype)
+    small = 8  # LoKr: W1 (8 x 8, full), W2 (width/8 x width/8) of rank 2
+    files = {"lora": {"m.lora_down.weight": torch.randn(16, width), "m.lora_up.weight": torch.randn(width, 16)},
+             "loha": {f"m.hada_w{i}_{ab}": torch.randn(*((width, 4) if ab == "a" else (4, width))) for i in (1, 2) for ab in "ab"},
+             "lokr": {"m.lokr_w1": torch.randn(small, small), "m.lokr_w2_a": torch.randn(width // small, 2),
+                      "m.lokr_w2_b": torch.randn(2, width // small)}}
+    layers = {}
+    for name, tensors in files.items():
+        pair = lycoris_to_lora({**tensors, "m.alpha": torch.tensor(1.0)}, name)
+        down, up = pair["m.lora_down.weight"] * 0.01, pair["m.lora_up.weight"] * 0.01
+        gate = Gate(1, width).to(device)
+        gate.weights = torch.ones(batch, 1, device=device)
+        layers[name] = MoLELayer(base, down, up, torch.zeros(down.shape[0], dtype=torch.long), torch.ones(down.shape[0]), gate)
+    peft_model = inject_adapter_in_model(LoHaConfig(r=4, alpha=4, target_modules=["proj"]), Holder(nn.Linear(width, width)))
+    peft_model.to(device, dtype)
+    ranks = {name: layer.lora_A.shape[0] for name, layer in layers.items()}
+    return {"linear": lambda: base(x), **{name: (lambda layer=layer: layer(x)) for name, layer in layers.items()},
+            "peft_loha": lambda: peft_model.proj(x)}, ranks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -90,8 +122,20 @@ def main() -> None:
                         help="sd: the SD-1.5 rows (batch 2); flux: FLUX.1's widths (batch 1); all: both")
     parser.add_argument("--flux-tokens", type=int, default=None,
                         help="image tokens of the flux rows (default 4096, a 1024 px image; 1024 on CPU)")
+    parser.add_argument("--lycoris", action="store_true", help="LoHa and LoKr experts against a LoRA of the same rank")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.lycoris:
+        print(header(args.device, dtype))
+        print(f"{'shape':28s} {'linear ms':>9s} {'lora':>6s} {'loha':>6s} {'lokr':>6s} {'peft_loha':>9s}  (ratios to linear; "
+              "converted ranks below)")
+        with torch.inference_mode():
+            for label, tokens, width in SHAPES[:3]:
+                fns, ranks = lycoris_variants(tokens, width, args.device, dtype)
+                t = interleaved(fns, rounds=args.rounds, device=args.device)
+                print(f"{label:28s} {t['linear'] * 1e3:9.2f} {t['lora'] / t['linear']:6.2f} {t['loha'] / t['linear']:6.2f} "
+                      f"{t['lokr'] / t['linear']:6.2f} {t['peft_loha'] / t['linear']:9.2f}   ranks {ranks}")
+        return
     flux_tokens = args.flux_tokens or (1024 if args.device == "cpu" else 4096)
     shapes = [(label, tokens, width, width, 2) for label, tokens, width in SHAPES] if args.shapes != "flux" else []
     if args.shapes != "sd":

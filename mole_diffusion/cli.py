@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 from .schedulers import SCHEDULERS, use_scheduler
@@ -84,11 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=7.5)
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
-    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--num-images", type=_positive, default=1)
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the checkpoint's own")
     gen.add_argument("--device", help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda, else float32")
-    gen.add_argument("--out", required=True, help="PNG file (with --num-images > 1: NAME-0.png, NAME-1.png, ...)")
+    gen.add_argument("--out", required=True, help="image file, .png (or any type Pillow writes: .jpg, .webp...); "
+                     "with --num-images > 1: NAME-0.png, NAME-1.png, ...")
 
     gates = sub.add_parser(
         "train-gates",
@@ -250,6 +253,46 @@ def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
     return int(value)
+
+
+def _check_image_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Refuse an --out that no image can be written to before any model loads: a folder, a type Pillow does not
+    write, a folder that cannot be made or written."""
+    from PIL import Image
+
+    Image.init()
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder; give an image file name, e.g. {out / 'image.png'}")
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format not in Image.SAVE:
+        parser.error(f"--out {out}: {out.suffix or 'no extension'} is not an image type Pillow writes (use .png, .jpg, .webp)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        parser.error(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Refuse a device torch does not know or this machine does not have, before any model loads."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        parser.error(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {e}")
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if parsed.type == "mps":
+        available = torch.backends.mps.is_available()
+    if not available:
+        parser.error(f"--device {device}: this machine has no {parsed.type} device (use cpu)")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        parser.error(f"--device {device}: this machine has {count} {parsed.type} device(s), numbered from 0")
 
 
 def _add_training_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
@@ -454,10 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in args.experts or [] if n not in names]
         if unknown:
             parser.error(f"--experts {unknown} not among the --lora names {names}")
+        if args.experts and len(set(args.experts)) != len(args.experts):
+            parser.error(f"--experts names an expert twice: {args.experts}")
         if args.weights is not None and len(args.weights) != len(args.experts or names):
             parser.error(f"--weights has {len(args.weights)} values for {len(args.experts or names)} experts")
-        if any(w != w for w in args.weights or []):
-            parser.error(f"--weights must be numbers, got {args.weights}")
+        if not all(math.isfinite(w) for w in args.weights or []):
+            parser.error(f"--weights must be finite numbers, got {args.weights}")
+        _check_image_out(parser, Path(args.out))
         for option, size in (("--height", args.height), ("--width", args.width)):  # as diffusers' pipeline requires
             if size is not None and (size < 8 or size % 8):
                 parser.error(f"{option} must be a positive multiple of 8, got {size}")
@@ -474,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--port must be from 0 to 65535, got {args.port}")
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
+    prior = getattr(args, "prior_weights", None) or []
+    if not all(math.isfinite(w) and w > 0 for w in prior):
+        parser.error(f"--prior-weights must be positive finite numbers, got {prior}")
+    if getattr(args, "device", None):
+        _check_device(parser, args.device)
     from .errors import MoLEError
 
     commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "evaluate": evaluate,

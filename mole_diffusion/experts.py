@@ -1,9 +1,11 @@
 """Experts (METHOD.md section 1): LoRA files read into per-module (A, B, alpha / r), checked against the base.
 
 Formats: diffusers/PEFT safetensors (``save_lora_weights`` output, with or without ``lora_adapter_metadata``),
-PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``) and kohya/A1111 safetensors.
-Key conversion is diffusers' own (``lora_state_dict``, ``convert_*_to_peft``); scales follow the rules diffusers
-applies when it loads the same file, so one expert here equals ``load_lora_weights`` there.
+PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), kohya/A1111 safetensors (SDXL's
+sgm block names too), and LyCORIS LoHa, LoKr and Tucker LoCon modules, converted to the LoRA pairs they equal
+(``lycoris.py``). DoRA experts (PEFT's ``lora_magnitude_vector``, LyCORIS ``dora_scale``) keep their magnitude.
+Key conversion is diffusers' own (``lora_state_dict``, ``convert_*_to_peft``); every module gets its own alpha / r,
+as the file says, so one expert here equals ``load_lora_weights`` there wherever diffusers reads the file exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import MoLEError
+from .lycoris import conv_shaped, lycoris_to_lora
 
 # the components a LoRA file of any supported family has weights for (each pipeline class has some of them)
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -34,6 +37,7 @@ class LoRAWeights:
     down: torch.Tensor  # A: (r, d_in) or (r, C_in, kh, kw)
     up: torch.Tensor  # B: (d_out, r) or (C_out, r, 1, 1)
     scale: float  # alpha / r
+    magnitude: torch.Tensor | None = None  # DoRA: m, (d_out,): the adapted weight is m * (W + s B A) / ||W + s B A||
 
     @property
     def rank(self) -> int:
@@ -55,7 +59,7 @@ class Expert:
         for module in sorted(self.layers):
             lora = self.layers[module]
             digest.update(f"{module}:{lora.scale!r}".encode())
-            for tensor in (lora.down, lora.up):
+            for tensor in (lora.down, lora.up) + (() if lora.magnitude is None else (lora.magnitude,)):
                 digest.update(str(tuple(tensor.shape)).encode())
                 digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
@@ -77,7 +81,9 @@ def _read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.is_dir():
         if (path / "adapter_config.json").exists():  # a PEFT adapter folder
             tensors, _ = _read_safetensors(_only_safetensors(path / "adapter_model.safetensors"))
-            config = json.loads((path / "adapter_config.json").read_text())
+            config = _json(path / "adapter_config.json", lambda: (path / "adapter_config.json").read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise ExpertError(f"{path / 'adapter_config.json'}: expected a JSON object (a PEFT LoraConfig)")
             tensors = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
             return tensors, {"": config}
         path = _only_safetensors(path / "pytorch_lora_weights.safetensors")
@@ -86,12 +92,21 @@ def _read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     tensors, metadata = _read_safetensors(path)
     if "lora_adapter_metadata" not in metadata:
         return tensors, None
-    packed = json.loads(metadata["lora_adapter_metadata"])  # {"unet.r": 4, "unet.lora_alpha": 8, ...}
+    packed = _json(f"{path}: lora_adapter_metadata", lambda: metadata["lora_adapter_metadata"])
+    if not isinstance(packed, dict):  # {"unet.r": 4, "unet.lora_alpha": 8, ...}
+        raise ExpertError(f"{path}: lora_adapter_metadata is not a JSON object of LoraConfig fields")
     configs: dict[str, dict] = {}
     for key, value in packed.items():
         component, _, option = key.partition(".")
         configs.setdefault(component, {})[option] = value
     return tensors, configs
+
+
+def _json(where, read):
+    try:
+        return json.loads(read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExpertError(f"{where}: not valid JSON ({e})") from None
 
 
 def _only_safetensors(path: Path) -> Path:
@@ -156,13 +171,17 @@ def _scale(module: str, rank: int, config: dict | None, alpha: torch.Tensor | No
         from peft.utils.other import get_pattern_key
 
         alpha_pattern = config.get("alpha_pattern") or {}
+        if not isinstance(alpha_pattern, dict):
+            raise ExpertError(f"alpha_pattern is {alpha_pattern!r} (expected an object of module pattern -> alpha)")
         value = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ExpertError(f"lora_alpha of {module} is {value!r} (expected a number)")
         return float(value) / (math.sqrt(rank) if config.get("use_rslora") else rank)
     return 1.0 if alpha is None else float(alpha) / rank
 
 
-# what follows ".lora_" in a converted key: the two factors and the kohya alpha carried beside lora_A
-LORA_KEYS = ("A.weight", "B.weight", "A.alpha")
+# what follows ".lora_" in a converted key: the two factors, the kohya alpha carried beside lora_A, DoRA's magnitude
+LORA_KEYS = ("A.weight", "B.weight", "A.alpha", "magnitude_vector")
 
 
 def _check_values(where: str, key: str, tensor: torch.Tensor) -> None:
@@ -207,9 +226,11 @@ def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module]
     if pipeline_class is None:
         from diffusers import StableDiffusionPipeline as pipeline_class
     tensors, configs = _read_lora_file(path)
-    unsupported = sorted(k for k in tensors if "dora_scale" in k or "lora_magnitude_vector" in k or ".hada_" in k or ".lokr_" in k)
-    if unsupported:
-        raise ExpertError(f"{path}: {unsupported[0]}: DoRA/LyCORIS (LoHa, LoKr) files are not LoRA experts")
+    try:  # LoHa, LoKr and Tucker LoCon modules become the LoRA pairs they equal
+        tensors = lycoris_to_lora(tensors, str(path))
+    except ValueError as e:
+        raise ExpertError(str(e)) from None
+    dora_scales = {k: tensors.pop(k) for k in list(tensors) if k.endswith(".dora_scale")}
     if configs is not None and "" in configs:  # PEFT adapter folder: find the component whose modules it names
         modules = {k.split(".lora_")[0] for k in tensors}
         component = next((c for c in models if all(_has(models[c], m) for m in modules)), next(iter(models)))
@@ -226,6 +247,8 @@ def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module]
                           f"{type(e).__name__}: {first_line})") from e
     if not parts:
         raise ExpertError(f"{path}: no LoRA weights for {' or '.join(models)} found (keys start: {list(tensors)[:3]})")
+    if dora_scales:
+        _add_dora_scales(path, dora_scales, parts, models, pipeline_class)
 
     layers: dict[str, LoRAWeights] = {}
     for component, state in parts.items():
@@ -245,15 +268,55 @@ def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module]
                 _check_values(where, key, tensor)
             if down.shape[0] == 0:
                 raise ExpertError(f"{where}: rank 0 (lora_A {tuple(down.shape)}): a LoRA needs rank >= 1")
+            target = models[component].get_submodule(module) if _has(models[component], module) else None
+            if isinstance(target, nn.Conv2d) and down.dim() == 2:  # LyCORIS stores some conv factors flattened
+                down, up = conv_shaped(down, up, target.weight.shape)
             _check_fits(path, component, module, models[component], down, up)
             alpha = state.get(f"{module}.lora_A.alpha")
             if alpha is not None:
                 _check_values(where, "alpha", alpha)
-            scale = _scale(module, down.shape[0], config, alpha)
+            try:
+                scale = _scale(module, down.shape[0], config, alpha)
+            except ExpertError as e:
+                raise ExpertError(f"{path}: {component} LoRA config: {e}") from None
             if not math.isfinite(scale):
                 raise ExpertError(f"{where}: its scale alpha / r is {scale} (expected a finite number)")
-            layers[f"{component}.{module}"] = LoRAWeights(down, up, scale)
+            magnitude = state.get(f"{module}.lora_magnitude_vector")
+            if magnitude is not None:
+                _check_values(where, "lora_magnitude_vector", magnitude)
+                if magnitude.numel() != up.shape[0]:
+                    raise ExpertError(f"{where}: DoRA lora_magnitude_vector {tuple(magnitude.shape)} does not fit "
+                                      f"the module's {up.shape[0]} output channels")
+                magnitude = magnitude.flatten()
+            layers[f"{component}.{module}"] = LoRAWeights(down, up, scale, magnitude)
     return Expert(name=name, path=str(path), layers=layers)
+
+
+def _add_dora_scales(path, dora_scales: dict[str, torch.Tensor], parts: dict, models: dict, pipeline_class: type) -> None:
+    """LyCORIS DoRA (``<kohya module>.dora_scale``, the magnitude per output channel) as PEFT's
+    ``lora_magnitude_vector`` beside each module's converted factors. diffusers drops these keys (with a warning), so
+    their module names are found by converting a stand-in LoRA with one module per scale: the names kohya files
+    get, whatever the family's key conversion does."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    if issubclass(pipeline_class, FluxLoraLoaderMixin):
+        raise ExpertError(f"{path}: {sorted(dora_scales)[0]}: kohya-style DoRA (dora_scale) is read for SD and SDXL "
+                          "files; Flux DoRA is read in the diffusers/PEFT layout (lora_magnitude_vector)")
+    stand_in = {}
+    for key, scale in dora_scales.items():
+        if scale.dim() < 2 or scale.shape[0] == 1 or scale[0].numel() != 1:
+            raise ExpertError(f"{path}: {key} has shape {tuple(scale.shape)}: a DoRA magnitude per input channel "
+                              "(LyCORIS wd_on_output=False) has no per-output-channel form; expected (out, 1, ...)")
+        prefix = key.removesuffix(".dora_scale")
+        stand_in[f"{prefix}.lora_down.weight"] = scale.reshape(1, -1)
+        stand_in[f"{prefix}.lora_up.weight"] = torch.zeros(1, 1)
+    for component, part in _split_components(stand_in, models, pipeline_class).items():
+        for key, scale in part.items():
+            if key.endswith(".lora_A.weight"):
+                module = key.removesuffix(".lora_A.weight")
+                if f"{module}.lora_A.weight" not in parts.get(component, {}):
+                    raise ExpertError(f"{path}: {component}.{module} has a dora_scale but no LoRA weights")
+                parts[component][f"{module}.lora_magnitude_vector"] = scale.flatten()
 
 
 def _has(model: nn.Module, module_name: str) -> bool:

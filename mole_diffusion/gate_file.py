@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from .errors import MoLEError
 from .gates import ACTIVATIONS, check_timestep_knots
-from .inject import MoLE, reads_timestep
+from .inject import GRANULARITIES, MoLE, reads_timestep
 
 FORMAT = "mole-diffusion-gates"
 FORMAT_VERSION = "1"
@@ -94,6 +94,13 @@ def read_gate_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise GateFileError(f"{path}: gate file metadata expert_names / expert_hashes is not JSON ({e})") from e
     if not isinstance(hashes, dict) or set(hashes) != set(names):
         raise GateFileError(f"{path}: gate file metadata expert_hashes should hold one hash for each of {names}")
+    if metadata["granularity"] not in GRANULARITIES:
+        raise GateFileError(f"{path}: gate file metadata granularity is {metadata['granularity']!r} (expected one of "
+                            f"{GRANULARITIES})")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise GateFileError(f"{path}: gate tensor {key} holds NaN or inf values or is not floating point "
+                                f"({tensor.dtype}); expected finite numbers (a diverged training run?)")
     return tensors, metadata
 
 

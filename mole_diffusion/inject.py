@@ -6,6 +6,7 @@ and off, holds constant weights, fuses them, and restores the original modules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -129,8 +130,8 @@ class MoLE:
             weights = [float(w) for w in weights]
             if len(weights) != len(names):
                 raise ValueError(f"{len(weights)} weights given for {len(names)} experts {names}")
-            if any(w != w for w in weights):
-                raise ValueError(f"weights contain NaN: {weights}")
+            if not all(math.isfinite(w) for w in weights):
+                raise MoLEError(f"weights must be finite numbers, got {weights}")
             by_name = dict(zip(names, weights))
             weights = [by_name.get(n, 0.0) for n in self.expert_names]
         self.constant_weights = weights
@@ -145,7 +146,7 @@ class MoLE:
         checked = {}
         for gate, values in weights.items():
             values = [float(w) for w in values]
-            if len(values) != len(self.experts) or any(w != w for w in values):
+            if len(values) != len(self.experts) or not all(math.isfinite(w) for w in values):
                 raise ValueError(f"gate {gate}: expected {len(self.experts)} numbers (one per expert {self.expert_names}), got {values}")
             checked[gate] = values
         return checked
@@ -155,6 +156,8 @@ class MoLE:
         masked experts count as 0 until they are switched on again."""
         self.active = names = self._checked(names)
         mask = torch.tensor([n in names for n in self.expert_names])
+        for layer in self.layers.values():
+            layer.select_experts(mask)
         for gate_name, gate in self.gates.items():
             gate.mask.copy_(mask)
             if self.constant_weights is not None:
@@ -304,8 +307,8 @@ def inject_experts(
         raise MoLEError(f"per-position gates read a block's feature map: granularity 'block', not {granularity!r}")
     n = len(experts)
     prior = torch.full((n,), 1.0 / n) if prior_weights is None else torch.tensor([float(w) for w in prior_weights])
-    if prior.shape != (n,) or not bool((prior > 0).all()):
-        raise ValueError(f"prior_weights must be {n} positive numbers (one per expert), got {prior_weights}")
+    if prior.shape != (n,) or not bool((prior > 0).all()) or not bool(torch.isfinite(prior).all()):
+        raise MoLEError(f"prior_weights must be {n} positive finite numbers (one per expert), got {prior_weights}")
     check_timestep_knots(timestep_knots)  # also where no gate is the denoiser's (a text-encoder-only LoRA)
     mole = MoLE(experts, granularity, activation, per_position, timestep_knots)
 
@@ -316,7 +319,8 @@ def inject_experts(
         base = model.get_submodule(module_name)
         covering = [(i, e.layers[full_name]) for i, e in enumerate(experts) if full_name in e.layers]
         lora_A = torch.cat([lora.down for _, lora in covering]).float()
-        lora_B = torch.cat([lora.up for _, lora in covering], dim=1).float()
+        ups, magnitude_offset = _dora_ups(full_name, base, covering, n)
+        lora_B = torch.cat(ups, dim=1)
         rank_expert = torch.cat([torch.full((lora.rank,), i) for i, lora in covering])
         rank_scale = torch.cat([torch.full((lora.rank,), lora.scale) for _, lora in covering])
 
@@ -326,7 +330,7 @@ def inject_experts(
             in_features = _gate_in_features(model, scope, base)
             knots = timestep_knots if reads_timestep(gate_name) else 0
             mole.gates[gate_name] = Gate(n, in_features, prior, activation, per_position, knots).to(base.weight.device)
-        layer = MoLELayer(base, lora_A, lora_B, rank_expert, rank_scale, mole.gates[gate_name])
+        layer = MoLELayer(base, lora_A, lora_B, rank_expert, rank_scale, mole.gates[gate_name], magnitude_offset)
         layer.reads_prompt = component.startswith("text_encoder") or module_name.endswith(PROMPT_TOKEN_MODULES)
 
         parent_name, _, attr = module_name.rpartition(".")
@@ -345,6 +349,31 @@ def inject_experts(
         if isinstance(model, DENOISERS):
             mole._timestep_handles.append(model.register_forward_pre_hook(_make_timestep_hook(mole), with_kwargs=True))
     return mole
+
+
+@torch.no_grad()
+def _dora_ups(name: str, base: nn.Module, covering: list, n: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Each covering expert's B (float32), DoRA experts' rows times s_k = m_k / ||W + alpha/r B_k A_k|| (the norm per
+    output channel, of the frozen weight: fixed, as in PEFT, which detaches it); and the (N, d_out) offsets s_k - 1
+    of the DoRA experts (None where no expert here is DoRA)."""
+    if all(lora.magnitude is None for _, lora in covering):
+        return [lora.up.float() for _, lora in covering], None
+    weight = base.weight.detach().float()
+    offset = torch.zeros(n, weight.shape[0], device=weight.device)
+    ups = []
+    for index, lora in covering:
+        up = lora.up.float().to(weight.device)
+        if lora.magnitude is not None:
+            delta = lora.scale * (up.flatten(1) @ lora.down.float().to(weight.device).flatten(1))
+            norm = (weight.flatten(1) + delta).norm(dim=1)
+            if not bool((norm > 0).all()):
+                raise MoLEError(f"{name}: DoRA expert {index}: the adapted weight has a zero row, so its magnitude "
+                                "cannot be applied")
+            rescale = lora.magnitude.float().to(weight.device) / norm
+            up = up * rescale.view(-1, *([1] * (up.dim() - 1)))
+            offset[index] = rescale - 1
+        ups.append(up)
+    return ups, offset
 
 
 def reads_timestep(gate_name: str) -> bool:

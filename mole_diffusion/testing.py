@@ -260,6 +260,7 @@ def make_tiny_lora(
     std: float = 0.3,
     per_module: bool = False,
     rslora: bool = False,
+    dora: bool = False,
 ) -> Path:
     """Write a random LoRA for the tiny pipeline at ``pipeline_path`` (any family, read from its model_index).
 
@@ -279,8 +280,10 @@ def make_tiny_lora(
     ``"conv1"`` gives a LoCon-style conv LoRA) and, with ``text_encoder``, ``text_modules`` of every text encoder
     are adapted. Flux: the fused kohya modules that cover a module ending in ``unet_modules`` (default: all).
     ``per_module`` gives module i its own alpha (``alpha * (1 + i % 3)``) and every third module half the rank,
-    as real kohya files can have. The same arguments give the same LoRA in every layout, so the files are twins;
-    ``tiny_lora_deltas`` returns the weight deltas they hold, in closed form.
+    as real kohya files can have. ``dora`` (diffusers and PEFT layouts) adds DoRA magnitudes (PEFT's
+    ``lora_magnitude_vector``): the norm of each output channel of W + alpha/r B A, times 1 + N(0, 0.2).
+    The same arguments give the same LoRA in every layout, so the files are twins; ``tiny_lora_deltas`` returns
+    the weight deltas they hold, in closed form.
     """
     pipeline_path, out = Path(pipeline_path), Path(out)
     family = pipeline_family(pipeline_path)
@@ -288,8 +291,10 @@ def make_tiny_lora(
         raise ValueError(f"layout must be one of {FAMILY_LAYOUTS[family]} for a {family} pipeline, got {layout!r}")
     if layout in ("xlabs", "peft"):
         text_encoder = False  # XLabs files and PEFT folders hold the denoiser only
+    if dora and layout not in ("diffusers", "peft"):
+        raise ValueError(f"DoRA files are written in the diffusers and peft layouts, not {layout!r}")
     entries, models = _tiny_lora_entries(pipeline_path, family, rank, alpha, seed, layout, text_encoder, unet_modules,
-                                         text_modules, std, per_module)
+                                         text_modules, std, per_module, dora)
     out.parent.mkdir(parents=True, exist_ok=True)
     if layout == "diffusers":
         _save_diffusers_lora(out, family, entries, rank, float(rank if alpha is None else alpha))
@@ -332,26 +337,30 @@ def tiny_lora_deltas(pipeline_path: str | os.PathLike, **kwargs) -> dict[str, to
     layout = kwargs.get("layout", "diffusers")
     if layout in ("xlabs", "peft"):
         kwargs["text_encoder"] = False
-    entries, _ = _tiny_lora_entries(Path(pipeline_path), family, kwargs.get("rank", 4), kwargs.get("alpha"),
-                                    kwargs.get("seed", 0), layout, kwargs.get("text_encoder", True),
-                                    kwargs.get("unet_modules"), kwargs.get("text_modules", TEXT_ATTENTION_MODULES),
-                                    kwargs.get("std", 0.3), kwargs.get("per_module", False))
+    entries, models = _tiny_lora_entries(Path(pipeline_path), family, kwargs.get("rank", 4), kwargs.get("alpha"),
+                                         kwargs.get("seed", 0), layout, kwargs.get("text_encoder", True),
+                                         kwargs.get("unet_modules"), kwargs.get("text_modules", TEXT_ATTENTION_MODULES),
+                                         kwargs.get("std", 0.3), kwargs.get("per_module", False), kwargs.get("dora", False))
     rslora = kwargs.get("rslora", False)
     deltas = {}
     for entry in entries:
         r = entry["down"].shape[0]
         scale = 1.0 if layout == "xlabs" else entry["alpha"] / (math.sqrt(r) if rslora else r)
         down = entry["down"].flatten(1)
-        for name, part in zip(entry["names"], entry["parts"]):
+        for index, (name, part) in enumerate(zip(entry["names"], entry["parts"])):
             delta = scale * (part.flatten(1) @ down)
+            if "magnitudes" in entry:  # DoRA: m * (W + delta) / ||W + delta|| - W, per output channel
+                weight = models[entry["component"]].get_submodule(name).weight.detach().flatten(1)
+                adapted = weight + delta
+                delta = adapted * (entry["magnitudes"][index].flatten() / adapted.norm(dim=1))[:, None] - weight
             deltas[f"{entry['component']}.{name}"] = delta.reshape(part.shape[0], *entry["down"].shape[1:])
     return deltas
 
 
 def _tiny_lora_entries(pipeline_path: Path, family: str, rank: int, alpha: float | None, seed: int, layout: str,
-                       text_encoder: bool, unet_modules, text_modules, std: float, per_module: bool):
+                       text_encoder: bool, unet_modules, text_modules, std: float, per_module: bool, dora: bool = False):
     """One entry per kohya module (Flux: fused q/k/v): its component, kohya key, the modules it covers, the factors
-    (up split by module) and its alpha."""
+    (up split by module), its alpha and, with ``dora``, each module's DoRA magnitude."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -395,6 +404,15 @@ def _tiny_lora_entries(pipeline_path: Path, family: str, rank: int, alpha: float
         module_alpha = float(rank if alpha is None else alpha) * (1 + index % 3 if per_module else 1)
         entries.append(dict(component=component, kohya=kohya, names=names, down=down, up=up, alpha=module_alpha,
                             scale=module_alpha / r, parts=[p.contiguous() for p in (up.split(splits) if splits else [up])]))
+    if dora:  # drawn after every factor, so a DoRA file's factors are its plain twin's
+        for entry in entries:
+            entry["magnitudes"] = []
+            for name, part in zip(entry["names"], entry["parts"]):
+                weight = models[entry["component"]].get_submodule(name).weight.detach().flatten(1)
+                norm = (weight + entry["scale"] * (part.flatten(1) @ entry["down"].flatten(1))).norm(dim=1)
+                magnitude = norm * (1 + 0.2 * torch.randn(norm.shape, generator=generator))
+                # PEFT keeps a conv's magnitude as (1, out, 1, 1)
+                entry["magnitudes"].append(magnitude.reshape(1, -1, 1, 1) if entry["down"].dim() == 4 else magnitude)
     return entries, models
 
 
@@ -407,10 +425,12 @@ def _save_diffusers_lora(out: Path, family: str, entries: list[dict], rank: int,
     for entry in entries:
         component = entry["component"]
         config = metadata.setdefault(component, {"r": rank, "lora_alpha": alpha, "target_modules": [],
-                                                 "rank_pattern": {}, "alpha_pattern": {}})
-        for name, part in zip(entry["names"], entry["parts"]):
+                                                 "rank_pattern": {}, "alpha_pattern": {}, "use_dora": "magnitudes" in entry})
+        for index, (name, part) in enumerate(zip(entry["names"], entry["parts"])):
             layers.setdefault(component, {})[f"{name}.lora_A.weight"] = entry["down"].clone()  # Flux: q, k, v share it
             layers[component][f"{name}.lora_B.weight"] = part
+            if "magnitudes" in entry:
+                layers[component][f"{name}.lora_magnitude_vector"] = entry["magnitudes"][index]
             config["target_modules"].append(name)
             if entry["down"].shape[0] != rank:
                 config["rank_pattern"][f"^{re.escape(name)}$"] = entry["down"].shape[0]
@@ -428,16 +448,18 @@ def _save_peft_folder(out: Path, entries: list[dict], rank: int, alpha: float, r
 
     tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, []
     for entry in entries:
-        for name, part in zip(entry["names"], entry["parts"]):
+        for index, (name, part) in enumerate(zip(entry["names"], entry["parts"])):
             tensors[f"base_model.model.{name}.lora_A.weight"] = entry["down"].clone()
             tensors[f"base_model.model.{name}.lora_B.weight"] = part
+            if "magnitudes" in entry:
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = entry["magnitudes"][index]
             targets.append(name)
             if entry["down"].shape[0] != rank:
                 rank_pattern[f"^{re.escape(name)}$"] = entry["down"].shape[0]
             if entry["alpha"] != alpha:
                 alpha_pattern[f"^{re.escape(name)}$"] = entry["alpha"]
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, rank_pattern=rank_pattern,
-                        alpha_pattern=alpha_pattern, use_rslora=rslora)
+                        alpha_pattern=alpha_pattern, use_rslora=rslora, use_dora=any("magnitudes" in e for e in entries))
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     save_file(tensors, str(out / "adapter_model.safetensors"))
@@ -548,3 +570,101 @@ def make_tiny_owlvit(path: str | os.PathLike, seed: int = 0) -> Path:
     image_processor = OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
     OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+def _lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS' split of a LoKr dimension into (smaller, larger) factors: ``factor`` and the rest when it divides,
+    else the most balanced split whose smaller part is at most ``factor`` (-1: any)."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    factor = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        if new_m > factor:
+            break
+        m, n = new_m, dimension // new_m
+    return min(m, n), max(m, n)
+
+
+def _lycoris_shapes(module: torch.nn.Module, algo: str, rank: int, use_tucker: bool, factor: int,
+                    decompose_both: bool, full_matrix: bool) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes LyCORIS' LoHa / LoKr / LoCon module saves for ``module`` (a Linear or Conv2d)."""
+    conv = isinstance(module, torch.nn.Conv2d)
+    out_dim, in_dim = module.weight.shape[:2]
+    k = tuple(module.kernel_size) if conv else ()
+    tucker = use_tucker and any(i != 1 for i in k)
+    flat = in_dim * torch.Size(k).numel()
+    if algo == "loha":
+        if tucker:
+            return {f"hada_{p}": s for i in "12" for p, s in ((f"w{i}_a", (rank, out_dim)), (f"w{i}_b", (rank, in_dim)), (f"t{i}", (rank, rank, *k)))}
+        return {f"hada_{p}": s for i in "12" for p, s in ((f"w{i}_a", (out_dim, rank)), (f"w{i}_b", (rank, flat)))}
+    if algo == "locon_tucker":
+        ones = (1,) * len(k)
+        shapes = {"lora_down.weight": (rank, in_dim, *ones) if tucker else (rank, in_dim, *k), "lora_up.weight": (out_dim, rank, *ones)}
+        return {**shapes, "lora_mid.weight": (rank, rank, *k)} if tucker else shapes
+    (a, b), (c, d) = _lycoris_factorization(out_dim, factor), _lycoris_factorization(in_dim, factor)  # out = a*b, in = c*d
+    if decompose_both and rank < max(a, c) / 2 and not full_matrix:
+        shapes = {"lokr_w1_a": (a, rank), "lokr_w1_b": (rank, c)}
+    else:
+        shapes = {"lokr_w1": (a, c)}
+    if (rank >= max(b, d) / 2) or full_matrix:
+        return {**shapes, "lokr_w2": (b, d, *k)}
+    if tucker:
+        return {**shapes, "lokr_t2": (rank, rank, *k), "lokr_w2_a": (rank, b), "lokr_w2_b": (rank, d)}
+    return {**shapes, "lokr_w2_a": (b, rank), "lokr_w2_b": (rank, d * torch.Size(k).numel())}
+
+
+def make_tiny_lycoris(
+    pipeline_path: str | os.PathLike,
+    out: str | os.PathLike,
+    algo: str = "loha",
+    rank: int = 4,
+    alpha: float = 2.0,
+    seed: int = 0,
+    unet_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "conv1"),
+    *,
+    use_tucker: bool = False,
+    factor: int = -1,
+    decompose_both: bool = False,
+    full_matrix: bool = False,
+    std: float = 0.3,
+) -> Path:
+    """Write a random LyCORIS file for the UNet of the tiny SD / SDXL pipeline at ``pipeline_path``, with the
+    key names and shapes the lycoris-lora package saves (``lora_unet_<module>.<key>``, float32, ``.alpha``), so
+    its tests need no lycoris package.
+
+    ``algo``: "loha" (with ``use_tucker``: Tucker cores on kernels other than 1x1), "lokr" (``factor``,
+    ``decompose_both``, ``full_matrix`` and ``use_tucker`` as in LyCORIS) or "locon_tucker" (LoCon with a
+    ``lora_mid`` core on kernels other than 1x1, plain LoRA keys elsewhere). Each module's factors are scaled so
+    its delta is as large as that of ``make_tiny_lora(std=std)`` at the same rank and alpha.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from .lycoris import lycoris_to_lora
+
+    if algo not in ("loha", "lokr", "locon_tucker"):
+        raise ValueError(f"algo must be 'loha', 'lokr' or 'locon_tucker', got {algo!r}")
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_path) / "unet")
+    generator = torch.Generator().manual_seed(seed)
+    target = std**2 * rank**0.5 * alpha / rank  # the std of make_tiny_lora's delta
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if not (name.endswith(unet_modules) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))):
+            continue
+        prefix = "lora_unet_" + name.replace(".", "_")
+        shapes = _lycoris_shapes(module, algo, rank, use_tucker, factor, decompose_both, full_matrix)
+        group = {f"{prefix}.{key}": torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+        # LyCORIS stores alpha = dim for a LoKr with both factors full (its scale is then 1)
+        group[f"{prefix}.alpha"] = torch.tensor(float(rank if {"lokr_w1", "lokr_w2"} <= set(shapes) else alpha))
+        lora = lycoris_to_lora(group, "make_tiny_lycoris")
+        down, up = lora[f"{prefix}.lora_down.weight"], lora[f"{prefix}.lora_up.weight"]
+        delta = float(lora[f"{prefix}.alpha"]) / down.shape[0] * up.flatten(1) @ down.flatten(1)
+        factor_scale = (target / float(delta.std())) ** (1 / len(shapes))  # the delta is linear in each factor
+        tensors.update({k: v * factor_scale if not k.endswith(".alpha") else v for k, v in group.items()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"format": "pt"})
+    return out

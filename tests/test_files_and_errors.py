@@ -148,7 +148,7 @@ def test_missing_corrupt_and_pickled_files(mole_pipe, tmp_path):
 
 
 def test_bad_prior_weights(world, mole_pipe):
-    with pytest.raises(ValueError, match="prior_weights must be 2 positive numbers"):
+    with pytest.raises(ValueError, match="prior_weights must be 2 positive finite numbers"):
         mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, prior_weights=[1.0, 0.0])
     with pytest.raises(ValueError, match="granularity must be one of"):
         mole_pipe.load_experts({"a": world["a"]}, granularity="pixel")

@@ -179,7 +179,7 @@ def test_a_missing_base_model_is_a_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("option, message", [(["--weights", "nan"], "--weights must be numbers"),
+@pytest.mark.parametrize("option, message", [(["--weights", "nan"], "--weights must be finite numbers"),
                                              (["--height", "33"], "--height must be a positive multiple of 8")])
 def test_bad_values_that_the_library_would_refuse_are_usage_errors(option, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -47,17 +47,19 @@ CASES = [(family, layout, alphas, coverage) for family in PIPELINES for layout i
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    """Per family: a tiny checkpoint, a MoLE pipeline and a plain diffusers one, reused (and restored) by each case."""
+    """Per family: a tiny checkpoint, a MoLE pipeline and a plain diffusers one, reused (and restored) by each case;
+    ``get(family, "plain")`` is the checkpoint's own image."""
     cache = {}
 
-    def get(family):
+    def get(family, plain=None):
         if family not in cache:
             base = make_tiny_pipeline(tmp_path_factory.mktemp(family) / "base", family=family)
             pipes = [cls.from_pretrained(base) for cls in PIPELINES[family]]
             for pipe in pipes:
                 pipe.set_progress_bar_config(disable=True)
             cache[family] = (base, *pipes)
-        return cache[family]
+            cache[family, "plain"] = generate(pipes[0])
+        return cache[family, plain] if plain else cache[family]
 
     return get
 
@@ -105,7 +107,7 @@ def test_one_expert_equals_the_reference(pipelines, tmp_path, family, layout, al
     unet_modules, text_encoder = COVERAGE[family][coverage]
     spec = dict(ALPHAS[alphas], unet_modules=unet_modules, text_encoder=text_encoder, layout=layout, seed=1)
     path = make_tiny_lora(base, tmp_path / ("lora" if layout == "peft" else "lora.safetensors"), **spec)
-    plain = generate(mole)
+    plain = pipelines(family, "plain")
     mole.load_experts({"lora": path})
     try:
         image = generate(mole)
@@ -157,3 +159,61 @@ def test_rslora_adapter_folder_is_scaled_by_alpha_over_sqrt_rank(pipelines, tmp_
     np.testing.assert_allclose(image, peft_merged(ref, path, "unet"), atol=1e-4)
     np.testing.assert_allclose(image, hand_merged(ref, tiny_lora_deltas(base, layout="peft", rank=4, alpha=2.0,
                                                                         rslora=True, seed=1)), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(PIPELINES))
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_one_dora_expert_equals_the_reference(pipelines, tmp_path, family, text_encoder):
+    """diffusers is the reference for DoRA on the denoiser. On text encoders diffusers 0.42 (with transformers 5)
+    does not load the file's magnitudes (they stay at PEFT's initial ||W + BA||), so there it is the hand merge."""
+    base, mole, ref = pipelines(family)
+    unet_modules = None if family == "flux" else PROJ_FF + ("conv1",)
+    spec = dict(rank=4, alpha=2.0, unet_modules=unet_modules, seed=1, dora=True, text_encoder=text_encoder)
+    path = make_tiny_lora(base, tmp_path / "dora.safetensors", **spec)
+    plain = make_tiny_lora(base, tmp_path / "plain.safetensors", **dict(spec, dora=False))
+    mole.load_experts({"dora": path})
+    try:
+        image = generate(mole)
+    finally:
+        mole.unload_experts()
+    mole.load_experts({"plain": plain})
+    try:
+        assert np.abs(image - generate(mole)).max() > 1e-3  # the magnitudes do something
+    finally:
+        mole.unload_experts()
+    np.testing.assert_allclose(image, hand_merged(ref, tiny_lora_deltas(base, **spec)), atol=1e-4)
+    if not text_encoder:
+        ref.load_lora_weights(path, adapter_name="dora")
+        try:
+            np.testing.assert_allclose(image, generate(ref), atol=1e-4)
+        finally:
+            ref.unload_lora_weights()
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [0.3, 0.8]])
+def test_dora_and_lora_mixed_equal_the_weighted_sum_of_their_deltas(pipelines, tmp_path, weights):
+    """Each expert's delta at full strength (DoRA: m (W + dW) / ||W + dW|| - W), weighted by the constant gates."""
+    base, mole, ref = pipelines("sd")
+    dora = dict(rank=4, alpha=2.0, unet_modules=PROJ_FF + ("conv1",), seed=1, dora=True)
+    lora = dict(rank=2, alpha=1.0, unet_modules=UNET_ATTENTION_MODULES + ("conv2",), seed=2)
+    files = {"dora": make_tiny_lora(base, tmp_path / "dora.safetensors", **dora),
+             "lora": make_tiny_lora(base, tmp_path / "lora.safetensors", **lora)}
+    deltas = {}
+    for spec, weight in ((dora, weights[0]), (lora, weights[1])):
+        for name, delta in tiny_lora_deltas(base, **spec).items():
+            deltas[name] = deltas.get(name, 0) + weight * delta
+    mole.load_experts(files)
+    try:
+        mole.set_experts(["dora", "lora"], weights)
+        unfused = generate(mole)
+        mole.fuse_experts()
+        fused = generate(mole)
+        mole.unfuse_experts()
+        mole.set_experts(["lora"], [weights[1]])  # masking the DoRA expert removes its rescaling too
+        without = generate(mole)
+    finally:
+        mole.unload_experts()
+    expected = hand_merged(ref, deltas)
+    np.testing.assert_allclose(unfused, expected, atol=1e-4)
+    np.testing.assert_allclose(fused, expected, atol=1e-4)
+    np.testing.assert_allclose(without, hand_merged(ref, {k: weights[1] * v for k, v in tiny_lora_deltas(base, **lora).items()}), atol=1e-4)

@@ -13,6 +13,15 @@ from ..gate_file import load_gates, save_gates
 from ..inject import MoLE, inject_experts
 
 
+def _refuse_non_finite(denoiser, args, output) -> None:
+    """Stop a run whose prediction holds NaN or inf (an fp16 overflow, say) at that step, instead of finishing it
+    and writing a black image."""
+    prediction = output[0] if isinstance(output, tuple) else output.sample
+    if not bool(torch.isfinite(prediction).all()):
+        raise MoLEError(f"the {type(denoiser).__name__}'s prediction holds NaN or inf: nothing was written. With "
+                        "float16, try float32 or bfloat16; check the experts' weights and the gates")
+
+
 class MoLEPipelineMixin:
     """The MoLE API of every pipeline here, mixed in before the diffusers pipeline class it extends.
 
@@ -174,9 +183,11 @@ class MoLEPipelineMixin:
         mole.record = True
         if prompts is not None:
             mole.regional.set_prompts(prompts)
+        finite_check = getattr(self, self.denoiser).register_forward_hook(_refuse_non_finite)
         try:
             return super().__call__(*args, **kwargs)
         finally:
+            finite_check.remove()
             mole.record = False
             if mole.regional is not None:
                 mole.regional.reset()

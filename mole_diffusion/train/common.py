@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MoLEError
 from ..experts import lora_components
-from .concepts import Concept, list_images
+from .concepts import Concept, ConceptError, list_images
 
 
 class CheckpointError(MoLEError, RuntimeError):
@@ -125,7 +125,10 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 def image_caption(image: Path, prompt: str) -> str:
     """The image's own caption, kohya-style (``NAME.txt`` next to ``NAME.png``), else the concept's prompt."""
     caption = image.with_suffix(".txt")
-    text = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+    try:
+        text = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+    except UnicodeDecodeError as e:
+        raise ConceptError(f"{caption}: the caption of {image.name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return text or prompt
 
 

@@ -18,6 +18,7 @@ Relative paths are read relative to the concepts file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -29,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import MoLEError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FIELDS = ("name", "lora", "images", "prompt", "class_prompt", "class_images", "presence", "trigger")
 
 
 class ConceptError(MoLEError):
@@ -99,6 +101,11 @@ def load_concepts(path: str | os.PathLike, need_lora: bool = True) -> list[Conce
         if not isinstance(entry, dict):
             raise ConceptError(f"{path}: concepts entry #{number} is not a table (write it as [[concepts]] with fields)")
         where = f"{path}: concept {entry.get('name', f'#{number}')!r}"
+        unknown = sorted(set(entry) - set(FIELDS))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+            raise ConceptError(f"{where}: unknown field {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                               + f"; a concept's fields are {', '.join(FIELDS)}")
         required = ("name", "images", "prompt") + (("lora",) if need_lora else ())
         for field in required:
             if not isinstance(entry.get(field), str) or not entry[field].strip():
