@@ -29,7 +29,8 @@ PIPELINES = {"sd": (MoLEStableDiffusionPipeline, StableDiffusionPipeline),
 ALPHAS = {"alpha_is_rank": dict(rank=4), "alpha_below_rank": dict(rank=4, alpha=1.0),
           "per_module": dict(rank=4, alpha=1.0, per_module=True)}
 PROJ_FF = UNET_ATTENTION_MODULES + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-# (modules of the denoiser, text encoders too); Flux has no convolutions, and its attention is the fused q/k/v
+# (modules of the denoiser, text encoders too); kohya files with "convs" are LyCORIS/kohya LoCon files (lora_down/up on
+# the resnets' 3x3 convs). Flux has no convolutions, and its attention is the fused q/k/v
 COVERAGE = {
     "sd": {"attention": (UNET_ATTENTION_MODULES, False), "proj_ff": (PROJ_FF, False),
            "convs": (PROJ_FF + ("conv1", "conv2", "time_emb_proj"), False),
