@@ -417,7 +417,7 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
         regional = mole.regional
         gate.position_weights = None
         if regional is not None:  # constant weights per sample, times each expert's mask per position
-            gate.weights = regional.sample_weights(gate.mask)
+            gate.weights = regional.sample_weights(gate.mask, len(_scope_input(scope, args, kwargs)))
             gate.position_weights = None if regional.masks is None else regional.masks * gate.weights[..., None, None]
         elif mole.constant_weights is not None:
             gate.weights = gate.constant

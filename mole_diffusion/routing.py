@@ -12,8 +12,9 @@ softmax over experts at a position: an object and its style may both cover the s
 free guidance the masks come from the prompt's half of the batch and apply to both halves.
 
 Image-token layers apply ``weights[i] * mask_i(position)``; layers on the prompt's tokens (the text encoder,
-cross-attention keys and values) apply ``weights`` alone. All-ones masks are therefore the constant weights
-exactly (all-ones weights: the plain sum, diffusers' ``set_adapters([1, ...])``).
+cross-attention keys and values) apply ``weights[i]`` where the image's prompt names expert i, else 0: an expert
+whose trigger a prompt lacks adds nothing to that image. All-ones masks with every trigger named are therefore the
+constant weights exactly (all-ones weights: the plain sum, diffusers' ``set_adapters([1, ...])``).
 """
 
 from __future__ import annotations
@@ -90,9 +91,18 @@ class RegionalRouting:
             handle.remove()
         self._handles = []
 
-    def sample_weights(self, gate_mask: torch.Tensor) -> torch.Tensor:
-        """(1, N): the constant weights, 0 for masked experts."""
-        return self.weights.to(gate_mask.device) * gate_mask
+    def sample_weights(self, gate_mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """(batch or 1, N): the constant weights, 0 for masked experts and for experts the image's prompt does not
+        name (in a batch of ``batch`` samples: the images, or both halves of classifier-free guidance)."""
+        weights = self.weights.to(gate_mask.device) * gate_mask
+        if self.positions is None:
+            return weights
+        named, images = self._named().to(weights.device), len(self.positions)
+        if batch % images == 0:  # the images, or both guidance halves of them
+            return weights * named.repeat(batch // images, 1)
+        if images % batch == 0:  # the text encoder, once per prompt: a prompt's images are consecutive
+            return weights * named[:: images // batch]
+        return weights
 
     # -- hooks ------------------------------------------------------------------------------------
     def _begin_unet_call(self, unet, args, kwargs):

@@ -1,5 +1,7 @@
 """The `mole-diffusion` command, run in-process."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,8 +123,16 @@ def test_train_gates_bad_concepts_file_is_an_error_without_traceback(world, tmp_
     assert "concept 'dog': field 'images': folder" in err and "no_such_folder not found" in err
 
 
-def test_train_gates_clip_objective_from_the_command_line(world, tmp_path):
+def test_train_gates_clip_objective_from_the_command_line(world, tmp_path, capsys):
+    """``train-gates --objective clip`` trains what ``train_gates`` does with the same settings: the same gate
+    tensors (same seed), which are no longer the untrained ones; the file records the experts, the base and the
+    gates' kind; the log holds the CLIP terms and its total is L_D + 0.5 * L_balance (the default alpha)."""
+    from safetensors import safe_open
+
+    from mole_diffusion import MoLEStableDiffusionPipeline
     from mole_diffusion.testing import make_concept_images, make_tiny_clip
+    from mole_diffusion.train import GateTrainingConfig
+    from mole_diffusion.train import train_gates as train_gates_api
 
     make_concept_images(tmp_path / "red", "circle", (200, 30, 30), count=2)
     make_concept_images(tmp_path / "blue", "square", (30, 30, 200), count=2, seed=1)
@@ -130,10 +140,37 @@ def test_train_gates_clip_objective_from_the_command_line(world, tmp_path):
         f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "sks"\n'
         f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "zwx"\n'
     )
+    clip = make_tiny_clip(tmp_path / "clip")
     rc = main(["train-gates", "--base", str(world["base"]), "--concepts", str(tmp_path / "concepts.toml"), "--out", str(tmp_path / "out"),
-               "--objective", "clip", "--clip-model", make_tiny_clip(tmp_path / "clip"), "--clip-sampling-steps", "2",
-               "--resolution", "32", "--steps", "2", "--validation-steps", "2"])
-    assert rc == 0 and (tmp_path / "out" / "gates.safetensors").is_file()
+               "--objective", "clip", "--clip-model", clip, "--clip-sampling-steps", "2",
+               "--resolution", "32", "--steps", "1", "--validation-steps", "1", "--validation-seeds", "0"])
+    assert rc == 0 and f"wrote {tmp_path / 'out' / 'gates.safetensors'}" in capsys.readouterr().out
+    api = train_gates_api(GateTrainingConfig(
+        base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "api", objective="clip",
+        clip_model=clip, clip_sampling_steps=2, resolution=32, steps=1, validation_steps=1, validation_seeds=[0], progress=False))
+
+    with safe_open(str(tmp_path / "out" / "gates.safetensors"), "pt") as f:
+        cli_gates, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    api_gates = load_file(api)
+    assert cli_gates.keys() == api_gates.keys()
+    for key in cli_gates:
+        torch.testing.assert_close(cli_gates[key], api_gates[key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    untrained = MoLEStableDiffusionPipeline.from_pretrained(world["base"])
+    untrained.load_experts({"a": world["a"], "b": world["b"]})
+    untrained.save_gates(tmp_path / "untrained.safetensors")
+    start = load_file(tmp_path / "untrained.safetensors")
+    assert start.keys() == cli_gates.keys()
+    moved = {k.rsplit(".", 1)[1] for k in cli_gates if not torch.equal(cli_gates[k], start[k])}
+    assert {"weight", "bias"} <= moved, moved
+    assert json.loads(metadata["expert_names"]) == ["a", "b"] and metadata["granularity"] == "block"
+    assert (metadata["activation"], metadata["per_position"], metadata["timestep_knots"]) == ("softmax", "false", "0")
+    assert metadata["family"] == "sd" and metadata["base_model"] == str(world["base"].resolve())
+
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    for row in rows:
+        assert row["loss_clip_global"] > 0 and row["loss_clip_directional"] > 0
+        assert row["loss"] == pytest.approx(row["loss_clip_global"] + row["loss_clip_directional"] + 0.5 * row["loss_balance"], rel=1e-5)
 
 
 def test_training_options_must_be_positive(world, tmp_path, capsys):

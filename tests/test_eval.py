@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import load
 from diffusers import DDPMScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
 from mole_diffusion.cli import main
 from mole_diffusion.eval import evaluate as ev
@@ -338,12 +339,44 @@ def test_evaluate_from_lora_files_scores_text_alignment_only(world, clip_name, t
 
 
 def test_gates_of_another_granularity_are_evaluated_as_trained(world, eval_world, clip_name, tmp_path):
+    """Layer-granularity gates (one per adapted module), randomised so that they weigh the experts unevenly and
+    differently from module to module: the evaluator's ``mole`` images equal those of a pipeline loaded by hand
+    at layer granularity with that file (DDPM, the evaluator's default sampler, same seed), up to PNG rounding,
+    and its saved per-image gate means are that pipeline's, gate by gate (one per module). Neither is what the
+    untrained gates (NLA at any granularity, what a file not loaded would give) draw."""
     pipe = load(world["base"])
     pipe.load_experts({"a": world["a"], "b": world["b"]}, granularity="layer")
-    pipe.save_gates(tmp_path / "layer_gates.safetensors")
-    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", gates=tmp_path / "layer_gates.safetensors",
-                             methods=["mole"], seeds=[0]))
-    assert len(json.loads((out / "results.json").read_text())) == 1
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in pipe.mole.gates.values():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 2)
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=g))
+    gates = tmp_path / "layer_gates.safetensors"
+    pipe.save_gates(gates)
+    out = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "run", gates=gates, methods=["mole"], seeds=[0]))
+    assert [(r["method"], r["seed"]) for r in json.loads((out / "results.json").read_text())] == [("mole", 0)]
+
+    by_hand, untrained = load(world["base"]), load(world["base"])
+    for p in (by_hand, untrained):
+        p.load_experts({"a": world["a"], "b": world["b"]}, granularity="layer")
+        p.scheduler = DDPMScheduler.from_config(p.scheduler.config)
+    by_hand.load_gates(gates)
+    args = dict(num_inference_steps=3, height=32, width=32)
+    image = by_hand("a photo of sks and zwx", generator=torch.Generator().manual_seed(0), **args).images[0]
+    history = by_hand.gate_weights
+    nla = untrained("a photo of sks and zwx", generator=torch.Generator().manual_seed(0), **args).images[0]
+    saved = np.asarray(Image.open(out / "images" / "mole" / "p0-s0.png")).astype(int)
+    from_hand, from_nla = (int(np.abs(saved - np.asarray(i).astype(int)).max()) for i in (image, nla))
+    assert from_hand <= 1, f"the evaluator's image is up to {from_hand} levels off the hand-loaded pipeline's"
+    assert from_nla > 10  # these gates do change the image
+
+    means = load_file(out / "images" / "mole" / "p0-s0.gates.safetensors")
+    assert set(means) == set(by_hand.mole.gates) and len(means) > 10  # a gate per adapted module
+    spread = []
+    for name, mean in means.items():
+        torch.testing.assert_close(mean, history[name].mean(dim=(0, 1)), rtol=1e-4, atol=1e-5)
+        spread.append((mean - 0.5).abs().max().item())
+    assert max(spread) > 0.1  # far from the untrained gates' 0.5, 0.5
 
 
 def test_mole_constant_is_fused_once_and_equals_unfused_per_block_weights(world, eval_world, clip_name, tmp_path):

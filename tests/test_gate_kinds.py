@@ -11,6 +11,7 @@ from conftest import generate, load, unet_output
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mole_diffusion.testing import make_tiny_lora
 from mole_diffusion.train import GateTrainingConfig, train_gates
 
 KINDS = [("softmax", True), ("sigmoid", False), ("sigmoid", True), ("softplus", False)]
@@ -50,20 +51,88 @@ def test_per_position_weights_equal_everywhere_are_the_block_gate(world, activat
     np.testing.assert_allclose(generate(positional, guidance_scale=3.0), generate(block, guidance_scale=3.0), atol=1e-5)
 
 
+def unet_gate_inputs(pipe):
+    """{UNet gate name: the feature map (B, C, H, W) its block receives}, filled by the next UNet forward; returns
+    it and the hook handles to remove."""
+    seen, handles = {}, []
+
+    def record(name):
+        def hook(module, args, kwargs):
+            seen.setdefault(name, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    for name in pipe.mole.gates:
+        if name.startswith("unet."):
+            home = pipe.unet.get_submodule(name.removeprefix("unet."))
+            handles.append(home.register_forward_pre_hook(record(name), with_kwargs=True))
+    return seen, handles
+
+
+def zeroed_lora(path, out):
+    """A copy of the LoRA file at ``path`` with every up-projection (lora_B) 0: the same modules, ranks and
+    alphas (so the same gates), and no effect at any weight."""
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in tensors.items()}, str(out), metadata=metadata)
+    return out
+
+
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
-def test_masking_removes_an_expert_at_every_position(world, activation):
-    both, only_a = load(world["base"]), load(world["base"])
-    both.load_experts({"a": world["a"], "b": world["b"]}, activation=activation, per_position=True)
-    only_a.load_experts({"a": world["a"]}, activation=activation, per_position=True, prior_weights=[0.5])
-    randomise_gates(both)
-    with torch.no_grad():  # the same gate for a; softmax over one expert is 1 whatever its logit
-        for name, gate in only_a.mole.gates.items():
-            gate.weight.copy_(both.mole.gates[name].weight[:1])
-            gate.bias.copy_(both.mole.gates[name].bias[:1])
-    both.set_experts(["a"])
-    torch.testing.assert_close(unet_output(both), unet_output(only_a), rtol=1e-5, atol=1e-5)
-    maps = [g.position_weights for g in both.mole.gates.values() if g.position_weights is not None]
-    assert maps and all(bool((m[:, 1] == 0).all()) and bool((m[:, 0] > 0).all()) for m in maps)
+def test_masking_removes_an_expert_at_every_position(world, ref_pipe, tmp_path, activation):
+    """Per-position gates, randomised so that positions differ, on a (attention) and d (attention and resnet convs,
+    alpha / r = 3, so the conv and linear per-position paths both run at the LoRA's own strength); each expert masked
+    in turn. Every position map gives the masked expert exactly 0, and the one left:
+
+    - softmax: exactly 1 at every position (a softmax over one logit), so the MoLE is that LoRA alone at scale 1:
+      its UNet output and its images equal diffusers' ``load_lora_weights`` of that file, ``set_adapters([it], [1])``;
+    - sigmoid: experts do not compete, so its map is sigmoid((W_g h_x / |h_x| + b_g) / tau) of its own row at each
+      position x, computed here from the block's input; and the output equals the unmasked MoLE in which the masked
+      expert's LoRA is replaced by a zeroed copy (same gates, no effect).
+    """
+    d = make_tiny_lora(world["base"], tmp_path / "d.safetensors", rank=2, alpha=6, seed=4, unet_modules=("to_q", "to_v", "conv1"))
+    files = {"a": world["a"], "d": d}
+    pipe = load(world["base"])
+    pipe.load_experts(files, activation=activation, per_position=True)
+    randomise_gates(pipe)
+    if activation == "softmax":
+        for name, path in files.items():
+            ref_pipe.load_lora_weights(path, adapter_name=name)
+    for kept, masked in (("a", "d"), ("d", "a")):
+        k, m = pipe.expert_names.index(kept), pipe.expert_names.index(masked)
+        pipe.set_experts(None)
+        mixed = unet_output(pipe)
+        pipe.set_experts([kept])
+        inputs, handles = unet_gate_inputs(pipe)
+        masked_output = unet_output(pipe)
+        for handle in handles:
+            handle.remove()
+        maps = {n: g.position_weights for n, g in pipe.mole.gates.items() if g.position_weights is not None}
+        assert set(maps) == set(inputs) and any(n.split(".")[-2] == "resnets" for n in maps)  # conv blocks too
+        for name, weights in maps.items():
+            gate = pipe.mole.gates[name]
+            assert bool((weights[:, m] == 0).all()), name
+            if activation == "softmax":
+                assert bool((weights[:, k] == 1).all()), name
+            else:
+                features = torch.nn.functional.normalize(inputs[name].float(), dim=1)
+                logit = torch.einsum("bchw,c->bhw", features, gate.weight[k].detach()) + gate.bias[k].detach()
+                expected = torch.sigmoid(logit / gate.log_temperature.detach().exp())
+                torch.testing.assert_close(weights[:, k], expected, rtol=1e-5, atol=1e-6)
+                assert expected.flatten(1).std(dim=1).min() > 1e-3, name  # the weight does vary over the positions
+        if activation == "softmax":
+            ref_pipe.set_adapters([kept], [1.0])
+            reference = unet_output(ref_pipe)
+            torch.testing.assert_close(masked_output, reference, rtol=1e-5, atol=1e-5)
+            assert (mixed - reference).abs().max() > 1e-3  # unmasked, the other LoRA does act
+            np.testing.assert_allclose(generate(pipe, experts=[kept]), generate(ref_pipe), atol=1e-5)
+        else:
+            zeroed = load(world["base"])
+            zeroed.load_experts({**files, masked: zeroed_lora(files[masked], tmp_path / f"{masked}0.safetensors")},
+                                activation=activation, per_position=True)
+            randomise_gates(zeroed)  # the same gates (same shapes, same seed)
+            reference = unet_output(zeroed)
+            torch.testing.assert_close(masked_output, reference, rtol=1e-5, atol=1e-5)
+            assert (mixed - reference).abs().max() > 1e-3
 
 
 def test_sigmoid_gates_leave_the_simplex(world, mole_pipe):
@@ -113,20 +182,52 @@ def test_composition_objective_trains_the_gates_on_composition_prompts(world, tm
 
 
 def test_training_per_position_gates_moves_only_their_parameters(world, concepts_file, tmp_path):
+    """Sigmoid per-position gates, 2 steps, from a UNet left trainable (train_gates must freeze it itself).
+
+    - Every gate parameter moves: W_g, b_g and log_tau of each UNet (per-position) and text-encoder (per-sample,
+      no image positions) gate. None legitimately gets no gradient here: at the start W_g = 0 and b_g =
+      logit(1/2) = 0, so every logit is 0 and tau's gradient (d(l / tau)/d tau = -l / tau^2) is exactly 0 at step 1;
+      W_g and b_g move from step 1 (the position features and the denoising loss give them a gradient), tau at
+      step 2, once the logits are not 0.
+    - Nothing else changes, bit for bit: the UNet's, text encoder's and VAE's parameters and buffers, among them
+      every MoLELayer's LoRA factors (lora_A, lora_B buffers), their rank scales and the gates' masks.
+    - The trained per-position weights vary over the image positions (untrained, with W_g = 0, they are the same at
+      every position), and the gate file records the kind.
+    """
     pipe = load(world["base"])
     pipe.load_experts({"a": world["a"], "b": world["b"]}, activation="sigmoid", per_position=True)
-    # parameters that do not train, and a UNet that does not start frozen: train_gates must freeze it itself
     pipe.unet.requires_grad_(True)
-    frozen = {n: t.detach().clone() for c in ("unet", "text_encoder") for n, t in getattr(pipe, c).named_parameters()
-              if "mole_gate" not in n}
-    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "mole_gate" in n}
+    gate_ids = {id(p) for p in pipe.mole.gate_parameters()}
+
+    def everything_else():
+        return {f"{c}.{n}": t.detach().clone() for c in ("unet", "text_encoder", "vae") for items in
+                (getattr(pipe, c).named_parameters(), getattr(pipe, c).named_buffers()) for n, t in items if id(t) not in gate_ids}
+
+    def position_spread():
+        """{UNet gate: the smallest over samples and experts of the weights' spread over the positions}"""
+        unet_output(pipe)
+        return {n: g.position_weights.flatten(2).std(dim=2).min().item() for n, g in pipe.mole.gates.items()
+                if g.position_weights is not None}
+
+    assert set(position_spread().values()) == {0.0}  # untrained: the per-sample weights at every position
+    frozen = everything_else()
+    assert any(".lora_B" in n for n in frozen) and any(".lora_A" in n for n in frozen)
+    before = {f"{g}.{k}": p.detach().clone() for g, gate in pipe.mole.gates.items() for k, p in gate.named_parameters()}
+    assert {k.rsplit(".", 1)[1] for k in before} == {"weight", "bias", "log_temperature"}
+    assert any(g.startswith("text_encoder.") for g in pipe.mole.gates) and any(g.startswith("unet.") for g in pipe.mole.gates)
     path = train_gates(GateTrainingConfig(base=str(world["base"]), concepts=concepts_file, output_dir=tmp_path / "run",
-                                          steps=3, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2, progress=False,
+                                          steps=2, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2,
+                                          validation_steps=1, validation_seeds=[0], progress=False,
                                           activation="sigmoid", per_position=True), pipe=pipe)
-    after = {n: t for c in ("unet", "text_encoder") for n, t in getattr(pipe, c).named_parameters() if "mole_gate" not in n}
-    assert all(torch.equal(after[n], frozen[n]) for n in frozen)
-    moved = [n for n, p in pipe.unet.named_parameters() if "mole_gate" in n and n.endswith(".weight") and not torch.equal(p, before[n])]
-    assert moved  # the per-position weights W_g train (at W_g = 0 only the bias would, without per-position features)
+    after = everything_else()
+    assert after.keys() == frozen.keys()
+    changed = [n for n in frozen if not torch.equal(after[n], frozen[n])]
+    assert not changed, changed
+    after_gates = {f"{g}.{k}": p.detach() for g, gate in pipe.mole.gates.items() for k, p in gate.named_parameters()}
+    still = [n for n in before if torch.equal(after_gates[n], before[n])]
+    assert not still, f"gate parameters that did not train: {still}"
+    spread = position_spread()
+    assert spread and all(s > 1e-4 for s in spread.values()), spread
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["activation"] == "sigmoid" and json.loads(f.metadata()["per_position"]) is True
 

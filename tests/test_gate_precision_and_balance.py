@@ -2,6 +2,7 @@
 balance loss counts each expert only at the gates where it acts, the command shows a bug's traceback, and
 pyproject asks for the Python the code needs."""
 
+import json
 import math
 import re
 import tomllib
@@ -17,7 +18,6 @@ from mole_diffusion.cli import main
 from mole_diffusion.gates import balance_loss, mean_expert_weights
 from mole_diffusion.errors import MoLEError
 from mole_diffusion.train import GateTrainingConfig, train_gates
-from mole_diffusion.train import gates as train_gates_module
 from test_pipeline import randomise_gates
 from conftest import write_images
 
@@ -125,26 +125,84 @@ def test_balance_loss_does_not_push_text_encoder_gates_toward_a_unet_only_expert
             assert toward_c > 0, f"{name}: where c acts, balancing still lifts it"
 
 
-def test_gate_training_passes_the_coverage_to_the_balance_loss(world, tmp_path, monkeypatch):
+def covered_means(weights, covered):
+    """q_i: expert i's weight averaged over the samples and over the gates that cover it alone, written out;
+    ``weights``: one (B, N) tensor per gate, ``covered``: one row of N booleans per gate."""
+    q = []
+    for i in range(len(covered[0])):
+        per_gate = [w[:, i].detach().double().mean().item() for w, row in zip(weights, covered) if row[i]]
+        q.append(sum(per_gate) / len(per_gate))
+    return q
+
+
+def closed_form_balance(weights, covered):
+    """-sum_i log q_i, q_i as ``covered_means``."""
+    return -sum(math.log(q) for q in covered_means(weights, covered))
+
+
+def test_gate_training_passes_the_coverage_to_the_balance_loss(world, tmp_path):
+    """a (UNet and text encoder) and c (UNet only: it covers no text-encoder gate), gates randomised so the
+    weights are uneven.
+
+    - ``balance_loss(weights, coverage)`` is -sum_i log q_i with q_i averaged over the covering gates only (written
+      out by hand), not the all-gates value; its gradient is exactly 0 on every uncovered (gate, expert) entry and,
+      on a covered one, -1 / (q_i * B * n_i) (n_i: the gates covering i).
+    - In a training step (one, before any update), the logged ``loss_balance`` and ``gate_<expert>`` are that closed
+      form and those q_i for the gate weights the step's forward produced (read by hooks on the gates), with the
+      coverage read from the experts' modules; and they differ from what counting every gate would give.
+    """
     write_images(tmp_path / "red", (200, 20, 20), count=2)
     write_images(tmp_path / "blue", (20, 20, 200), count=2, seed=1)
     (tmp_path / "concepts.toml").write_text(
         f'[[concepts]]\nname = "a"\nlora = "{world["a"]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
         f'[[concepts]]\nname = "c"\nlora = "{world["c"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n'
     )
-    seen = []
-
-    def recording_balance_loss(gate_weights, coverage=None):
-        seen.append(coverage)
-        return balance_loss(gate_weights, coverage)
-
-    monkeypatch.setattr(train_gates_module, "balance_loss", recording_balance_loss)
     pipe = MoLEStableDiffusionPipeline.from_pretrained(world["base"])
     pipe.load_experts({"a": world["a"], "c": world["c"]})
+    mole = pipe.mole
+    randomise_gates(pipe)
+    # coverage from the experts' modules: the gate of some layer that holds expert i's LoRA
+    covered = [[any(mole.layers[m].gate is gate for m in expert.layers) for expert in mole.experts] for gate in mole.gates.values()]
+    assert not all(map(all, covered)) and all(map(any, zip(*covered)))  # some pairs uncovered; each expert somewhere
+    assert all(row == [True, False] for name, row in zip(mole.gates, covered) if name.startswith("text_encoder."))
+
+    # the function, on weights of the live gates' shapes
+    g = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(3, 2, generator=g) * 2).softmax(dim=-1).requires_grad_(True) for _ in covered]
+    coverage = torch.tensor(covered)
+    value = balance_loss(weights, coverage)
+    assert value.item() == pytest.approx(closed_form_balance(weights, covered), rel=1e-6)
+    everywhere = closed_form_balance(weights, [[True, True]] * len(covered))
+    assert abs(value.item() - everywhere) > 1e-3
+    value.backward()
+    n, q = [sum(row[i] for row in covered) for i in range(2)], covered_means(weights, covered)
+    for w, row in zip(weights, covered):
+        for i in range(2):
+            expected = -1 / (q[i] * 3 * n[i]) if row[i] else 0.0
+            torch.testing.assert_close(w.grad[:, i], torch.full((3,), expected), rtol=1e-5, atol=0.0)
+
+    # a training step: the weights its forward produced, read by hooks on the gates
+    produced = {}
+
+    def record(name):
+        def hook(gate, args, out):  # the first call: the step's forward (validation images come later)
+            if name not in produced:
+                produced[name] = out.detach().clone()
+        return hook
+
+    hooks = [gate.register_forward_hook(record(name)) for name, gate in mole.gates.items()]
     train_gates(GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "out",
                                    steps=1, batch_size=2, resolution=32, validation_steps=1, validation_seeds=[0],
                                    progress=False), pipe=pipe)
-    assert len(seen) == 1 and seen[0] is not None and torch.equal(seen[0], pipe.mole.gate_coverage())
+    for hook in hooks:
+        hook.remove()
+    assert set(produced) == set(mole.gates)
+    step_weights = [produced[name] for name in mole.gates]
+    assert all(w.shape == (2, 2) for w in step_weights)
+    row = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[0])
+    assert row["loss_balance"] == pytest.approx(closed_form_balance(step_weights, covered), rel=1e-5)
+    assert abs(row["loss_balance"] - closed_form_balance(step_weights, [[True, True]] * len(covered))) > 1e-3
+    assert [row[f"gate_{name}"] for name in mole.expert_names] == pytest.approx(covered_means(step_weights, covered), rel=1e-5)
 
 
 def test_a_sparsity_weight_lowers_the_total_expert_weight_and_needs_gates_off_the_simplex(world, tmp_path):

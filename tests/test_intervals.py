@@ -92,3 +92,27 @@ def test_plots_take_intervals_that_round_past_the_mean(tmp_path):
                 "present_all": 1.0, "present_all_low": 0.7, "present_all_high": 1.0 - 1e-17}]
     ev._plots(tmp_path, summary, ["m"])
     assert (tmp_path / "plot_score.png").is_file() and (tmp_path / "plot_present_all.png").is_file()
+
+
+def test_paired_difference_below_zero_is_apart():
+    """A method clearly worse than the reference on every image: the interval lies below 0, and it is apart."""
+    rng = random.Random(2)
+    reference = [[rng.uniform(-1, 1) for _ in range(6)] for _ in range(5)]
+    gaps = [[rng.uniform(0.1, 0.3) for _ in range(6)] for _ in range(5)]
+    worse = [[r - g for r, g in zip(rs, gs)] for rs, gs in zip(reference, gaps)]
+    difference = paired_difference(_rows("worse", worse), _rows("reference", reference), "score")
+    assert difference["mean"] == pytest.approx(-sum(map(sum, gaps)) / 30)
+    assert -0.3 <= difference["low"] < difference["mean"] < difference["high"] <= -0.1
+    assert difference["n"] == 30
+    assert difference["apart"], difference
+    assert ev.format_difference({**difference, "metric": "score"}).endswith(" *")  # the report stars it
+
+
+def test_paired_difference_straddling_zero_is_not_apart():
+    """Differences of either sign around 0: the interval holds 0, so the methods are not apart."""
+    rng = random.Random(3)
+    reference = [[rng.uniform(-1, 1) for _ in range(6)] for _ in range(5)]
+    gaps = [[(-1) ** (p + s) * rng.uniform(0.1, 0.3) for s in range(6)] for p in range(5)]
+    other = [[r + g for r, g in zip(rs, gs)] for rs, gs in zip(reference, gaps)]
+    difference = paired_difference(_rows("other", other), _rows("reference", reference), "score")
+    assert difference["low"] < 0 < difference["high"] and not difference["apart"]

@@ -4,12 +4,14 @@ routing from the trigger words' cross-attention, against the per-sample gate, th
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import generate, load
 from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
 from mole_diffusion.gates import Gate
 from mole_diffusion.layers import MoLELayer, token_grid
+from mole_diffusion.testing import make_tiny_lora, tiny_lora_deltas
 
 TRIGGERS = {"a": "red", "b": "circle"}  # words of conftest.generate's prompt
 
@@ -174,3 +176,168 @@ def test_each_image_is_routed_by_its_own_prompt_and_disabling_removes_every_hook
     np.testing.assert_allclose(both[2], alone[0], atol=1e-4)  # batch-size rounding, magnified by guidance
     mole_pipe.disable_regional_routing()
     assert hooks() == before
+
+
+# -- non-square latents: the per-position map is read row by row, token y * width + x ---------------------------
+def block_input(store, key):
+    """A forward pre-hook that keeps the feature map a block (Transformer2DModel or ResnetBlock2D) is given."""
+    def hook(module, args, kwargs):
+        store[key] = (args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))).detach().clone()
+    return hook
+
+
+def layer_input_output(store, key):
+    def hook(module, args, output):
+        store[key] = (args[0].detach().clone(), output.detach().clone())
+    return hook
+
+
+def gate_formula_by_position(gate, features):
+    """softmax((W_g f_yx + b_g) / tau), f_yx = h_yx / |h_yx|, evaluated at each (y, x) of a (B, C, H, W) map."""
+    batch, _, height, width = features.shape
+    weights = torch.empty(batch, len(gate.bias), height, width)
+    tau = gate.log_temperature.detach().exp()
+    for y in range(height):
+        for x in range(width):
+            h = features[:, :, y, x]
+            f = h / h.norm(dim=1, keepdim=True)
+            weights[:, :, y, x] = ((f @ gate.weight.detach().T + gate.bias.detach()) / tau).softmax(dim=-1)
+    return weights
+
+
+def test_per_position_weights_on_non_square_latents_follow_the_gate_at_each_row_and_column(world, mole_pipe, tmp_path):
+    """On 16 x 24 latents (blocks at 16 x 24 and 8 x 12) with random gates, a block's per-position weights are the
+    gate's formula at each (y, x) of its input feature map, and an adapted layer gives image token y * width + x the
+    weights of position (y, x): an attention block's attn1.to_q is W x + b + sum_k g_k(token) s_k B_k A_k x, a resnet
+    block's conv1 the same with convolutions (s_k B_k A_k from the files' factors, tiny_lora_deltas)."""
+    d_spec = dict(rank=2, alpha=1.0, seed=5, text_encoder=False, unet_modules=("to_q", "conv1"))
+    specs = {"a": dict(rank=4, alpha=2, seed=1), "c": dict(rank=3, seed=3, text_encoder=False, unet_modules=("to_q", "to_v", "conv1")),
+             "d": d_spec}
+    files = {"a": world["a"], "c": world["c"], "d": make_tiny_lora(world["base"], tmp_path / "d.safetensors", **d_spec)}
+    deltas = {name: tiny_lora_deltas(world["base"], **spec) for name, spec in specs.items()}
+    mole_pipe.load_experts(files, per_position=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in mole_pipe.mole.gates.values():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator) * 4)
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=generator))
+            gate.log_temperature.fill_(0.3)
+
+    unet, seen = mole_pipe.unet, {}
+    checked = {"down_blocks.0.attentions.0": "transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0": "conv1",
+               "mid_block.attentions.0": "transformer_blocks.0.attn1.to_q", "down_blocks.1.resnets.0": "conv1"}
+    for block, layer in checked.items():
+        unet.get_submodule(block).register_forward_pre_hook(block_input(seen, block), with_kwargs=True)
+        unet.get_submodule(f"{block}.{layer}").register_forward_hook(layer_input_output(seen, f"{block}.{layer}"))
+    sample = torch.randn(2, 4, 16, 24, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        unet(sample, torch.tensor([500, 500]), encoder_hidden_states=text)
+
+    for block, layer_name in checked.items():
+        features = seen[block]
+        height, width = features.shape[-2:]
+        assert (height, width) == ((8, 12) if block.startswith(("mid", "down_blocks.1")) else (16, 24))
+        gate = unet.get_submodule(block).mole_gate
+        expected = gate_formula_by_position(gate, features)  # (B, N, H, W)
+        assert float(expected.std(dim=(2, 3)).min()) > 0.05  # every expert's weight varies over the image
+        torch.testing.assert_close(gate.position_weights, expected, rtol=1e-5, atol=1e-6)
+
+        layer = unet.get_submodule(f"{block}.{layer_name}")
+        x, output = seen[f"{block}.{layer_name}"]
+        full_name = f"unet.{block}.{layer_name}"
+        base = layer.base_layer
+        covering = [(k, deltas[name][full_name]) for k, name in enumerate(files) if full_name in deltas[name]]
+        assert len(covering) >= 2
+        if isinstance(base, nn.Conv2d):
+            reference = F.conv2d(x, base.weight, base.bias, padding=base.padding)
+            for k, delta in covering:  # the weight of output position (y, x), on the block's own grid
+                reference += expected[:, k : k + 1] * F.conv2d(x, delta, padding=base.padding)
+        else:
+            tokens = torch.empty(x.shape[0], x.shape[1], expected.shape[1])
+            for y in range(height):
+                for column in range(width):
+                    tokens[:, y * width + column] = expected[:, :, y, column]  # row-major: token y * W + x
+            reference = F.linear(x, base.weight, base.bias)
+            for k, delta in covering:
+                reference += tokens[..., k : k + 1] * (x @ delta.T)
+        torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_regional_maps_on_non_square_latents_are_the_attention_probabilities_row_by_row(world, mole_pipe):
+    """On 16 x 24 latents (attention at 16 x 24 and, in the mid block, 8 x 12), each expert's map at (y, x) of an
+    attention's grid is the probability token y * width + x gives its trigger (diffusers' AttnProcessor), resampled
+    to the latents: not a transposed or re-wrapped reading of the attention rows."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.0)
+    regional = mole_pipe.mole.regional
+    regional._maps = recorded = RecordingList()
+    expected = []
+    for name, module in mole_pipe.unet.named_modules():
+        if name.endswith("attn2"):
+            module.set_processor(AttnProcessor())
+
+            def get_scores(query, key, mask=None, scores=module.get_attention_scores, heads=module.heads):
+                probabilities = scores(query, key, mask)
+                expected.append(probabilities.unflatten(0, (-1, heads)).mean(dim=1))
+                return probabilities
+            module.get_attention_scores = get_scores
+
+    generate(mole_pipe, num_inference_steps=2, height=32, width=48)
+    regional.set_prompts(["a red circle on a blue background"])
+    positions = regional.positions
+    assert len(recorded.appended) == len(expected) > 0
+    grids = {16 * 24: (16, 24), 8 * 12: (8, 12)}
+    assert {p.shape[-2] for p in expected} == set(grids)  # both grids are read
+    for maps, probabilities in zip(recorded.appended, expected):
+        per_expert = (probabilities[-1:] @ positions.transpose(1, 2))[0]  # (tokens, N), the prompt's half
+        height, width = grids[per_expert.shape[0]]
+        grid = torch.empty(1, per_expert.shape[1], height, width)
+        for y in range(height):
+            for x in range(width):
+                grid[0, :, y, x] = per_expert[y * width + x]
+        reference = F.interpolate(grid, (16, 24), mode="bilinear", align_corners=False)
+        assert maps.shape[-2:] == (16, 24)
+        torch.testing.assert_close(maps, reference, rtol=1e-5, atol=1e-6)
+
+
+# -- an expert whose trigger the prompt lacks -----------------------------------------------------------------------
+NO_CIRCLE = "a red square on a green background"  # a's trigger ("red"), not b's ("circle")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.8])
+def test_regional_routing_leaves_off_an_expert_whose_trigger_the_prompt_lacks(world, mole_pipe, ref_pipe, tmp_path, threshold):
+    """A prompt with a's trigger and not b's: b's mask is zero at every step and b adds nothing (the image of a
+    pipeline without b), while a acts. b adapts image-token layers only (to_q, to_out, conv1), which the masks
+    weigh. At threshold 0 every position passes, so a acts everywhere at weight 1: diffusers with a alone."""
+    image_only = make_tiny_lora(world["base"], tmp_path / "b_image.safetensors", rank=2, alpha=4, seed=2,
+                                text_encoder=False, unet_modules=("to_q", "to_out.0", "conv1"))
+    bare = generate(ref_pipe, prompt=NO_CIRCLE, guidance_scale=3.0)
+    mole_pipe.load_experts({"a": world["a"], "b": image_only})
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=threshold)
+    routed = generate(mole_pipe, prompt=NO_CIRCLE, guidance_scale=3.0)
+    masks = mole_pipe.expert_masks
+    assert float(masks[:, :, 1].max()) == 0.0  # b's trigger is not in the prompt: b is nowhere
+    assert float(masks[:, :, 0].sum()) > 0 and np.abs(routed - bare).max() > 1e-3  # a is somewhere, and acts
+    if threshold == 0.0:
+        assert bool((masks[:, :, 0] == 1).all())
+        ref_pipe.load_lora_weights(world["a"], adapter_name="a")
+        ref_pipe.set_adapters(["a"], [1.0])
+        reference = generate(ref_pipe, prompt=NO_CIRCLE, guidance_scale=3.0)
+    else:
+        assert float(masks[1:, :, 0].mean()) < 1  # a is routed, not everywhere
+        only_a = load(world["base"])
+        only_a.load_experts({"a": world["a"]})
+        only_a.enable_regional_routing({"a": TRIGGERS["a"]}, threshold=threshold)
+        reference = generate(only_a, prompt=NO_CIRCLE, guidance_scale=3.0)
+    np.testing.assert_allclose(routed, reference, atol=1e-5)
+
+
+def test_regional_routing_leaves_off_every_layer_of_an_expert_whose_trigger_the_prompt_lacks(world, mole_pipe):
+    """The same with b a full LoRA (text encoder, cross-attention keys and values too): b should add nothing
+    anywhere, so the image should be that of the same pipeline with b masked."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.0)
+    routed = generate(mole_pipe, prompt=NO_CIRCLE, guidance_scale=3.0)
+    assert bool((mole_pipe.expert_masks[:, :, 1] == 0).all())
+    np.testing.assert_allclose(routed, generate(mole_pipe, prompt=NO_CIRCLE, guidance_scale=3.0, experts=["a"]), atol=1e-5)

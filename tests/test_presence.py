@@ -201,3 +201,37 @@ def test_rejudge_adds_the_faithful_rate_to_an_earlier_run(tmp_path):
     saved = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["present_prompt"] for r in saved] == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
     assert "present_all_faithful" in (tmp_path / "report.md").read_text()
+
+
+def test_present_active_asks_only_for_the_prompts_concepts_the_method_kept():
+    """present_active: every concept of the prompt's composition that the method did not mask. A concept the
+    method has loaded but the prompt does not name is not asked for; a masked concept of the prompt is not either.
+    present_all asks for every concept of the prompt, present_prompt is the judge's word on the rest."""
+    present = {"a": True, "b": False, "c": True}
+    # the prompt composes a and c; the method runs a, b and c (b loaded, not named, not drawn)
+    row = presence_row(present, ["a", "c"], ["a", "b", "c"], kept=True)
+    assert row == {"present_a": 1.0, "present_b": 0.0, "present_c": 1.0, "present_prompt": 1.0, "present_all": 1.0,
+                   "present_all_faithful": 1.0, "present_active": 1.0}
+    # c masked, b active but unnamed: of the prompt's concepts only a is asked for; present_all still wants c
+    row = presence_row({"a": True, "b": False, "c": False}, ["a", "c"], ["a", "b"], kept=False)
+    assert (row["present_active"], row["present_all"], row["present_prompt"], row["present_all_faithful"]) == (1.0, 0.0, 0.0, 0.0)
+    # the prompt's unmasked concept a is missing: 0, whatever the unnamed b shows
+    row = presence_row({"a": False, "b": True, "c": True}, ["a", "c"], ["a", "b"])
+    assert (row["present_active"], row["present_all"]) == (0.0, 0.0) and "present_prompt" not in row
+    # the method keeps none of the prompt's concepts (only the unnamed b): nothing it means to draw, no present_active
+    assert "present_active" not in presence_row(present, ["a", "c"], ["b"])
+
+
+def test_evaluate_presence_columns_by_hand_for_prompts_naming_some_concepts():
+    """What evaluate passes to presence_row for a prompt naming a and c of three loaded concepts: the composed
+    concepts from the trigger words, the active ones from the method's name; present_active by hand."""
+    names, triggers = ["a", "b", "c"], {"a": ["sks"], "b": ["zwx"], "c": ["qkx"]}
+    prompt = "a sks on a qkx background"
+    composed = ev.composed_concepts(prompt, triggers)
+    assert composed == ["a", "c"]
+    present = {"a": True, "b": False, "c": False}
+    expected_active = {"sum": 0.0, "mole_without_c": 1.0, "mole_without_b": 0.0, "single_a": 1.0, "single_b": None}
+    for method, expected in expected_active.items():
+        row = presence_row(present, composed, ev.active_experts(method, names))
+        assert row.get("present_active") == expected, method
+        assert row["present_all"] == 0.0

@@ -3,15 +3,19 @@ K evenly spaced noise levels, interpolated. Untrained they are the plain gate; c
 file records the knots and load_gates restores them into a pipeline loaded the default way."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import load
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mole_diffusion import MoLEFluxPipeline
 from mole_diffusion.gate_file import GateFileError
 from mole_diffusion.gates import Gate
+from mole_diffusion.testing import make_tiny_lora, make_tiny_pipeline
 from mole_diffusion.train import GateTrainingConfig, train_gates
 
 
@@ -103,3 +107,36 @@ def test_bad_knots_in_a_gate_file_are_refused_and_change_nothing(world, tmp_path
     with pytest.raises(GateFileError, match=r"timestep_logits has shape \(2, 3\), this pipeline's gate has \(2, 4\)"):
         fresh.load_gates(tmp_path / "four.safetensors")
     assert fresh.mole.timestep_knots == 0 and all(g.timestep_logits is None for g in fresh.mole.gates.values())
+
+
+def test_flux_timestep_aware_gates_read_sigma_as_the_noise_level(tmp_path):
+    """Flux's transformer is given sigma in [0, 1] as its timestep (diffusers passes t / 1000): each step's gate
+    weights are softmax((W_g f + b_g + c(sigma)) / tau) at that step's own sigma (W_g = 0, b_g = 0 for the uniform
+    prior), c interpolating the knots at 0, 1/2, 1; not at sigma / 1000."""
+    base = make_tiny_pipeline(tmp_path / "flux", family="flux")
+    files = {name: make_tiny_lora(base, tmp_path / f"{name}.safetensors", rank=2, seed=seed, text_encoder=False)
+             for name, seed in (("a", 1), ("b", 2))}
+    pipe = MoLEFluxPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_experts(files, timestep_knots=3)
+    knots = torch.tensor([[2.0, -1.0, -3.0], [-2.0, 1.0, 3.0]])
+    log_tau = 0.2
+    with torch.no_grad():
+        for gate in pipe.mole.gates.values():
+            gate.timestep_logits.copy_(knots)
+            gate.log_temperature.fill_(log_tau)
+    given = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: given.append(kwargs["timestep"].clone()),
+                                               with_kwargs=True)
+    pipe("a red circle", num_inference_steps=3, height=32, width=48, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    sigmas = pipe.scheduler.sigmas[:3].float()
+    assert torch.allclose(sigmas, torch.tensor([1.0, 2 / 3, 1 / 3]))  # no shift in the tiny pipeline's scheduler
+    torch.testing.assert_close(torch.stack([t[0] for t in given]).float(), sigmas)  # what the transformer reads
+    offsets = torch.tensor([[np.interp(float(s), [0.0, 0.5, 1.0], knots[k].tolist()) for k in range(2)] for s in sigmas])
+    expected = (offsets / math.exp(log_tau)).softmax(dim=-1).float()  # (steps, N)
+    history = pipe.gate_weights
+    assert set(history) == set(pipe.mole.gates) and len(history) == 2  # the double and the single block
+    for name, weights in history.items():
+        assert weights.shape == (3, 1, 2)
+        torch.testing.assert_close(weights[:, 0], expected, rtol=1e-5, atol=1e-6)
