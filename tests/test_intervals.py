@@ -116,3 +116,35 @@ def test_paired_difference_straddling_zero_is_not_apart():
     other = [[r + g for r, g in zip(rs, gs)] for rs, gs in zip(reference, gaps)]
     difference = paired_difference(_rows("other", other), _rows("reference", reference), "score")
     assert difference["low"] < 0 < difference["high"] and not difference["apart"]
+
+
+# Mutants of bootstrap_interval that no test can kill, being equivalent: dropping dtype=np.float64 from the groups or
+# the sizes (the values arrive as Python floats, and numpy divides integer sums into floats), and take_along_axis
+# without axis=1 (its default, the last axis, is axis 1 of these 2-D arrays).
+def test_bootstrap_ends_are_the_2_5th_and_97_5th_percentiles():
+    """With many bootstrap samples each end of one prompt's interval sits 1.96 standard errors from the mean (the
+    resampled mean of 400 normal values is normal; the bootstrap's standard error uses the population variance):
+    both ends checked on their own, tightly enough that the 3.5th or 98.5th percentile (1.81) would fail."""
+    rng = random.Random(0)
+    values = [rng.gauss(0, 1) for _ in range(400)]
+    mean = sum(values) / len(values)
+    standard_error = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) / math.sqrt(len(values))
+    low, high = bootstrap_interval([values], samples=100_000)
+    assert mean - low == pytest.approx(1.96 * standard_error, rel=0.02)
+    assert high - mean == pytest.approx(1.96 * standard_error, rel=0.02)
+
+
+def test_bootstrap_is_reproducible_by_its_seed_and_refuses_no_values():
+    rng = random.Random(4)
+    groups = [[rng.random() for _ in range(7)] for _ in range(5)]
+    assert bootstrap_interval(groups, seed=0) == bootstrap_interval(groups, seed=0)
+    assert bootstrap_interval(groups, seed=0) != bootstrap_interval(groups, seed=1)
+    with pytest.raises(ValueError, match="^no values to bootstrap$"):
+        bootstrap_interval([[], []])
+
+
+def test_identical_methods_are_not_apart():
+    """Every paired difference 0: the interval is [0, 0], which does not exclude 0."""
+    values = [[0.1, 0.4], [0.3, 0.2]]
+    difference = paired_difference(_rows("a", values), _rows("b", values), "score")
+    assert (difference["low"], difference["high"], difference["apart"]) == (0.0, 0.0, False)

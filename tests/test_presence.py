@@ -38,6 +38,12 @@ def test_presence_row_counts_all_and_active_concepts():
     assert presence_row(present, ["a", "b", "c"], ["b"])["present_active"] == 0.0
 
 
+def test_wilson_interval_of_no_image_one_image_and_all_present():
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing observed: anything is possible
+    assert wilson_interval(1, 1) == pytest.approx((0.2065, 1.0), abs=1e-4)  # (1 + z^2/2 -+ z^2/2 ... ) / (1 + z^2)
+    assert wilson_interval(5, 5)[1] == 1.0  # the closed form rounds to 1.0000000000000002 here: clamped
+
+
 def test_summary_gives_rates_with_wilson_intervals_and_the_report_prints_them(tmp_path):
     seen = [1, 0, 0, 1, 0, 0, 0, 1]  # 3 of 8
     rows = [{"method": "m", "prompt_index": 0, "prompt": "p", "seed": s, "image": "x", "present_all": float(v), "clip_text": 0.1 * s}
