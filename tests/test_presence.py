@@ -241,3 +241,41 @@ def test_evaluate_presence_columns_by_hand_for_prompts_naming_some_concepts():
         row = presence_row(present, composed, ev.active_experts(method, names))
         assert row.get("present_active") == expected, method
         assert row["present_all"] == 0.0
+
+
+def test_the_attribute_judge_refuses_concepts_it_does_not_know():
+    from mole_diffusion.demo.run import ASSETS
+    from mole_diffusion.eval.presence import AttributeJudgePresence
+
+    with pytest.raises(PresenceError, match=r"judge: the attribute judge knows concepts \['checker', 'star', 'stripes'\], "
+                                            r"not \['dog'\]$"):
+        AttributeJudgePresence(ASSETS / "judge", ["star", "dog"])
+
+
+def test_a_colour_with_no_object_does_not_keep_the_prompt():
+    """The judge reads the prompt's colour but no object (shape "none"): the prompt is not kept. Its predictions are
+    set by hand here, so the rule itself is what is checked."""
+    from mole_diffusion.demo.run import ASSETS
+    from mole_diffusion.eval.presence import AttributeJudgePresence
+
+    judge = AttributeJudgePresence(ASSETS / "judge", ["stripes"])  # read from the object's style
+    readings = [{"colour": "red", "shape": "none", "style": "plain"}, {"colour": "red", "shape": "circle", "style": "stripes"}]
+    judge.judge.predict = lambda pixels: readings
+    images = drawn([world_scene(), world_scene()])
+    assert judge.read(images, ["a red circle in zwx style"] * 2) == [({"stripes": False}, False), ({"stripes": True}, True)]
+
+
+def world_scene():
+    from mole_diffusion.demo import world
+
+    return world.Scene("star", "red", "checker", "large", (0.5, 0.5))
+
+
+def test_presence_judge_errors_say_what_was_expected(detector, tmp_path):
+    concepts = [Concept("dog", "a sks dog", None, presence="dog"), Concept("hat", "a zwx hat", None)]
+    with pytest.raises(PresenceError, match=r"nowhere not found \(expected a folder: the demo world's judge, or an "
+                                            r"OWL-ViT / OWLv2 detector saved with save_pretrained\)$"):
+        load_presence_judge(tmp_path / "nowhere", concepts)
+    with pytest.raises(PresenceError, match=r"concepts \['hat'\] have no detector query: give each a `presence` \(or "
+                                            r"`class_prompt`\) in the concepts file$"):
+        load_presence_judge(detector, concepts)
