@@ -69,6 +69,9 @@ def test_token_grid_halves_with_rounding_up():
     assert token_grid((15, 9), 8 * 5) == (8, 5)
     with pytest.raises(ValueError, match="not an image grid"):
         token_grid((16, 16), 77)
+    assert token_grid((4, 4), 1) == (1, 1)  # halved down to a single position
+    with pytest.raises(ValueError, match="not an image grid"):  # a 1 x L map (Flux) is never halved
+        token_grid((1, 8), 4)
 
 
 def test_all_ones_regional_weights_are_the_plain_sum_and_diffusers_set_adapters(world, mole_pipe, ref_pipe):
