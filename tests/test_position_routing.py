@@ -121,8 +121,10 @@ class RecordingList(list):
         super().append(item)
 
 
-def test_regional_maps_are_diffusers_own_attention_probabilities(world, mole_pipe):
-    """The maps read from to_q / to_k equal the probabilities diffusers' AttnProcessor computes."""
+def record_maps_and_probabilities(world, mole_pipe):
+    """Experts a, b under regional routing at threshold 0; returns the routing, the list its maps are recorded in, and
+    the list every cross-attention's head-averaged probabilities (B, L, T) go to, as diffusers' AttnProcessor
+    computes them explicitly."""
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
     mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.0)
     regional = mole_pipe.mole.regional
@@ -130,13 +132,19 @@ def test_regional_maps_are_diffusers_own_attention_probabilities(world, mole_pip
     expected = []
     for name, module in mole_pipe.unet.named_modules():
         if name.endswith("attn2"):
-            module.set_processor(AttnProcessor())  # computes the probabilities explicitly
+            module.set_processor(AttnProcessor())
 
             def get_scores(query, key, mask=None, scores=module.get_attention_scores, heads=module.heads):
                 probabilities = scores(query, key, mask)  # (B * heads, L, T)
                 expected.append(probabilities.unflatten(0, (-1, heads)).mean(dim=1))
                 return probabilities
             module.get_attention_scores = get_scores
+    return regional, recorded, expected
+
+
+def test_regional_maps_are_diffusers_own_attention_probabilities(world, mole_pipe):
+    """The maps read from to_q / to_k equal the probabilities diffusers' AttnProcessor computes."""
+    regional, recorded, expected = record_maps_and_probabilities(world, mole_pipe)
 
     generate(mole_pipe, num_inference_steps=2, guidance_scale=3.0)  # guidance: the maps come from the prompt's half
     regional.set_prompts(["a red circle on a blue background"])
@@ -271,20 +279,7 @@ def test_regional_maps_on_non_square_latents_are_the_attention_probabilities_row
     """On 16 x 24 latents (attention at 16 x 24 and, in the mid block, 8 x 12), each expert's map at (y, x) of an
     attention's grid is the probability token y * width + x gives its trigger (diffusers' AttnProcessor), resampled
     to the latents: not a transposed or re-wrapped reading of the attention rows."""
-    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
-    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.0)
-    regional = mole_pipe.mole.regional
-    regional._maps = recorded = RecordingList()
-    expected = []
-    for name, module in mole_pipe.unet.named_modules():
-        if name.endswith("attn2"):
-            module.set_processor(AttnProcessor())
-
-            def get_scores(query, key, mask=None, scores=module.get_attention_scores, heads=module.heads):
-                probabilities = scores(query, key, mask)
-                expected.append(probabilities.unflatten(0, (-1, heads)).mean(dim=1))
-                return probabilities
-            module.get_attention_scores = get_scores
+    regional, recorded, expected = record_maps_and_probabilities(world, mole_pipe)
 
     generate(mole_pipe, num_inference_steps=2, height=32, width=48)
     regional.set_prompts(["a red circle on a blue background"])
