@@ -59,3 +59,23 @@ def test_per_block_weights_follow_masking_and_are_checked(gated):
     with pytest.raises(RuntimeError, match="reads the learned gates"):
         gated.set_experts(weights=[0.5, 0.5])
         gated.export_block_weights(["x"])
+
+
+def test_block_weights_map_to_diffusers_places_and_the_text_encoder_takes_the_mean():
+    """The conversion in closed form: each transformer block's weight at its place in diffusers' nested dict
+    (layers in order), the text encoder's one scalar the mean of its layers' weights, any other gate refused."""
+    weights = {"unet.down_blocks.1.attentions.1": [0.1, 0.9], "unet.down_blocks.1.attentions.0": [0.2, 0.8],
+               "unet.mid_block.attentions.0": [0.3, 0.7], "unet.up_blocks.2.attentions.0": [0.4, 0.6],
+               "text_encoder.text_model.encoder.layers.0": [0.5, 0.5],
+               "text_encoder.text_model.encoder.layers.1": [0.7, 0.3]}
+    a, b = block_weights_to_diffusers(weights, ["a", "b"])
+    assert a == {"unet": {"down": {"block_1": [0.2, 0.1]}, "mid": 0.3, "up": {"block_2": [0.4]}},
+                 "text_encoder": pytest.approx(0.6)}
+    assert b["unet"] == {"down": {"block_1": [0.8, 0.9]}, "mid": 0.7, "up": {"block_2": [0.6]}}
+    assert b["text_encoder"] == pytest.approx(0.4)
+    assert "text_encoder" not in block_weights_to_diffusers({"unet.mid_block.attentions.0": [1.0]}, ["a"])[0]
+    for gate in ("unet.down_blocks.0.resnets.0", "unet.down_blocks.0.attentions.0.transformer_blocks.0"):
+        with pytest.raises(ValueError) as refused:
+            block_weights_to_diffusers({gate: [0.5, 0.5]}, ["a", "b"])
+        assert str(refused.value) == (f"gate {gate} has no place in diffusers' per-block weights (block granularity, "
+                                      "transformer blocks only)")

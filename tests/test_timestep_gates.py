@@ -140,3 +140,22 @@ def test_flux_timestep_aware_gates_read_sigma_as_the_noise_level(tmp_path):
     for name, weights in history.items():
         assert weights.shape == (3, 1, 2)
         torch.testing.assert_close(weights[:, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_a_timestep_aware_per_position_map_is_the_gate_at_each_position_and_step(activation):
+    """position_map at noise level t, at every position of a non-square map, equals the gate applied to that
+    position's feature alone at the same t: the offsets c(t) enter the position logits with their sign."""
+    g = torch.Generator().manual_seed(0)
+    gate = Gate(3, 8, prior_weights=[0.2, 0.5, 0.3], activation=activation, per_position=True, timestep_knots=3)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
+        gate.timestep_logits.copy_(torch.randn(gate.timestep_logits.shape, generator=g) * 2)
+    features = torch.randn(2, 8, 3, 5, generator=g)
+    t = torch.tensor([0.9, 0.25])
+    maps = gate.position_map(features, t)
+    assert maps.shape == (2, 3, 3, 5)
+    for y in range(3):
+        for x in range(5):
+            torch.testing.assert_close(maps[:, :, y, x], gate(features[:, :, y, x][:, None, :], t))
+    assert not torch.allclose(maps, gate.position_map(features))  # the step matters
