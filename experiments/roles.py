@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from mole_diffusion.clip import load_clip
+from mole_diffusion.concepts import load_concepts
 from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.demo.world import CONCEPTS, composition_prompts
-from mole_diffusion.eval.clip import load_clip
 from mole_diffusion.eval.presence import AttributeJudgePresence
 from mole_diffusion.train.common import encode_examples, encode_prompts
-from mole_diffusion.train.concepts import load_concepts
 from mole_diffusion.train.gates import composition_loss, reference_directions
 
 from . import spatial

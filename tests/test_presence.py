@@ -12,7 +12,7 @@ from mole_diffusion.eval import evaluate as ev
 from mole_diffusion.eval.presence import DetectorPresence, PresenceError, load_presence_judge, presence_row
 from mole_diffusion.eval.stats import wilson_interval
 from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_owlvit
-from mole_diffusion.train.concepts import Concept
+from mole_diffusion.concepts import Concept, composed_concepts
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_evaluate_presence_columns_by_hand_for_prompts_naming_some_concepts():
     concepts from the trigger words, the active ones from the method's name; present_active by hand."""
     names, triggers = ["a", "b", "c"], {"a": ["sks"], "b": ["zwx"], "c": ["qkx"]}
     prompt = "a sks on a qkx background"
-    composed = ev.composed_concepts(prompt, triggers)
+    composed = composed_concepts(prompt, triggers)
     assert composed == ["a", "c"]
     present = {"a": True, "b": False, "c": False}
     expected_active = {"sum": 0.0, "mole_without_c": 1.0, "mole_without_b": 0.0, "single_a": 1.0, "single_b": None}

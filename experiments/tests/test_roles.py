@@ -7,7 +7,7 @@ import torch
 
 from experiments.roles import learn_background_strength, learn_region_strengths, region_masks, sampler_specs
 from mole_diffusion.demo.run import ASSETS
-from mole_diffusion.eval.clip import load_clip
+from mole_diffusion.clip import load_clip
 
 
 def test_region_masks_put_one_expert_at_its_two_strengths():

@@ -27,8 +27,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from ..concepts import Concept
 from ..errors import MoLEError
-from ..train.concepts import Concept
 
 
 class PresenceError(MoLEError):

@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from ..concepts import Concept, list_images
 from ..errors import MoLEError, load_base_pipeline
 from .common import (
     TrainingSettings,
@@ -32,7 +33,6 @@ from .common import (
     run_training,
     trainable_parameters,
 )
-from .concepts import Concept, list_images
 
 MIXER_INITS = ("orthogonal", "kaiming")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' own default name
