@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MoLEError
+from ..offline_tokenizers import make_clip_tokenizer
 from . import world
 
 UNET_CONFIG = dict(
@@ -239,8 +240,6 @@ def train_vae(settings: BuildSettings):
 def make_pipeline(vae, seed: int, tokenizer_dir: Path, unet_channels: list[int]):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..testing import make_clip_tokenizer
 
     torch.manual_seed(seed)
     return StableDiffusionPipeline(
