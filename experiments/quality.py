@@ -24,8 +24,9 @@ from diffusers import AutoencoderKL
 
 from mole_diffusion.concepts import load_concepts
 from mole_diffusion.demo import world
-from mole_diffusion.demo.judge import load_judge, round_trip_accuracy
+from mole_diffusion.demo.judge import round_trip_accuracy
 from mole_diffusion.demo.run import ASSETS, check_assets
+from mole_diffusion.eval.attribute_judge import load_judge
 from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate, format_cell, format_difference, paired_table
 from mole_diffusion.eval.presence import AttributeJudgePresence
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from PIL import Image
 
 from mole_diffusion.concepts import composed_concepts, load_concepts
-from mole_diffusion.demo.build import write_atomically
 from mole_diffusion.eval.evaluate import _read_rows, _triggers, active_experts, format_cell, summarise, write_outputs
 from mole_diffusion.eval.presence import judged_row, load_presence_judge
+from mole_diffusion.files import write_atomically
 
 
 def rejudge(run: Path) -> list[dict]:

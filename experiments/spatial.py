@@ -48,8 +48,8 @@ from PIL import Image
 
 from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.demo import world
-from mole_diffusion.demo.judge import load_judge
 from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.eval.attribute_judge import load_judge
 from mole_diffusion.eval.presence import AttributeJudgePresence
 from mole_diffusion.eval.stats import format_rate
 from mole_diffusion.quiet import quiet_loading

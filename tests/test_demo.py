@@ -229,7 +229,8 @@ def test_the_shipped_attribute_judge_is_deterministic_and_reads_round_trips():
     (the quality script measures 400; a small sample here, with a floor below that measurement)."""
     from diffusers import AutoencoderKL
 
-    from mole_diffusion.demo.judge import load_judge, round_trip_accuracy
+    from mole_diffusion.demo.judge import round_trip_accuracy
+    from mole_diffusion.eval.attribute_judge import load_judge
 
     judge, config = load_judge(ASSETS / "judge")
     vae = AutoencoderKL.from_pretrained(ASSETS / "pipeline" / "vae")

@@ -141,7 +141,7 @@ def test_the_attribute_judge_reads_whether_the_prompt_colour_is_kept():
 
 
 def test_the_attribute_judge_sees_no_object_in_a_texture_of_the_prompts_colours():
-    """What fooled the colour-only check (docs/faithful-but-textures.png): checker-and-stripe textures in the
+    """What fooled the colour-only check (experiments/docs/faithful-but-textures.png): checker-and-stripe textures in the
     prompt's colour. Drawn fresh here (a seed the judge's training never drew), they show no star and do not
     keep the prompt; a drawn composition still does."""
     import random
