@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .lycoris import lycoris_to_lora
 from .offline_tokenizers import make_clip_tokenizer
 
 __all__ = ["make_clip_tokenizer", "make_t5_tokenizer", "pipeline_family", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_owlvit", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "tiny_lora_deltas", "sgm_module_name", "TINY_UNET_CONFIG"]
@@ -625,8 +626,6 @@ def make_tiny_lycoris(
     its delta is as large as that of ``make_tiny_lora(std=std)`` at the same rank and alpha.
     """
     from diffusers import UNet2DConditionModel
-
-    from .lycoris import lycoris_to_lora
 
     if algo not in ("loha", "lokr", "locon_tucker"):
         raise ValueError(f"algo must be 'loha', 'lokr' or 'locon_tucker', got {algo!r}")

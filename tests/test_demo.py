@@ -152,7 +152,6 @@ def test_a_stopped_build_stage_counts_as_not_done(tmp_path, monkeypatch):
     import diffusers
 
     import mole_diffusion.demo.build as build_module
-    import mole_diffusion.demo.judge as judge_module
 
     calls = []
 
@@ -164,7 +163,7 @@ def test_a_stopped_build_stage_counts_as_not_done(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build_module, "train_clip", clip)
     monkeypatch.setattr(build_module, "train_base", lambda folder, settings, work: calls.append("base"))
-    monkeypatch.setattr(judge_module, "train_judge", lambda folder, *args: calls.append("judge"))
+    monkeypatch.setattr(build_module, "train_judge", lambda folder, *args: calls.append("judge"))
     monkeypatch.setattr(build_module, "train_concepts", lambda root, settings: calls.append("concepts"))
     monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", lambda *args, **kwargs: None)
     settings = BuildSettings(concept_images=1)

@@ -18,6 +18,7 @@ versions). A GPU is used when there is one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -34,9 +35,14 @@ from tqdm.auto import tqdm
 
 from ..errors import MoLEError
 from ..files import write_atomically
+from ..gate_file import read_gate_file
 from ..offline_tokenizers import make_clip_tokenizer
-from . import judge, world
+from ..train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
+from ..train.gates import GateTrainingConfig, train_gates
+from ..train.lora import LoRATrainingConfig, train_lora
+from . import world
 from .images import RESOLUTION, jitter, scene_pixels
+from .judge import JudgeSettings, train_judge
 
 UNET_CONFIG = dict(
     sample_size=16,
@@ -230,8 +236,6 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
     ``work`` (default ``<out>-training``) keeps the VAE and the training checkpoints, so a stopped run resumes."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from ..train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
-
     stage = work or out.with_name(out.name + "-training")
     stage.mkdir(parents=True, exist_ok=True)
     vae_path = stage / "vae"
@@ -298,8 +302,6 @@ def make_portable(pipeline: Path, tokenizer_files: Path) -> None:
 def filler_caption_folder(root: Path, name: str, settings: BuildSettings) -> Path:
     """``root/runs/lora-data-<name>``: each of the concept's reference images four times, with its caption and
     the three of ``world.filler_captions`` (the LoRA's training data; the gates train on the references alone)."""
-    import random
-
     folder = root / "runs" / f"lora-data-{name}"
     images = root / "world" / "concepts" / name
     rng = random.Random(f"fillers-{name}-{settings.seed}")
@@ -314,10 +316,6 @@ def filler_caption_folder(root: Path, name: str, settings: BuildSettings) -> Pat
 def train_concepts(root: Path, settings: BuildSettings) -> Path:
     """One LoRA per held-out concept (``train_lora``), then the gates (``train_gates``); returns concepts.toml."""
     from safetensors.torch import save_file
-
-    from ..gate_file import read_gate_file
-    from ..train.gates import GateTrainingConfig, train_gates
-    from ..train.lora import LoRATrainingConfig, train_lora
 
     entries = []
     for name in world.CONCEPTS:
@@ -406,8 +404,6 @@ def install_assets(root: Path, assets: Path) -> Path:
 
 def write_manifest(assets: Path) -> None:
     """``assets/manifest.json``: every file there with its sha256 (what ``demo.run.check_assets`` checks)."""
-    import hashlib
-
     manifest = assets / "manifest.json"
     files = {p.relative_to(assets).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in sorted(assets.rglob("*")) if p.is_file() and p != manifest}
@@ -444,9 +440,8 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
         from diffusers import AutoencoderKL
 
         with staged_folder(out / "judge") as folder:
-            judge.train_judge(folder, AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
-                              judge.JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool,
-                                                  seed=settings.seed, rim_share=settings.judge_rim_share),
-                              _device(settings))
+            train_judge(folder, AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
+                        JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool, seed=settings.seed,
+                                      rim_share=settings.judge_rim_share), _device(settings))
     train_concepts(out, settings)
     return out

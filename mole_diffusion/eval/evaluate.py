@@ -44,7 +44,9 @@ from ..concepts import Concept, ConceptError, composed_concepts, load_compositio
 from ..errors import MoLEError, load_base_pipeline
 from ..experts import lora_components
 from ..gate_file import GateFileError, gate_kind
+from ..pipelines import mole_pipeline_class
 from ..quiet import quiet_adapter_loading, quiet_multiple_adapters
+from ..schedulers import use_scheduler
 from .presence import judged_row, load_presence_judge
 from .stats import bootstrap_interval, by_prompt, paired_difference, wilson_interval
 from .scores import image_alignment, reference_embeddings, score_images
@@ -111,9 +113,6 @@ def evaluate(config: EvaluationConfig) -> Path:
     takes every n-th image and the main process writes the summary."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-
-    from ..schedulers import use_scheduler
-    from ..pipelines import mole_pipeline_class
 
     if config.concepts is not None:
         concepts = load_concepts(config.concepts)

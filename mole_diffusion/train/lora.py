@@ -24,6 +24,8 @@ from torch import nn
 
 from ..concepts import Concept, list_images
 from ..errors import MoLEError, load_base_pipeline
+from ..experts import lora_components
+from ..pipelines import mole_pipeline_class
 from .common import (
     TrainingSettings,
     denoising_objective,
@@ -126,10 +128,6 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
-
-    from ..experts import lora_components
-    from ..pipelines import mole_pipeline_class
-
     mole_class = mole_pipeline_class(config.base)  # the family: a plain diffusers pipeline of it trains the LoRA
     pipe = load_base_pipeline(mole_class.diffusers_class(), config.base, safety_checker=None)
     prepare_pipeline(pipe, accelerator, config)
