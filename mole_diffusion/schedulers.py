@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .errors import MoLEError
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -21,8 +23,6 @@ SCHEDULERS = {
 def use_scheduler(pipe: "DiffusionPipeline", name: str) -> None:
     """Replace the pipeline's scheduler by the one named, built from the checkpoint's own scheduler config."""
     import diffusers  # here, so that `mole-diffusion --help` stays quick
-
-    from .errors import MoLEError
 
     if isinstance(pipe.scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
         raise MoLEError(f"--scheduler {name}: this base samples by flow matching (Flux) with its own "

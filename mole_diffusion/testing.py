@@ -1,7 +1,7 @@
 """Tiny, random Stable Diffusion checkpoints and LoRA files, built offline from configs.
 
 For this project's tests and for users' own CI: no hub, no download. The tokenizer is the real CLIP BPE
-tokenizer, built from the vocabulary file that ships inside ``open_clip``.
+tokenizer, built from the vocabulary file that ships inside ``open_clip`` (``offline_tokenizers``).
 
     from mole_diffusion.testing import make_tiny_pipeline, make_tiny_lora
     path = make_tiny_pipeline("tiny-sd")
@@ -10,7 +10,6 @@ tokenizer, built from the vocabulary file that ships inside ``open_clip``.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -19,6 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .lycoris import lycoris_to_lora
+from .offline_tokenizers import make_clip_tokenizer
 
 __all__ = ["make_clip_tokenizer", "make_t5_tokenizer", "pipeline_family", "make_concept_images", "make_tiny_clip", "make_tiny_dino", "make_tiny_owlvit", "make_tiny_transformers_clip", "make_tiny_pipeline", "make_tiny_lora", "tiny_lora_deltas", "sgm_module_name", "TINY_UNET_CONFIG"]
 
@@ -53,24 +55,6 @@ TINY_TEXT_CONFIG = dict(
     vocab_size=49408,
     projection_dim=32,
 )
-
-
-def make_clip_tokenizer(path: str | os.PathLike):
-    """Write a real CLIP tokenizer (vocab.json, merges.txt) to ``path`` from open_clip's BPE file."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
-    tokenizer.save_pretrained(path)
-    return tokenizer
 
 
 FAMILIES = ("sd", "sdxl", "flux")
@@ -642,8 +626,6 @@ def make_tiny_lycoris(
     its delta is as large as that of ``make_tiny_lora(std=std)`` at the same rank and alpha.
     """
     from diffusers import UNet2DConditionModel
-
-    from .lycoris import lycoris_to_lora
 
     if algo not in ("loha", "lokr", "locon_tucker"):
         raise ValueError(f"algo must be 'loha', 'lokr' or 'locon_tucker', got {algo!r}")

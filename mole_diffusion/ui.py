@@ -69,7 +69,7 @@ class Studio:
         """The shipped demo world: its base, three concept LoRAs, learned gates, trigger words and prompts
         (DDIM, as the demo draws them)."""
         from .demo.run import ASSETS, check_assets
-        from .train.concepts import load_compositions, load_concepts, trigger_words
+        from .concepts import load_compositions, load_concepts, trigger_words
 
         assets = Path(assets) if assets is not None else ASSETS
         check_assets(assets)

@@ -13,7 +13,7 @@ from mole_diffusion import ExpertError, MoLEError
 from mole_diffusion.cli import main
 from mole_diffusion.testing import make_tiny_lora
 from mole_diffusion.train.common import image_caption
-from mole_diffusion.train.concepts import ConceptError, load_concepts
+from mole_diffusion.concepts import ConceptError, load_concepts
 from test_files_and_errors import assert_refused_leaving_gates_as_they_were, assert_untouched, read_gate_tensors
 from test_pipeline import randomise_gates
 

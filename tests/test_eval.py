@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mole_diffusion.cli import main
 from mole_diffusion.eval import evaluate as ev
-from mole_diffusion.eval.clip import ClipError, load_clip
+from mole_diffusion.clip import ClipError, load_clip
 from mole_diffusion.eval.scores import embed_pil, score_images
 from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_lora
 

@@ -219,32 +219,6 @@ def test_train_gates_resets_constant_weights_and_masks_it_was_handed(world, conc
     assert any(not torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters() if n in before)
 
 
-
-def test_nothing_below_the_command_line_imports_it():
-    """Issue 14.4: the command line sits on top; no module of the package imports it, not even inside a
-    function (the evaluator once took the scheduler table from `cli`, which made a circle)."""
-    import ast
-    from pathlib import Path
-
-    import mole_diffusion
-
-    package = Path(mole_diffusion.__file__).parent
-    offenders = []
-    for path in package.rglob("*.py"):
-        if path.name == "cli.py" and path.parent == package:
-            continue
-        depth = len(path.relative_to(package).parts)  # 1 for a module in the package, 2 in a subpackage
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                absolute = node.module == "mole_diffusion.cli" or (node.module == "mole_diffusion" and any(a.name == "cli" for a in node.names))
-                relative = node.level == depth and (node.module == "cli" or (node.module is None and any(a.name == "cli" for a in node.names)))
-                if absolute or relative:
-                    offenders.append(f"{path.relative_to(package)}:{node.lineno}")
-            elif isinstance(node, ast.Import) and any(a.name == "mole_diffusion.cli" for a in node.names):
-                offenders.append(f"{path.relative_to(package)}:{node.lineno}")
-    assert offenders == []
-
-
 @pytest.mark.parametrize("key", ["granularity", "expert_hashes", "base_fingerprint"])
 def test_a_gate_file_lacking_metadata_names_the_key_and_changes_no_gate(world, trained, tmp_path, key):
     """Issue 15.6: a gate file without one of its metadata keys is refused by name, not with a raw KeyError."""

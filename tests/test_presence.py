@@ -12,7 +12,7 @@ from mole_diffusion.eval import evaluate as ev
 from mole_diffusion.eval.presence import DetectorPresence, PresenceError, load_presence_judge, presence_row
 from mole_diffusion.eval.stats import wilson_interval
 from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_owlvit
-from mole_diffusion.train.concepts import Concept
+from mole_diffusion.concepts import Concept, composed_concepts
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_the_attribute_judge_reads_whether_the_prompt_colour_is_kept():
 
 
 def test_the_attribute_judge_sees_no_object_in_a_texture_of_the_prompts_colours():
-    """What fooled the colour-only check (docs/faithful-but-textures.png): checker-and-stripe textures in the
+    """What fooled the colour-only check (experiments/docs/faithful-but-textures.png): checker-and-stripe textures in the
     prompt's colour. Drawn fresh here (a seed the judge's training never drew), they show no star and do not
     keep the prompt; a drawn composition still does."""
     import random
@@ -184,31 +184,6 @@ def test_a_rim_changes_only_a_ring_of_one_colour_around_the_object():
         assert len({tuple(p) for p in np.asarray(rimmed)[changed]}) == 1
 
 
-def test_rejudge_adds_the_faithful_rate_to_an_earlier_run(tmp_path):
-    from mole_diffusion.demo import world
-    from mole_diffusion.demo.rejudge import rejudge
-    from mole_diffusion.demo.run import ASSETS
-
-    prompt = "a red sks in zwx style on a qkx background"
-    colours = {"mole": ["red", "red", "blue", "purple"], "sum": ["red", "green", "red", "red"]}
-    rows = []
-    for method, per_seed in colours.items():
-        for seed, colour in enumerate(per_seed):
-            image = f"images/{method}/p0-s{seed}.png"
-            (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
-            drawn([world.Scene("star", colour, "checker", "large", (0.5, 0.5), "stripes")])[0].save(tmp_path / image)
-            rows.append({"method": method, "prompt_index": 0, "prompt": prompt, "seed": seed, "image": image, "clip_text": 0.1})
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "run.json").write_text(json.dumps({"concepts": str(ASSETS / "concepts.toml"), "presence_model": str(ASSETS / "judge"),
-                                                   "prompts": [prompt]}))
-    summary = {entry["method"]: entry for entry in rejudge(tmp_path)}
-    assert summary["mole"]["present_all"] == 1.0 and summary["mole"]["present_all_faithful"] == 0.5  # 2 of 4 red
-    assert summary["sum"]["present_all_faithful"] == 0.75
-    saved = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["present_prompt"] for r in saved] == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
-    assert "present_all_faithful" in (tmp_path / "report.md").read_text()
-
-
 def test_present_active_asks_only_for_the_prompts_concepts_the_method_kept():
     """present_active: every concept of the prompt's composition that the method did not mask. A concept the
     method has loaded but the prompt does not name is not asked for; a masked concept of the prompt is not either.
@@ -233,7 +208,7 @@ def test_evaluate_presence_columns_by_hand_for_prompts_naming_some_concepts():
     concepts from the trigger words, the active ones from the method's name; present_active by hand."""
     names, triggers = ["a", "b", "c"], {"a": ["sks"], "b": ["zwx"], "c": ["qkx"]}
     prompt = "a sks on a qkx background"
-    composed = ev.composed_concepts(prompt, triggers)
+    composed = composed_concepts(prompt, triggers)
     assert composed == ["a", "c"]
     present = {"a": True, "b": False, "c": False}
     expected_active = {"sum": 0.0, "mole_without_c": 1.0, "mole_without_b": 0.0, "single_a": 1.0, "single_b": None}

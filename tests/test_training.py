@@ -222,7 +222,7 @@ def test_clip_objective_trains_gates_and_lowers_its_loss(world, concepts_file, t
 
 
 def test_clip_objective_needs_a_loadable_clip_model(world, concepts_file, tmp_path):
-    from mole_diffusion.eval.clip import ClipError
+    from mole_diffusion.clip import ClipError
 
     with pytest.raises(ValueError, match="needs a CLIP model"):
         train_gates(gate_config(world, concepts_file, tmp_path, objective="clip"))

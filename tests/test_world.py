@@ -126,7 +126,7 @@ def test_checker_cells_sets_the_checkerboards_cell_count(monkeypatch):
 
 
 def test_the_build_trains_each_lora_on_the_settings_target_modules(tmp_path, monkeypatch):
-    import mole_diffusion.train.lora as lora
+    import mole_diffusion.demo.build as build
     from mole_diffusion.demo.build import LORA_TARGET_MODULES, WIDE_LORA_TARGET_MODULES, BuildSettings, train_concepts
 
     write_world(tmp_path / "world", base_count=0, concept_count=1, resolution=64, seed=0)
@@ -139,7 +139,7 @@ def test_the_build_trains_each_lora_on_the_settings_target_modules(tmp_path, mon
         seen.append(config)
         raise Stop
 
-    monkeypatch.setattr(lora, "train_lora", record)
+    monkeypatch.setattr(build, "train_lora", record)
     for settings in (BuildSettings(concept_images=1), BuildSettings(concept_images=1, lora_rank=16, lora_target_modules=list(WIDE_LORA_TARGET_MODULES))):
         with pytest.raises(Stop):
             train_concepts(tmp_path, settings)

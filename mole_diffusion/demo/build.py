@@ -18,13 +18,13 @@ versions). A GPU is used when there is one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MoLEError
+from ..files import write_atomically
+from ..gate_file import read_gate_file
+from ..offline_tokenizers import make_clip_tokenizer
+from ..train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
+from ..train.gates import GateTrainingConfig, train_gates
+from ..train.lora import LoRATrainingConfig, train_lora
 from . import world
+from .images import RESOLUTION, jitter, scene_pixels
+from .judge import JudgeSettings, train_judge
 
 UNET_CONFIG = dict(
     sample_size=16,
@@ -80,9 +88,6 @@ CLIP_CONFIG = {
 }
 
 
-RESOLUTION = 64  # images are 64x64: the VAE, UNet and CLIP configs above are sized for it
-
-
 # the concept LoRAs' UNet modules: attention, projections and the resnet convs (stripes and checkerboards are drawn at
 # the 16x16 level, which has no attention)
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
@@ -104,7 +109,7 @@ class BuildSettings:
     base_batch_size: int = 64
     base_learning_rate: float = 5e-4
     # the base UNet's widths at 16x16, 8x8 and 4x4 (1.7 M parameters); 64 128 128 (6.5 M) trains in about twice the
-    # time on 2 CPU cores, and its LoRAs come closer to adding (issue 12, docs/composition-experiments.md)
+    # time on 2 CPU cores, and its LoRAs come closer to adding (experiments/docs/composition-experiments.md)
     unet_channels: list[int] = field(default_factory=lambda: list(UNET_CONFIG["block_out_channels"]))
     lora_steps: int = 2000
     lora_rank: int = 4
@@ -133,34 +138,8 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     partial.rename(folder)
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """``write(temporary)``, then rename it over ``path``: the file is whole or not there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, path)
-    return path
-
-
 def _device(settings: BuildSettings) -> torch.device:
     return torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _pixels(scenes: list[world.Scene]) -> torch.Tensor:
-    """(N, 3, H, W) uint8 images of ``scenes``."""
-    from .judge import pil_to_uint8
-
-    return pil_to_uint8([world.draw(s, RESOLUTION) for s in scenes], RESOLUTION)
-
-
-def _jitter(images: torch.Tensor, generator: torch.Generator, most: int = 4) -> torch.Tensor:
-    """Each image moved by up to ``most`` pixels each way (edges repeated). Without it the judge keys on
-    where stripes and checker cells sit on its 8-pixel patch grid: moved 4 pixels, clean images lost a third
-    of their zero-shot accuracy, and generated images, never pixel-aligned, were misread."""
-    padded = F.pad(images.float(), (most,) * 4, mode="replicate").to(images.dtype)
-    side = images.shape[-1]
-    offsets = torch.randint(0, 2 * most + 1, (len(images), 2), generator=generator).tolist()
-    return torch.stack([p[:, y : y + side, x : x + side] for p, (x, y) in zip(padded, offsets)])
 
 
 # -- the judge: a tiny open_clip model --------------------------------------------------------------------
@@ -185,7 +164,7 @@ def train_clip(out: Path, settings: BuildSettings) -> Path:
     bar = tqdm(range(settings.clip_steps), desc="clip")
     for _ in bar:
         scenes = [world.any_scene(rng) for _ in range(settings.clip_batch_size)]
-        images = (_jitter(_pixels(scenes), generator).to(device).float() / 255 - mean) / std
+        images = (jitter(scene_pixels(scenes), generator).to(device).float() / 255 - mean) / std
         texts = tokenizer([s.caption for s in scenes]).to(device)
         image_features, text_features, logit_scale = model(images, texts)[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
@@ -216,7 +195,7 @@ def train_vae(settings: BuildSettings):
     bar = tqdm(range(settings.vae_steps), desc="vae")
     crop = RESOLUTION // 2
     for _ in bar:
-        images = _pixels([world.any_scene(rng) for _ in range(settings.vae_batch_size)])
+        images = scene_pixels([world.any_scene(rng) for _ in range(settings.vae_batch_size)])
         x, y = torch.randint(0, RESOLUTION - crop + 1, (2,), generator=generator).tolist()
         pixels = images[:, :, y : y + crop, x : x + crop].to(device).float() / 127.5 - 1
         posterior = vae.encode(pixels).latent_dist
@@ -230,7 +209,7 @@ def train_vae(settings: BuildSettings):
     vae.eval()
     # SD's convention: latents times scaling_factor have unit variance
     with torch.no_grad():
-        pixels = _pixels(world.base_world(256, seed=settings.seed + 1)).to(device).float() / 127.5 - 1
+        pixels = scene_pixels(world.base_world(256, seed=settings.seed + 1)).to(device).float() / 127.5 - 1
         std = vae.encode(pixels).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae.cpu()
@@ -239,8 +218,6 @@ def train_vae(settings: BuildSettings):
 def make_pipeline(vae, seed: int, tokenizer_dir: Path, unet_channels: list[int]):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..testing import make_clip_tokenizer
 
     torch.manual_seed(seed)
     return StableDiffusionPipeline(
@@ -259,8 +236,6 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
     ``work`` (default ``<out>-training``) keeps the VAE and the training checkpoints, so a stopped run resumes."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from ..train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
-
     stage = work or out.with_name(out.name + "-training")
     stage.mkdir(parents=True, exist_ok=True)
     vae_path = stage / "vae"
@@ -275,7 +250,7 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
     latents = []
     with torch.no_grad():
         for start in range(0, len(scenes), 256):
-            pixels = _pixels(scenes[start : start + 256]).float() / 127.5 - 1
+            pixels = scene_pixels(scenes[start : start + 256]).float() / 127.5 - 1
             latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
     examples = Examples(torch.cat(latents), [s.caption for s in scenes], torch.zeros(len(scenes), dtype=torch.long), torch.ones(len(scenes)))
 
@@ -327,8 +302,6 @@ def make_portable(pipeline: Path, tokenizer_files: Path) -> None:
 def filler_caption_folder(root: Path, name: str, settings: BuildSettings) -> Path:
     """``root/runs/lora-data-<name>``: each of the concept's reference images four times, with its caption and
     the three of ``world.filler_captions`` (the LoRA's training data; the gates train on the references alone)."""
-    import random
-
     folder = root / "runs" / f"lora-data-{name}"
     images = root / "world" / "concepts" / name
     rng = random.Random(f"fillers-{name}-{settings.seed}")
@@ -343,10 +316,6 @@ def filler_caption_folder(root: Path, name: str, settings: BuildSettings) -> Pat
 def train_concepts(root: Path, settings: BuildSettings) -> Path:
     """One LoRA per held-out concept (``train_lora``), then the gates (``train_gates``); returns concepts.toml."""
     from safetensors.torch import save_file
-
-    from ..gate_file import read_gate_file
-    from ..train.gates import GateTrainingConfig, train_gates
-    from ..train.lora import LoRATrainingConfig, train_lora
 
     entries = []
     for name in world.CONCEPTS:
@@ -435,8 +404,6 @@ def install_assets(root: Path, assets: Path) -> Path:
 
 def write_manifest(assets: Path) -> None:
     """``assets/manifest.json``: every file there with its sha256 (what ``demo.run.check_assets`` checks)."""
-    import hashlib
-
     manifest = assets / "manifest.json"
     files = {p.relative_to(assets).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in sorted(assets.rglob("*")) if p.is_file() and p != manifest}
@@ -471,8 +438,6 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
             train_base(folder, settings, work=out / "pipeline-training")
     if not (out / "judge").is_dir():
         from diffusers import AutoencoderKL
-
-        from .judge import JudgeSettings, train_judge
 
         with staged_folder(out / "judge") as folder:
             train_judge(folder, AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),

@@ -1,5 +1,5 @@
-"""The demo world's attribute judge: a small supervised classifier that reads a 64x64 image's shape, colour,
-style and background (issue 12).
+"""The demo world's attribute judge, trained here: a small supervised classifier (``eval/attribute_judge.py``) that
+reads a 64x64 image's shape, colour, style and background.
 
 It is trained on the world's exact labels, never on a generated image and never as a training signal for gates
 or LoRAs, so it can tell whether a composition drew its concepts without being what any method optimised.
@@ -12,13 +12,13 @@ the prompt's colours passed every head (README, issue 12). The shape head theref
 training also sees pictures that are not a scene of one object (a background alone, full-frame checkerboards of
 any colours and cell size, stripes over everything, both together), so "the star is there" means an object is.
 
-Files (``judge/`` in the demo assets): ``config.json`` (the attributes and their values, the layer widths, and
-which attribute value each concept is) and ``model.safetensors``.
+Files (``judge/`` in the demo assets, written by ``AttributeJudge.save``): ``config.json`` (the attributes and their
+values, the layer widths, and which attribute value each concept is) and ``model.safetensors``.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import random
 from dataclasses import dataclass, replace
@@ -27,14 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import MoLEError
+from ..eval.attribute_judge import AttributeJudge, load_judge, pil_to_uint8
 from . import world
+from .images import RESOLUTION, jitter, scene_pixels
 
-FORMAT = "mole-diffusion-attribute-judge"
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": (*world.SHAPES, "star", "none"),  # none: no single object (a background alone, a texture)
     "colour": tuple(world.COLOURS),
@@ -47,137 +45,6 @@ CONCEPT_ATTRIBUTES = {"star": ("shape", "star"), "stripes": ("style", "stripes")
 
 def scene_labels(scene: world.Scene) -> dict[str, str]:
     return {"shape": scene.shape, "colour": scene.colour, "style": scene.style or "plain", "background": scene.background}
-
-
-class AttributeJudge(nn.Module):
-    """Four stages of two convolutions (each stage halving the side), global mean and max pooling, then one
-    linear head per attribute; and (``object_mask``) a map of where the object is, on the 16 x 16 grid, from the
-    last three stages.
-
-    Global pooling makes the attribute heads blind to where the shape is; the 4-pixel shifts in training make them
-    blind to where stripes and checker cells fall on the pixel grid. The object map is what sees the layout: a
-    scene of the world has one compact object (6-41% of the image), a texture has none or many.
-    """
-
-    def __init__(self, attributes: dict[str, tuple[str, ...]] = ATTRIBUTES, widths: tuple[int, ...] = (32, 64, 96, 128),
-                 object_mask: bool = True):
-        super().__init__()
-        self.attributes = {a: tuple(v) for a, v in attributes.items()}
-        self.widths = tuple(widths)
-        layers, channels = [], 3
-        for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
-                       nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2)]
-            channels = width
-        self.features = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({a: nn.Linear(2 * channels, len(v)) for a, v in self.attributes.items()})
-        # one 1x1 convolution per stage from the second on, summed on the second stage's grid
-        self.object_mask = nn.ModuleList([nn.Conv2d(w, 1, 1) for w in widths[1:]]) if object_mask else None
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``images`` (B, 3, H, W) in [0, 1] -> {attribute: logits (B, values)}, and ``object``: logits (B, H/4, W/4)
-        of each cell being the object's, when the judge has the map."""
-        maps, stages = images * 2 - 1, []
-        for layer in self.features:
-            maps = layer(maps)
-            if isinstance(layer, nn.MaxPool2d):
-                stages.append(maps)
-        # mean and max over positions: the mean reads colours and textures, the max a corner or a point wherever it is
-        features = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
-        logits = {a: head(features) for a, head in self.heads.items()}
-        if self.object_mask is not None:
-            grid = stages[1].shape[-2:]
-            logits["object"] = sum(F.interpolate(conv(stage), grid, mode="bilinear", align_corners=False) if i else conv(stage)
-                                   for i, (conv, stage) in enumerate(zip(self.object_mask, stages[1:])))[:, 0]
-        return logits
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor | list[Image.Image]) -> list[dict[str, str]]:
-        """The most likely value of every attribute, per image."""
-        if isinstance(images, list):
-            images = pil_to_tensor(images)
-        param = next(self.parameters())
-        logits = self(images.to(param.device, param.dtype))
-        picks = {a: logits[a].argmax(dim=-1).tolist() for a in self.attributes}
-        read = [{a: self.attributes[a][picks[a][i]] for a in self.attributes} for i in range(len(images))]
-        if "object" in logits:  # no single compact object: no shape, whatever the shape head says
-            for values, cells in zip(read, logits["object"].sigmoid() > 0.5):
-                if not one_object(cells):
-                    values["shape"] = "none"
-        return read
-
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"format": FORMAT, "attributes": self.attributes, "widths": self.widths, "object_mask": self.object_mask is not None,
-                  "concepts": {c: list(v) for c, v in CONCEPT_ATTRIBUTES.items()}, "resolution": world_resolution()}
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        from .build import write_atomically
-
-        write_atomically(folder / "model.safetensors", lambda temporary: save_file(state, str(temporary)))
-        write_atomically(folder / "config.json", lambda temporary: temporary.write_text(json.dumps(config, indent=1)))
-        return folder
-
-
-def world_resolution() -> int:
-    from .build import RESOLUTION
-
-    return RESOLUTION
-
-
-def one_object(cells: torch.Tensor, smallest: float = 0.03, largest: float = 0.6, whole: float = 0.8) -> bool:
-    """Whether a boolean object map (H, W) shows one compact object: its largest 4-connected region covers
-    ``smallest``-``largest`` of the image (the world's objects cover 6-41%) and at least ``whole`` of all the
-    cells marked object."""
-    cells = cells.cpu().tolist()
-    height, width, seen, sizes = len(cells), len(cells[0]), set(), []
-    for start in ((y, x) for y in range(height) for x in range(width) if cells[y][x]):
-        if start in seen:
-            continue
-        seen.add(start)
-        stack, size = [start], 0
-        while stack:
-            y, x = stack.pop()
-            size += 1
-            for near in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if 0 <= near[0] < height and 0 <= near[1] < width and cells[near[0]][near[1]] and near not in seen:
-                    seen.add(near)
-                    stack.append(near)
-        sizes.append(size)
-    biggest = max(sizes, default=0)
-    return smallest * height * width <= biggest <= largest * height * width and biggest >= whole * sum(sizes)
-
-
-def is_judge_folder(folder: str | Path) -> bool:
-    config = Path(folder) / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("format") == FORMAT
-    except ValueError:
-        return False
-
-
-def load_judge(folder: str | Path, device: str | torch.device = "cpu") -> tuple[AttributeJudge, dict]:
-    """The judge in ``folder`` and its config (which holds ``concepts``: {concept: [attribute, value]})."""
-    folder = Path(folder)
-    if not is_judge_folder(folder):
-        raise MoLEError(f"{folder}: no attribute judge here (expected config.json with format {FORMAT!r} "
-                                "and model.safetensors; build one with `mole-diffusion build-demo`)")
-    config = json.loads((folder / "config.json").read_text())
-    judge = AttributeJudge(config["attributes"], tuple(config["widths"]), config.get("object_mask", False))
-    judge.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return judge.eval().to(device), config
-
-
-def pil_to_uint8(images: list[Image.Image], resolution: int = 64) -> torch.Tensor:
-    """(B, 3, resolution, resolution) uint8."""
-    arrays = [torch.frombuffer(bytearray(i.convert("RGB").resize((resolution, resolution), Image.BICUBIC).tobytes()),
-                               dtype=torch.uint8).view(resolution, resolution, 3) for i in images]
-    return torch.stack(arrays).permute(0, 3, 1, 2)
-
-
-def pil_to_tensor(images: list[Image.Image], resolution: int = 64) -> torch.Tensor:
-    """(B, 3, resolution, resolution) in [0, 1]."""
-    return pil_to_uint8(images, resolution).float() / 255
 
 
 # -- augmentations that look like generated images ------------------------------------------------------
@@ -196,10 +63,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, masks: torch.Tenso
     """Shifts of up to 4 pixels, Gaussian blur (sigma 0-1.2), colour jitter (gain 0.9-1.1 per channel, offset
     +-0.04) and pixel noise (std 0-0.06), each drawn per image. With ``masks`` (N, 1, H, W) in [0, 1], returns
     them too, shifted with their images."""
-    from .build import _jitter
-
     stacked = images if masks is None else torch.cat([images, masks.to(images)], dim=1)
-    stacked = _jitter((stacked * 255).round().to(torch.uint8), generator).float() / 255
+    stacked = jitter((stacked * 255).round().to(torch.uint8), generator).float() / 255
     images, masks = (stacked, None) if masks is None else (stacked[:, :3], stacked[:, 3:])
     n = len(images)
     sigma = torch.rand(n, generator=generator) * 1.2
@@ -288,21 +153,20 @@ def _examples(rng: random.Random, count: int, objectless_share: float = 0.25,
     the loss), and ``object`` (N, 1, H, W), 1 where the object is. Scenes of the whole world, and about
     ``objectless_share`` pictures of no single object (no object anywhere); about ``rim_share`` of the scenes get a
     rim around the object (``with_rim``; the object map keeps the object alone)."""
-    resolution = world_resolution()
     images, labels, masks = [], [], []
     for scene in _scenes(rng, count):
-        mask = Image.new("L", (resolution, resolution), 0)
+        mask = Image.new("L", (RESOLUTION, RESOLUTION), 0)
         if rng.random() < objectless_share:
             image, label = objectless(rng)
         else:
-            image, label = world.draw(scene, resolution), scene_labels(scene)
-            ImageDraw.Draw(mask).polygon(world._outline(scene, resolution), fill=255)
+            image, label = world.draw(scene, RESOLUTION), scene_labels(scene)
+            ImageDraw.Draw(mask).polygon(world._outline(scene, RESOLUTION), fill=255)
             if rim_share and rng.random() < rim_share:  # no draw when off: a judge without rims sees what it saw before they existed
                 image = with_rim(image, mask, rng)
         images.append(image)
         labels.append(label)
         masks.append(mask_tensor(mask))
-    pixels = pil_to_uint8(images, resolution)
+    pixels = pil_to_uint8(images, RESOLUTION)
     targets = {a: torch.tensor([values.index(l[a]) if l[a] is not None else -100 for l in labels])
                for a, values in ATTRIBUTES.items()}
     targets["object"] = torch.stack(masks).float() / 255
@@ -352,7 +216,7 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
     pool = torch.cat([vae_round_trip(vae, pool_pixels[i : i + 200].float() / 255, generator)
                       for i in tqdm(range(0, len(pool_pixels), 200), desc="judge: VAE round trips")])
 
-    judge = AttributeJudge().to(device).train()
+    judge = AttributeJudge(ATTRIBUTES).to(device).train()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
@@ -369,7 +233,7 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return judge.eval().cpu().save(out)
+    return judge.eval().cpu().save(out, CONCEPT_ATTRIBUTES, RESOLUTION)
 
 
 @torch.no_grad()
@@ -377,8 +241,6 @@ def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int 
     """Accuracy per attribute on VAE round trips (with latent noise) of ``count`` fresh scenes, drawn from a
     seed the judge's training never used; and, where the judge knows ``none``, ``no object``: the share of
     ``count`` fresh objectless pictures (backgrounds alone, textures) it reads as no object."""
-    from .build import _pixels
-
     rng = random.Random(f"judge-test-{seed}")
     generator = torch.Generator().manual_seed(seed)
 
@@ -386,7 +248,7 @@ def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int 
         return torch.cat([vae_round_trip(vae, pixels[i : i + 200].float() / 255, generator) for i in range(0, len(pixels), 200)])
 
     scenes = _scenes(rng, count)
-    predicted = judge.predict(round_trips(_pixels(scenes)))
+    predicted = judge.predict(round_trips(scene_pixels(scenes)))
     accuracy = {a: sum(p[a] == scene_labels(s)[a] for p, s in zip(predicted, scenes)) / count for a in judge.attributes}
     if "none" in judge.attributes["shape"]:
         pictures = pil_to_uint8([objectless(rng)[0] for _ in range(count)])
@@ -396,8 +258,6 @@ def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m mole_diffusion.demo.judge --assets DIR --out DIR/judge``: train the judge for a built world."""
-    import argparse
-
     from diffusers import AutoencoderKL
 
     parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.judge", description=main.__doc__)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw
 
 from ..errors import MoLEError
+from ..eval.evaluate import EvaluationConfig, evaluate
 from .world import CONCEPTS, composition_prompts
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ def run_demo(out: str | Path, steps: int = 25, seeds: tuple[int, ...] = (0,), gu
              assets: Path = ASSETS, progress: bool = True) -> Path:
     """Write ``grid.png``, ``gate_heatmap.png``, ``expert_maps.png`` (where regional routing let each expert act),
     ``scores.md`` / ``scores.csv`` and the evaluator's folder ``eval/``."""
-    from ..eval.evaluate import EvaluationConfig, evaluate
-
     check_assets(assets)
     out = Path(out)
     prompts, methods = composition_prompts(), demo_methods()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,12 +39,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..train.concepts import Concept, ConceptError, load_compositions, load_concepts, trigger_words
+from ..clip import ImageBackbone, load_clip
+from ..concepts import Concept, ConceptError, composed_concepts, load_compositions, load_concepts, trigger_words
 from ..errors import MoLEError, load_base_pipeline
 from ..experts import lora_components
 from ..gate_file import GateFileError, gate_kind
+from ..pipelines import mole_pipeline_class
 from ..quiet import quiet_adapter_loading, quiet_multiple_adapters
-from .clip import ImageBackbone, load_clip
+from ..schedulers import use_scheduler
 from .presence import judged_row, load_presence_judge
 from .stats import bootstrap_interval, by_prompt, paired_difference, wilson_interval
 from .scores import image_alignment, reference_embeddings, score_images
@@ -112,9 +113,6 @@ def evaluate(config: EvaluationConfig) -> Path:
     takes every n-th image and the main process writes the summary."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-
-    from ..schedulers import use_scheduler
-    from ..pipelines import mole_pipeline_class
 
     if config.concepts is not None:
         concepts = load_concepts(config.concepts)
@@ -343,12 +341,6 @@ def generate(pipe, reference_pipe, method: str, prompt: str, names: list[str], w
         with composite(pipe, names):
             return pipe(prompt, **kwargs).images[0]
     return pipe(prompt, **kwargs).images[0]
-
-
-def composed_concepts(prompt: str, triggers: dict[str, list[str]] | None) -> list[str]:
-    """The concepts a prompt asks for: those whose trigger words it contains (none known: [])."""
-    words = set(re.findall(r"[\w']+", prompt.lower()))
-    return [name for name, trigger in (triggers or {}).items() if all(w in words for w in trigger)]
 
 
 def active_experts(method: str, names: list[str]) -> list[str]:

@@ -4,8 +4,9 @@ CLIP scores track human judgement of multi-concept images poorly (ComposLoRA); a
 every concept, from a judge that no method trained against, says whether a composition worked.
 
 A judge answers, per image, {concept: present?}. Two kinds:
-- ``AttributeJudgePresence``: the demo world's attribute classifier (``demo/judge.py``), which knows which
-  attribute value each concept is (the star is a shape, stripes a style, the checkerboard a background);
+- ``AttributeJudgePresence``: an attribute classifier (``attribute_judge.py``; the demo world trains one,
+  ``demo/judge.py``), which knows which attribute value each concept is (the star is a shape, stripes a style,
+  the checkerboard a background);
 - ``DetectorPresence``: a transformers zero-shot object detector folder (OWL-ViT, OWLv2), asked for each
   concept's ``presence`` word (default: its class prompt); present when its best box scores over a threshold.
 Rates come with Wilson 95% intervals (never "0% ± 0%").
@@ -27,8 +28,10 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from ..concepts import Concept
 from ..errors import MoLEError
-from ..train.concepts import Concept
+from ..quiet import quiet_loading
+from .attribute_judge import is_judge_folder, load_judge, pil_to_tensor
 
 
 class PresenceError(MoLEError):
@@ -45,11 +48,10 @@ class PresenceJudge(Protocol):
 
 
 class AttributeJudgePresence:
-    """The demo world's attribute judge: concept k is present when the judge reads k's attribute value."""
+    """An attribute judge (``attribute_judge.py``, such as the demo world's): concept k is present when the judge
+    reads k's attribute value."""
 
     def __init__(self, folder: str | Path, concepts: list[str], device: str = "cpu"):
-        from ..demo.judge import load_judge
-
         self.judge, config = load_judge(folder, device)
         unknown = [c for c in concepts if c not in config["concepts"]]
         if unknown:
@@ -63,8 +65,6 @@ class AttributeJudgePresence:
         object is there (where the judge can say there is none) in the colour the prompt gives it (the world's
         captions name it first: "a red sks on a qkx background"; None where the prompt names no colour the judge
         knows)."""
-        from ..demo.judge import pil_to_tensor
-
         colours = self.judge.attributes["colour"]
         named = [next((w for w in re.findall(r"[a-z]+", p.lower()) if w in colours), None) for p in prompts]
         predicted = self.judge.predict(pil_to_tensor(images, self.resolution))
@@ -87,8 +87,6 @@ class DetectorPresence:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(folder)
-        from ..quiet import quiet_loading
-
         with quiet_loading():  # no "Loading weights" bar before the evaluator's own
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).eval().to(device)
         self.concepts, self.queries, self.threshold, self.device = list(queries), list(queries.values()), threshold, device
@@ -110,8 +108,6 @@ class DetectorPresence:
 
 def load_presence_judge(path: str | Path, concepts: list[Concept], device: str = "cpu", threshold: float = 0.1) -> PresenceJudge:
     """An attribute-judge folder (the demo world's) or a zero-shot detector folder."""
-    from ..demo.judge import is_judge_folder
-
     path = Path(path)
     if not path.is_dir():
         raise PresenceError(f"presence model {path} not found (expected a folder: the demo world's judge, or an "

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..train.concepts import list_images
-from .clip import ClipModel, ImageBackbone
+from ..clip import ClipModel, ImageBackbone
+from ..concepts import list_images
 
 
 def embed_pil(model, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:

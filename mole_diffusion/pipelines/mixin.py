@@ -11,6 +11,7 @@ from ..errors import MoLEError
 from ..experts import expert_paths, load_expert, lora_components
 from ..gate_file import load_gates, save_gates
 from ..inject import MoLE, inject_experts
+from ..routing import RegionalRouting
 
 
 def _refuse_non_finite(denoiser, args, output) -> None:
@@ -111,8 +112,6 @@ class MoLEPipelineMixin:
         (default 1: the plain sum), only where the cross-attention of its trigger word(s) points, read in the
         UNet's own pass. ``triggers``: {expert name: word or words of the prompt}, e.g. {"dog": "sks"}.
         Masking (``set_experts(names)``, ``experts=`` per call) still applies; learned gates are not used."""
-        from ..routing import RegionalRouting
-
         mole = self._require_mole()
         if self.denoiser != "unet":
             raise MoLEError(f"regional routing reads the UNet's cross-attention maps; {type(self).__name__} has none")

@@ -2,7 +2,7 @@
 (``train_lora``, plain LoRA or MoSLoRA)."""
 
 from .common import CheckpointError, TrainingSettings
-from .concepts import Concept, ConceptError, load_concepts
+from ..concepts import Concept, ConceptError, load_concepts
 from .gates import GateTrainingConfig, train_gates
 from .lora import LoRATrainingConfig, add_mixers, fold_mixers, train_lora
 

@@ -33,9 +33,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..concepts import Concept, ConceptError, list_images
 from ..errors import MoLEError
 from ..experts import lora_components
-from .concepts import Concept, ConceptError, list_images
 
 
 class CheckpointError(MoLEError, RuntimeError):

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from ..clip import load_clip
+from ..concepts import composed_concepts, list_images, load_compositions, load_concepts, trigger_words
 from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
 from ..pipelines import MoLEPipelineMixin, mole_pipeline_class
@@ -57,7 +59,6 @@ from .common import (
     run_training,
     trainable_parameters,
 )
-from .concepts import list_images, load_compositions, load_concepts, trigger_words
 
 OBJECTIVES = ("denoising", "clip", "composition", "distillation")
 
@@ -228,8 +229,6 @@ def reference_directions(clip, concepts) -> torch.Tensor:
 
 def clip_objective(pipe, config: GateTrainingConfig, concepts, examples: Examples, device):
     """The paper's CLIP-guided L_D (see the module docstring), as ``main_loss(indices, generator)``."""
-    from ..eval.clip import load_clip
-
     clip = load_clip(config.clip_model, config.clip_pretrained, device=device)
     references = reference_directions(clip, concepts)
     center = references.mean(dim=0)
@@ -256,9 +255,6 @@ CONCEPT_PUSH_TEMPERATURE = 0.5
 def composition_objective(pipe, config: GateTrainingConfig, concepts, device):
     """Composition-aware L_D (see the module docstring), as ``main_loss(indices, random)``: sample ``indices[i]``
     draws from composition prompt ``indices[i] % len(prompts)``."""
-    from ..eval.clip import load_clip
-    from ..eval.evaluate import composed_concepts
-
     prompts = load_compositions(config.concepts)
     triggers = {c.name: trigger_words(c, concepts) for c in concepts}
     named = torch.tensor([[c.name in composed_concepts(p, triggers) for c in concepts] for p in prompts])

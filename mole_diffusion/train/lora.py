@@ -22,7 +22,10 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from ..concepts import Concept, list_images
 from ..errors import MoLEError, load_base_pipeline
+from ..experts import lora_components
+from ..pipelines import mole_pipeline_class
 from .common import (
     TrainingSettings,
     denoising_objective,
@@ -32,7 +35,6 @@ from .common import (
     run_training,
     trainable_parameters,
 )
-from .concepts import Concept, list_images
 
 MIXER_INITS = ("orthogonal", "kaiming")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' own default name
@@ -126,10 +128,6 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
-
-    from ..experts import lora_components
-    from ..pipelines import mole_pipeline_class
-
     mole_class = mole_pipeline_class(config.base)  # the family: a plain diffusers pipeline of it trains the LoRA
     pipe = load_base_pipeline(mole_class.diffusers_class(), config.base, safety_checker=None)
     prepare_pipeline(pipe, accelerator, config)

@@ -1,4 +1,5 @@
-"""Concepts files (TOML) and their image folders.
+"""Concepts files (TOML) and their image folders, and which concepts a prompt names (read by training and by
+evaluation alike).
 
     [[concepts]]
     name = "dog"
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import MoLEError
+from .errors import MoLEError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FIELDS = ("name", "lora", "images", "prompt", "class_prompt", "class_images", "presence", "trigger")
@@ -68,6 +69,13 @@ def trigger_words(concept: Concept, others: list[Concept]) -> list[str]:
         raise ConceptError(f"concept {concept.name!r}: no word of its prompt {concept.prompt!r} names it alone; "
                            "give its trigger word in the concepts file (trigger = \"...\")")
     return words
+
+
+def composed_concepts(prompt: str, triggers: dict[str, list[str]] | None) -> list[str]:
+    """The concepts a prompt asks for: those whose trigger words (``triggers``: {name: ``trigger_words``}) it
+    contains (none known: [])."""
+    words = set(_words(prompt))
+    return [name for name, trigger in (triggers or {}).items() if all(w in words for w in trigger)]
 
 
 def _words(text: str) -> list[str]:

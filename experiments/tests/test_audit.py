@@ -1,9 +1,9 @@
-"""demo.audit: the presence judge against labels a person gave generated images."""
+"""experiments.audit: the presence judge against labels a person gave generated images."""
 
 import pytest
 
+from experiments.audit import agreement, format_groups, main, read_labels
 from mole_diffusion.demo import world
-from mole_diffusion.demo.audit import agreement, main, read_labels
 
 
 def test_agreement_counts_recall_and_precision_against_the_eye():
@@ -50,8 +50,6 @@ def test_the_shipped_judge_agrees_with_labels_of_clean_drawings(tmp_path, capsys
 
 
 def test_a_method_column_counts_each_method_apart():
-    from mole_diffusion.demo.audit import format_groups
-
     eye = [{"a": True}, {"a": True}, {"a": False}]
     judge = [{"a": True}, {"a": False}, {"a": True}]
     lines = format_groups(eye, judge, ["a"], ["x", "x", "y"])

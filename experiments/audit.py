@@ -1,8 +1,9 @@
-"""How far does the presence judge agree with a person? ``python -m mole_diffusion.demo.audit LABELS.csv``
+"""How far does the presence judge agree with a person? ``python -m experiments.audit LABELS.csv``
 
-The attribute judge is checked on round trips of drawings (``demo.quality``), but it scores generated images, and
-on some of them it reads shape ``none`` where a person sees a star on a board (README, issue 12). This prints, for a
-set of generated images a person labelled, how the judge's reading compares:
+The attribute judge is checked on round trips of drawings (``experiments.quality``), but it scores generated images,
+and on some of them it reads shape ``none`` where a person sees a star on a board
+(``experiments/docs/composition-experiments.md``). This prints, for a set of generated images a person labelled, how
+the judge's reading compares:
 
 - per concept: the rate by eye and by the judge, the judge's recall (of what the eye saw, the share it reads) and
   precision (of what it reads, the share the eye saw), and how many images the two agree on;
@@ -10,10 +11,11 @@ set of generated images a person labelled, how the judge's reading compares:
 
 LABELS.csv has a row per image: ``prompt``, ``image`` (a path relative to the file) and ``eye_<concept>`` (1 or 0)
 for each concept; with a ``method`` column it also prints, per method, the images each concept was seen in by the eye,
-by the judge and by both. ``docs/eye-audit-inpaint-inside.csv`` is one: 64 images of the layout-then-background composite,
-labelled by the author of that method (criteria in the README), so a later judge can be measured on the same images.
-``docs/eye-audit-fresh.csv`` is another: 192 images of six methods on seeds no choice looked at, labelled before any
-judge read them.
+by the judge and by both. ``experiments/docs/eye-audit-inpaint-inside.csv`` is one: 64 images of the
+layout-then-background composite, labelled by the author of that method (criteria in
+``experiments/docs/composition-experiments.md``), so a later judge can be measured on the same images.
+``experiments/docs/eye-audit-fresh.csv`` is another: 192 images of six methods on seeds no choice looked at, labelled
+before any judge read them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..eval.stats import format_rate
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.eval.presence import AttributeJudgePresence
+from mole_diffusion.eval.stats import format_rate
 
 
 def read_labels(path: str | Path) -> tuple[list[dict], list[str]]:
@@ -84,14 +88,11 @@ def format_groups(eye: list[dict[str, bool]], judge: list[dict[str, bool]], conc
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.audit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("labels", help="a CSV of prompt, image, eye_<concept> per image")
     parser.add_argument("--judge", help="an attribute judge folder (default: the installed world's)")
     args = parser.parse_args(argv)
-
-    from ..eval.presence import AttributeJudgePresence
-    from .run import ASSETS
 
     rows, concepts = read_labels(args.labels)
     missing = [str(r["image"]) for r in rows if not Path(r["image"]).is_file()]

@@ -1,6 +1,6 @@
-"""Re-judge evaluator runs with their presence model, adding whether each image keeps its prompt (issue 12).
+"""Re-judge evaluator runs with their presence model, adding whether each image keeps its prompt.
 
-``python -m mole_diffusion.demo.rejudge build/quality/composition build/quality/composition-t05`` reads each run's
+``python -m experiments.rejudge build/quality/composition build/quality/composition-t05`` reads each run's
 images again with the presence model its run.json names, writes ``present_prompt`` and ``present_all_faithful``
 into its rows and summaries (as ``evaluate`` now does for new runs), and prints per method ``present_all`` beside
 ``present_all_faithful``: the rate of images that show every concept *and* the prompt's colour. No image is
@@ -15,14 +15,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from mole_diffusion.concepts import composed_concepts, load_concepts
+from mole_diffusion.eval.evaluate import _read_rows, _triggers, active_experts, format_cell, summarise, write_outputs
+from mole_diffusion.eval.presence import judged_row, load_presence_judge
+from mole_diffusion.files import write_atomically
+
 
 def rejudge(run: Path) -> list[dict]:
     """Re-judge the images of one evaluator run in place; returns its new summary rows."""
-    from ..eval.evaluate import _read_rows, _triggers, active_experts, composed_concepts, summarise, write_outputs
-    from ..eval.presence import judged_row, load_presence_judge
-    from .build import write_atomically
-    from ..train.concepts import load_concepts
-
     settings = json.loads((run / "run.json").read_text())
     concepts = load_concepts(settings["concepts"])
     names = [c.name for c in concepts]
@@ -41,12 +41,10 @@ def rejudge(run: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.rejudge", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.rejudge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="evaluator output folders (with run.json and results.jsonl)")
     args = parser.parse_args(argv)
-
-    from ..eval.evaluate import format_cell
 
     print("| run | method | n | present_all | present_prompt | present_all_faithful |\n|---|---|---|---|---|---|")
     for run in map(Path, args.runs):

@@ -1,4 +1,4 @@
-"""How well does composition work in the shipped demo world? ``python -m mole_diffusion.demo.quality --out DIR``
+"""How well does composition work in the shipped demo world? ``python -m experiments.quality --out DIR``
 prints (and writes ``DIR/quality.md``):
 
 1. the attribute judge's accuracy on VAE round trips of fresh scenes (shape incl. the star, colour, style incl.
@@ -7,7 +7,7 @@ prints (and writes ``DIR/quality.md``):
    background"), with ``present_<concept>`` and ``present_all`` (Wilson 95% intervals) beside the CLIP columns,
    and the shipped MoLE against each method on the same images (paired, bootstrap over prompts and seeds);
 3. each concept's own prompts: how often base, the LoRA alone, NLA, the sum, regional routing and MoLE show it.
-``--layout SPEC`` adds a sampler of ``mole_diffusion.demo.spatial`` (e.g. the training-free layout-then-background)
+``--layout SPEC`` adds a sampler of ``experiments.spatial`` (e.g. the training-free layout-then-background)
 to the composition table: drawn on the same prompts and seeds, scored beside the methods under the spec's label.
 The judge is trained on the world's labels only; no method is trained against it.
 """
@@ -15,11 +15,22 @@ The judge is trained on the world's labels only; no method is trained against it
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
-from . import world
-from .run import ASSETS, check_assets
+from diffusers import AutoencoderKL
+
+from mole_diffusion.concepts import load_concepts
+from mole_diffusion.demo import world
+from mole_diffusion.demo.judge import round_trip_accuracy
+from mole_diffusion.demo.run import ASSETS, check_assets
+from mole_diffusion.eval.attribute_judge import load_judge
+from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate, format_cell, format_difference, paired_table
+from mole_diffusion.eval.presence import AttributeJudgePresence
+
+from . import spatial
 
 
 def lift_scenes(name: str) -> list[world.Scene]:
@@ -37,8 +48,6 @@ def lift_scenes(name: str) -> list[world.Scene]:
 
 def read_summary(run: Path, label: str = "") -> list[dict]:
     """An evaluator run's summary rows (``summary.csv``), methods suffixed with `` (label)`` when given."""
-    import csv
-
     with open(run / "summary.csv") as handle:
         rows = [{k: (v if k == "method" else float(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
     for row in rows:
@@ -48,8 +57,6 @@ def read_summary(run: Path, label: str = "") -> list[dict]:
 
 def read_rows(run: Path, label: str = "") -> list[dict]:
     """An evaluator run's per-image rows (``results.json``), methods suffixed with `` (label)`` when given."""
-    import json
-
     rows = json.loads((run / "results.json").read_text())
     return [{**row, "method": row["method"] + (f" ({label})" if label else "")} for row in rows]
 
@@ -57,8 +64,6 @@ def read_rows(run: Path, label: str = "") -> list[dict]:
 def paired_lines(rows: list[dict], names: list[str], reference: str = "mole") -> list[str]:
     """Markdown rows: the reference minus each method on the same prompt and seed, per presence rate and the
     CLIP columns, with two-stage bootstrap intervals over prompts and seeds (``*``: the interval excludes 0)."""
-    from ..eval.evaluate import format_difference, paired_table
-
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cells = {(e["method"], e["metric"]): format_difference(e) for e in paired_table(rows, methods, reference)}
     columns = [*(f"present_{n}" for n in names), "present_all", "clip_text", "clip_image_min"]
@@ -70,8 +75,6 @@ def paired_lines(rows: list[dict], names: list[str], reference: str = "mole") ->
 def presence_table(summary: list[dict], names: list[str]) -> list[str]:
     """Markdown rows of the evaluator's presence rates: per method present_<concept>, present_all (and
     present_active where a concept is masked), with Wilson 95% intervals, next to the CLIP columns."""
-    from ..eval.evaluate import format_cell
-
     columns = [*(f"present_{n}" for n in names), "present_all", "present_active", "clip_text", "clip_image_min"]
     lines = ["| method | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row in summary:
@@ -80,7 +83,7 @@ def presence_table(summary: list[dict], names: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.quality", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for quality.md and the evaluator's runs")
     parser.add_argument("--assets", default=str(ASSETS), help="the demo world (default: the installed one)")
@@ -94,15 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gates", action="append", default=[], metavar="NAME=FILE",
                         help="another gate file to compare as `mole (NAME)` (repeat), e.g. a routing variant")
     parser.add_argument("--layout", action="append", default=[], metavar="SPEC",
-                        help="a demo.spatial spec (label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE), drawn on the "
+                        help="an experiments.spatial spec (label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE), drawn on the "
                              "composition prompts and seeds and scored as LABEL (repeat; LABEL_without_<concept> masks one)")
     args = parser.parse_args(argv)
-
-    from diffusers import AutoencoderKL
-
-    from ..eval.evaluate import EvaluationConfig, evaluate, format_cell
-    from ..train.concepts import load_concepts
-    from .judge import load_judge, round_trip_accuracy
 
     assets, out = Path(args.assets), Path(args.out)
     check_assets(assets)
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     concepts = load_concepts(assets / "concepts.toml")
     names = [c.name for c in concepts]
-    lines = ["## Demo world quality", "", f"`python -m mole_diffusion.demo.quality --out {out} --seeds {args.seeds} "
+    lines = ["## Demo world quality", "", f"`python -m experiments.quality --out {out} --seeds {args.seeds} "
              f"--first-seed {args.first_seed}` ({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
 
     judge, _ = load_judge(assets / "judge")
@@ -130,9 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     prompts = world.composition_prompts()
     drawn = {}
     if args.layout:
-        from . import spatial
-        from ..eval.presence import AttributeJudgePresence
-
         pipe, spatial_judge = spatial.load_world(assets)
         presence = AttributeJudgePresence(assets / "judge", names)
         for spec in args.layout:

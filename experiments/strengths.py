@@ -1,6 +1,6 @@
-"""A diagnostic for issue 12: constant per-expert strengths (star, stripes, checker) on the composition prompts.
+"""A diagnostic: constant per-expert strengths (star, stripes, checker) on the composition prompts.
 
-``python -m mole_diffusion.demo.strengths --out build/grid 1.5,0.75,2 2,1,2`` runs the evaluator's ``nla`` with each
+``python -m experiments.strengths --out build/grid 1.5,0.75,2 2,1,2`` runs the evaluator's ``nla`` with each
 weight triple (4 prompts x 16 seeds, DDIM 25 steps, guidance 5) and prints the presence rates. Weights picked by
 these numbers would make the judge a training signal: this says whether strength is what caps composition.
 """
@@ -10,18 +10,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mole_diffusion.demo import world
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate, format_cell
+
+from .quality import read_summary
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.strengths", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.strengths", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a folder for one evaluator run per weight triple")
     parser.add_argument("weights", nargs="+", help="comma-separated strengths, one per concept: 1.5,0.75,2")
     args = parser.parse_args(argv)
-
-    from ..eval.evaluate import EvaluationConfig, evaluate, format_cell
-    from . import world
-    from .quality import read_summary
-    from .run import ASSETS
 
     for text in args.weights:
         weights = [float(w) for w in text.split(",")]

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import MoLEError
+from .errors import MoLEError
+from .quiet import quiet_loading
 
 
 class ClipError(MoLEError):
@@ -64,8 +65,6 @@ class TransformersClip(ClipModel):
     def __init__(self, folder: str, device):
         from transformers import AutoProcessor, CLIPModel
 
-        from ..quiet import quiet_loading
-
         with quiet_loading():  # no "Loading weights" bar before the evaluator's own
             self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
         self.processor, self.name = AutoProcessor.from_pretrained(folder), folder
@@ -93,8 +92,6 @@ class ImageBackbone:
 
     def __init__(self, folder: str, device="cpu"):
         from transformers import AutoImageProcessor, AutoModel
-
-        from ..quiet import quiet_loading
 
         try:
             with quiet_loading():

@@ -1,6 +1,6 @@
-"""A diagnostic for issue 12: does the demo world compose when the checker LoRA is kept to the background?
+"""A diagnostic: does the demo world compose when the checker LoRA is kept to the background?
 
-    python -m mole_diffusion.demo.spatial --out build/spatial --seeds 8 \\
+    python -m experiments.spatial --out build/spatial --seeds 8 \\
         "alone:split:26:1,0:everywhere:0;judge8:judge:8:1,0:everywhere:0;two_pass:split:8:1,0:two-pass:2"
 
 Each spec is ``label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE`` (CHECKER, the checker LoRA's weight, 1 unless given). Every UNet call routes by masks (the regional routing
@@ -43,6 +43,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from PIL import Image
+
+from mole_diffusion import MoLEStableDiffusionPipeline
+from mole_diffusion.demo import world
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.eval.attribute_judge import load_judge
+from mole_diffusion.eval.presence import AttributeJudgePresence
+from mole_diffusion.eval.stats import format_rate
+from mole_diffusion.quiet import quiet_loading
+from mole_diffusion.schedulers import use_scheduler
 
 NAMES = ("star", "stripes", "checker")
 MASKS = ("judge", "split", "disc")
@@ -204,8 +215,6 @@ class TwoPassComposite:
 
     @torch.no_grad()
     def composite_forward(self, sample, timestep, *args, return_dict: bool = True, **kwargs):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
         step, self.step = self.step, self.step + 1
         if step < self.lead:
             noise = self.predict([1.0, 0.0, 0.0], sample, timestep, args, kwargs)
@@ -298,8 +307,6 @@ class LayoutThenBackground:
     def object_pass_inside(self, prompt: str, noise: torch.Tensor, common: dict) -> torch.Tensor:
         """The object pass with the stripes LoRA confined to the star's layout from step ``lead``: the regional
         routing's masks, set before every UNet call (after the routing's own hook, which reads cross-attention)."""
-        from . import world
-
         pipe = self.pipe
         pipe.enable_regional_routing({n: world.CONCEPTS[n].token for n in NAMES}, weights=[*self.object_weights, 0.0])
         routing, state = pipe.mole.regional, {"step": 0, "x0": None, "object": None}
@@ -347,8 +354,6 @@ def hold(scheduler, step: int, layout: torch.Tensor, noise: torch.Tensor, held: 
 
 def spec_row(spec: str, counts: dict[str, tuple[int, int]]) -> str:
     """A markdown row of a spec's rates, in ``COUNTED`` order."""
-    from ..eval.stats import format_rate
-
     return f"| {spec} | " + " | ".join(format_rate(k, n) for k, n in counts.values()) + " |"
 
 
@@ -385,10 +390,6 @@ def add_reading(counts: dict[str, int], seen: dict[str, bool], active: list[str]
 def rejudge(presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
             colours: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
     """The rates of the images an earlier run of ``spec`` wrote, read again by ``presence``; nothing is generated."""
-    from PIL import Image
-
-    from . import world
-
     label, active = spec.split(":")[0], active_concepts(spec)
     counts = dict.fromkeys(COUNTED, 0)
     shots = [(p, prompt, seed) for p, prompt in enumerate(world.composition_prompts(*([colours] if colours else [])))
@@ -406,8 +407,6 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
         colours: tuple[str, ...] | None = None, steps: int = 25, guidance_scale: float = 5.0) -> dict[str, tuple[int, int]]:
     """{rate: (images that show it, images)} for one spec over the composition prompts; the images are written to
     OUT/<label>/p<prompt index>-s<seed>.png."""
-    from . import world
-
     label, mask, lead, _, where, dilate = spec.split(":")
     if where not in ("object", "everywhere", "two-pass", "inpaint", "inpaint-inside"):
         raise ValueError(f"{spec}: WHERE is 'object', 'everywhere', 'two-pass', 'inpaint' or 'inpaint-inside', got {where!r}")
@@ -450,11 +449,6 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
 
 def load_world(assets: Path):
     """(the demo world's pipeline with DDIM and its three LoRAs loaded, no gates; its attribute judge)"""
-    from ..pipelines import MoLEStableDiffusionPipeline
-    from ..quiet import quiet_loading
-    from ..schedulers import use_scheduler
-    from .judge import load_judge
-
     with quiet_loading():
         pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
     use_scheduler(pipe, "ddim")
@@ -465,7 +459,7 @@ def load_world(assets: Path):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.spatial", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.spatial", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a folder for each spec's images")
     parser.add_argument("--seeds", type=int, default=8)
@@ -475,9 +469,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="read the images an earlier run wrote under OUT again with the installed judge; generate nothing")
     parser.add_argument("specs", help="label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE specs, separated by ';'")
     args = parser.parse_args(argv)
-
-    from ..eval.presence import AttributeJudgePresence
-    from .run import ASSETS
 
     presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
     colours = tuple(args.colours.split(",")) if args.colours else None

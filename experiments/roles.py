@@ -1,25 +1,25 @@
-"""Can the layout sampler's settings be learned? A diagnostic for issue 12.
+"""Can the layout sampler's settings be learned? A diagnostic.
 
-    python -m mole_diffusion.demo.roles --out build/roles --seeds 16 --first-seed 100
+    python -m experiments.roles --out build/roles --seeds 16 --first-seed 100
 
-The layout-then-background sampler (``demo.spatial.LayoutThenBackground``, ``layout`` in the README's composition
-table) composes with hand-set settings: the star and stripes LoRAs in the object pass, the checker LoRA in the
-background pass at weight 2. Here each LoRA learns two strengths from its own concept's reference images alone,
-one on the object and one on the background, by the denoising loss (the shipped gates' objective): on concept k's
-images, LoRA k acts with strength softplus(s_k,object) on the object's positions and softplus(s_k,background) on
-the rest (the regional routing's masks; every other LoRA off, the text encoder adapted by LoRA k). The object is the
-2-means split of the clean latent (``two_means_object``, holes filled), as the sampler finds it. Nothing but these
-six numbers learns; no judge and no composition prompt is seen.
+The layout-then-background sampler (``spatial.LayoutThenBackground``, ``layout`` in the composition table of
+``docs/composition-experiments.md``) composes with hand-set settings: the star and stripes LoRAs in the object pass,
+the checker LoRA in the background pass at weight 2. Here each LoRA learns two strengths from its own concept's
+reference images alone, one on the object and one on the background, by the denoising loss (the shipped gates'
+objective): on concept k's images, LoRA k acts with strength softplus(s_k,object) on the object's positions and
+softplus(s_k,background) on the rest (the regional routing's masks; every other LoRA off, the text encoder adapted
+by LoRA k). The object is the 2-means split of the clean latent (``two_means_object``, holes filled), as the sampler
+finds it. Nothing but these six numbers learns; no judge and no composition prompt is seen.
 
 Then the sampler runs with the learned strengths: each LoRA in the pass of the region where it learned the larger
 strength, at that strength, with the hand-set lead (4), stripes inside the layout and dilation (1) kept
 (``learned``), and with none of them, every LoRA of the object pass from the first step (``learned_plain``). The
-judge reads the images as in ``demo.spatial``. A diagnostic: no setting here is chosen by the judge.
+judge reads the images as in ``experiments.spatial``. A diagnostic: no setting here is chosen by the judge.
 
 First it prints why such strengths can (or cannot) be learned: each concept's denoising loss on its own images,
 on the same noisy latents, with no LoRA, its LoRA on the object only, on the background only, and everywhere.
 
-    python -m mole_diffusion.demo.roles --out build/roles --trainer-clip build/trainer_clip --steps 60
+    python -m experiments.roles --out build/roles --trainer-clip build/trainer_clip --steps 60
 
 learns instead the one setting the sampler's composition rests on, the checker LoRA's strength in the background
 pass, from the composition prompts: the composition objective of ``train-gates --objective composition`` on a
@@ -35,8 +35,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
 
-from .spatial import NAMES, solid, two_means_object
+from mole_diffusion.clip import load_clip
+from mole_diffusion.concepts import load_concepts
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.demo.world import CONCEPTS, composition_prompts
+from mole_diffusion.eval.presence import AttributeJudgePresence
+from mole_diffusion.train.common import encode_examples, encode_prompts
+from mole_diffusion.train.gates import composition_loss, reference_directions
+
+from . import spatial
+from .spatial import NAMES, LayoutThenBackground, grow, hold, solid, two_means_object
 
 REGIONS = ("object", "background")
 
@@ -51,9 +61,6 @@ def region_masks(strengths: torch.Tensor, obj: torch.Tensor, expert: int, expert
 
 def concept_examples(pipe, concepts_file: Path, resolution: int = 64):
     """(the concepts' reference images encoded, their object maps (M, H, W) by the sampler's own split)"""
-    from ..train.common import encode_examples
-    from ..train.concepts import load_concepts
-
     concepts = load_concepts(concepts_file)
     if [c.name for c in concepts] != pipe.expert_names:
         raise ValueError(f"{concepts_file}: concepts {[c.name for c in concepts]} are not the pipeline's experts {pipe.expert_names}")
@@ -63,8 +70,6 @@ def concept_examples(pipe, concepts_file: Path, resolution: int = 64):
 
 def enable_trigger_routing(pipe) -> None:
     """Regional routing on the demo world's trigger words; its masks and weights are then set by hand."""
-    from .world import CONCEPTS
-
     pipe.enable_regional_routing({n: CONCEPTS[n].token for n in pipe.expert_names})
 
 
@@ -73,8 +78,6 @@ def regional_loss(pipe, scheduler, examples, objects: torch.Tensor, rows: torch.
     """The denoising loss on examples ``rows`` (noised by the DDPM ``scheduler``) with expert ``expert`` alone at
     ``strengths`` (object, background), its text-encoder LoRA at weight 1 (0 when both strengths are 0). Regional
     routing must be enabled."""
-    from ..train.common import encode_prompts
-
     routing, experts = pipe.mole.regional, len(pipe.expert_names)
     text_weight = float(bool(strengths.detach().abs().sum() > 0))
     routing.weights = F.one_hot(torch.tensor([expert]), experts).float() * text_weight
@@ -90,8 +93,6 @@ def region_losses(pipe, concepts_file: Path, draws: int = 8, seed: int = 0) -> d
     """Per concept: the object's share of its images, and its denoising loss on them (each image ``draws`` times,
     the same noise and timesteps for every setting) with no LoRA, its LoRA on the object only, on the background
     only, and everywhere."""
-    from diffusers import DDPMScheduler
-
     examples, objects = concept_examples(pipe, concepts_file)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     settings = {"none": (0.0, 0.0), "object": (1.0, 0.0), "background": (0.0, 1.0), "everywhere": (1.0, 1.0)}
@@ -117,8 +118,6 @@ def region_losses(pipe, concepts_file: Path, draws: int = 8, seed: int = 0) -> d
 def learn_region_strengths(pipe, concepts_file: Path, steps: int = 300, batch_size: int = 6, learning_rate: float = 5e-2,
                            seed: int = 0, resolution: int = 64) -> torch.Tensor:
     """(experts, 2) strengths (object, background) learned as the module docstring says; concepts in turn."""
-    from diffusers import DDPMScheduler
-
     examples, objects = concept_examples(pipe, concepts_file, resolution)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.unet.requires_grad_(False)
@@ -155,13 +154,6 @@ def learn_background_strength(pipe, clip, concepts_file: Path, steps: int = 60, 
     (``sampling_steps`` DDIM steps from the object pass's noise, the object put back after every step) for every
     prompt, with a random one of the ``seeds`` draws, the checker LoRA alone in the UNet at softplus(s) (from 1), the
     text encoders summing the three LoRAs; decodes it and scores it. Returns (strength, the loss of every step)."""
-    from diffusers import DDIMScheduler
-
-    from ..train.concepts import load_concepts
-    from ..train.gates import composition_loss, reference_directions
-    from .spatial import LayoutThenBackground, grow, hold
-    from .world import composition_prompts
-
     prompts, experts = composition_prompts(), len(pipe.expert_names)
     sampler = LayoutThenBackground(pipe, lead, (1.0, 1.0), 1.0, dilate, guidance_scale, stripes_inside=True)
     size = sampler.latent_size()
@@ -214,8 +206,8 @@ def learn_background_strength(pipe, clip, concepts_file: Path, steps: int = 60, 
 
 
 def sampler_specs(strengths: torch.Tensor) -> list[str]:
-    """``demo.spatial`` specs for the learned strengths, or [] when the learned roles are not the sampler's (the
-    star and the stripes on the object, the checker on the background): it cannot put them elsewhere."""
+    """``experiments.spatial`` specs for the learned strengths, or [] when the learned roles are not the sampler's
+    (the star and the stripes on the object, the checker on the background): it cannot put them elsewhere."""
     star, stripes, checker = strengths.tolist()
     if not (star[0] > star[1] and stripes[0] > stripes[1] and checker[1] > checker[0]):
         return []
@@ -224,7 +216,7 @@ def sampler_specs(strengths: torch.Tensor) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.roles", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.roles", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a folder for each spec's images")
     parser.add_argument("--steps", type=int, default=300, help="training steps (the concepts in turn)")
@@ -235,16 +227,10 @@ def main(argv: list[str] | None = None) -> None:
                              "with this CLIP (an open_clip local-dir folder; never the evaluator's), then sample with it")
     args = parser.parse_args(argv)
 
-    from ..eval.presence import AttributeJudgePresence
-    from . import spatial
-    from .run import ASSETS
-
     pipe, judge = spatial.load_world(ASSETS)
     presence = AttributeJudgePresence(ASSETS / "judge", list(NAMES))
     header = "| spec | " + " | ".join(f"present_{k}" for k in spatial.COUNTED) + " |"
     if args.trainer_clip:
-        from ..eval.clip import load_clip
-
         strength, losses = learn_background_strength(pipe, load_clip(f"local-dir:{args.trainer_clip}"), ASSETS / "concepts.toml",
                                                      steps=args.steps)
         tenth = max(1, len(losses) // 10)

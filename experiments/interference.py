@@ -1,6 +1,6 @@
-"""A diagnostic for issue 12: where do the demo world's LoRAs interfere, in the text encoder or in the UNet?
+"""A diagnostic: where do the demo world's LoRAs interfere, in the text encoder or in the UNet?
 
-    python -m mole_diffusion.demo.interference --out build/diag \\
+    python -m experiments.interference --out build/diag \\
         "sum:1,1,1:1,1,1:;te_nla_unet_sum:0.3333,0.3333,0.3333:1,1,1:;routed_base_unet_sum:1,1,1:1,1,1:0,0,0"
 
 Each spec is ``label:TEXT:UNET:ROUTED``: constant weights (star, stripes, checker) on the text encoder's gates and
@@ -17,6 +17,13 @@ import argparse
 from pathlib import Path
 
 import torch
+
+from mole_diffusion import MoLEStableDiffusionPipeline
+from mole_diffusion.demo import world
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.eval.presence import AttributeJudgePresence
+from mole_diffusion.quiet import quiet_loading
+from mole_diffusion.schedulers import use_scheduler
 
 NAMES = ("star", "stripes", "checker")
 
@@ -49,8 +56,6 @@ def trigger_positions(tokenizer, ids: list[int], trigger: str) -> list[int]:
 
 
 def run(pipe, judge, out: Path, text: list[float], unet: list[float], routed: list[float] | None, seeds: int) -> dict[str, float]:
-    from . import world
-
     triggers = {name: world.CONCEPTS[name].token for name in NAMES}
     per_gate = {g: list(text if g.startswith("text_encoder") else unet) for g in pipe.mole.gates}
     counts = dict.fromkeys([*NAMES, "all", "prompt", "faithful"], 0)
@@ -76,7 +81,7 @@ def run(pipe, judge, out: Path, text: list[float], unet: list[float], routed: li
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_diffusion.demo.interference", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.interference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a folder for each spec's images")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
@@ -86,12 +91,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="a world of your own (build-demo's install folder): its pipeline, LoRAs and judge")
     parser.add_argument("specs", help="label:TEXT:UNET:ROUTED specs, separated by ';'")
     args = parser.parse_args(argv)
-
-    from ..eval.presence import AttributeJudgePresence
-    from ..pipelines import MoLEStableDiffusionPipeline
-    from ..quiet import quiet_loading
-    from ..schedulers import use_scheduler
-    from .run import ASSETS
 
     assets = args.assets or ASSETS
     with quiet_loading():
