@@ -14,6 +14,7 @@ script from the internet), bound to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -27,6 +28,8 @@ import torch
 from PIL import Image
 
 from .errors import MoLEError
+from .eval.methods import draw
+from .eval.report import gate_heatmap
 from .experts import ExpertError
 
 if TYPE_CHECKING:
@@ -177,14 +180,12 @@ class Studio:
                     expert_map = _expert_map(prompt, image, masks[-2 if len(masks) > 1 else -1, 0], names)
             finally:
                 pipe.disable_regional_routing()
-        return Render(image, _heatmap(means, names), means, expert_map, self._summary(active, mode, weights, kwargs))
+        return Render(image, gate_heatmap(means, names), means, expert_map, self._summary(active, mode, weights, kwargs))
 
     def compare(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 25,
                 guidance_scale: float = 5.0) -> list[tuple[Image.Image, str]]:
         """One seed through base, each LoRA alone, NLA (uniform), the plain sum, MoLE (with a gate file) and
         regional routing (with trigger words): [(image, label)], the demo's methods drawn as the demo draws them."""
-        from .eval.evaluate import generate
-
         with self._lock:
             pipe, names = self.pipe, self.expert_names
             _call_kwargs(prompt, negative_prompt, seed, steps, guidance_scale)  # checked once, before any image
@@ -197,11 +198,9 @@ class Studio:
                 for method in methods:
                     kwargs = _call_kwargs(prompt, negative_prompt, seed, steps, guidance_scale)  # a fresh generator each
                     del kwargs["prompt"]
-                    if method == "base":  # the evaluator draws it with a second, LoRA-free pipeline; zero weights are the same
-                        pipe.set_experts(names, [0.0] * len(names))
-                        image = pipe(prompt, **kwargs).images[0]
-                    else:
-                        image = generate(pipe, None, method, prompt, names, uniform, 1, kwargs, None, self.triggers)
+                    # no second, diffusers pipeline here: base is the MoLE pipeline with zero weights (the same image)
+                    image = draw(pipe, method=method, prompt=prompt, names=names, weights=uniform, triggers=self.triggers,
+                                 **kwargs)
                     results.append((image, METHOD_LABELS.get(method, method.replace("single_", "lora "))))
             finally:
                 pipe.disable_regional_routing()
@@ -273,12 +272,6 @@ def _short(path: str) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:
         return path
-
-
-def _heatmap(means: dict[str, torch.Tensor], names: list[str]) -> Image.Image:
-    from .eval.evaluate import gate_heatmap
-
-    return gate_heatmap(means, names)
 
 
 def _expert_map(prompt: str, image: Image.Image, masks: torch.Tensor, names: list[str]) -> Image.Image:

@@ -57,7 +57,8 @@ def read_rows(run: Path, label: str = "") -> list[dict]:
 def paired_lines(rows: list[dict], names: list[str], reference: str = "mole") -> list[str]:
     """Markdown rows: the reference minus each method on the same prompt and seed, per presence rate and the
     CLIP columns, with two-stage bootstrap intervals over prompts and seeds (``*``: the interval excludes 0)."""
-    from ..eval.evaluate import format_difference, paired_table
+    from ..eval.report import format_difference
+    from ..eval.summary import paired_table
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cells = {(e["method"], e["metric"]): format_difference(e) for e in paired_table(rows, methods, reference)}
@@ -70,7 +71,7 @@ def paired_lines(rows: list[dict], names: list[str], reference: str = "mole") ->
 def presence_table(summary: list[dict], names: list[str]) -> list[str]:
     """Markdown rows of the evaluator's presence rates: per method present_<concept>, present_all (and
     present_active where a concept is masked), with Wilson 95% intervals, next to the CLIP columns."""
-    from ..eval.evaluate import format_cell
+    from ..eval.report import format_cell
 
     columns = [*(f"present_{n}" for n in names), "present_all", "present_active", "clip_text", "clip_image_min"]
     lines = ["| method | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers import AutoencoderKL
 
-    from ..eval.evaluate import EvaluationConfig, evaluate, format_cell
+    from ..eval.evaluate import EvaluationConfig, evaluate
+    from ..eval.report import format_cell
     from ..train.concepts import load_concepts
     from .judge import load_judge, round_trip_accuracy
 

@@ -18,7 +18,11 @@ from PIL import Image
 
 def rejudge(run: Path) -> list[dict]:
     """Re-judge the images of one evaluator run in place; returns its new summary rows."""
-    from ..eval.evaluate import _read_rows, _triggers, active_experts, composed_concepts, summarise, write_outputs
+    from ..eval.methods import active_experts, composed_concepts
+    from ..eval.methods import concept_triggers as _triggers
+    from ..eval.report import write_outputs
+    from ..eval.rows import read_rows as _read_rows
+    from ..eval.summary import summarise
     from ..eval.presence import judged_row, load_presence_judge
     from .build import write_atomically
     from ..train.concepts import load_concepts
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="evaluator output folders (with run.json and results.jsonl)")
     args = parser.parse_args(argv)
 
-    from ..eval.evaluate import format_cell
+    from ..eval.report import format_cell
 
     print("| run | method | n | present_all | present_prompt | present_all_faithful |\n|---|---|---|---|---|---|")
     for run in map(Path, args.runs):

@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("weights", nargs="+", help="comma-separated strengths, one per concept: 1.5,0.75,2")
     args = parser.parse_args(argv)
 
-    from ..eval.evaluate import EvaluationConfig, evaluate, format_cell
+    from ..eval.evaluate import EvaluationConfig, evaluate
+    from ..eval.report import format_cell
     from . import world
     from .quality import read_summary
     from .run import ASSETS

@@ -257,7 +257,7 @@ def composition_objective(pipe, config: GateTrainingConfig, concepts, device):
     """Composition-aware L_D (see the module docstring), as ``main_loss(indices, random)``: sample ``indices[i]``
     draws from composition prompt ``indices[i] % len(prompts)``."""
     from ..eval.clip import load_clip
-    from ..eval.evaluate import composed_concepts
+    from ..eval.methods import composed_concepts
 
     prompts = load_compositions(config.concepts)
     triggers = {c.name: trigger_words(c, concepts) for c in concepts}
