@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import textwrap
 from pathlib import Path
 
 import torch
@@ -167,3 +168,62 @@ def _report(out: Path, rows: list[dict], summary: list[dict], paired: list[dict]
         "- CLIP scores correlate weakly with human judgement of multi-concept images (ComposLoRA): look at `grid.png`.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+HEADLINE_WIDTH = 100  # characters: a terminal's line, where the report's whole table is twice as wide and more
+# presence_row's columns that are not one concept's
+PRESENCE_SUMMARIES = ("present_all", "present_active", "present_prompt", "present_all_faithful")
+
+
+def read_summary(path: Path) -> list[dict]:
+    """A ``summary.csv`` as ``summarise`` returned it: numbers as floats, absent cells left out."""
+    with open(path, newline="") as handle:
+        return [{k: v if k == "method" else float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+def headline_table(summary: list[dict]) -> str:
+    """What ``evaluate`` and ``demo`` print: a row per method, with what says most about composing, in
+    ``HEADLINE_WIDTH`` characters for the demo world (the report keeps every column). With a presence judge: the
+    share of images in which it saw every concept of the prompt (``all``, with its Wilson 95% interval) and each
+    concept (headed by its name), then the CLIP text score; without one, the CLIP scores of the text and of the
+    weakest concept's references (and DINO's). Scores with their 95% bootstrap interval."""
+    metrics = summary_metrics(summary)
+    concepts = [m.removeprefix("present_") for m in metrics if is_rate(m) and m not in PRESENCE_SUMMARIES]
+    if any(is_rate(m) for m in metrics):
+        columns = [("all", "present_all", _rate_with_interval), *((c, f"present_{c}", _rate) for c in concepts),
+                   ("clip_text", "clip_text", _score)]
+    else:
+        columns = [(m, m, _score) for m in ("clip_text", "clip_image_min", "dino_image_min") if m in metrics]
+    table = [["method", "n", *(header for header, _, _ in columns)]]
+    table += [[s["method"], str(int(s["n"])), *(cell(s, metric) if metric in s else "-" for _, metric, cell in columns)]
+              for s in summary]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+
+    def line(cells: list[str]) -> str:  # the method's name to the left, numbers to the right
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    lines = [line(table[0]), rule, *(line(row) for row in table[1:])]
+    if concepts:
+        lines += ["", *textwrap.wrap(f"all: % of images in which the presence judge sees every concept of the prompt "
+                                     f"[95% interval]; {', '.join(concepts)}: % in which it sees that concept; "
+                                     "clip_text: mean [95% interval]", HEADLINE_WIDTH)]
+    return "\n".join(lines)
+
+
+def _rate(entry: dict, metric: str) -> str:
+    return f"{100 * entry[metric]:.0f}%"
+
+
+def _rate_with_interval(entry: dict, metric: str) -> str:
+    if metric + "_low" not in entry:
+        return _rate(entry, metric)
+    return f"{_rate(entry, metric)} [{100 * entry[metric + '_low']:.0f}-{100 * entry[metric + '_high']:.0f}]"
+
+
+def _score(entry: dict, metric: str) -> str:
+    if metric + "_low" in entry:
+        return f"{entry[metric]:.3f} [{entry[metric + '_low']:.3f}, {entry[metric + '_high']:.3f}]"
+    if metric + "_ci95" in entry:  # a summary.csv written before intervals accounted for prompts
+        return f"{entry[metric]:.3f} ± {entry[metric + '_ci95']:.3f}"
+    return f"{entry[metric]:.3f}"
