@@ -27,7 +27,9 @@ from mole_diffusion.demo import world
 from mole_diffusion.demo.judge import round_trip_accuracy
 from mole_diffusion.demo.run import ASSETS, check_assets
 from mole_diffusion.eval.attribute_judge import load_judge
-from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate, format_cell, format_difference, paired_table
+from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate
+from mole_diffusion.eval.report import format_cell, format_difference
+from mole_diffusion.eval.summary import paired_table
 from mole_diffusion.eval.presence import AttributeJudgePresence
 
 from . import spatial

@@ -15,9 +15,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from mole_diffusion.concepts import composed_concepts, load_concepts
-from mole_diffusion.eval.evaluate import _read_rows, _triggers, active_experts, format_cell, summarise, write_outputs
+from mole_diffusion.concepts import composed_concepts, concept_triggers, load_concepts
+from mole_diffusion.eval.methods import active_experts
+from mole_diffusion.eval.report import format_cell, write_outputs
+from mole_diffusion.eval.rows import read_rows
 from mole_diffusion.eval.presence import judged_row, load_presence_judge
+from mole_diffusion.eval.summary import summarise
 from mole_diffusion.files import write_atomically
 
 
@@ -27,8 +30,8 @@ def rejudge(run: Path) -> list[dict]:
     concepts = load_concepts(settings["concepts"])
     names = [c.name for c in concepts]
     judge = load_presence_judge(settings["presence_model"], concepts)
-    triggers = _triggers(concepts)
-    rows = list(_read_rows(run / "results.jsonl").values())
+    triggers = concept_triggers(concepts)
+    rows = list(read_rows(run / "results.jsonl").values())
     for row in rows:
         composed = composed_concepts(row["prompt"], triggers) or names
         row.update(judged_row(judge, Image.open(run / row["image"]), row["prompt"], composed, active_experts(row["method"], names)))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
-from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate, format_cell
+from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate
+from mole_diffusion.eval.report import format_cell
 
 from .quality import read_summary
 

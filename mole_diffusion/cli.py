@@ -366,6 +366,7 @@ def _print_once(message: str) -> None:
 def evaluate(args: argparse.Namespace) -> Path:
     from .eval.evaluate import EvaluationConfig
     from .eval.evaluate import evaluate as run
+    from .eval.report import headline_table, read_summary
 
     out = run(EvaluationConfig(
         base=args.base, concepts=Path(args.concepts) if args.concepts else None, loras=dict(args.lora or []), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
@@ -377,24 +378,9 @@ def evaluate(args: argparse.Namespace) -> Path:
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under accelerate launch, one summary
-        print(headline_table((out / "report.md").read_text()))
+        print(headline_table(read_summary(out / "summary.csv")))
         print(f"\nwrote {out}/report.md (the full report), results.csv, results.json, summary.csv, paired.csv, grid.png, plot_*.png")
     return out
-
-
-def headline_table(report: str) -> str:
-    """The report's first table (a row per method) without the columns the others imply (``clip_score_*`` rescale
-    ``clip_text``; ``clip_image_<concept>`` are summed up by ``clip_image_min``): what a command ends with, short
-    enough for a terminal. The whole report stays in its file."""
-    lines = report.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[start:end]]
-    if not rows:
-        return report.strip()
-    keep = [i for i, name in enumerate(rows[0])
-            if not name.startswith("clip_score") and not (name.startswith("clip_image_") and name != "clip_image_min")]
-    return "\n".join("| " + " | ".join(row[i] for i in keep if i < len(row)) + " |" for row in rows)
 
 
 def tiny_checkpoint(args: argparse.Namespace) -> None:
@@ -457,9 +443,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 def demo(args: argparse.Namespace) -> None:
     from .demo.run import ASSETS, run_demo
+    from .eval.report import headline_table, read_summary
 
     out = run_demo(args.out, steps=args.steps, seeds=tuple(args.seeds), assets=Path(args.assets) if args.assets else ASSETS)
-    print(headline_table((out / "scores.md").read_text()) + "\n")
+    print(headline_table(read_summary(out / "scores.csv")) + "\n")
     for name in ("grid.png", "gate_heatmap.png", "expert_maps.png", "scores.md", "scores.csv"):
         print(f"wrote {out / name}")
     print(f"(scores.md is the full report; {out / 'eval'} holds every image and its scores)")

@@ -71,6 +71,15 @@ def trigger_words(concept: Concept, others: list[Concept]) -> list[str]:
     return words
 
 
+def concept_triggers(concepts: list[Concept]) -> dict[str, list[str]] | None:
+    """Each concept's trigger words (for regional routing and presence), or None when some concept has none
+    (bare LoRA files)."""
+    try:
+        return {c.name: trigger_words(c, concepts) for c in concepts}
+    except ConceptError:
+        return None
+
+
 def composed_concepts(prompt: str, triggers: dict[str, list[str]] | None) -> list[str]:
     """The concepts a prompt asks for: those whose trigger words (``triggers``: {name: ``trigger_words``}) it
     contains (none known: [])."""

@@ -14,6 +14,7 @@ script from the internet), bound to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -27,6 +28,8 @@ import torch
 from PIL import Image
 
 from .errors import MoLEError
+from .eval.methods import draw
+from .eval.report import gate_heatmap
 from .experts import ExpertError
 
 if TYPE_CHECKING:
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_EXPERTS = 8  # weight sliders the page holds: a Gradio layout is fixed, so the unused ones stay hidden
+# the API's names of the sliders (gradio_client, the page's "Use via API"): by position, as a Load changes the experts
+WEIGHT_INPUTS = tuple(f"weight_{i}" for i in range(1, MAX_EXPERTS + 1))
 MODES = ("gates", "constant", "regional")
 # CSS font stacks the browser resolves locally: a theme's default fonts may be fetched from the internet
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif")
@@ -177,14 +182,12 @@ class Studio:
                     expert_map = _expert_map(prompt, image, masks[-2 if len(masks) > 1 else -1, 0], names)
             finally:
                 pipe.disable_regional_routing()
-        return Render(image, _heatmap(means, names), means, expert_map, self._summary(active, mode, weights, kwargs))
+        return Render(image, gate_heatmap(means, names), means, expert_map, self._summary(active, mode, weights, kwargs))
 
     def compare(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 25,
                 guidance_scale: float = 5.0) -> list[tuple[Image.Image, str]]:
         """One seed through base, each LoRA alone, NLA (uniform), the plain sum, MoLE (with a gate file) and
         regional routing (with trigger words): [(image, label)], the demo's methods drawn as the demo draws them."""
-        from .eval.evaluate import generate
-
         with self._lock:
             pipe, names = self.pipe, self.expert_names
             _call_kwargs(prompt, negative_prompt, seed, steps, guidance_scale)  # checked once, before any image
@@ -197,11 +200,9 @@ class Studio:
                 for method in methods:
                     kwargs = _call_kwargs(prompt, negative_prompt, seed, steps, guidance_scale)  # a fresh generator each
                     del kwargs["prompt"]
-                    if method == "base":  # the evaluator draws it with a second, LoRA-free pipeline; zero weights are the same
-                        pipe.set_experts(names, [0.0] * len(names))
-                        image = pipe(prompt, **kwargs).images[0]
-                    else:
-                        image = generate(pipe, None, method, prompt, names, uniform, 1, kwargs, None, self.triggers)
+                    # no second, diffusers pipeline here: base is the MoLE pipeline with zero weights (the same image)
+                    image = draw(pipe, method=method, prompt=prompt, names=names, weights=uniform, triggers=self.triggers,
+                                 **kwargs)
                     results.append((image, METHOD_LABELS.get(method, method.replace("single_", "lora "))))
             finally:
                 pipe.disable_regional_routing()
@@ -275,12 +276,6 @@ def _short(path: str) -> str:
         return path
 
 
-def _heatmap(means: dict[str, torch.Tensor], names: list[str]) -> Image.Image:
-    from .eval.evaluate import gate_heatmap
-
-    return gate_heatmap(means, names)
-
-
 def _expert_map(prompt: str, image: Image.Image, masks: torch.Tensor, names: list[str]) -> Image.Image:
     from .demo.run import expert_map_sheet
 
@@ -336,23 +331,24 @@ def build_app(studio: Studio) -> gradio.Blocks:
     names = studio.expert_names
     with gr.Blocks(title="mole-diffusion", analytics_enabled=False) as app:
         gr.Markdown("## mole-diffusion · mix LoRA experts with MoLE")
-        world = gr.Markdown(studio.describe(), elem_id="world")
-        status = gr.Markdown("", elem_id="status")  # what the last click did, or what was wrong
+        # the labels of components the page shows without one name them in the API
+        world = gr.Markdown(studio.describe(), label="world", elem_id="world")
+        status = gr.Markdown("", label="status", elem_id="status")  # what the last click did, or what was wrong
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="prompt", value=(studio.prompts or [""])[0], elem_id="prompt")
-                negative = gr.Textbox(label="negative prompt", elem_id="negative")
+                negative = gr.Textbox(label="negative prompt", value="", elem_id="negative")  # "": optional in the API
                 with gr.Row():
                     seed = gr.Number(label="seed", value=0, precision=0, minimum=0, elem_id="seed")
                     steps = gr.Slider(1, 100, value=25, step=1, label="steps", elem_id="steps")
                     guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="guidance scale", elem_id="guidance")
                 experts = gr.CheckboxGroup(names, value=names, label="experts (unchecked: masked)", elem_id="experts")
                 mode = gr.Radio(studio.modes(), value="gates", label="routing", elem_id="mode")
-                sliders = [gr.Slider(0, 2, value=1.0, step=0.05, label=f"weight of {names[i]}" if i < len(names) else "weight",
-                                     visible=i < len(names), elem_id=f"weight-{i}") for i in range(MAX_EXPERTS)]
+                sliders = [gr.Slider(0, 2, value=1.0, step=0.05, label=_weight_label(names, i), visible=i < len(names),
+                                     elem_id=f"weight-{i}") for i in range(MAX_EXPERTS)]
                 with gr.Row():
-                    draw = gr.Button("Generate", variant="primary", elem_id="generate")
-                    compare = gr.Button("Compare methods", elem_id="compare")
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    compare_button = gr.Button("Compare methods", elem_id="compare")
                 if studio.prompts:
                     gr.Examples([[p] for p in studio.prompts], inputs=[prompt], label="the world's composition prompts")
                 with gr.Accordion("model: base, LoRAs, gates", open=False, elem_id="model"):
@@ -362,7 +358,7 @@ def build_app(studio: Studio) -> gradio.Blocks:
                     gates = gr.Textbox(label="gate file (empty: untrained gates)", value=studio.gates or "", elem_id="gates")
                     triggers = gr.Textbox(label="trigger words for regional routing, one NAME=WORDS a line (optional)", lines=3,
                                           value="\n".join(f"{n}={w}" for n, w in (studio.triggers or {}).items()), elem_id="triggers")
-                    load = gr.Button("Load", elem_id="load")
+                    load_button = gr.Button("Load", elem_id="load")
             with gr.Column(scale=3):
                 with gr.Tabs() as tabs:
                     with gr.Tab("image", id="image-tab"):
@@ -371,33 +367,41 @@ def build_app(studio: Studio) -> gradio.Blocks:
                                              elem_classes="mole-pixels", interactive=False)
                             with gr.Column():  # a label chip would hide the heatmap's first row
                                 gr.Markdown("gate heatmap: gates x experts, each gate's mean weight over the steps")
-                                heatmap = gr.Image(show_label=False, type="pil", format="png", height=440, elem_id="heatmap",
-                                                   interactive=False)
+                                heatmap = gr.Image(label="gate heatmap", show_label=False, type="pil", format="png",
+                                                   height=440, elem_id="heatmap", interactive=False)
                         with gr.Column(visible=False) as expert_box:  # a label chip would hide the sheet's own headers
                             gr.Markdown("where each expert acts (regional routing, at the last step; white: it acts there)")
-                            expert_map = gr.Image(show_label=False, type="pil", format="png", elem_id="expert-map",
-                                                  interactive=False)
+                            expert_map = gr.Image(label="expert map", show_label=False, type="pil", format="png",
+                                                  elem_id="expert-map", interactive=False)
                     with gr.Tab("compare", id="compare-tab"):
                         gallery = gr.Gallery(label="one seed, every method", columns=4, height="auto", format="png",
                                              elem_id="gallery", elem_classes="mole-pixels")
 
-        def on_draw(prompt, negative, seed, steps, guidance, active, mode, *weights):
+        # Gradio names an endpoint's parameters after its function's: the page's words, and weight_1, weight_2...
+        @_named_parameters("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "experts", "routing",
+                           *WEIGHT_INPUTS)
+        def on_generate(prompt, negative_prompt, seed, steps, guidance_scale, experts, routing, *weights):
+            """One image with the page's settings: the image, where each expert acted (regional routing), the gate
+            heatmap and what ran. ``experts``: the checked ones; ``routing``: gates, constant or regional;
+            ``weight_<i>``: the i-th loaded expert's weight (constant and regional routing)."""
             try:
-                result = studio.render(prompt, negative, seed, steps, guidance, active or [], mode,
+                result = studio.render(prompt, negative_prompt, seed, steps, guidance_scale, experts or [], routing,
                                        dict(zip(studio.expert_names, weights)))
             except Exception as err:  # the page says what is wrong and stays usable
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _message(err), gr.skip()
             return (result.image, result.expert_map, gr.Column(visible=result.expert_map is not None), result.heatmap,
                     result.summary, gr.Tabs(selected="image-tab"))
 
-        def on_compare(prompt, negative, seed, steps, guidance):
+        def on_compare(prompt, negative_prompt, seed, steps, guidance_scale):
+            """One seed through base, each LoRA alone, NLA, the sum, MoLE and regional routing: labelled images."""
             try:
-                results = studio.compare(prompt, negative, seed, steps, guidance)
+                results = studio.compare(prompt, negative_prompt, seed, steps, guidance_scale)
             except Exception as err:
                 return gr.skip(), _message(err), gr.skip()
             return results, f"compared {', '.join(label for _, label in results)} on seed {int(seed)}", gr.Tabs(selected="compare-tab")
 
         def on_load(base, loras, gates, triggers):
+            """Load another base model, LoRAs (NAME=FILE lines), gate file and trigger words (NAME=WORDS lines)."""
             try:
                 studio.load(base.strip(), parse_named(loras, "LoRAs"), gates.strip() or None,
                             parse_named(triggers, "trigger words", bare_is_path=False), studio.prompts)
@@ -405,16 +409,30 @@ def build_app(studio: Studio) -> gradio.Blocks:
                 return (gr.skip(), f"{_message(err)} (still loaded: {', '.join(studio.expert_names)})",
                         *[gr.skip()] * (2 + MAX_EXPERTS))
             names = studio.expert_names
-            updates = [gr.Slider(value=1.0, visible=i < len(names), label=f"weight of {names[i]}" if i < len(names) else "weight")
-                       for i in range(MAX_EXPERTS)]
+            updates = [gr.Slider(value=1.0, visible=i < len(names), label=_weight_label(names, i)) for i in range(MAX_EXPERTS)]
             return (studio.describe(), f"loaded {', '.join(names)}", gr.CheckboxGroup(choices=names, value=names),
                     gr.Radio(choices=studio.modes(), value="gates"), *updates)
 
         controls = [prompt, negative, seed, steps, guidance]
-        draw.click(on_draw, [*controls, experts, mode, *sliders], [image, expert_map, expert_box, heatmap, status, tabs])
-        compare.click(on_compare, controls, [gallery, status, tabs])
-        load.click(on_load, [base, loras, gates, triggers], [world, status, experts, mode, *sliders])
+        generate_button.click(on_generate, [*controls, experts, mode, *sliders],
+                              [image, expert_map, expert_box, heatmap, status, tabs], api_name="generate")
+        compare_button.click(on_compare, controls, [gallery, status, tabs], api_name="compare")
+        load_button.click(on_load, [base, loras, gates, triggers], [world, status, experts, mode, *sliders], api_name="load")
     return app
+
+
+def _weight_label(names: list[str], index: int) -> str:
+    return f"weight of {names[index]}" if index < len(names) else f"weight of expert {index + 1}"
+
+
+def _named_parameters(*names: str):
+    """Show a function of ``*values`` to Gradio as one of named parameters (it reads ``inspect.signature``; the call
+    stays positional): its API then names each input, where ``*weights`` would give param_7, param_8..."""
+    def name(fn):
+        fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        return fn
+
+    return name
 
 
 def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False) -> gradio.Blocks:

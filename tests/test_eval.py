@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from mole_diffusion.cli import main
 from mole_diffusion.eval import evaluate as ev
 from mole_diffusion.clip import ClipError, load_clip
+from mole_diffusion.eval import methods as composition
 from mole_diffusion.eval.scores import embed_pil, score_images
 from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_lora
 
@@ -101,7 +102,7 @@ def config(world, eval_world, clip_name, out, **kwargs):
 
 def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_world, clip_name, tmp_path, monkeypatch):
     whole = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "whole"))
-    methods = ev.method_names(ev.load_concepts(eval_world / "concepts.toml"), True, same_rank=False)  # ranks 4 and 2
+    methods = composition.method_names(ev.load_concepts(eval_world / "concepts.toml"), True, same_rank=False)  # ranks 4 and 2
     for name in ("results.csv", "results.json", "summary.csv", "report.md", "grid.png", "gate_heatmap.png", "block_weights.json", "plot_clip_text.png",
                  "plot_clip_image_min.png"):
         assert (whole / name).is_file(), name
@@ -112,18 +113,18 @@ def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_w
     assert "| mole |" in report and "Highest clip_image_min" in report and "Paired against `mole`" in report
     assert "mole,base,clip_image_min" in (whole / "paired.csv").read_text()
 
-    real_generate, count = ev.generate, []
+    real_draw, count = ev.draw, []
 
     def stop_half_way(*args, **kwargs):
         if len(count) == len(methods):
             raise KeyboardInterrupt
         count.append(1)
-        return real_generate(*args, **kwargs)
+        return real_draw(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "generate", stop_half_way)
+    monkeypatch.setattr(ev, "draw", stop_half_way)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split"))
-    monkeypatch.setattr(ev, "generate", real_generate)
+    monkeypatch.setattr(ev, "draw", real_draw)
     ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split"))
     assert json.loads((tmp_path / "split" / "results.json").read_text()) == rows
     with pytest.raises(ValueError, match="other settings \\(steps\\)"):  # resuming must not mix runs
@@ -132,7 +133,8 @@ def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_w
 
 def generate_np(pipe, reference_pipe, method, names=("a", "b"), **kwargs):
     args = dict(num_inference_steps=3, guidance_scale=7.5, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np")
-    return ev.generate(pipe, reference_pipe, method, "a photo of sks and zwx", list(names), [0.5, 0.5], 1, {**args, **kwargs})
+    return composition.draw(pipe, method=method, prompt="a photo of sks and zwx", names=list(names), weights=[0.5, 0.5],
+                            reference_pipe=reference_pipe, **{**args, **kwargs})
 
 
 def test_nla_and_set_adapters_give_identical_images(world, ref_pipe, mole_pipe):
@@ -154,8 +156,8 @@ def test_switch_activates_one_expert_per_step_in_order(world, mole_pipe):
     generate_np(mole_pipe, None, "switch", num_inference_steps=5)
     history = unet_gate_history(mole_pipe)
     assert [h[0].tolist() for h in history] == [[1, 0], [0, 1], [1, 0], [0, 1], [1, 0]]
-    images = [ev._switch(mole_pipe, ["a", "b"], every, "x", dict(num_inference_steps=4, height=32, width=32, output_type="np",
-                                                                    generator=torch.Generator().manual_seed(0))) for every in (1, 2)]
+    images = [composition._switch(mole_pipe, ["a", "b"], every, "x", dict(num_inference_steps=4, height=32, width=32, output_type="np",
+                                                                         generator=torch.Generator().manual_seed(0))) for every in (1, 2)]
     assert [h[0].tolist() for h in unet_gate_history(mole_pipe)] == [[1, 0], [1, 0], [0, 1], [0, 1]]
     assert np.abs(images[0] - images[1]).max() > 1e-4
 
@@ -173,9 +175,9 @@ def test_composite_guidance_is_the_mean_of_the_per_lora_guidances(world, mole_pi
     per_lora = []
     with torch.no_grad():
         for k in range(2):
-            mole_pipe.mole.set_experts(["a", "b"], ev.one_hot(["a", "b"], k))
+            mole_pipe.mole.set_experts(["a", "b"], composition.one_hot(["a", "b"], k))
             per_lora.append(guided(mole_pipe.unet(sample, t, encoder_hidden_states=text).sample))
-        with ev.composite(mole_pipe, ["a", "b"]):
+        with composition.composite(mole_pipe, ["a", "b"]):
             composite = guided(mole_pipe.unet(sample, t, encoder_hidden_states=text).sample)
             as_tuple = mole_pipe.unet(sample, t, encoder_hidden_states=text, return_dict=False)[0]
     torch.testing.assert_close(composite, (per_lora[0] + per_lora[1]) / 2, rtol=1e-5, atol=1e-5)
@@ -406,7 +408,7 @@ def test_images_made_elsewhere_are_scored_like_the_generated_ones(world, eval_wo
         assert [{k: v for k, v in r.items() if k not in ("method", "image")} for r in by_method[name]] == scores
         assert (out / "images" / name / "p0-s1.png").is_file()
     assert "| again |" in (out / "report.md").read_text()
-    assert ev.active_experts("again_without_b", ["a", "b"]) == ["a"]
+    assert composition.active_experts("again_without_b", ["a", "b"]) == ["a"]
     (tmp_path / "short").mkdir()
     Image.open(folder / "p0-s0.png").save(tmp_path / "short" / "p0-s0.png")
     with pytest.raises(ValueError, match="short/p0-s1.png: not found"):  # seed 1 is missing

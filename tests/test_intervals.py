@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from mole_diffusion.eval import evaluate as ev
+from mole_diffusion.eval.report import _plots, _report, format_difference
 from mole_diffusion.eval.stats import bootstrap_interval, paired_difference
+from mole_diffusion.eval.summary import paired_reference, paired_table, summarise
 
 
 def test_bootstrap_of_one_prompt_is_the_usual_interval_of_a_mean():
@@ -54,7 +55,7 @@ def test_paired_difference_pairs_images_by_prompt_and_seed():
     assert difference["mean"] == pytest.approx(0.05)
     assert (difference["low"], difference["high"]) == pytest.approx((0.05, 0.05))
     assert difference["apart"] and difference["n"] == 32
-    summary = {s["method"]: s for s in ev.summarise(_rows("a", a) + _rows("b", b), ["a", "b"])}
+    summary = {s["method"]: s for s in summarise(_rows("a", a) + _rows("b", b), ["a", "b"])}
     assert summary["a"]["score_high"] > summary["b"]["score_low"]  # unpaired: the intervals overlap
 
     shuffled = [list(reversed(seeds)) for seeds in b]  # the same values under other seeds: no longer pairs
@@ -77,9 +78,9 @@ def test_report_claims_a_best_method_only_where_it_is_apart(tmp_path):
 
     table = rows("mole", [1, 1, 1, 1, 1, 1, 0, 0]) + rows("sum", [1, 1, 1, 0, 1, 1, 0, 0]) + rows("nla", [0] * 8)
     methods = ["mole", "sum", "nla"]
-    summary = ev.summarise(table, methods)
-    paired = ev.paired_table(table, methods, ev.paired_reference(methods))
-    ev._report(tmp_path, table, summary, paired, ["p0", "p1"], [0, 1, 2, 3], ["x"])
+    summary = summarise(table, methods)
+    paired = paired_table(table, methods, paired_reference(methods))
+    _report(tmp_path, table, summary, paired, ["p0", "p1"], [0, 1, 2, 3], ["x"])
     report = (tmp_path / "report.md").read_text()
     assert "Highest present_all: **mole** (75.0% [40.9-92.9]); not apart (paired) from sum." in report
     assert re.search(r"\| sum \| \+12\.5 pts \[0\.0, [\d.]+\] \|", report)  # the interval reaches 0: no star
@@ -90,7 +91,7 @@ def test_plots_take_intervals_that_round_past_the_mean(tmp_path):
     """A bootstrap (or Wilson) bound can land a rounding error past the mean; the bars still draw."""
     summary = [{"method": "m", "n": 8, "score": 0.1, "score_low": 0.1 + 1e-17, "score_high": 0.1,
                 "present_all": 1.0, "present_all_low": 0.7, "present_all_high": 1.0 - 1e-17}]
-    ev._plots(tmp_path, summary, ["m"])
+    _plots(tmp_path, summary, ["m"])
     assert (tmp_path / "plot_score.png").is_file() and (tmp_path / "plot_present_all.png").is_file()
 
 
@@ -105,7 +106,7 @@ def test_paired_difference_below_zero_is_apart():
     assert -0.3 <= difference["low"] < difference["mean"] < difference["high"] <= -0.1
     assert difference["n"] == 30
     assert difference["apart"], difference
-    assert ev.format_difference({**difference, "metric": "score"}).endswith(" *")  # the report stars it
+    assert format_difference({**difference, "metric": "score"}).endswith(" *")  # the report stars it
 
 
 def test_paired_difference_straddling_zero_is_not_apart():

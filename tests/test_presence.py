@@ -8,11 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mole_diffusion.eval import evaluate as ev
-from mole_diffusion.eval.presence import DetectorPresence, PresenceError, load_presence_judge, presence_row
-from mole_diffusion.eval.stats import wilson_interval
-from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_owlvit
 from mole_diffusion.concepts import Concept, composed_concepts
+from mole_diffusion.eval import evaluate as ev
+from mole_diffusion.eval.methods import active_experts
+from mole_diffusion.eval.presence import DetectorPresence, PresenceError, load_presence_judge, presence_row
+from mole_diffusion.eval.report import format_cell
+from mole_diffusion.eval.stats import wilson_interval
+from mole_diffusion.eval.summary import summarise
+from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_owlvit
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +52,12 @@ def test_summary_gives_rates_with_wilson_intervals_and_the_report_prints_them(tm
     rows = [{"method": "m", "prompt_index": 0, "prompt": "p", "seed": s, "image": "x", "present_all": float(v), "clip_text": 0.1 * s}
             for s, v in enumerate(seen)]
     rows += [{**r, "method": "never", "present_all": 0.0} for r in rows]
-    summary = ev.summarise(rows, ["m", "never"])
+    summary = summarise(rows, ["m", "never"])
     assert summary[0]["present_all"] == pytest.approx(3 / 8)
     assert (summary[0]["present_all_low"], summary[0]["present_all_high"]) == pytest.approx(wilson_interval(3, 8))
     assert "present_all_ci95" not in summary[0] and summary[0]["clip_text_low"] < summary[0]["clip_text"] < summary[0]["clip_text_high"]
-    assert ev.format_cell(summary[0], "present_all") == "37.5% [13.7-69.4]"
-    assert ev.format_cell(summary[1], "present_all") == "0.0% [0.0-32.4]"  # never "0% ± 0%"
+    assert format_cell(summary[0], "present_all") == "37.5% [13.7-69.4]"
+    assert format_cell(summary[1], "present_all") == "0.0% [0.0-32.4]"  # never "0% ± 0%"
 
 
 def test_detector_scores_equal_transformers_computed_directly(detector):
@@ -213,7 +216,7 @@ def test_evaluate_presence_columns_by_hand_for_prompts_naming_some_concepts():
     present = {"a": True, "b": False, "c": False}
     expected_active = {"sum": 0.0, "mole_without_c": 1.0, "mole_without_b": 0.0, "single_a": 1.0, "single_b": None}
     for method, expected in expected_active.items():
-        row = presence_row(present, composed, ev.active_experts(method, names))
+        row = presence_row(present, composed, active_experts(method, names))
         assert row.get("present_active") == expected, method
         assert row["present_all"] == 0.0
 

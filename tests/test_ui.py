@@ -2,11 +2,13 @@
 rendering, masking, constant weights, regional routing, the comparison, and bad files and inputs as messages.
 The page itself is driven in a real browser in test_ui_browser.py."""
 
+import socket
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mole_diffusion.cli import main
 from mole_diffusion.demo.run import ASSETS
@@ -162,3 +164,41 @@ def test_page_builds_offline(studio):
     fonts = [*theme()._font, *theme()._font_mono]
     assert fonts and all(isinstance(font, str) or type(font) is gr.themes.Font for font in fonts)
     assert "@font-face" not in "".join(theme()._font_css) and theme()._stylesheets == []
+
+
+def test_the_api_names_its_endpoints_and_inputs_as_the_page_does(studio, prompt):
+    """gradio_client sees /generate, /compare and /load, each input named by the page's words (the weight sliders by
+    position: weight_1 is the first loaded expert's), and /generate draws what Studio.render draws with those values."""
+    pytest.importorskip("gradio", reason="the app needs Gradio (pip install -e '.[ui]')")
+    gradio_client = pytest.importorskip("gradio_client", reason="gradio_client comes with Gradio")
+    from mole_diffusion.ui import MAX_EXPERTS, launch
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = launch(studio, port=port, block=False, quiet=True)
+    try:
+        client = gradio_client.Client(app.local_url, verbose=False)
+        api = client.view_api(return_format="dict", print_info=False)
+        endpoints = api["named_endpoints"]
+        assert set(endpoints) == {"/generate", "/compare", "/load"} and not api["unnamed_endpoints"]
+        inputs = {name: [(p["parameter_name"], p["label"]) for p in e["parameters"]] for name, e in endpoints.items()}
+        controls = [("prompt", "prompt"), ("negative_prompt", "negative prompt"), ("seed", "seed"), ("steps", "steps"),
+                    ("guidance_scale", "guidance scale")]
+        routing = [("experts", "experts (unchecked: masked)"), ("routing", "routing")]
+        weights = [(f"weight_{i}", f"weight of {name}") for i, name in enumerate(studio.expert_names, 1)]
+        assert inputs["/generate"][:len(controls) + len(routing) + len(weights)] == [*controls, *routing, *weights]
+        assert [name for name, _ in inputs["/generate"][len(controls) + len(routing):]] == \
+            [f"weight_{i}" for i in range(1, MAX_EXPERTS + 1)]  # the hidden sliders too: a Load may show them
+        assert inputs["/compare"] == controls
+        assert [name for name, _ in inputs["/load"]] == ["base", "loras", "gates", "triggers"]
+        assert [r["label"] for r in endpoints["/generate"]["returns"]] == ["image", "expert map", "gate heatmap", "status"]
+
+        image, expert_map, heatmap, status = client.predict(prompt=prompt, seed=3, steps=2, routing="constant", weight_1=0.5,
+                                                            weight_2=1.5, weight_3=0.0, api_name="/generate")
+        expected = studio.render(prompt, seed=3, steps=2, guidance_scale=5.0, mode="constant", weights=[0.5, 1.5, 0.0])
+        assert status == expected.summary
+        np.testing.assert_array_equal(pixels(Image.open(image)), pixels(expected.image))
+        assert expert_map is None and Image.open(heatmap).size == expected.heatmap.size
+    finally:
+        app.close()
