@@ -327,12 +327,13 @@ def _training_settings(args: argparse.Namespace) -> dict:
 
 
 def train_gates(args: argparse.Namespace) -> Path:
+    from .config import GateConfig
     from .train import GateTrainingConfig
     from .train import train_gates as run
 
-    config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
-                                activation=args.activation, per_position=args.per_position, timestep_knots=args.timestep_knots,
-                                prior_weights=args.prior_weights,
+    gate = GateConfig(granularity=args.granularity, activation=args.activation, per_position=args.per_position,
+                      timestep_knots=args.timestep_knots, prior_weights=args.prior_weights)
+    config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), gate=gate,
                                 balance_weight=args.balance_weight, sparsity_weight=args.sparsity_weight, objective=args.objective, clip_model=args.clip_model,
                                 clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
                                 **_training_settings(args))
@@ -426,9 +427,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe = load_base_pipeline(mole_pipeline_class(args.base), args.base, dtype=dtype, safety_checker=None)
     if args.scheduler:
         use_scheduler(pipe, args.scheduler)
+    from .config import GateConfig
     from .gate_file import gate_kind
 
-    pipe.load_experts(dict(args.lora), **(gate_kind(args.gates) if args.gates else {"granularity": args.granularity or "block"}))
+    pipe.load_experts(dict(args.lora), gate_config=gate_kind(args.gates) if args.gates else GateConfig(granularity=args.granularity or "block"))
     if args.gates:
         pipe.load_gates(args.gates)
     if args.weights is not None:
