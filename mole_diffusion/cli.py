@@ -62,7 +62,7 @@ def _lora_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
-BASE_HELP = "diffusers Stable Diffusion folder or hub id"
+BASE_HELP = "diffusers folder or hub id of a Stable Diffusion 1.x/2.x, SDXL or Flux pipeline"
 
 
 def build_parser() -> argparse.ArgumentParser:
