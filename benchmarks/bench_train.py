@@ -97,7 +97,7 @@ def main() -> None:
     t = torch.full((args.batch,), 500, device=device)
 
     gated = copy.deepcopy(bare)
-    mole = inject_experts({"unet": gated}, random_experts(bare, args.experts, args.rank), "block")
+    mole = inject_experts({"unet": gated}, random_experts(bare, args.experts, args.rank))
     gated.to(device)
     gate_params = mole.gate_parameters()
     for p in gate_params:

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import header, interleaved
+from mole_diffusion.config import GateConfig
 from mole_diffusion.experts import Expert, LoRAWeights
 from mole_diffusion.inject import MoLE, inject_experts
 
@@ -155,12 +156,12 @@ def main() -> None:
     names = [e.name for e in experts]
 
     mole = shared_copy(bare)
-    inject_experts({component: mole}, experts, "block")
+    inject_experts({component: mole}, experts)
 
     models = {"bare": bare, "mole": mole}
     if args.family == "sd":
         position = shared_copy(bare)
-        position_mole = inject_experts({"unet": position}, experts, "block", activation="sigmoid", per_position=True)
+        position_mole = inject_experts({"unet": position}, experts, GateConfig(activation="sigmoid", per_position=True))
         with torch.no_grad():  # trained-looking gates: every position its own weights
             for gate in position_mole.gates.values():
                 gate.weight.normal_(std=1.0)
@@ -178,7 +179,7 @@ def main() -> None:
     models["diffusers"] = peft
 
     fused = shared_copy(bare)
-    fused_mole = inject_experts({component: fused}, experts, "block")
+    fused_mole = inject_experts({component: fused}, experts)
     fused_mole.set_experts(names, [1.0 / args.experts] * args.experts)
     fuse_fresh(fused_mole)
     models["mole_fused"] = fused

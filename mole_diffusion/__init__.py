@@ -1,5 +1,6 @@
 """mole-diffusion: Mixture of LoRA Experts (MoLE) for Stable Diffusion, SDXL and Flux, on diffusers."""
 
+from .config import GateConfig
 from .errors import MoLEError
 from .experts import Expert, ExpertError, load_expert
 from .gate_file import GateFileError, load_gates, save_gates
@@ -13,6 +14,7 @@ __all__ = [
     "Expert",
     "ExpertError",
     "Gate",
+    "GateConfig",
     "GateFileError",
     "MoLE",
     "MoLEError",

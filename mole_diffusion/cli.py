@@ -7,6 +7,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 from .schedulers import SCHEDULERS, use_scheduler
 
@@ -61,185 +62,254 @@ def _lora_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
+BASE_HELP = "diffusers folder or hub id of a Stable Diffusion 1.x/2.x, SDXL or Flux pipeline"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mole-diffusion", description="Mixture of LoRA Experts for Stable Diffusion.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_parser in (add_generate_parser, add_train_gates_parser, add_train_lora_parser, add_evaluate_parser,
+                       add_demo_parser, add_build_demo_parser, add_ui_parser, add_tiny_checkpoint_parser):
+        add_parser(subparsers)
+    return parser
 
-    gen = sub.add_parser(
-        "generate",
-        help="generate images with several LoRAs mixed by MoLE gates",
-        epilog=GENERATE_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    gen.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
-    gen.add_argument("--lora", action="append", type=_lora_arg, required=True, metavar="NAME=FILE",
-                     help="a LoRA expert (repeat for each; NAME defaults to the file stem)")
-    gen.add_argument("--gates", help="gate file from train-gates / save_gates (default: untrained, uniform)")
-    gen.add_argument("--granularity", choices=("block", "layer", "network"),
-                     help="for untrained gates (default block); with --gates, the gate file says")
-    gen.add_argument("--weights", type=float, nargs="+", help="constant weights instead of gates, one per active expert")
-    gen.add_argument("--experts", nargs="+", metavar="NAME", help="active experts (default: all)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--num-images", type=_positive, default=1)
-    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the checkpoint's own")
-    gen.add_argument("--device", help="default: cuda if available, else cpu")
-    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda, else float32")
-    gen.add_argument("--out", required=True, help="image file, .png (or any type Pillow writes: .jpg, .webp...); "
-                     "with --num-images > 1: NAME-0.png, NAME-1.png, ...")
 
-    gates = sub.add_parser(
-        "train-gates",
-        help="train MoLE gates on each concept's reference images (LoRAs and base frozen)",
-        epilog=TRAIN_GATES_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    gates.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
-    gates.add_argument("--concepts", required=True, help="concepts TOML file (name, lora, images, prompt per concept)")
-    gates.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
-    gates.add_argument("--activation", choices=("softmax", "sigmoid", "softplus"), default="softmax",
-                       help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert; "
-                            "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength)")
-    gates.add_argument("--per-position", action="store_true",
-                       help="block gates also weigh each image position by its own feature (METHOD.md section 8)")
-    gates.add_argument("--timestep-knots", type=int, default=0, metavar="K",
-                       help="the denoiser's gates also read the step's noise level: K >= 2 learned logit offsets per "
-                            "expert at evenly spaced noise levels, interpolated (default 0: off)")
-    gates.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
-    gates.add_argument("--sparsity-weight", type=float, default=0.0,
-                       help="beta: cost per unit of expert weight, so a LoRA stays on only where it helps (sigmoid or "
-                            "softplus gates; default 0)")
-    gates.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
-                       help="what the untrained gates return, one per concept (default uniform, NLA; sigmoid needs each "
-                            "below 1; softplus: 1 1 1 starts from the plain sum)")
-    gates.add_argument("--objective", choices=("denoising", "clip", "composition", "distillation"), default="denoising",
-                       help="denoising loss on the reference images (default), the paper's CLIP-guided loss, that "
-                            "loss on images of the concepts file's [compositions] prompts, every named concept pushed, or "
-                            "distillation: on each concept's images the mixture reproduces that concept's LoRA alone")
-    gates.add_argument("--clip-model", help="for --objective clip/composition: open_clip name (ViT-B-32) or local-dir:PATH")
-    gates.add_argument("--clip-pretrained", help="for --objective clip/composition: pretrained tag (openai) or checkpoint file")
-    gates.add_argument("--clip-sampling-steps", type=int, default=4, help="unrolled DDIM steps per image (default 4)")
-    _add_training_options(gates, steps=400, lr=5e-3, batch_size=2)
+def _add_command(subparsers, name: str, run, help: str, epilog: str, check=None) -> argparse.ArgumentParser:
+    """A subcommand that ``run(args)`` carries out, after ``check(parser, args)`` (its own early checks, which
+    need no model) and the checks every command shares (``main``)."""
+    parser = subparsers.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(run_command=run, check_options=check)
+    return parser
 
-    lora = sub.add_parser(
-        "train-lora",
-        help="train one concept's LoRA (DreamBooth, on PEFT); --mixer trains a MoSLoRA expert",
-        epilog=TRAIN_LORA_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    lora.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
-    lora.add_argument("--images", required=True, help="folder of the concept's images")
-    lora.add_argument("--prompt", required=True, help='instance prompt, e.g. "a photo of sks dog"')
-    lora.add_argument("--class-prompt", help="prior preservation: class prompt (with --class-images)")
-    lora.add_argument("--class-images", help="prior preservation: folder of class images")
-    lora.add_argument("--rank", type=int, default=4)
-    lora.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
-    lora.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
-    lora.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder's attention")
-    lora.add_argument("--mixer", choices=("orthogonal", "kaiming"), help="train MoSLoRA with this mixer init")
-    lora.add_argument("--orthogonal-slot", type=int, metavar="K",
-                      help="orthogonal adaptation: fix A to slot K of a basis shared by every LoRA trained so (one "
-                           "slot per concept), train only B")
-    _add_training_options(lora, steps=500, lr=1e-4, batch_size=1)
 
-    ev = sub.add_parser(
-        "evaluate",
-        help="generate the same prompts and seeds under every composition method and score them with CLIP",
-        epilog=EVALUATE_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ev.add_argument("--base", required=True, help="diffusers Stable Diffusion folder or hub id")
-    ev.add_argument("--concepts", help="concepts TOML file (its LoRAs, reference images and prompts)")
-    ev.add_argument("--lora", action="append", type=_lora_arg, metavar="NAME=FILE",
-                    help="instead of --concepts: LoRA files (no reference images: text alignment only; needs --prompt)")
-    ev.add_argument("--gates", help="gate file for the mole methods (without it they are skipped)")
-    ev.add_argument("--images", action="append", type=_lora_arg, metavar="NAME=DIR",
-                    help="images made elsewhere, scored beside the methods: DIR holds p<prompt index>-s<seed>.png for "
-                         "every prompt and seed (repeat; NAME defaults to the folder's name)")
-    ev.add_argument("--clip-model", required=True, help="open_clip name (ViT-B-32) or local-dir:PATH")
-    ev.add_argument("--clip-pretrained", help="pretrained tag (openai) or checkpoint file for a named model")
-    ev.add_argument("--image-model", help="second image backbone for image alignment, e.g. a DINO transformers folder")
-    ev.add_argument("--presence-model", metavar="PATH", help="presence judge: columns present_<concept>, present_all "
-                    "(the demo world's judge folder, or an OWL-ViT/OWLv2 detector folder queried with each concept's "
-                    "`presence` word, default its class_prompt)")
-    ev.add_argument("--presence-threshold", type=float, default=0.1, help="a detector's box score that counts as present")
-    ev.add_argument("--prompt", action="append", dest="prompts", metavar="PROMPT", help="repeat; default: templates over the instance prompts")
-    ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ev.add_argument("--methods", nargs="+", help="default: all that apply (mole, mole_without_<name>, nla, sum, "
-                    "set_adapters, switch, composite, single_<name>, base)")
-    ev.add_argument("--nla-weights", type=float, nargs="+", help="weights for nla and set_adapters (default uniform)")
-    ev.add_argument("--scheduler", choices=sorted(SCHEDULERS),
-                    help="default: ddpm for SD and SDXL; Flux keeps its flow-matching scheduler")
-    ev.add_argument("--steps", type=int, default=50)
-    ev.add_argument("--guidance-scale", type=float, default=7.5)
-    ev.add_argument("--resolution", type=int, help="default: the model's")
-    ev.add_argument("--switch-every", type=int, default=1, help="LoRA Switch: steps per LoRA")
-    ev.add_argument("--device", help="default: cuda if available, else cpu")
-    ev.add_argument("--out", required=True, help="output folder (results.csv/json, summary.csv, report.md, plots, grid)")
+# Options that fill a config dataclass have the field's name as their dest (``_config_from``): one line per option.
 
-    demo = sub.add_parser(
-        "demo",
-        help="the shipped demo world: composition prompts through base, each LoRA, NLA and MoLE (offline, ~1 min on CPU)",
-        epilog="example:\n  mole-diffusion demo --out demo\n\n  Writes demo/grid.png (rows: prompts; columns: methods), "
+
+def add_generate_parser(subparsers) -> None:
+    parser = _add_command(subparsers, "generate", generate, "generate images with several LoRAs mixed by MoLE gates",
+                          GENERATE_EXAMPLE, check=_check_generate)
+    parser.add_argument("--base", required=True, help=BASE_HELP)
+    parser.add_argument("--lora", action="append", type=_lora_arg, required=True, metavar="NAME=FILE",
+                        help="a LoRA expert (repeat for each; NAME defaults to the file stem)")
+    parser.add_argument("--gates", help="gate file from train-gates / save_gates (default: untrained, uniform)")
+    parser.add_argument("--granularity", choices=("block", "layer", "network"),
+                        help="for untrained gates (default block); with --gates, the gate file says")
+    parser.add_argument("--weights", type=float, nargs="+",
+                        help="constant weights instead of gates, one per active expert")
+    parser.add_argument("--experts", nargs="+", metavar="NAME", help="active experts (default: all)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--num-images", type=_positive, default=1)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the checkpoint's own")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="default: float16 on cuda, else float32")
+    parser.add_argument("--out", required=True, help="image file, .png (or any type Pillow writes: .jpg, .webp...); "
+                                                     "with --num-images > 1: NAME-0.png, NAME-1.png, ...")
+
+
+def add_train_gates_parser(subparsers) -> None:
+    """Options of GateTrainingConfig, of its GateConfig (granularity to prior weights) and TrainingSettings."""
+    parser = _add_command(subparsers, "train-gates", train_gates,
+                          "train MoLE gates on each concept's reference images (LoRAs and base frozen)",
+                          TRAIN_GATES_EXAMPLE)
+    parser.add_argument("--base", required=True, help=BASE_HELP)
+    parser.add_argument("--concepts", type=Path, required=True,
+                        help="concepts TOML file (name, lora, images, prompt per concept)")
+    parser.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
+    parser.add_argument("--activation", choices=("softmax", "sigmoid", "softplus"), default="softmax",
+                        help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert; "
+                             "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength)")
+    parser.add_argument("--per-position", action="store_true",
+                        help="block gates also weigh each image position by its own feature (METHOD.md section 8)")
+    parser.add_argument("--timestep-knots", type=int, default=0, metavar="K",
+                        help="the denoiser's gates also read the step's noise level: K >= 2 learned logit offsets per "
+                             "expert at evenly spaced noise levels, interpolated (default 0: off)")
+    parser.add_argument("--balance-weight", type=float, default=0.5, help="alpha of the balance loss (default 0.5)")
+    parser.add_argument("--sparsity-weight", type=float, default=0.0,
+                        help="beta: cost per unit of expert weight, so a LoRA stays on only where it helps (sigmoid or "
+                             "softplus gates; default 0)")
+    parser.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
+                        help="what the untrained gates return, one per concept (default uniform, NLA; sigmoid needs "
+                             "each below 1; softplus: 1 1 1 starts from the plain sum)")
+    parser.add_argument("--objective", choices=("denoising", "clip", "composition", "distillation"),
+                        default="denoising",
+                        help="denoising loss on the reference images (default), the paper's CLIP-guided loss, that "
+                             "loss on images of the concepts file's [compositions] prompts, every named concept "
+                             "pushed, or distillation: on each concept's images the mixture reproduces that "
+                             "concept's LoRA alone")
+    parser.add_argument("--clip-model",
+                        help="for --objective clip/composition: open_clip name (ViT-B-32) or local-dir:PATH")
+    parser.add_argument("--clip-pretrained",
+                        help="for --objective clip/composition: pretrained tag (openai) or checkpoint file")
+    parser.add_argument("--clip-sampling-steps", type=int, default=4, help="unrolled DDIM steps per image (default 4)")
+    _add_training_options(parser, steps=400, lr=5e-3, batch_size=2)
+
+
+def add_train_lora_parser(subparsers) -> None:
+    """Options of LoRATrainingConfig and TrainingSettings."""
+    parser = _add_command(subparsers, "train-lora", train_lora,
+                          "train one concept's LoRA (DreamBooth, on PEFT); --mixer trains a MoSLoRA expert",
+                          TRAIN_LORA_EXAMPLE)
+    parser.add_argument("--base", required=True, help=BASE_HELP)
+    parser.add_argument("--images", type=Path, required=True, help="folder of the concept's images")
+    parser.add_argument("--prompt", required=True, help='instance prompt, e.g. "a photo of sks dog"')
+    parser.add_argument("--class-prompt", help="prior preservation: class prompt (with --class-images)")
+    parser.add_argument("--class-images", type=Path, help="prior preservation: folder of class images")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
+    parser.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
+    parser.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder's attention")
+    parser.add_argument("--mixer", choices=("orthogonal", "kaiming"), help="train MoSLoRA with this mixer init")
+    parser.add_argument("--orthogonal-slot", type=int, metavar="K",
+                        help="orthogonal adaptation: fix A to slot K of a basis shared by every LoRA trained so (one "
+                             "slot per concept), train only B")
+    _add_training_options(parser, steps=500, lr=1e-4, batch_size=1)
+
+
+def _add_training_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
+    """Options of TrainingSettings, common to train-gates and train-lora."""
+    parser.add_argument("--out", dest="output_dir", type=Path, required=True, metavar="OUT",
+                        help="output folder (result, checkpoints/, log.csv, validation/)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--learning-rate", type=float, default=lr)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-every", type=_positive, default=100, metavar="K")
+    parser.add_argument("--keep-checkpoints", type=_positive, default=3)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--validation-prompt", action="append", dest="validation_prompts", metavar="PROMPT",
+                        help="repeat for several (default: the instance prompts)")
+    parser.add_argument("--validation-every", type=_positive, default=100, metavar="K")
+    parser.add_argument("--validation-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--validation-steps", type=int, default=25)
+
+
+def add_evaluate_parser(subparsers) -> None:
+    """Options of EvaluationConfig."""
+    parser = _add_command(subparsers, "evaluate", evaluate,
+                          "generate the same prompts and seeds under every composition method and score them with CLIP",
+                          EVALUATE_EXAMPLE)
+    parser.add_argument("--base", required=True, help=BASE_HELP)
+    parser.add_argument("--concepts", type=Path, help="concepts TOML file (its LoRAs, reference images and prompts)")
+    parser.add_argument("--lora", dest="loras", action=_NamedValues, type=_lora_arg, metavar="NAME=FILE",
+                        help="instead of --concepts: LoRA files (no reference images: text alignment only; needs "
+                             "--prompt)")
+    parser.add_argument("--gates", type=Path, help="gate file for the mole methods (without it they are skipped)")
+    parser.add_argument("--images", dest="image_folders", action=_NamedValues, type=_lora_arg, metavar="NAME=DIR",
+                        help="images made elsewhere, scored beside the methods: DIR holds p<prompt index>-s<seed>.png "
+                             "for every prompt and seed (repeat; NAME defaults to the folder's name)")
+    parser.add_argument("--clip-model", required=True, help="open_clip name (ViT-B-32) or local-dir:PATH")
+    parser.add_argument("--clip-pretrained", help="pretrained tag (openai) or checkpoint file for a named model")
+    parser.add_argument("--image-model",
+                        help="second image backbone for image alignment, e.g. a DINO transformers folder")
+    parser.add_argument("--presence-model", metavar="PATH",
+                        help="presence judge: columns present_<concept>, present_all (the demo world's judge folder, "
+                             "or an OWL-ViT/OWLv2 detector folder queried with each concept's `presence` word, default "
+                             "its class_prompt)")
+    parser.add_argument("--presence-threshold", type=float, default=0.1,
+                        help="a detector's box score that counts as present")
+    parser.add_argument("--prompt", action="append", dest="prompts", metavar="PROMPT",
+                        help="repeat; default: templates over the instance prompts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--methods", nargs="+", help="default: all that apply (mole, mole_without_<name>, nla, sum, "
+                                                     "set_adapters, switch, composite, single_<name>, base)")
+    parser.add_argument("--nla-weights", type=float, nargs="+",
+                        help="weights for nla and set_adapters (default uniform)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                        help="default: ddpm for SD and SDXL; Flux keeps its flow-matching scheduler")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, help="default: the model's")
+    parser.add_argument("--switch-every", type=int, default=1, help="LoRA Switch: steps per LoRA")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--out", dest="output_dir", type=Path, required=True, metavar="OUT",
+                        help="output folder (results.csv/json, summary.csv, report.md, plots, grid)")
+
+
+def add_demo_parser(subparsers) -> None:
+    parser = _add_command(
+        subparsers, "demo", demo,
+        "the shipped demo world: composition prompts through base, each LoRA, NLA and MoLE (offline, ~1 min on CPU)",
+        "example:\n  mole-diffusion demo --out demo\n\n  Writes demo/grid.png (rows: prompts; columns: methods), "
         "demo/gate_heatmap.png, demo/scores.md and scores.csv (the evaluator's table; its run is in demo/eval).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--steps", type=_positive, default=25, help="DDIM steps")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (the grid shows the first)")
-    demo.add_argument("--assets", help="a demo world installed by build-demo --assets (default: the shipped one)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--steps", type=_positive, default=25, help="DDIM steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (the grid shows the first)")
+    parser.add_argument("--assets", help="a demo world installed by build-demo --assets (default: the shipped one)")
 
-    build = sub.add_parser(
-        "build-demo",
-        help="rebuild the demo world from nothing: tiny CLIP, tiny SD, concept LoRAs, gates (~1.5 h on 2 CPU cores)",
-        epilog="example:\n  mole-diffusion build-demo --out build/world\n  mole-diffusion demo --out demo --assets build/world/assets"
-        "\n\n  Trains into build/world (a stopped build goes on where it stopped), then installs the shipped files into "
+
+def add_build_demo_parser(subparsers) -> None:
+    """Options of BuildSettings, and where the build goes."""
+    parser = _add_command(
+        subparsers, "build-demo", build_demo,
+        "rebuild the demo world from nothing: tiny CLIP, tiny SD, concept LoRAs, gates (~1.5 h on 2 CPU cores)",
+        "example:\n  mole-diffusion build-demo --out build/world\n"
+        "  mole-diffusion demo --out demo --assets build/world/assets\n\n"
+        "  Trains into build/world (a stopped build goes on where it stopped), then installs the shipped files into "
         "--assets (default: build/world/assets). Maintainers refresh the package's own with "
         "--assets mole_diffusion/demo/assets.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    build.add_argument("--out", required=True, help="working folder (checkpoints, logs, validation grids)")
-    build.add_argument("--assets", help="where to install the shipped files (default: OUT/assets)")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--device", help="default: cuda if available, else cpu")
-    build.add_argument("--unet-channels", type=int, nargs=3, metavar="C",
-                       help="the base UNet's widths (default 32 64 64; 64 128 128: 6.5 M parameters, its training about 2x as long on CPU)")
+    parser.add_argument("--out", required=True, help="working folder (checkpoints, logs, validation grids)")
+    parser.add_argument("--assets", help="where to install the shipped files (default: OUT/assets)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--unet-channels", type=int, nargs=3, metavar="C",
+                        help="the base UNet's widths (default 32 64 64; 64 128 128: 6.5 M parameters, its training "
+                             "about 2x as long on CPU)")
 
-    ui = sub.add_parser(
-        "ui",
-        help="an app in the browser: mask experts, move weights, compare methods (needs pip install -e \".[ui]\")",
-        epilog=UI_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ui.add_argument("--base", help="diffusers Stable Diffusion folder or hub id (default: the shipped demo world)")
-    ui.add_argument("--lora", action="append", type=_lora_arg, metavar="NAME=FILE",
-                    help="with --base: a LoRA expert (repeat for each; NAME defaults to the file stem)")
-    ui.add_argument("--gates", help="with --base: gate file from train-gates (default: untrained, uniform)")
-    ui.add_argument("--trigger", action="append", type=_trigger_arg, metavar="NAME=WORDS",
-                    help="with --base: an expert's trigger word(s) in prompts, for regional routing (one for every expert)")
-    ui.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the checkpoint's own (ddim for the demo world)")
-    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    ui.add_argument("--port", type=int, default=7860)
-    ui.add_argument("--device", help="default: cuda if available, else cpu")
 
-    tiny = sub.add_parser(
-        "tiny-checkpoint",
-        help="write a tiny random SD, SDXL or Flux checkpoint and two LoRAs (offline; for tests and CI)",
-        epilog="example:\n  mole-diffusion tiny-checkpoint tiny --family sdxl\n  "
+def add_ui_parser(subparsers) -> None:
+    parser = _add_command(subparsers, "ui", ui,
+                          'an app in the browser: mask experts, move weights, compare methods (needs pip install -e ".[ui]")',
+                          UI_EXAMPLE, check=_check_ui)
+    parser.add_argument("--base", help=f"{BASE_HELP} (default: the shipped demo world)")
+    parser.add_argument("--lora", action="append", type=_lora_arg, metavar="NAME=FILE",
+                        help="with --base: a LoRA expert (repeat for each; NAME defaults to the file stem)")
+    parser.add_argument("--gates", help="with --base: gate file from train-gates (default: untrained, uniform)")
+    parser.add_argument("--trigger", action="append", type=_trigger_arg, metavar="NAME=WORDS",
+                        help="with --base: an expert's trigger word(s) in prompts, for regional routing (one for "
+                             "every expert)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                        help="default: the checkpoint's own (ddim for the demo world)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+
+
+def add_tiny_checkpoint_parser(subparsers) -> None:
+    parser = _add_command(
+        subparsers, "tiny-checkpoint", tiny_checkpoint,
+        "write a tiny random SD, SDXL or Flux checkpoint and two LoRAs (offline; for tests and CI)",
+        "example:\n  mole-diffusion tiny-checkpoint tiny --family sdxl\n  "
         "mole-diffusion generate --base tiny/pipeline --lora tiny/dog.safetensors --lora tiny/hat.safetensors "
         "--prompt 'a dog in a hat' --steps 4 --out tiny.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tiny.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya), "
-                      "images/dog, images/hat and concepts.toml (for train-lora / train-gates)")
-    tiny.add_argument("--family", choices=["sd", "sdxl", "flux"], default="sd",
-                      help="Stable Diffusion 1.x (default), SDXL (two text encoders) or Flux (a FluxTransformer2DModel)")
-    return parser
+    parser.add_argument("out", help="folder to write: pipeline/, dog.safetensors (diffusers), hat.safetensors (kohya), "
+                                    "images/dog, images/hat and concepts.toml (for train-lora / train-gates)")
+    parser.add_argument("--family", choices=["sd", "sdxl", "flux"], default="sd",
+                        help="Stable Diffusion 1.x (default), SDXL (two text encoders) or Flux "
+                             "(a FluxTransformer2DModel)")
+
+
+class _NamedValues(argparse.Action):
+    """A repeated NAME=VALUE option (``type`` gives the pair) as {name: value}; a name given twice keeps the last."""
+
+    def __call__(self, parser, namespace, pair, option_string=None):
+        name, value = pair
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), name: value})
 
 
 def _trigger_arg(value: str) -> tuple[str, str]:
@@ -295,48 +365,28 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
         parser.error(f"--device {device}: this machine has {count} {parsed.type} device(s), numbered from 0")
 
 
-def _add_training_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
-    parser.add_argument("--out", required=True, help="output folder (result, checkpoints/, log.csv, validation/)")
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--learning-rate", type=float, default=lr)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--prior-loss-weight", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--checkpoint-every", type=_positive, default=100, metavar="K")
-    parser.add_argument("--keep-checkpoints", type=_positive, default=3)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--validation-prompt", action="append", dest="validation_prompts", metavar="PROMPT",
-                        help="repeat for several (default: the instance prompts)")
-    parser.add_argument("--validation-every", type=_positive, default=100, metavar="K")
-    parser.add_argument("--validation-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--validation-steps", type=int, default=25)
+Config = TypeVar("Config")
 
 
-def _training_settings(args: argparse.Namespace) -> dict:
-    """The shared TrainingSettings fields, from the options ``_add_training_options`` defines."""
-    from dataclasses import fields
+def _config_from(cls: type[Config], args: argparse.Namespace, **values) -> Config:
+    """A ``cls`` config dataclass from the options whose dest is one of its fields; an option left out (None)
+    leaves its field at the config's default. ``values``: the fields no option sets (a nested config)."""
+    from dataclasses import MISSING, fields
 
-    from .train import TrainingSettings
-
-    settings = {f.name: getattr(args, f.name) for f in fields(TrainingSettings) if hasattr(args, f.name)}
-    return dict(settings, output_dir=Path(args.out), validation_prompts=args.validation_prompts or [])
+    for field in fields(cls):
+        if field.init and field.name not in values and hasattr(args, field.name):
+            value = getattr(args, field.name)
+            if value is not None or (field.default is MISSING and field.default_factory is MISSING):
+                values[field.name] = value
+    return cls(**values)
 
 
 def train_gates(args: argparse.Namespace) -> Path:
+    from .config import GateConfig
     from .train import GateTrainingConfig
     from .train import train_gates as run
 
-    config = GateTrainingConfig(base=args.base, concepts=Path(args.concepts), granularity=args.granularity,
-                                activation=args.activation, per_position=args.per_position, timestep_knots=args.timestep_knots,
-                                prior_weights=args.prior_weights,
-                                balance_weight=args.balance_weight, sparsity_weight=args.sparsity_weight, objective=args.objective, clip_model=args.clip_model,
-                                clip_pretrained=args.clip_pretrained, clip_sampling_steps=args.clip_sampling_steps,
-                                **_training_settings(args))
-    path = run(config)
+    path = run(_config_from(GateTrainingConfig, args, gate=_config_from(GateConfig, args)))
     _print_once(f"wrote {path}")
     return path
 
@@ -345,13 +395,7 @@ def train_lora(args: argparse.Namespace) -> Path:
     from .train import LoRATrainingConfig
     from .train import train_lora as run
 
-    config = LoRATrainingConfig(
-        base=args.base, images=Path(args.images), prompt=args.prompt, class_prompt=args.class_prompt,
-        class_images=Path(args.class_images) if args.class_images else None, rank=args.rank, alpha=args.alpha,
-        target_modules=args.target_modules, train_text_encoder=args.train_text_encoder, mixer=args.mixer,
-        orthogonal_slot=args.orthogonal_slot, **_training_settings(args),
-    )
-    path = run(config)
+    path = run(_config_from(LoRATrainingConfig, args))
     _print_once(f"wrote {path}")
     return path
 
@@ -368,13 +412,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     from .eval.evaluate import evaluate as run
     from .eval.report import headline_table, read_summary
 
-    out = run(EvaluationConfig(
-        base=args.base, concepts=Path(args.concepts) if args.concepts else None, loras=dict(args.lora or []), gates=Path(args.gates) if args.gates else None, output_dir=Path(args.out),
-        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, image_model=args.image_model,
-        presence_model=args.presence_model, presence_threshold=args.presence_threshold, prompts=args.prompts or [], seeds=args.seeds,
-        methods=args.methods or [], image_folders=dict(args.images or []), nla_weights=args.nla_weights, scheduler=args.scheduler, steps=args.steps,
-        guidance_scale=args.guidance_scale, resolution=args.resolution, switch_every=args.switch_every, device=args.device,
-    ))
+    out = run(_config_from(EvaluationConfig, args))
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under accelerate launch, one summary
@@ -412,9 +450,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe = load_base_pipeline(mole_pipeline_class(args.base), args.base, dtype=dtype, safety_checker=None)
     if args.scheduler:
         use_scheduler(pipe, args.scheduler)
+    from .config import GateConfig
     from .gate_file import gate_kind
 
-    pipe.load_experts(dict(args.lora), **(gate_kind(args.gates) if args.gates else {"granularity": args.granularity or "block"}))
+    pipe.load_experts(dict(args.lora), gate_config=gate_kind(args.gates) if args.gates else _config_from(GateConfig, args))
     if args.gates:
         pipe.load_gates(args.gates)
     if args.weights is not None:
@@ -467,44 +506,47 @@ def ui(args: argparse.Namespace) -> None:
 def build_demo(args: argparse.Namespace) -> None:
     from .demo.build import BuildSettings, build, install_assets
 
-    settings = BuildSettings(seed=args.seed, device=args.device)
-    if args.unet_channels:
-        settings.unet_channels = args.unet_channels
-    root = build(args.out, settings)
+    root = build(args.out, _config_from(BuildSettings, args))
     print(f"installed the demo world in {install_assets(root, Path(args.assets) if args.assets else root / 'assets')}")
+
+
+def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    names = [name for name, _ in args.lora]
+    if len(set(names)) != len(names):
+        parser.error(f"--lora names must differ, got {names}")
+    unknown = [n for n in args.experts or [] if n not in names]
+    if unknown:
+        parser.error(f"--experts {unknown} not among the --lora names {names}")
+    if args.experts and len(set(args.experts)) != len(args.experts):
+        parser.error(f"--experts names an expert twice: {args.experts}")
+    if args.weights is not None and len(args.weights) != len(args.experts or names):
+        parser.error(f"--weights has {len(args.weights)} values for {len(args.experts or names)} experts")
+    if not all(math.isfinite(w) for w in args.weights or []):
+        parser.error(f"--weights must be finite numbers, got {args.weights}")
+    _check_image_out(parser, Path(args.out))
+    for option, size in (("--height", args.height), ("--width", args.width)):  # as diffusers' pipeline requires
+        if size is not None and (size < 8 or size % 8):
+            parser.error(f"{option} must be a positive multiple of 8, got {size}")
+
+
+def _check_ui(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [option for option, value in (("--lora", args.lora), ("--gates", args.gates), ("--trigger", args.trigger)) if value]
+    if given and not args.base:
+        parser.error(f"{', '.join(given)} need --base (without --base the app opens the shipped demo world)")
+    if args.base and not args.lora:
+        parser.error("--base needs at least one --lora NAME=FILE")
+    names = [name for name, _ in args.lora or []]
+    if len(set(names)) != len(names):
+        parser.error(f"--lora names must differ, got {names}")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port must be from 0 to 65535, got {args.port}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        names = [name for name, _ in args.lora]
-        if len(set(names)) != len(names):
-            parser.error(f"--lora names must differ, got {names}")
-        unknown = [n for n in args.experts or [] if n not in names]
-        if unknown:
-            parser.error(f"--experts {unknown} not among the --lora names {names}")
-        if args.experts and len(set(args.experts)) != len(args.experts):
-            parser.error(f"--experts names an expert twice: {args.experts}")
-        if args.weights is not None and len(args.weights) != len(args.experts or names):
-            parser.error(f"--weights has {len(args.weights)} values for {len(args.experts or names)} experts")
-        if not all(math.isfinite(w) for w in args.weights or []):
-            parser.error(f"--weights must be finite numbers, got {args.weights}")
-        _check_image_out(parser, Path(args.out))
-        for option, size in (("--height", args.height), ("--width", args.width)):  # as diffusers' pipeline requires
-            if size is not None and (size < 8 or size % 8):
-                parser.error(f"{option} must be a positive multiple of 8, got {size}")
-    if args.command == "ui":
-        given = [option for option, value in (("--lora", args.lora), ("--gates", args.gates), ("--trigger", args.trigger)) if value]
-        if given and not args.base:
-            parser.error(f"{', '.join(given)} need --base (without --base the app opens the shipped demo world)")
-        if args.base and not args.lora:
-            parser.error("--base needs at least one --lora NAME=FILE")
-        names = [name for name, _ in args.lora or []]
-        if len(set(names)) != len(names):
-            parser.error(f"--lora names must differ, got {names}")
-        if not 0 <= args.port < 65536:
-            parser.error(f"--port must be from 0 to 65535, got {args.port}")
+    if args.check_options is not None:
+        args.check_options(parser, args)
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
     prior = getattr(args, "prior_weights", None) or []
@@ -514,10 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_device(parser, args.device)
     from .errors import MoLEError
 
-    commands = {"generate": generate, "train-gates": train_gates, "train-lora": train_lora, "evaluate": evaluate,
-                "tiny-checkpoint": tiny_checkpoint, "demo": demo, "build-demo": build_demo, "ui": ui}
     try:
-        commands[args.command](args)
+        args.run_command(args)
     except MoLEError as e:  # bad files, concepts, options and refusals; anything else is a bug: its traceback shows
         print(f"mole-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 1

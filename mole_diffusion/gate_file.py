@@ -1,13 +1,17 @@
 """Gate files: the gates' tensors in safetensors, with what they were trained for in the metadata.
 
-Metadata: format version, expert names in order, each expert's content hash, granularity, the model family
-("sd", "sdxl", "flux"), and the base model's name and a fingerprint of the adapted modules' shapes.
+Metadata: format version, expert names in order, each expert's content hash, the gates' ``GateConfig`` (key
+``gate_config``, JSON; its prior weights in the expert order), the model family ("sd", "sdxl", "flux"), and the
+base model's name and a fingerprint of the adapted modules' shapes. The config's granularity, activation,
+per_position and timestep_knots are also written as keys of their own, as files from before ``gate_config`` hold
+them (those files are read from them), so that older versions of this package still read new files.
 ``load_gates`` refuses gates trained for other experts, another granularity, another family or another base, and matches experts by name, so the order in which
 experts are passed does not matter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,13 +22,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .config import GRANULARITIES, GateConfig
 from .errors import MoLEError
 from .gates import ACTIVATIONS, check_timestep_knots
-from .inject import GRANULARITIES, MoLE, reads_timestep
+from .inject import MoLE, reads_timestep
 
 FORMAT = "mole-diffusion-gates"
 FORMAT_VERSION = "1"
 REQUIRED_METADATA = ("expert_names", "expert_hashes", "granularity", "base_model", "base_fingerprint")
+GATE_CONFIG_KEY = "gate_config"
+# the settings files from before GATE_CONFIG_KEY hold as keys of their own (still written, for older readers)
+SEPARATE_KEYS = ("granularity", "activation", "per_position", "timestep_knots")
 logger = logging.getLogger(__name__)
 
 
@@ -50,16 +58,17 @@ def save_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
     for name, gate in mole.gates.items():
         for key, param in gate.named_parameters():
             tensors[f"{name}.{key}"] = param.detach().float().cpu().contiguous()
+    config = mole.gate_config
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "expert_names": json.dumps(mole.expert_names),
         "expert_hashes": json.dumps({e.name: e.content_hash for e in mole.experts}),
-        "granularity": mole.granularity,
-        # the gate's kind (files from before these keys are softmax, per sample)
-        "activation": mole.activation,
-        "per_position": json.dumps(mole.per_position),
-        "timestep_knots": json.dumps(mole.timestep_knots),
+        GATE_CONFIG_KEY: json.dumps(dataclasses.asdict(config)),
+        "granularity": config.granularity,
+        "activation": config.activation,
+        "per_position": json.dumps(config.per_position),
+        "timestep_knots": json.dumps(config.timestep_knots),
         "family": family,
         "base_model": model_id(base_model),
         "base_fingerprint": base_fingerprint(mole),
@@ -110,7 +119,8 @@ FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux"
 @torch.no_grad()
 def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family: str = "sd") -> None:
     """Load gates saved by ``save_gates`` into ``mole``, after checking they were trained for it; the gates
-    become the file's kind (activation, per position, timestep knots), so they compute what was trained."""
+    become the file's kind (``GateConfig``: activation, per position, timestep knots), so they compute what was
+    trained."""
     tensors, meta = read_gate_file(path)
     saved_family = meta.get("family", "sd")  # files from before the key are Stable Diffusion's
     if saved_family != family:
@@ -135,14 +145,12 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
                 f"{path}: expert {name!r} ({mole.experts[names.index(name)].path}) is not the LoRA these gates were "
                 f"trained with (content hash {hashes[name][:12]} vs {saved_hashes[name][:12]}){hint}"
             )
-    if meta["granularity"] != mole.granularity:
+    config = _gate_config(path, meta)
+    if config.granularity != mole.gate_config.granularity:
         raise GateFileError(
-            f"{path}: gates have granularity {meta['granularity']!r}, experts were loaded with {mole.granularity!r}; "
-            f"load_experts(..., granularity={meta['granularity']!r})"
+            f"{path}: gates have granularity {config.granularity!r}, experts were loaded with "
+            f"{mole.gate_config.granularity!r}; load_experts(..., granularity={config.granularity!r})"
         )
-    kind = _kind(path, meta)
-    if kind["per_position"] and mole.granularity != "block":
-        raise GateFileError(f"{path}: per-position gates need granularity 'block', the experts were loaded with {mole.granularity!r}")
     if meta["base_fingerprint"] != base_fingerprint(mole):
         raise GateFileError(
             f"{path}: gates were trained on another base model ({meta['base_model'] or 'unnamed'}, adapted-shape "
@@ -159,22 +167,24 @@ def load_gates(mole: MoLE, path: str | os.PathLike, base_model: str = "", family
     expected = {}
     for name, gate in mole.gates.items():
         expected |= {f"{name}.weight": tuple(gate.weight.shape), f"{name}.bias": (n,), f"{name}.log_temperature": ()}
-        if kind["timestep_knots"] and reads_timestep(name):
-            expected[f"{name}.timestep_logits"] = (n, kind["timestep_knots"])
+        if config.timestep_knots and reads_timestep(name):
+            expected[f"{name}.timestep_logits"] = (n, config.timestep_knots)
     if set(tensors) != set(expected):
         raise GateFileError(f"{path}: gate tensors do not match the injected gates (first difference: {sorted(set(tensors) ^ set(expected))[:1]})")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise GateFileError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this pipeline's gate has {shape}")
-    mole.set_gate_kind(kind["activation"], kind["per_position"], kind["timestep_knots"])  # restore what was trained
+    prior = None if config.prior_weights is None else [config.prior_weights[i] for i in order]
+    mole.set_gate_config(dataclasses.replace(config, prior_weights=prior))  # restore what was trained
     for name, gate in mole.gates.items():
         for key, param in gate.named_parameters():
             saved = tensors[f"{name}.{key}"]
             param.copy_(saved if key == "log_temperature" else saved[order])
 
 
-def _kind(path, meta: dict[str, str]) -> dict:
-    """The gate file's kind of gate; files from before these keys are softmax, per sample, timestep-blind."""
+def _separate_settings(path, meta: dict[str, str]) -> dict:
+    """The settings a file holds as keys of their own; files from before the kind's keys are softmax, per sample,
+    timestep-blind."""
     try:
         kind = {"activation": meta.get("activation", "softmax"), "per_position": json.loads(meta.get("per_position", "false")),
                 "timestep_knots": json.loads(meta.get("timestep_knots", "0"))}
@@ -188,12 +198,48 @@ def _kind(path, meta: dict[str, str]) -> dict:
     if not known:
         raise GateFileError(f"{path}: gate file metadata names an unknown kind of gate {kind} (activation one of {ACTIVATIONS}, "
                             "per_position true or false, timestep_knots 0 or at least 2)")
-    return kind
+    return {"granularity": meta["granularity"], **kind}
 
 
-def gate_kind(path: str | os.PathLike) -> dict:
-    """What ``load_experts`` needs to load a gate file as trained: granularity, activation, per_position,
-    timestep_knots (``load_gates`` also turns the gates into the file's kind, all but the granularity)."""
+def _gate_config(path, meta: dict[str, str]) -> GateConfig:
+    """The gate file's ``GateConfig``: its ``gate_config`` key, with which the separate keys must agree; from the
+    separate keys alone in files from before it (which did not record the prior weights)."""
+    separate, names = _separate_settings(path, meta), json.loads(meta["expert_names"])
+    if GATE_CONFIG_KEY not in meta:
+        return _checked_config(path, separate, names)
+    try:
+        settings = json.loads(meta[GATE_CONFIG_KEY])
+    except json.JSONDecodeError as e:
+        raise GateFileError(f"{path}: gate file metadata {GATE_CONFIG_KEY} is not JSON ({e})") from e
+    known = [f.name for f in dataclasses.fields(GateConfig)]
+    if not isinstance(settings, dict) or not set(settings) <= set(known):
+        raise GateFileError(f"{path}: gate file metadata {GATE_CONFIG_KEY} should be an object of some of {known}, "
+                            f"got {meta[GATE_CONFIG_KEY]}")
+    config = _checked_config(path, settings, names)
+    for key in SEPARATE_KEYS:
+        if key in meta and separate[key] != getattr(config, key):
+            raise GateFileError(f"{path}: gate file metadata {key} is {separate[key]!r}, but its {GATE_CONFIG_KEY} says "
+                                f"{getattr(config, key)!r}")
+    return config
+
+
+def _checked_config(path, settings: dict, expert_names: list[str]) -> GateConfig:
+    """``GateConfig(**settings)``, its prior weights one per expert of the file, in its order."""
+    try:
+        return GateConfig(**settings).for_experts(expert_names)
+    except MoLEError as e:
+        raise GateFileError(f"{path}: gate file metadata: {e}") from e
+
+
+def read_gate_config(path: str | os.PathLike) -> GateConfig:
+    """The ``GateConfig`` the gates of a gate file were made with (prior weights in the file's expert order;
+    None for files from before the ``gate_config`` key)."""
     path = Path(path)
-    meta = read_gate_file(path)[1]
-    return {"granularity": meta["granularity"], **_kind(path, meta)}
+    return _gate_config(path, read_gate_file(path)[1])
+
+
+def gate_kind(path: str | os.PathLike) -> GateConfig:
+    """What ``load_experts(..., gate_config=...)`` needs to load a gate file as trained: its ``GateConfig`` less the
+    prior weights, which only start untrained gates (the file's experts may also be passed in another order).
+    ``load_gates`` also turns the gates into the file's kind; the granularity must match before."""
+    return dataclasses.replace(read_gate_config(path), prior_weights=None)

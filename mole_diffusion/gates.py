@@ -25,10 +25,23 @@ def token_mean_direction(hidden_states: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = ("softmax", "sigmoid", "softplus")
 
 
+def check_activation(activation: str) -> None:
+    """One of ``ACTIVATIONS``."""
+    if activation not in ACTIVATIONS:
+        raise MoLEError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
 def check_timestep_knots(knots: int) -> None:
     """A timestep-aware gate's knot count: 0 (off) or at least 2 (the ends of [0, 1], then evenly between)."""
     if not isinstance(knots, int) or knots == 1 or knots < 0:
         raise MoLEError(f"a timestep-aware gate needs at least 2 knots (0 for none), got {knots!r}")
+
+
+def check_sigmoid_prior(prior: list[float]) -> None:
+    """A sigmoid gate's prior weights: each below 1, as its bias is logit(prior)."""
+    if not all(w < 1 for w in prior):
+        raise MoLEError(f"sigmoid gates need prior weights below 1, got {prior} (one expert's default prior "
+                        "is 1: pass prior_weights, e.g. [0.5])")
 
 
 class Gate(nn.Module):
@@ -52,14 +65,12 @@ class Gate(nn.Module):
     def __init__(self, num_experts: int, in_features: int, prior_weights: torch.Tensor | None = None,
                  activation: str = "softmax", per_position: bool = False, timestep_knots: int = 0):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise MoLEError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         if prior_weights is None:
             prior_weights = torch.full((num_experts,), 1.0 / num_experts)
         prior = torch.as_tensor(prior_weights, dtype=torch.float32)
-        if activation == "sigmoid" and not bool((prior < 1).all()):
-            raise MoLEError(f"sigmoid gates need prior weights below 1, got {prior.tolist()} (one expert's default prior "
-                            "is 1: pass prior_weights, e.g. [0.5])")
+        if activation == "sigmoid":
+            check_sigmoid_prior(prior.tolist())
         self.activation, self.per_position = activation, per_position
         self.weight = nn.Parameter(torch.zeros(num_experts, in_features))
         # softmax: log(prior) less its mean, the same weights (softmax ignores a shift), but a uniform prior's

@@ -21,13 +21,13 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from .config import GRANULARITIES, GateConfig
 from .errors import MoLEError
 from .experts import Expert
-from .gates import ACTIVATIONS, Gate, check_timestep_knots
+from .gates import Gate
 from .layers import MoLELayer
 from .routing import RegionalRouting
 
-GRANULARITIES = ("block", "layer", "network")
 # METHOD.md section 2: one gate per Transformer2DModel / CLIPEncoderLayer; LoRAs outside one (resnet convs)
 # share their ResnetBlock2D's gate. Flux: one gate per double block (FluxTransformerBlock) and per single block
 # (FluxSingleTransformerBlock), reading the block's image tokens (``hidden_states``; a single block concatenates
@@ -79,12 +79,9 @@ def _scope_input_prompt(args: tuple, kwargs: dict) -> torch.Tensor:
 class MoLE:
     """The experts injected into a pipeline's models, their gates, and the switches over them."""
 
-    def __init__(self, experts: list[Expert], granularity: str, activation: str = "softmax", per_position: bool = False,
-                 timestep_knots: int = 0):
+    def __init__(self, experts: list[Expert], gate_config: GateConfig):
         self.experts = experts
-        self.granularity = granularity
-        # the gates' kind (gates.py), saved with them
-        self.activation, self.per_position, self.timestep_knots = activation, per_position, timestep_knots
+        self.gate_config = gate_config  # the gates' settings (any prior: a weight per expert, in order), saved with them
         # the denoiser call's noise level in [0, 1] (timestep / 1000 in a UNet, Flux's sigma), for timestep-aware gates
         self.noise_level: torch.Tensor | None = None
         self.gates: dict[str, Gate] = {}  # "unet.down_blocks.0.attentions.0" -> Gate
@@ -140,7 +137,7 @@ class MoLE:
     def _checked_block_weights(self, weights: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
         if set(weights) != set(self.gates):
             raise ValueError(
-                f"per-gate weights must name every gate of this MoLE ({self.granularity} granularity): missing "
+                f"per-gate weights must name every gate of this MoLE ({self.gate_config.granularity} granularity): missing "
                 f"{sorted(set(self.gates) - set(weights))[:3]}, unknown {sorted(set(weights) - set(self.gates))[:3]}"
             )
         checked = {}
@@ -174,17 +171,18 @@ class MoLE:
             raise ValueError("masking every expert leaves nothing to mix; pass at least one expert name")
         return list(names)
 
-    def set_gate_kind(self, activation: str, per_position: bool, timestep_knots: int) -> None:
-        """Turn every gate into another kind (all kinds share W_g, b_g and tau; timestep knots start at 0), as
-        ``load_gates`` does to restore what a gate file was trained as. The parameters are then the file's to set."""
-        if activation not in ACTIVATIONS:
-            raise MoLEError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if per_position and self.granularity != "block":
-            raise MoLEError(f"per-position gates read a block's feature map: granularity 'block', not {self.granularity!r}")
+    def set_gate_config(self, config: GateConfig) -> None:
+        """Turn every gate into the kind ``config`` says (all kinds share W_g, b_g and tau; timestep knots start at
+        0), as ``load_gates`` does to restore what a gate file was trained as. The parameters are then the file's to
+        set. The granularity, which decides where the gates are, cannot change."""
+        if config.granularity != self.gate_config.granularity:
+            raise MoLEError(f"these gates have granularity {self.gate_config.granularity!r}, not {config.granularity!r}: "
+                            "load the experts again with that granularity")
+        config = config.for_experts(self.expert_names)
         for name, gate in self.gates.items():
-            gate.activation, gate.per_position = activation, per_position
-            gate.set_timestep_knots(timestep_knots if reads_timestep(name) else 0)
-        self.activation, self.per_position, self.timestep_knots = activation, per_position, timestep_knots
+            gate.activation, gate.per_position = config.activation, config.per_position
+            gate.set_timestep_knots(config.timestep_knots if reads_timestep(name) else 0)
+        self.gate_config = config
 
     # -- fusing ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -282,35 +280,22 @@ def block_weights_to_diffusers(block_weights: Mapping[str, Sequence[float]], exp
     return adapters
 
 
-def inject_experts(
-    models: dict[str, nn.Module],
-    experts: list[Expert],
-    granularity: str = "block",
-    prior_weights: Sequence[float] | None = None,
-    activation: str = "softmax",
-    per_position: bool = False,
-    timestep_knots: int = 0,
-) -> MoLE:
-    """Wrap the modules the experts adapt and attach the gates; ``models`` is {"unet": ..., "text_encoder": ...}.
-
-    ``activation``: "softmax" (the paper's gate, weights on the simplex) or "sigmoid" (one weight in (0, 1) per
-    expert); ``per_position``: the denoiser's block gates (UNet blocks, Flux double and single blocks) also
-    weigh each image position by its own feature (METHOD.md section 8); ``timestep_knots`` (0: off): the denoiser's
-    gates also read the step's noise level (``Gate``). Untrained, every kind is NLA with ``prior_weights``.
+def inject_experts(models: dict[str, nn.Module], experts: list[Expert], gate_config: GateConfig | None = None) -> MoLE:
+    """Wrap the modules the experts adapt and attach the gates ``gate_config`` describes (default: ``GateConfig()``,
+    the paper's block gates, uniform prior); ``models`` is {"unet": ..., "text_encoder": ...}. Untrained, every
+    kind of gate is NLA with the prior weights.
 
     Experts must have been loaded against these models (``load_expert`` checks every shape first), so
     nothing here can fail half-way.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if per_position and granularity != "block":
-        raise MoLEError(f"per-position gates read a block's feature map: granularity 'block', not {granularity!r}")
-    n = len(experts)
-    prior = torch.full((n,), 1.0 / n) if prior_weights is None else torch.tensor([float(w) for w in prior_weights])
-    if prior.shape != (n,) or not bool((prior > 0).all()) or not bool(torch.isfinite(prior).all()):
-        raise MoLEError(f"prior_weights must be {n} positive finite numbers (one per expert), got {prior_weights}")
-    check_timestep_knots(timestep_knots)  # also where no gate is the denoiser's (a text-encoder-only LoRA)
-    mole = MoLE(experts, granularity, activation, per_position, timestep_knots)
+    if gate_config is None:
+        gate_config = GateConfig()
+    elif not isinstance(gate_config, GateConfig):  # the granularity was once the third argument
+        raise TypeError(f"gate_config must be a GateConfig, got {gate_config!r}")
+    gate_config = gate_config.for_experts([e.name for e in experts])
+    granularity, n = gate_config.granularity, len(experts)
+    prior = torch.full((n,), 1.0 / n) if gate_config.prior_weights is None else torch.tensor(gate_config.prior_weights)
+    mole = MoLE(experts, gate_config)
 
     module_names = sorted({m for e in experts for m in e.layers}, key=lambda m: (m.split(".")[0], m))
     for full_name in module_names:
@@ -328,8 +313,9 @@ def inject_experts(
         gate_name = f"{component}.{scope}" if scope else component
         if gate_name not in mole.gates:
             in_features = _gate_in_features(model, scope, base)
-            knots = timestep_knots if reads_timestep(gate_name) else 0
-            mole.gates[gate_name] = Gate(n, in_features, prior, activation, per_position, knots).to(base.weight.device)
+            knots = gate_config.timestep_knots if reads_timestep(gate_name) else 0
+            mole.gates[gate_name] = Gate(n, in_features, prior, gate_config.activation, gate_config.per_position,
+                                         knots).to(base.weight.device)
         layer = MoLELayer(base, lora_A, lora_B, rank_expert, rank_scale, mole.gates[gate_name], magnitude_offset)
         layer.reads_prompt = component.startswith("text_encoder") or module_name.endswith(PROMPT_TOKEN_MODULES)
 

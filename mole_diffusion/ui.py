@@ -106,13 +106,13 @@ class Studio:
         missing = [path for path in loras.values() if not Path(path).exists()]
         if missing:  # said at once, not after the base model has loaded
             raise ExpertError(f"{missing[0]}: LoRA file not found")
-        kind = gate_kind(gates) if gates else {}  # read before the base loads: a bad gate file fails fast
+        kind = gate_kind(gates) if gates else None  # read before the base loads: a bad gate file fails fast
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         # a str: diffusers takes a Path it cannot find for a hub id and fails on it (AttributeError)
         pipe = load_base_pipeline(mole_pipeline_class(str(base)), str(base), dtype=dtype, safety_checker=None)
         if scheduler is not None:
             use_scheduler(pipe, scheduler)
-        pipe.load_experts(loras, **kind)
+        pipe.load_experts(loras, gate_config=kind)
         if gates:
             pipe.load_gates(gates)
         if triggers:  # checked now (a trigger for every expert, with tokens), not at the first regional image
@@ -139,8 +139,9 @@ class Studio:
     def describe(self) -> str:
         """What is loaded, in Markdown."""
         mole = self.pipe.mole
-        gates = (f"`{_short(self.gates)}` ({mole.granularity} granularity, {mole.activation}"
-                 f"{', per position' if mole.per_position else ''})") if self.gates else "untrained (uniform)"
+        config = mole.gate_config
+        gates = (f"`{_short(self.gates)}` ({config.granularity} granularity, {config.activation}"
+                 f"{', per position' if config.per_position else ''})") if self.gates else "untrained (uniform)"
         triggers = ", ".join(f"{n}: *{w}*" for n, w in self.triggers.items()) if self.triggers else "none (no regional routing)"
         return (f"**base** `{_short(self.base)}` · **experts** {', '.join(self.expert_names)} · **gates** {gates} · "
                 f"**triggers** {triggers}")

@@ -178,3 +178,25 @@ def test_training_options_must_be_positive(world, tmp_path, capsys):
         main(["train-lora", "--base", str(world["base"]), "--images", str(tmp_path), "--prompt", "x", "--out", str(tmp_path),
               "--checkpoint-every", "0"])
     assert exit_info.value.code == 2 and "at least 1, got '0'" in capsys.readouterr().err
+
+
+def test_every_option_of_a_command_with_a_config_sets_one_of_its_fields():
+    """The commands fill their config from the options whose dest is a field of it: an option whose dest named no
+    field would be dropped without a word."""
+    import argparse
+    import dataclasses
+
+    from mole_diffusion import GateConfig
+    from mole_diffusion.cli import build_parser
+    from mole_diffusion.demo.build import BuildSettings
+    from mole_diffusion.eval.evaluate import EvaluationConfig
+    from mole_diffusion.train import GateTrainingConfig, LoRATrainingConfig
+
+    configs = {"train-gates": (GateTrainingConfig, GateConfig), "train-lora": (LoRATrainingConfig,),
+               "evaluate": (EvaluationConfig,), "build-demo": (BuildSettings,)}
+    not_settings = {"build-demo": {"out", "assets"}}  # where the build goes, not how
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, classes in configs.items():
+        fields = {f.name for cls in classes for f in dataclasses.fields(cls)}
+        dests = {action.dest for action in commands[command]._actions} - {"help"}
+        assert dests - fields == not_settings.get(command, set()), command

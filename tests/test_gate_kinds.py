@@ -11,6 +11,7 @@ from conftest import generate, load, unet_output
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mole_diffusion import GateConfig
 from mole_diffusion.testing import make_tiny_lora
 from mole_diffusion.train import GateTrainingConfig, train_gates
 
@@ -167,7 +168,7 @@ def test_composition_objective_trains_the_gates_on_composition_prompts(world, tm
     (tmp_path / "plain.toml").write_text(concepts)
     (tmp_path / "composed.toml").write_text(concepts + '[compositions]\nprompts = ["a sks and a zwx", "a zwx beside a sks"]\n')
     config = dict(base=str(world["base"]), output_dir=tmp_path / "out", steps=2, batch_size=2, resolution=32,
-                  checkpoint_every=10, learning_rate=5e-2, progress=False, objective="composition", activation="softplus",
+                  checkpoint_every=10, learning_rate=5e-2, progress=False, objective="composition", gate=GateConfig(activation="softplus"),
                   clip_model=make_tiny_clip(tmp_path / "clip"), clip_sampling_steps=2)
     with pytest.raises(MoLEError, match=r"plain.toml has no \[compositions\]"):
         train_gates(GateTrainingConfig(concepts=tmp_path / "plain.toml", **config))
@@ -218,7 +219,7 @@ def test_training_per_position_gates_moves_only_their_parameters(world, concepts
     path = train_gates(GateTrainingConfig(base=str(world["base"]), concepts=concepts_file, output_dir=tmp_path / "run",
                                           steps=2, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2,
                                           validation_steps=1, validation_seeds=[0], progress=False,
-                                          activation="sigmoid", per_position=True), pipe=pipe)
+                                          gate=GateConfig(activation="sigmoid", per_position=True)), pipe=pipe)
     after = everything_else()
     assert after.keys() == frozen.keys()
     changed = [n for n in frozen if not torch.equal(after[n], frozen[n])]
@@ -239,7 +240,7 @@ def test_gate_files_record_their_kind_and_old_files_still_load(world, mole_pipe,
     # a file from before the kind was recorded: softmax, per sample
     with safe_open(str(tmp_path / "gates.safetensors"), "pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    old = {k: v for k, v in metadata.items() if k not in ("activation", "per_position")}
+    old = {k: v for k, v in metadata.items() if k not in ("activation", "per_position", "gate_config")}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old)
     fresh = load(world["base"])
     fresh.load_experts({"a": world["a"], "b": world["b"]})
@@ -250,7 +251,7 @@ def test_gate_files_record_their_kind_and_old_files_still_load(world, mole_pipe,
     other = load(world["base"])
     other.load_experts({"a": world["a"], "b": world["b"]}, activation="sigmoid", per_position=True)
     other.load_gates(tmp_path / "gates.safetensors")
-    assert (other.mole.activation, other.mole.per_position) == ("softmax", False)
+    assert other.mole.gate_config == GateConfig()
     assert all((g.activation, g.per_position) == ("softmax", False) for g in other.mole.gates.values())
     torch.testing.assert_close(unet_output(other), unet_output(mole_pipe))
 
@@ -259,7 +260,8 @@ def test_distillation_objective_targets_each_concepts_lora_alone(world, concepts
     """One expert: the mixture is that LoRA at weight 1 everywhere, so the loss is 0; two: it is not, and only the
     gates move towards it."""
     config = dict(base=str(world["base"]), steps=1, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2,
-                  progress=False, objective="distillation", per_position=True, timestep_knots=2, validation_every=10)
+                  progress=False, objective="distillation", gate=GateConfig(per_position=True, timestep_knots=2),
+                  validation_every=10)
     lines = concepts_file.read_text().split("\n\n")
     (concepts_file.parent / "one.toml").write_text(lines[0] + "\n")
     one = load(world["base"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import generate
-from mole_diffusion import MoLEStableDiffusionPipeline
+from mole_diffusion import GateConfig, MoLEStableDiffusionPipeline
 from mole_diffusion.cli import main
 from mole_diffusion.gates import balance_loss, mean_expert_weights
 from mole_diffusion.errors import MoLEError
@@ -216,7 +216,7 @@ def test_a_sparsity_weight_lowers_the_total_expert_weight_and_needs_gates_off_th
     totals = {}
     for beta in (0.0, 1.0):
         config = GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / f"b{beta}",
-                                    activation="sigmoid", per_position=True, sparsity_weight=beta, steps=4, batch_size=2,
+                                    gate=GateConfig(activation="sigmoid", per_position=True), sparsity_weight=beta, steps=4, batch_size=2,
                                     resolution=32, learning_rate=5e-2, validation_steps=1, validation_seeds=[0], progress=False)
         pipe = MoLEStableDiffusionPipeline.from_pretrained(world["base"])
         pipe.load_experts({"a": world["a"], "c": world["c"]}, activation="sigmoid", per_position=True)

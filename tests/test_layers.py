@@ -17,7 +17,7 @@ PACKAGE = Path(mole_diffusion.__file__).parent
 # (layer, its modules or subpackages of mole_diffusion), bottom to top; a module may import from its own layer and
 # those below. Layers in one tuple are side by side: neither imports the other.
 LAYERS = [
-    ("core", ["__init__", "errors", "quiet", "files", "lycoris", "experts", "layers", "gates", "routing", "inject",
+    ("core", ["__init__", "errors", "quiet", "files", "lycoris", "experts", "layers", "gates", "config", "routing", "inject",
               "gate_file", "schedulers", "offline_tokenizers", "pipelines"]),
     ("concepts", ["concepts", "clip"]),
     (("train", ["train"]), ("eval", ["eval"])),

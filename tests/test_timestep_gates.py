@@ -12,7 +12,7 @@ from conftest import load
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mole_diffusion import MoLEFluxPipeline
+from mole_diffusion import GateConfig, MoLEFluxPipeline
 from mole_diffusion.gate_file import GateFileError
 from mole_diffusion.gates import Gate
 from mole_diffusion.testing import make_tiny_lora, make_tiny_pipeline
@@ -77,7 +77,7 @@ def test_training_moves_the_knots_and_a_default_load_restores_them(world, concep
               if "mole_gate" not in n}
     path = train_gates(GateTrainingConfig(base=str(world["base"]), concepts=concepts_file, output_dir=tmp_path / "run",
                                           steps=3, batch_size=2, resolution=32, checkpoint_every=10, learning_rate=5e-2,
-                                          progress=False, timestep_knots=3), pipe=pipe)
+                                          progress=False, gate=GateConfig(timestep_knots=3)), pipe=pipe)
     after = {n: t for c in ("unet", "text_encoder") for n, t in getattr(pipe, c).named_parameters() if "mole_gate" not in n}
     assert all(torch.equal(after[n], frozen[n]) for n in frozen)
     knots = [g.timestep_logits for g in pipe.mole.gates.values() if g.timestep_logits is not None]
@@ -87,7 +87,7 @@ def test_training_moves_the_knots_and_a_default_load_restores_them(world, concep
     fresh = load(world["base"])
     fresh.load_experts({"a": world["a"], "b": world["b"]})  # the default kind: load_gates turns it into the file's
     fresh.load_gates(path)
-    assert fresh.mole.timestep_knots == 3
+    assert fresh.mole.gate_config.timestep_knots == 3
     for step in (50, 950):
         assert torch.equal(unet_at(fresh, torch.tensor(step)), unet_at(pipe, torch.tensor(step)))
 
@@ -99,14 +99,15 @@ def test_bad_knots_in_a_gate_file_are_refused_and_change_nothing(world, tmp_path
     with safe_open(str(tmp_path / "gates.safetensors"), "pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     save_file(tensors, str(tmp_path / "one.safetensors"), metadata={**metadata, "timestep_knots": "1"})
-    save_file(tensors, str(tmp_path / "four.safetensors"), metadata={**metadata, "timestep_knots": "4"})
+    four = json.dumps({**json.loads(metadata["gate_config"]), "timestep_knots": 4})  # the file says 4, its tensors 3
+    save_file(tensors, str(tmp_path / "four.safetensors"), metadata={**metadata, "timestep_knots": "4", "gate_config": four})
     fresh = load(world["base"])
     fresh.load_experts({"a": world["a"], "b": world["b"]})
     with pytest.raises(GateFileError, match="one.safetensors: gate file metadata names an unknown kind"):
         fresh.load_gates(tmp_path / "one.safetensors")
     with pytest.raises(GateFileError, match=r"timestep_logits has shape \(2, 3\), this pipeline's gate has \(2, 4\)"):
         fresh.load_gates(tmp_path / "four.safetensors")
-    assert fresh.mole.timestep_knots == 0 and all(g.timestep_logits is None for g in fresh.mole.gates.values())
+    assert fresh.mole.gate_config.timestep_knots == 0 and all(g.timestep_logits is None for g in fresh.mole.gates.values())
 
 
 def test_flux_timestep_aware_gates_read_sigma_as_the_noise_level(tmp_path):

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors.torch import load_file
 
+from mole_diffusion import GateConfig
 from mole_diffusion.gates import Gate, balance_loss
 from mole_diffusion.train import ConceptError, GateTrainingConfig, add_mixers, load_concepts, train_gates
 from mole_diffusion.train import common
@@ -101,7 +102,7 @@ def test_checkpoints_are_pruned_and_refused_for_another_run(world, concepts_file
     train_gates(gate_config(world, concepts_file, tmp_path, checkpoint_every=1, keep_checkpoints=2))
     assert [p.name for p in common.list_checkpoints(tmp_path / "checkpoints")] == ["step-000005", "step-000006"]
     with pytest.raises(common.CheckpointError, match="another run"):
-        train_gates(gate_config(world, concepts_file, tmp_path, granularity="layer", resume=True, steps=8))
+        train_gates(gate_config(world, concepts_file, tmp_path, gate=GateConfig(granularity="layer"), resume=True, steps=8))
 
 
 def test_balance_loss_has_a_gradient_that_pulls_collapsed_gates_to_uniform():

@@ -126,8 +126,8 @@ def evaluate(config: EvaluationConfig) -> Path:
     if config.scheduler is not None:
         use_scheduler(pipe, config.scheduler)
     # gates trained at layer or network granularity load as such (the gate file says which)
-    kind = gate_kind(config.gates) if config.gates is not None else {}
-    pipe.load_experts({c.name: c.lora for c in concepts}, **kind)
+    kind = gate_kind(config.gates) if config.gates is not None else None
+    pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=kind)
     if config.gates is not None:
         pipe.load_gates(config.gates)
     pipe.to(device)

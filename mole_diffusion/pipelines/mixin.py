@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..config import GateConfig
 from ..errors import MoLEError
 from ..experts import expert_paths, load_expert, lora_components
 from ..gate_file import load_gates, save_gates
@@ -56,30 +57,37 @@ class MoLEPipelineMixin:
     def load_experts(
         self,
         experts: dict[str, str | os.PathLike] | list[str | os.PathLike],
-        granularity: str = "block",
-        prior_weights: Sequence[float] | dict[str, float] | None = None,
-        activation: str = "softmax",
-        per_position: bool = False,
-        timestep_knots: int = 0,
+        granularity: str | None = None,
+        prior_weights: Sequence[float] | Mapping[str, float] | None = None,
+        activation: str | None = None,
+        per_position: bool | None = None,
+        timestep_knots: int | None = None,
+        *,
+        gate_config: GateConfig | None = None,
     ) -> None:
         """Load LoRA files as experts (dict name -> path, or a list of paths named by their stems) and gate them.
 
+        The gates are what ``gate_config`` says (``GateConfig``: granularity, activation, per position, timestep
+        knots, prior weights; default ``GateConfig()``), or what its fields given as keywords say, the others at
+        their defaults: ``load_experts(files, activation="sigmoid")`` is
+        ``load_experts(files, gate_config=GateConfig(activation="sigmoid"))``. Not both.
+
         Every file is read and checked against the base model before any module is changed. Untrained gates
-        return ``prior_weights`` (default uniform), so the result starts as NLA with those weights.
-        ``activation`` ("softmax": the paper's; "sigmoid": a weight per expert, off the simplex) and
-        ``per_position`` (block gates that also weigh each image position) and ``timestep_knots`` (0: off; K >= 2:
-        the denoiser's gates also read the step's noise level) choose the kind of gate for training; a gate file
-        records its kind, and ``load_gates`` restores it.
+        return the prior weights (default uniform), so the result starts as NLA with those weights. A gate file
+        records its gates' config, and ``load_gates`` restores its kind (the granularity must match).
         """
         if self.mole is not None:
             raise RuntimeError(f"experts {self.expert_names} are already loaded: call unload_experts() first")
+        settings = {"granularity": granularity, "prior_weights": prior_weights, "activation": activation,
+                    "per_position": per_position, "timestep_knots": timestep_knots}
+        given = {name: value for name, value in settings.items() if value is not None}
+        if gate_config is not None and given:
+            raise MoLEError(f"the gate settings go in gate_config or as keywords, not both: gate_config and {sorted(given)} given")
+        gate_config = GateConfig(**given) if gate_config is None else gate_config
         named = expert_paths(experts)
-        if isinstance(prior_weights, dict):
-            prior_weights = [prior_weights[name] for name in named]
         models = lora_components(self)
         loaded = [load_expert(name, path, models, type(self)) for name, path in named.items()]
-        getattr(self, self.denoiser).__dict__["_mole"] = inject_experts(
-            models, loaded, granularity, prior_weights, activation, per_position, timestep_knots)
+        getattr(self, self.denoiser).__dict__["_mole"] = inject_experts(models, loaded, gate_config)
 
     def set_experts(
         self, names: Sequence[str] | None = None, weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None

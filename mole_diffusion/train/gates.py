@@ -33,7 +33,7 @@ images, without masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..clip import load_clip
 from ..concepts import composed_concepts, list_images, load_compositions, load_concepts, trigger_words
+from ..config import GateConfig
 from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
 from ..pipelines import MoLEPipelineMixin, mole_pipeline_class
@@ -67,11 +68,9 @@ OBJECTIVES = ("denoising", "clip", "composition", "distillation")
 class GateTrainingConfig(TrainingSettings):
     base: str
     concepts: Path
-    granularity: str = "block"
-    activation: str = "softmax"  # or "sigmoid": one weight in (0, 1) per expert (gates.py)
-    per_position: bool = False  # block gates that also weigh each image position
-    timestep_knots: int = 0  # K >= 2: the denoiser's gates also read the step's noise level (K offsets per expert)
-    prior_weights: list[float] | None = None  # what untrained gates return (default uniform: NLA); e.g. 1s: the sum
+    # the gates to train (granularity, activation, per position, timestep knots, prior weights); with a ``pipe``
+    # handed to train_gates, that pipeline's gates are trained as they are
+    gate: GateConfig = field(default_factory=GateConfig)
     balance_weight: float = 0.5  # alpha of METHOD.md section 5 (the paper's value)
     sparsity_weight: float = 0.0  # beta: the cost of each unit of expert weight (sigmoid, softplus; see above)
     learning_rate: float = 5e-3  # zero-initialised gates want a larger lr than the paper's 1e-5 (see README)
@@ -91,7 +90,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
         raise MoLEError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if config.objective in ("clip", "composition") and not config.clip_model:
         raise MoLEError(f"objective {config.objective!r} needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
-    if config.sparsity_weight and config.activation == "softmax":
+    if config.sparsity_weight and config.gate.activation == "softmax":
         raise MoLEError("a sparsity weight needs gates off the simplex (activation sigmoid or softplus): softmax weights "
                         "always sum to 1")
     concepts = load_concepts(config.concepts)
@@ -104,9 +103,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
 
     if pipe is None:
         pipe = load_base_pipeline(mole_pipeline_class(config.base), config.base, safety_checker=None)
-        pipe.load_experts({c.name: c.lora for c in concepts}, granularity=config.granularity, activation=config.activation,
-                          per_position=config.per_position, timestep_knots=config.timestep_knots,
-                          prior_weights=config.prior_weights)
+        pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=config.gate)
     if config.objective in ("clip", "composition") and pipe.family != "sd":
         raise MoLEError(f"objective {config.objective!r} samples through DDIM on a Stable Diffusion 1.x/2.x UNet; "
                         f"on this {type(pipe).__name__} train with --objective denoising")
@@ -148,7 +145,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
         # global batch's under several processes, so the balance loss is one process's (common.py)
         gate_weights = global_batch_means(gate_weights, accelerator)
         sparsity = torch.stack([w.sum(dim=-1).mean() for w in gate_weights]).mean() if config.sparsity_weight else None
-        if mole.activation != "softmax":  # shares of each gate's weight (see the module docstring)
+        if mole.gate_config.activation != "softmax":  # shares of each gate's weight (see the module docstring)
             gate_weights = [w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12) for w in gate_weights]
         cover = coverage.repeat(len(gate_weights) // len(coverage), 1)
         balance = balance_loss(gate_weights, cover)

@@ -1,0 +1,90 @@
+"""``GateConfig``: every setting of a MoLE model's gates in one place, checked once, recorded in gate files."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from .errors import MoLEError
+from .gates import check_activation, check_sigmoid_prior, check_timestep_knots
+
+GRANULARITIES = ("block", "layer", "network")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How MoLE gates its experts (METHOD.md sections 2 and 8), as PEFT's ``LoraConfig`` says how a LoRA adapts.
+
+    ``granularity``: "block" (the paper's: a gate per UNet transformer block, resnet block and CLIP encoder layer;
+    Flux: per double and single block), "layer" (a gate per adapted module) or "network" (one per model, reading
+    the prompt embedding, or the text encoder's token embeddings).
+
+    ``activation``: "softmax" (the paper's gate: weights on the simplex), "sigmoid" (a weight in (0, 1) per
+    expert, off the simplex) or "softplus" (a weight in (0, inf) per expert: a LoRA may act above its trained
+    strength).
+
+    ``per_position``: the denoiser's block gates also weigh each image position by its own feature (granularity
+    "block" only).
+
+    ``timestep_knots``: 0 (off), or K >= 2: the denoiser's gates also read the step's noise level, K learned logit
+    offsets per expert at evenly spaced noise levels.
+
+    ``prior_weights``: what the untrained gates return, one positive weight per expert in the order the experts
+    are loaded (kept as a tuple), or {expert name: weight}; None: uniform. Untrained, every kind of gate is NLA
+    with these weights; a sigmoid gate's must each be below 1.
+
+    Frozen, so it stays as checked; ``dataclasses.replace`` makes a changed copy, checked again.
+    """
+
+    granularity: str = "block"
+    activation: str = "softmax"
+    per_position: bool = False
+    timestep_knots: int = 0
+    prior_weights: Sequence[float] | Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise MoLEError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        check_activation(self.activation)
+        if not isinstance(self.per_position, bool):  # a gate file records it as JSON true / false
+            raise MoLEError(f"per_position must be True or False, got {self.per_position!r}")
+        if self.per_position and self.granularity != "block":
+            raise MoLEError(f"per-position gates read a block's feature map: granularity 'block', not {self.granularity!r}")
+        check_timestep_knots(self.timestep_knots)
+        if self.prior_weights is not None:
+            prior = _checked_prior(self.prior_weights)
+            if self.activation == "sigmoid":
+                check_sigmoid_prior(list(prior.values() if isinstance(prior, dict) else prior))
+            object.__setattr__(self, "prior_weights", prior)
+
+    def for_experts(self, names: Sequence[str]) -> GateConfig:
+        """This config with ``prior_weights`` as one weight per expert of ``names``, in that order (a mapping is
+        read by name), as a MoLE of these experts records it."""
+        prior = self.prior_weights
+        if prior is None:
+            return self
+        if isinstance(prior, Mapping):
+            missing = [name for name in names if name not in prior]
+            if missing:
+                raise MoLEError(f"prior_weights has no weight for expert(s) {missing}; the experts are {list(names)}")
+            prior = tuple(prior[name] for name in names)
+        if len(prior) != len(names):
+            raise MoLEError(f"prior_weights must be {len(names)} positive finite numbers (one per expert), got {list(prior)}")
+        return replace(self, prior_weights=prior)
+
+
+def _checked_prior(prior: Iterable[float] | Mapping[str, float]) -> tuple[float, ...] | dict[str, float]:
+    """Positive finite floats: a tuple from a sequence (a list, a tensor...), a dict from a mapping."""
+    if isinstance(prior, (str, bytes)) or not isinstance(prior, Iterable):
+        raise MoLEError(f"prior_weights must be numbers, one per expert, or {{expert name: weight}}, got {prior!r}")
+    given = list(prior.values() if isinstance(prior, Mapping) else prior)
+    try:
+        numbers = [float(w) for w in given]
+    except (TypeError, ValueError):
+        numbers = [math.nan]
+    if not all(math.isfinite(w) and w > 0 for w in numbers):
+        expected = "positive finite numbers, one per expert" if isinstance(prior, Mapping) else \
+            f"{len(given)} positive finite numbers (one per expert)"
+        raise MoLEError(f"prior_weights must be {expected}, got {prior}")
+    return dict(zip(prior, numbers)) if isinstance(prior, Mapping) else tuple(numbers)
