@@ -1,11 +1,11 @@
-"""Layer benchmark (issue 5, item 1): one adapted Linear at SD shapes, N rank-16 experts.
+"""Layer benchmark: one adapted Linear at SD shapes, N rank-16 experts.
 
 Variants: the plain Linear; MoLE (gated, concatenated product: MoLELayer); MoLE with per-position weights
 (``mole_pos``: a (B, N, h, w) map, the rank-space scale per token); PEFT with N active adapters;
 a naive per-expert Python loop. Prints median ms and each variant's ratio to the plain Linear, beside the
 FLOP floor ((d_in*d_out + N*r*(d_in+d_out)) / (d_in*d_out)).
 
-``--shapes flux`` (issue 13): FLUX.1's widths instead, batch 1 (no CFG): the image tokens x 3072 (attention
+``--shapes flux``: FLUX.1's widths instead, batch 1 (no CFG): the image tokens x 3072 (attention
 q/k/v/out), x 3072 -> 12288 (the MLP's up projection, ff.net.0.proj / proj_mlp), and the 512 T5 tokens x 3072
 (the double blocks' text stream). A 1024 px image is 64x64 = 4096 packed tokens; on CPU the default is 1024
 (a 512 px image) to keep the run short, said in the header (``--flux-tokens`` sets it).

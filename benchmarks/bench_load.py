@@ -1,4 +1,4 @@
-"""Loading benchmark (issue 5 item 4): read N LoRA files and attach them to an SD-1.5-shaped UNet.
+"""Loading benchmark: read N LoRA files and attach them to an SD-1.5-shaped UNet.
 
 - mole: ``load_expert`` for each file (diffusers' key conversion + every shape checked) and ``inject_experts``;
 - diffusers: ``unet.load_lora_adapter(file, adapter_name=...)`` N times, then ``set_adapters``.

@@ -1,4 +1,4 @@
-"""Training-step benchmark (issue 5 item 3, issue 3): one gate-training step against one single-LoRA
+"""Training-step benchmark: one gate-training step against one single-LoRA
 DreamBooth step (PEFT), on the same SD-1.5-shaped UNet (random weights), same batch, same latent size.
 
 - gates: MoLE with 3 rank-16 experts on attention q/k/v/out, block gates trainable, loss = denoising

@@ -1,4 +1,4 @@
-"""Denoiser-step benchmark (issue 5, item 2; SDXL and Flux: issue 13), random weights.
+"""Denoiser-step benchmark, random weights.
 
 ``--family sd`` (default): an SD-1.5-shaped UNet, batch 2 (CFG). ``--family sdxl``: SDXL base's UNet
 (sdxl_unet_config.json, 2.6 B parameters), batch 2 (CFG), 77 prompt tokens of 2048 and SDXL's added conditions
@@ -9,7 +9,7 @@ batch 1 (guidance-distilled: no CFG), the latent packed 2x2 into tokens; on CPU 
 
 Variants: bare; MoLE with 3 rank-16 experts (block gates, untrained) on attention q/k/v/out (Flux: also the
 double blocks' add_q/k/v_proj and to_add_out, and the single blocks' proj_out); SD only: MoLE with
-per-position sigmoid gates (``mole_position``: weights (B, L, N) per token, METHOD.md section 8); the same 3
+per-position sigmoid gates (``mole_position``: weights (B, L, N) per token, docs/method.md); the same 3
 LoRAs through diffusers' ``load_lora_adapter`` + ``set_adapters`` (unfused PEFT); MoLE with constant weights
 fused. Prints median seconds a step, ratios to bare and to diffusers, and the FLOP count of each variant
 (torch.utils.flop_counter) so the measured overhead can be set against the arithmetic one.

@@ -126,7 +126,7 @@ def add_train_gates_parser(subparsers) -> None:
                         help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert; "
                              "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength)")
     parser.add_argument("--per-position", action="store_true",
-                        help="block gates also weigh each image position by its own feature (METHOD.md section 8)")
+                        help="block gates also weigh each image position by its own feature (docs/method.md)")
     parser.add_argument("--timestep-knots", type=int, default=0, metavar="K",
                         help="the denoiser's gates also read the step's noise level: K >= 2 learned logit offsets per "
                              "expert at evenly spaced noise levels, interpolated (default 0: off)")

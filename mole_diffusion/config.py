@@ -14,7 +14,7 @@ GRANULARITIES = ("block", "layer", "network")
 
 @dataclass(frozen=True)
 class GateConfig:
-    """How MoLE gates its experts (METHOD.md sections 2 and 8), as PEFT's ``LoraConfig`` says how a LoRA adapts.
+    """How MoLE gates its experts (docs/method.md), as PEFT's ``LoraConfig`` says how a LoRA adapts.
 
     ``granularity``: "block" (the paper's: a gate per UNet transformer block, resnet block and CLIP encoder layer;
     Flux: per double and single block), "layer" (a gate per adapted module) or "network" (one per model, reading

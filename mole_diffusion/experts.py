@@ -1,4 +1,4 @@
-"""Experts (METHOD.md section 1): LoRA files read into per-module (A, B, alpha / r), checked against the base.
+"""Experts (docs/method.md): LoRA files read into per-module (A, B, alpha / r), checked against the base.
 
 Formats: diffusers/PEFT safetensors (``save_lora_weights`` output, with or without ``lora_adapter_metadata``),
 PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), kohya/A1111 safetensors (SDXL's

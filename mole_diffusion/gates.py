@@ -1,4 +1,4 @@
-"""The gate of METHOD.md section 2: per-sample expert weights from a block's input hidden states."""
+"""The gate (docs/method.md): per-sample expert weights from a block's input hidden states."""
 
 from __future__ import annotations
 
@@ -50,14 +50,14 @@ class Gate(nn.Module):
     Initialised with W_g = 0 and b_g = log(prior) (less its mean), so an untrained gate returns the prior
     weights for every input: an untrained MoLE is exactly NLA with those weights.
 
-    Beyond the paper (METHOD.md section 8): ``activation="sigmoid"`` gives each expert its own weight in (0, 1),
+    Beyond the paper (docs/method.md): ``activation="sigmoid"`` gives each expert its own weight in (0, 1),
     sigmoid((W_g f + b_g) / tau) with b_g = logit(prior), off the simplex, so experts need not compete and the
     plain sum is reachable (untrained: still NLA with the prior); masked experts weigh 0. ``activation="softplus"``:
     softplus((W_g f + b_g) / tau) with b_g = softplus^-1(prior), a weight in (0, inf) per expert: a LoRA may act
     above its trained strength (untrained: NLA with the prior). ``per_position``:
     ``position_map`` also returns weights (B, N, H, W) from each position's own feature h_x / |h_x|, for the
     layers on image tokens (W_g = 0 gives the per-sample weights at every position). ``timestep_knots=K``
-    (the denoiser's gates, issue 12 item 3e): the logits also get c(t), one offset per expert at K evenly spaced
+    (the denoiser's gates): the logits also get c(t), one offset per expert at K evenly spaced
     noise levels t in [0, 1] (t = 1: pure noise) interpolated linearly, so a LoRA can act early (layout) and
     another late (texture); c = 0 at start, the plain gate.
     """
@@ -87,7 +87,7 @@ class Gate(nn.Module):
         # Constant weights (1, N) that replace the gate in NLA / plain-sum mode (see MoLE.set_experts).
         self.register_buffer("constant", torch.zeros(1, num_experts), persistent=False)
         self.weights: torch.Tensor | None = None  # what the layers of this gate apply in the current forward
-        # Per-position routing (METHOD.md section 8): (B, N, h, w) weights over the image, or None. Layers on image
+        # Per-position routing (docs/method.md): (B, N, h, w) weights over the image, or None. Layers on image
         # tokens apply them resampled to their own grid; layers on the prompt's tokens keep ``weights``.
         self.position_weights: torch.Tensor | None = None
         self._resampled: tuple[torch.Tensor | None, dict] = (None, {})  # position_weights per grid, for this forward
@@ -194,7 +194,7 @@ class Gate(nn.Module):
 
 
 def balance_loss(gate_weights: list[torch.Tensor], coverage: torch.Tensor | None = None) -> torch.Tensor:
-    """L_balance = -sum_i log q_i, q = the mean expert weight over the gates and samples (METHOD.md section 5).
+    """L_balance = -sum_i log q_i, q = the mean expert weight over the gates and samples (docs/method.md).
 
     Computed from the live gate outputs, so it has a gradient (the official code detaches it). With every
     expert at every gate its minimum, N log N, is reached when the experts are used equally. ``coverage``:

@@ -28,7 +28,7 @@ from .gates import Gate
 from .layers import MoLELayer
 from .routing import RegionalRouting
 
-# METHOD.md section 2: one gate per Transformer2DModel / CLIPEncoderLayer; LoRAs outside one (resnet convs)
+# Block granularity (docs/method.md): one gate per Transformer2DModel / CLIPEncoderLayer; LoRAs outside one (resnet convs)
 # share their ResnetBlock2D's gate. Flux: one gate per double block (FluxTransformerBlock) and per single block
 # (FluxSingleTransformerBlock), reading the block's image tokens (``hidden_states``; a single block concatenates
 # the text tokens in front of them only inside its forward), so a gate sees the same kind of input in both.

@@ -1,9 +1,9 @@
-"""A frozen Linear/Conv2d plus N gated LoRA branches, computed as one low-rank product (METHOD.md section 3).
+"""A frozen Linear/Conv2d plus N gated LoRA branches, computed as one low-rank product (docs/method.md).
 
     y = W x + b + B_cat (g * (A_cat x)),   g = G[expert of each rank row] * s[expert]
 
 Two matmuls per module whatever N is; no per-expert Python loop, no per-expert outputs. With per-position
-routing (METHOD.md section 8) g is (B, L, R): each token's own weights, still in rank space.
+routing (docs/method.md) g is (B, L, R): each token's own weights, still in rank space.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training-free regional routing (METHOD.md section 8): each LoRA acts where its concept is in the image.
+"""Training-free regional routing (docs/method.md): each LoRA acts where its concept is in the image.
 
 Where a concept is comes from the cross-attention maps of its trigger tokens ("sks" in "a photo of sks dog"),
 read in the UNet's own pass by forward hooks on every cross-attention's ``to_q`` and ``to_k`` (no extra UNet

@@ -120,7 +120,7 @@ def test_install_assets_never_replaces_a_folder_it_did_not_write(tmp_path):
 
 
 def test_install_assets_replaces_only_what_an_install_wrote(tmp_path):
-    """Issue 15.6: an earlier install is replaced whole; one holding a file no install wrote is refused and
+    """an earlier install is replaced whole; one holding a file no install wrote is refused and
     kept; a folder of the user's beside it (``assets.new``, the old staging name) is never touched."""
     root = tmp_path / "world"
     for name in SHIPPED:
@@ -147,7 +147,7 @@ def test_install_assets_replaces_only_what_an_install_wrote(tmp_path):
 
 
 def test_a_stopped_build_stage_counts_as_not_done(tmp_path, monkeypatch):
-    """Issue 15.6: a stage stopped half way (here the tiny CLIP, after writing its weights file) leaves no
+    """a stage stopped half way (here the tiny CLIP, after writing its weights file) leaves no
     stage folder, so the next build runs it again; a finished stage is not run twice."""
     import diffusers
 

@@ -221,7 +221,7 @@ def test_train_gates_resets_constant_weights_and_masks_it_was_handed(world, conc
 
 @pytest.mark.parametrize("key", ["granularity", "expert_hashes", "base_fingerprint"])
 def test_a_gate_file_lacking_metadata_names_the_key_and_changes_no_gate(world, trained, tmp_path, key):
-    """Issue 15.6: a gate file without one of its metadata keys is refused by name, not with a raw KeyError."""
+    """a gate file without one of its metadata keys is refused by name, not with a raw KeyError."""
     tensors, metadata = read_gate_tensors(trained[1])
     save_file(tensors, tmp_path / "partial.safetensors", metadata={k: v for k, v in metadata.items() if k != key})
     assert_refused_leaving_gates_as_they_were(world, tmp_path / "partial.safetensors",
@@ -230,7 +230,7 @@ def test_a_gate_file_lacking_metadata_names_the_key_and_changes_no_gate(world, t
 
 @pytest.mark.parametrize("failure", ["error", "nan"])
 def test_a_failed_fuse_leaves_every_weight_as_it_was(world, mole_pipe, monkeypatch, failure):
-    """Issue 15.6: fuse_experts failing part way (here at the third module: an error such as out of memory, or a
+    """fuse_experts failing part way (here at the third module: an error such as out of memory, or a
     delta that is not finite) restores the modules fused so far, bit for bit, and a later fuse works."""
     from mole_diffusion import MoLEError
 
@@ -261,7 +261,7 @@ def test_a_failed_fuse_leaves_every_weight_as_it_was(world, mole_pipe, monkeypat
 
 
 def test_a_stopped_log_rewrite_on_resume_loses_no_row(tmp_path, monkeypatch):
-    """Issue 15.6: on resume the log keeps the rows up to the checkpoint; the rewrite goes to new files renamed
+    """on resume the log keeps the rows up to the checkpoint; the rewrite goes to new files renamed
     over the old ones, so a run stopped during it leaves the old log whole."""
     import json
     from types import SimpleNamespace
@@ -293,7 +293,7 @@ def test_a_stopped_log_rewrite_on_resume_loses_no_row(tmp_path, monkeypatch):
 
 
 def test_a_stopped_lora_save_leaves_the_earlier_file(tmp_path, monkeypatch):
-    """Issue 15.6: train-lora's final file is written under another name and renamed: a save stopped half way
+    """train-lora's final file is written under another name and renamed: a save stopped half way
     leaves the file that was there."""
     from diffusers import StableDiffusionPipeline
 

@@ -1,4 +1,4 @@
-"""Gates beyond the paper's (METHOD.md section 8): sigmoid weights off the simplex and per-position block gates.
+"""Gates beyond the paper's (docs/method.md): sigmoid weights off the simplex and per-position block gates.
 Untrained they are NLA; a per-position gate equal everywhere is the block gate; masking removes an expert at
 every position; only the gates train; gate files record the kind and old files still load."""
 
@@ -156,7 +156,7 @@ def test_softplus_gates_let_an_expert_act_above_its_strength(world, mole_pipe):
 
 
 def test_composition_objective_trains_the_gates_on_composition_prompts(world, tmp_path):
-    """Issue 12.3a: gates learn from images of the [compositions] prompts (trainer CLIP loss on each named
+    """gates learn from images of the [compositions] prompts (trainer CLIP loss on each named
     concept, the weakest most); a concepts file without compositions is refused."""
     from mole_diffusion.errors import MoLEError
     from mole_diffusion.testing import make_concept_images, make_tiny_clip

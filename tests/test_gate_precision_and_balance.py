@@ -1,4 +1,4 @@
-"""Issue 15, trust the learned path: gates compute and stay in fp32 (autocast, half-precision models), the
+"""trust the learned path: gates compute and stay in fp32 (autocast, half-precision models), the
 balance loss counts each expert only at the gates where it acts, the command shows a bug's traceback, and
 pyproject asks for the Python the code needs."""
 
@@ -206,7 +206,7 @@ def test_gate_training_passes_the_coverage_to_the_balance_loss(world, tmp_path):
 
 
 def test_a_sparsity_weight_lowers_the_total_expert_weight_and_needs_gates_off_the_simplex(world, tmp_path):
-    """Issue 12: beta * the mean total weight per gate; the same run with it ends with less weight on the experts."""
+    """beta * the mean total weight per gate; the same run with it ends with less weight on the experts."""
     write_images(tmp_path / "red", (200, 20, 20), count=2)
     write_images(tmp_path / "blue", (20, 20, 200), count=2, seed=1)
     (tmp_path / "concepts.toml").write_text(

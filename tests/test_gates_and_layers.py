@@ -1,4 +1,4 @@
-"""Gate math (METHOD.md section 2, 4) and the concatenated low-rank product (section 3)."""
+"""Gate math (docs/method.md) and the concatenated low-rank product (the gated layer)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Issue 15.4: intervals that account for prompts, and methods compared on the same images."""
+"""intervals that account for prompts, and methods compared on the same images."""
 
 import math
 import random

@@ -1,5 +1,5 @@
-"""Learned (input-dependent) gates against references outside the library: the gate formula of METHOD.md
-section 2 written out here, plain diffusers replaying the recorded weights step by step, each prompt of a
+"""Learned (input-dependent) gates against references outside the library: the gate formula of docs/method.md
+written out here, plain diffusers replaying the recorded weights step by step, each prompt of a
 batch run alone, and each guidance branch run alone."""
 
 import pytest
@@ -32,7 +32,7 @@ def noise(batch, seed=0):
 
 
 def reference_gate(h, gate):
-    """METHOD.md section 2, written out in float64: f = mean_t(h_t / |h_t|), softmax((W f + b) / exp(log_tau))."""
+    """The gate of docs/method.md, written out in float64: f = mean_t(h_t / |h_t|), softmax((W f + b) / exp(log_tau))."""
     h = h.detach().double()
     if h.dim() == 4:  # (B, C, H, W): the tokens are the pixels, channels on dim 1
         f = (h / h.norm(dim=1, keepdim=True)).mean(dim=(2, 3))
@@ -49,7 +49,7 @@ def clip_encoder(text_encoder):
 
 
 def expected_gate_name(layer_name, models, granularity):
-    """Which gate an adapted module should share (METHOD.md section 2), derived here from the model alone."""
+    """Which gate an adapted module should share (docs/method.md), derived here from the model alone."""
     component, module_name = layer_name.split(".", 1)
     if granularity == "layer":
         return layer_name

@@ -1,4 +1,4 @@
-"""Per-position routing (METHOD.md section 8): the rank-space scale per token, and training-free regional
+"""Per-position routing (docs/method.md): the rank-space scale per token, and training-free regional
 routing from the trigger words' cross-attention, against the per-sample gate, the plain sum and diffusers."""
 
 import numpy as np

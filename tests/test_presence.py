@@ -111,7 +111,7 @@ def test_evaluate_writes_presence_columns_per_method(world, detector, tmp_path):
     assert "present_all" in report and "%" in report
 
 
-# -- issue 12: an image counts only where it keeps its prompt (a fooled judge reads concepts into textures) --------
+# -- an image counts only where it keeps its prompt (a fooled judge reads concepts into textures) --------
 def test_presence_row_with_the_prompt_kept_counts_faithful_compositions():
     every = {"a": True, "b": True}
     assert presence_row(every, ["a", "b"], ["a", "b"], kept=True)["present_all_faithful"] == 1.0

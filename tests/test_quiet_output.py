@@ -1,5 +1,5 @@
 """What a person sees: the commands print no third-party load reports, warnings or extra progress bars on the demo
-world (issue 14.1), and the silencing (``mole_diffusion/quiet.py``) keeps the reports that are real problems."""
+world, and the silencing (``mole_diffusion/quiet.py``) keeps the reports that are real problems."""
 
 import logging
 import os

@@ -1,5 +1,5 @@
 """Routing: two concept experts that each help their own concept, gates trained on both concepts' images,
-and the gates end up sending each concept to its own expert (METHOD.md section 5). CPU, about 30 s.
+and the gates end up sending each concept to its own expert (docs/method.md). CPU, about 30 s.
 
 The world: a tiny base trained on solid colours of random hues ("a photo"), so it denoises colours in
 general; a red concept ("a photo of sks") and a blue one ("a photo of zwx"), each with a LoRA trained by

@@ -1,4 +1,4 @@
-"""Timestep-aware gates (issue 12, item 3e): the denoiser's gates add c(t), one learned logit offset per expert at
+"""Timestep-aware gates : the denoiser's gates add c(t), one learned logit offset per expert at
 K evenly spaced noise levels, interpolated. Untrained they are the plain gate; c(t) has its closed form; a gate
 file records the knots and load_gates restores them into a pipeline loaded the default way."""
 

@@ -341,7 +341,7 @@ def test_an_image_caption_file_replaces_the_concept_prompt_for_that_image(world,
 
 
 def test_gradient_accumulation_equals_the_larger_batch(world, concepts_file, tmp_path):
-    """Issue 15.9: two accumulated micro-batches of 2 give the gates of one batch of 4 (the same examples, noise
+    """two accumulated micro-batches of 2 give the gates of one batch of 4 (the same examples, noise
     and timesteps; the denoising loss is a mean over examples). The balance loss is a statistic of each
     micro-batch, not a mean, so it is off here."""
     options = dict(steps=3, balance_weight=0.0, checkpoint_every=10)

@@ -80,7 +80,7 @@ def test_the_checkerboard_fills_any_resolution_and_unknown_backgrounds_are_refus
 
 
 def test_filler_captions_keep_the_concept_and_put_made_up_words_in_the_other_slots():
-    """Issue 12: a LoRA's extra captions (the build trains each LoRA on its references with these too)."""
+    """a LoRA's extra captions (the build trains each LoRA on its references with these too)."""
     import random
     import re
 

@@ -1,4 +1,4 @@
-"""The offline demo world (issue 6): procedural images and captions with held-out concepts."""
+"""The offline demo world: procedural images and captions with held-out concepts."""
 
 from .world import CONCEPTS, Scene, base_world, composition_prompts, concept_scenes, draw, write_world
 

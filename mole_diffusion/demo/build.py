@@ -1,4 +1,4 @@
-"""Build the demo world from nothing: ``mole-diffusion build-demo --out DIR`` (issue 6).
+"""Build the demo world from nothing: ``mole-diffusion build-demo --out DIR``.
 
 Stages, each skipped when its output is already there (so a stopped build goes on where it stopped):
 
@@ -116,7 +116,7 @@ class BuildSettings:
     lora_learning_rate: float = 2e-3
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     # each reference image also with 3 captions of made-up words (world.filler_captions); off: on the composition
-    # prompts it helped the checker LoRA alone and hurt the star and stripes LoRAs (README, issue 12)
+    # prompts it helped the checker LoRA alone and hurt the star and stripes LoRAs (experiments/docs/composition-experiments.md)
     lora_filler_captions: bool = False
     gate_steps: int = 300
     judge_steps: int = 800

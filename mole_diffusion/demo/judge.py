@@ -8,7 +8,7 @@ does: a round trip through the world's own VAE (with noise in latent space), blu
 to 4 pixels and a mild colour jitter.
 
 Global pooling alone reads colours and textures wherever they are, so a saturated checker-and-stripe texture in
-the prompt's colours passed every head (README, issue 12). The shape head therefore has a value ``none``:
+the prompt's colours passed every head (experiments/docs/composition-experiments.md). The shape head therefore has a value ``none``:
 training also sees pictures that are not a scene of one object (a background alone, full-frame checkerboards of
 any colours and cell size, stripes over everything, both together), so "the star is there" means an object is.
 
@@ -200,7 +200,7 @@ class JudgeSettings:
     pool_size: int = 4000  # VAE round trips drawn once; each step takes half its batch from them, half fresh
     seed: int = 0
     # scenes with a rim around the object (with_rim): generated objects sit in rings, and a judge that never saw one
-    # read most generated stars as no object (README, issue 12: measured on hand-labelled generated images)
+    # read most generated stars as no object (experiments/docs/composition-experiments.md: measured on hand-labelled generated images)
     rim_share: float = 0.3
 
 

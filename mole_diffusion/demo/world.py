@@ -1,5 +1,5 @@
 """A procedural world for the offline demo: coloured shapes on backgrounds, each with its caption, and
-held-out concepts the base model never sees (issue 6).
+held-out concepts the base model never sees.
 
 - Base world: a circle, square or triangle, in one of six colours, small or large, somewhere on a plain
   background of another colour: "a red circle on a blue background".
@@ -31,8 +31,8 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.22, "large": 0.36}  # radius as a fraction of the image side
-# The checkerboard background has CHECKER_CELLS x CHECKER_CELLS cells. A knob for experiments (README, issue 12:
-# 4 was tried and drew worse), not a BuildSettings field: a build does not record it, so change it only for a fresh folder.
+# The checkerboard background has CHECKER_CELLS x CHECKER_CELLS cells. A knob for experiments
+# (experiments/docs/composition-experiments.md: 4 was tried and drew worse), not a BuildSettings field: a build does not record it, so change it only for a fresh folder.
 CHECKER_CELLS = 8
 
 
@@ -172,7 +172,7 @@ def filler_captions(scene: Scene, concept: str, rng: random.Random) -> list[str]
 
     A trigger learned in one kind of sentence only loses its meaning among words it never saw: the composition
     prompts put the other concepts' triggers in those slots ("a red sks in zwx style on a qkx background"), and
-    the text encoder is causal, so "qkx" at the end reads everything before it. Measured (README, issue 12): the
+    the text encoder is causal, so "qkx" at the end reads everything before it. Measured (experiments/docs/composition-experiments.md): the
     checker LoRA alone shows its checkerboard on those prompts far more often with these captions, and the star
     and stripes LoRAs less often, so the build leaves them off by default (``BuildSettings.lora_filler_captions``).
     """

@@ -1,5 +1,5 @@
 """Compare composition methods on the same prompts and seeds, score every image with CLIP, and write a table,
-plots and a short report (METHOD.md sections 6-7). The methods are ``methods``' (each drawn by ``methods.draw``);
+plots and a short report (docs/method.md). The methods are ``methods``' (each drawn by ``methods.draw``);
 the outputs ``report``'s.
 
 Images made elsewhere (another tool, a sampler of your own) join the table through ``image_folders`` (NAME -> a

@@ -1,4 +1,4 @@
-"""Is each concept of a prompt in the image? Presence judges and presence rates (issue 12).
+"""Is each concept of a prompt in the image? Presence judges and presence rates.
 
 CLIP scores track human judgement of multi-concept images poorly (ComposLoRA); a rate of images that show
 every concept, from a judge that no method trained against, says whether a composition worked.
@@ -13,7 +13,7 @@ Rates come with Wilson 95% intervals (never "0% ± 0%").
 
 A judge can be fooled out of its training distribution: on the demo world, gates trained on the composition
 prompts drew saturated checker-and-stripe textures in which the attribute judge "saw" all three concepts (README,
-issue 12). So a judge may also say whether an image keeps the rest of its prompt (``prompt_kept``; the
+) So a judge may also say whether an image keeps the rest of its prompt (``prompt_kept``; the
 attribute judge: an object in the colour the prompt gives it), and ``present_all_faithful`` counts an image only
 where it keeps its prompt and shows every concept. Since the colour alone still let textures in the prompt's
 colours through, the attribute judge now also knows pictures of no single object (shape ``none``).

@@ -1,4 +1,4 @@
-"""CLIP scores of generated images (METHOD.md section 7).
+"""CLIP scores of generated images (docs/method.md).
 
 - text alignment: cos(E_I(image), E_T(prompt)); also ``clip_score_2.5`` = 2.5 * max(cos, 0) (CLIPScore,
   Custom Diffusion's convention) and ``clip_score_100`` = 100 * max(cos, 0) (torchmetrics' convention);

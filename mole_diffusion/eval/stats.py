@@ -1,4 +1,4 @@
-"""Intervals that account for how the images were drawn (issue 15.4).
+"""Intervals that account for how the images were drawn.
 
 An evaluation draws every method on the same prompts x seeds. Images of one prompt are not independent (a
 prompt the model cannot draw fails on every seed), so an interval over images as if they were independent is

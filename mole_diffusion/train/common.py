@@ -431,7 +431,7 @@ def prepare_pipeline(pipe: DiffusionPipeline, accelerator: Accelerator, settings
         if isinstance(model, torch.nn.Module):
             model.requires_grad_(False)
     if settings.gradient_checkpointing:
-        # Non-reentrant checkpointing passes gradients to gates behind frozen blocks (PERFORMANCE.md).
+        # Non-reentrant checkpointing passes gradients to gates behind frozen blocks.
         denoiser(pipe).enable_gradient_checkpointing()
         denoiser(pipe).train()
         for text_encoder in text_encoders(pipe):

@@ -1,4 +1,4 @@
-"""Gate training (METHOD.md section 5): only the gates learn; the base model and every LoRA stay frozen.
+"""Gate training (docs/method.md): only the gates learn; the base model and every LoRA stay frozen.
 
     L = L_D + alpha * L_balance
 
@@ -11,12 +11,12 @@ run, decoded, and compared with CLIP to the concept's reference images: a global
 reference embedding and c the mean over concepts (decision: the direction from the average concept to
 concept k, so the directional term separates concepts). Far costlier: every step backpropagates through
 ``clip_sampling_steps`` UNet calls, the VAE decoder and CLIP.
-L_D, ``objective="composition"`` (issue 12, as the official MoLE code trains): the same unrolled sampling, from
+L_D, ``objective="composition"`` (as the official MoLE code trains): the same unrolled sampling, from
 the concepts file's ``[compositions]`` prompts; the loss is the image's text alignment to its prompt,
 1 - cos(E(x), T(p)), plus every concept the prompt names pushed towards its references, the weakest most:
 sum_k s_k (1 - cos(E(x), r_k)), s = softmax over those concepts of their gaps / 0.5 (not differentiated).
 The CLIP here must not be the one that judges the results.
-L_D, ``objective="distillation"`` (issue 12): on concept k's images the mixture reproduces LoRA k alone, the
+L_D, ``objective="distillation"``: on concept k's images the mixture reproduces LoRA k alone, the
 MSE between the MoLE UNet's prediction and that of expert k at weight 1 (every gate, no grad) on the same
 noisy latents: where LoRA k changes the prediction, the gates must give it k's weight; where the LoRAs agree
 they are free. Its target has none of the denoising loss's noise (the true noise is unknowable from x_t), so
@@ -25,7 +25,7 @@ the gates' signal is far clearer; one more UNet call per step. SD / SDXL.
 For gates off the simplex (sigmoid, softplus) the balance loss counts each expert's share of its gate's total
 weight: -sum log q on raw weights would reward raising every weight, not spreading them.
 
-``sparsity_weight`` beta (issue 12, gates off the simplex only) adds beta * the mean total weight per gate (per
+``sparsity_weight`` beta (gates off the simplex only) adds beta * the mean total weight per gate (per
 position, for per-position gates): an expert then stays on only where it lowers L_D by more than it costs, so a
 per-position gate may learn where each LoRA helps (a background LoRA off the object) from each concept's own
 images, without masks.
@@ -71,7 +71,7 @@ class GateTrainingConfig(TrainingSettings):
     # the gates to train (granularity, activation, per position, timestep knots, prior weights); with a ``pipe``
     # handed to train_gates, that pipeline's gates are trained as they are
     gate: GateConfig = field(default_factory=GateConfig)
-    balance_weight: float = 0.5  # alpha of METHOD.md section 5 (the paper's value)
+    balance_weight: float = 0.5  # alpha of the training loss in docs/method.md (the paper's value)
     sparsity_weight: float = 0.0  # beta: the cost of each unit of expert weight (sigmoid, softplus; see above)
     learning_rate: float = 5e-3  # zero-initialised gates want a larger lr than the paper's 1e-5 (see README)
     objective: str = "denoising"

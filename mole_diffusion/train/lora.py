@@ -1,4 +1,4 @@
-"""DreamBooth-LoRA training of one concept expert, on PEFT; optionally MoSLoRA (METHOD.md section 1) or
+"""DreamBooth-LoRA training of one concept expert, on PEFT; optionally MoSLoRA (docs/method.md) or
 orthogonal adaptation.
 
 MoSLoRA puts a learnable r x r mixer M between A and B: delta = s * B M A x. The mixer sits in front of B
