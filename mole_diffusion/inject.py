@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from .config import GRANULARITIES, GateConfig
+from .config import GateConfig
 from .errors import MoLEError
 from .experts import Expert
 from .gates import Gate

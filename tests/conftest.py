@@ -1,12 +1,16 @@
+import socket
 import warnings
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from safetensors import safe_open
 
 from mole_diffusion import MoLEStableDiffusionPipeline
+from mole_diffusion.gate_file import GateFileError
+from mole_diffusion.layers import MoLELayer
 from mole_diffusion.testing import make_tiny_lora, make_tiny_pipeline
 
 diffusers_logging.set_verbosity_error()
@@ -80,3 +84,71 @@ def concepts_file(world):
         f'[[concepts]]\nname = "b"\nlora = "{world["b"]}"\nimages = "blue"\nprompt = "a photo of zwx"\n'
     )
     return path
+
+
+def randomise_gates(pipe, seed=0, weight_std=2.0, temperature=True):
+    """Seeded, clearly input-dependent gates: W_g ~ N(0, weight_std^2), b_g ~ N(0, 1), timestep offsets ~ N(0, 1)
+    where a gate has them, and log_tau ~ N(0, 0.3^2) unless ``temperature=False`` (tau stays 1, so a gate's rows can
+    be copied into a pipeline of fewer experts)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in pipe.mole.gates.values():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * weight_std)
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=g))
+            if gate.timestep_logits is not None:
+                gate.timestep_logits.copy_(torch.randn(gate.timestep_logits.shape, generator=g))
+            if temperature:
+                gate.log_temperature.copy_(torch.randn((), generator=g) * 0.3)
+
+
+def assert_no_experts(pipe):
+    """The pipeline holds no MoLE state and no gated layer: as loaded."""
+    assert pipe.mole is None
+    assert not any(isinstance(m, MoLELayer) for m in pipe.unet.modules())
+
+
+def read_gate_tensors(path):
+    """A gate file's tensors and metadata, to write altered copies."""
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def assert_refused_leaving_gates_as_they_were(world, path, match):
+    """load_gates(path) on a fresh pipeline with experts a, b raises ``match`` and changes no gate parameter."""
+    fresh = load(world["base"])
+    fresh.load_experts({"a": world["a"], "b": world["b"]})
+    before = {n: p.detach().clone() for n, p in fresh.unet.named_parameters() if "mole_gate" in n}
+    with pytest.raises(GateFileError, match=match):
+        fresh.load_gates(path)
+    assert all(torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters() if "mole_gate" in n)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def short_images(pipe):
+    """Two seeded steps at 32x32 of any family's pipeline, as float images (B, H, W, 3)."""
+    kwargs = dict(max_sequence_length=16) if isinstance(pipe, FluxPipeline) else {}
+    return pipe("a red circle on a blue background", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def hand_merged(pipe, deltas):
+    """Images of ``pipe`` with every delta added to its module's weight, the weights put back afterwards."""
+    originals = {}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            component, module = name.split(".", 1)
+            weight = getattr(pipe, component).get_submodule(module).weight
+            originals[name] = weight.clone()
+            weight.add_(delta.reshape(weight.shape))
+    try:
+        return short_images(pipe)
+    finally:
+        with torch.no_grad():
+            for name, weight in originals.items():
+                component, module = name.split(".", 1)
+                getattr(pipe, component).get_submodule(module).weight.copy_(weight)

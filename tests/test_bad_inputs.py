@@ -1,21 +1,19 @@
 """Bad input from the wild: non-finite numbers, degenerate LoRA files, and command-line options that would fail
 only after the long work. Each is refused with one line naming the file, key or option, and changes nothing."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import generate, load
+from conftest import assert_no_experts, assert_refused_leaving_gates_as_they_were, generate, load, randomise_gates
+from conftest import read_gate_tensors
 from mole_diffusion import ExpertError, MoLEError
 from mole_diffusion.cli import main
 from mole_diffusion.testing import make_tiny_lora
 from mole_diffusion.train.common import image_caption
 from mole_diffusion.concepts import ConceptError, load_concepts
-from test_files_and_errors import assert_refused_leaving_gates_as_they_were, assert_untouched, read_gate_tensors
-from test_pipeline import randomise_gates
 
 
 def altered(source, path, change, metadata=None):
@@ -40,7 +38,7 @@ def test_a_lora_holding_nan_or_inf_is_refused_naming_the_key(world, mole_pipe, t
     key = first(load_file(world["a"]), suffix).removesuffix("." + suffix)
     with pytest.raises(ExpertError, match=rf"poisoned.safetensors: {key}: {suffix.split('.')[0]} holds 1 NaN or inf"):
         mole_pipe.load_experts({"b": world["b"], "poisoned": path})
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 def test_a_kohya_alpha_of_inf_is_refused(world, mole_pipe, tmp_path):
@@ -50,7 +48,7 @@ def test_a_kohya_alpha_of_inf_is_refused(world, mole_pipe, tmp_path):
     path = altered(world["a_kohya"], tmp_path / "alpha.safetensors", poison)
     with pytest.raises(ExpertError, match="alpha.safetensors: .*: alpha holds 1 NaN or inf"):
         mole_pipe.load_experts([path])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 @pytest.mark.parametrize("parameter", ["bias", "log_temperature"])
@@ -67,7 +65,7 @@ def test_a_gate_file_holding_nan_or_inf_is_refused(world, mole_pipe, tmp_path, p
 def test_non_finite_weights_and_priors_are_refused(world, mole_pipe):
     with pytest.raises(MoLEError, match="prior_weights must be 2 positive finite numbers"):
         mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, prior_weights=[float("inf"), 1.0])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
     mole_pipe.set_experts(["a", "b"], [0.7, 0.3])
     for weights in ([float("inf"), 1.0], [float("nan"), 1.0]):
@@ -120,7 +118,7 @@ def test_a_rank_zero_lora_is_refused_and_the_pipeline_works_after(world, mole_pi
     before = generate(mole_pipe)
     with pytest.raises(ExpertError, match=r"r0.safetensors: .*: rank 0 .*a LoRA needs rank >= 1"):
         mole_pipe.load_experts([path])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
     np.testing.assert_array_equal(generate(mole_pipe), before)
 
 
@@ -131,7 +129,7 @@ def test_an_orphan_lora_b_is_refused(world, mole_pipe, tmp_path):
     path = altered(world["a"], tmp_path / "orphan.safetensors", orphan)
     with pytest.raises(ExpertError, match="orphan.safetensors: .* has lora_B but no lora_A"):
         mole_pipe.load_experts([path])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 def test_integer_tensors_are_refused(world, mole_pipe, tmp_path):
@@ -142,7 +140,7 @@ def test_integer_tensors_are_refused(world, mole_pipe, tmp_path):
     path = altered(world["a"], tmp_path / "int8.safetensors", to_int8)
     with pytest.raises(ExpertError, match="int8.safetensors: .*: lora_B is torch.int8 \\(expected floating-point"):
         mole_pipe.load_experts([path])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 @pytest.mark.parametrize("metadata, message", [
@@ -156,7 +154,7 @@ def test_bad_adapter_metadata_is_refused_naming_the_file(world, mole_pipe, tmp_p
                    {"format": "pt", "lora_adapter_metadata": metadata})
     with pytest.raises(ExpertError, match=f"meta.safetensors: {message}"):
         mole_pipe.load_experts([path])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 def test_a_bad_adapter_config_json_is_refused_naming_it(world, mole_pipe, tmp_path):
@@ -167,7 +165,7 @@ def test_a_bad_adapter_config_json_is_refused_naming_it(world, mole_pipe, tmp_pa
     (folder / "adapter_config.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ExpertError, match="adapter_config.json: not valid JSON"):
         mole_pipe.load_experts([folder])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 def test_an_unknown_gate_granularity_is_refused_naming_the_file(world, tmp_path):

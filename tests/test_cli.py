@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_gates
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,7 +22,6 @@ def test_generate_writes_a_png(world, tmp_path, capsys):
 
 
 def test_generate_with_gates_weights_and_masking(world, tmp_path, mole_pipe):
-    from test_pipeline import randomise_gates
 
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
     mole_pipe.save_gates(tmp_path / "untrained.safetensors")

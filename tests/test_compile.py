@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import unet_output
-from test_pipeline import randomise_gates
+from conftest import randomise_gates, unet_output
 
 
 def test_mole_unet_compiles_fullgraph_and_matches_eager(world, mole_pipe):

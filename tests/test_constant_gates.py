@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import generate, unet_output
-from test_pipeline import randomise_gates
+from conftest import generate, randomise_gates, unet_output
 
 from mole_diffusion import block_weights_to_diffusers
 

@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load
+from conftest import free_port, load
 from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
@@ -307,7 +307,6 @@ def test_accelerate_launch_shards_the_images_across_processes(world, eval_world,
     import subprocess
     import sys
 
-    from test_multiprocess import free_port
 
     common = ["--base", str(world["base"]), "--concepts", str(eval_world / "concepts.toml"), "--gates", str(eval_world / "gates.safetensors"),
               "--clip-model", clip_name, "--steps", "3", "--resolution", "32", "--seeds", "0", "1", "--prompt", "a photo of sks and zwx",

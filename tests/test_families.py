@@ -7,6 +7,7 @@ diffusers reads for it: a (rank 4, alpha 2), b (rank 2, alpha 4), c (the denoise
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_gates
 from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
 from mole_diffusion import MoLEFluxPipeline, MoLEStableDiffusionXLPipeline
@@ -206,11 +207,6 @@ def test_flux_refuses_regional_routing(family_world):
         mole.enable_regional_routing({"a": "sks"})
 
 
-def randomise_gates(pipe, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in pipe.mole.gates.values():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator) * 4)
 
 
 def test_per_position_gates_on_image_tokens(family_world):
@@ -225,7 +221,7 @@ def test_per_position_gates_on_image_tokens(family_world):
     ref.set_adapters(["a", "b", "c"], prior)
     np.testing.assert_allclose(generate(mole), generate(ref), atol=MIXED_ATOL)
 
-    randomise_gates(mole)
+    randomise_gates(mole, weight_std=4)
     per_position = generate(mole)
     block = load(family_world)
     block.load_experts({n: family_world[n] for n in "abc"}, prior_weights=prior)
@@ -288,7 +284,7 @@ def test_export_block_weights_then_fused_constant_weights(family_world):
     they drive every gate at that mean (no gate cost), as the SD pipeline does."""
     mole = load(family_world)
     mole.load_experts({"a": family_world["a"], "b": family_world["b"]})
-    randomise_gates(mole, seed=1)
+    randomise_gates(mole, seed=1, weight_std=4)
     kwargs = dict(num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0))
     weights = mole.export_block_weights(["a red circle"], **kwargs)
     assert set(weights) == set(mole.mole.gates) and all(len(w) == 2 for w in weights.values())

@@ -6,10 +6,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import generate, load
+from conftest import assert_no_experts, assert_refused_leaving_gates_as_they_were, generate, load, randomise_gates
+from conftest import read_gate_tensors
 from mole_diffusion import ExpertError, GateFileError, MoLELayer
 from mole_diffusion.testing import make_tiny_lora, make_tiny_pipeline
-from test_pipeline import randomise_gates
 
 
 @pytest.fixture
@@ -109,9 +109,6 @@ def test_gate_file_missing_or_not_a_gate_file(world, trained, tmp_path):
         pipe.load_gates(tmp_path / "junk.safetensors")
 
 
-def assert_untouched(pipe):
-    assert pipe.mole is None
-    assert not any(isinstance(m, MoLELayer) for m in pipe.unet.modules())
 
 
 def test_lora_that_does_not_fit_is_refused_before_any_change(world, mole_pipe, tmp_path):
@@ -122,7 +119,7 @@ def test_lora_that_does_not_fit_is_refused_before_any_change(world, mole_pipe, t
     message = str(e.value)
     assert "wrong.safetensors" in message and "unet.down_blocks.0.attentions.0" in message
     assert "(4, 48)" in message and "in_features=32" in message  # the file's shape and the base module's
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 def test_lora_for_a_missing_module_is_refused(world, mole_pipe, tmp_path):
@@ -132,7 +129,7 @@ def test_lora_for_a_missing_module_is_refused(world, mole_pipe, tmp_path):
     save_file(tensors, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ExpertError, match=r"extra.safetensors: unet.no_such_block.to_q: .* no such module"):
         mole_pipe.load_experts([tmp_path / "extra.safetensors"])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 def test_missing_corrupt_and_pickled_files(mole_pipe, tmp_path):
@@ -144,7 +141,7 @@ def test_missing_corrupt_and_pickled_files(mole_pipe, tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "old.bin")
     with pytest.raises(ExpertError, match="never unpickled"):
         mole_pipe.load_experts([tmp_path / "old.bin"])
-    assert_untouched(mole_pipe)
+    assert_no_experts(mole_pipe)
 
 
 def test_bad_prior_weights(world, mole_pipe):
@@ -188,22 +185,8 @@ def test_a_gate_file_of_other_shapes_names_the_tensor_and_changes_no_gate(world,
     assert_refused_leaving_gates_as_they_were(world, tmp_path / "bad.safetensors", f"tensor {last} has shape")
 
 
-def read_gate_tensors(path):
-    """A gate file's tensors and metadata, to write altered copies."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def assert_refused_leaving_gates_as_they_were(world, path, match):
-    """load_gates(path) on a fresh pipeline with experts a, b raises ``match`` and changes no gate parameter."""
-    fresh = load(world["base"])
-    fresh.load_experts({"a": world["a"], "b": world["b"]})
-    before = {n: p.detach().clone() for n, p in fresh.unet.named_parameters() if "mole_gate" in n}
-    with pytest.raises(GateFileError, match=match):
-        fresh.load_gates(path)
-    assert all(torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters() if "mole_gate" in n)
 
 
 def test_train_gates_resets_constant_weights_and_masks_it_was_handed(world, concepts_file, tmp_path):

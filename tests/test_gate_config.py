@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import load, unet_output
+from conftest import assert_refused_leaving_gates_as_they_were, load, read_gate_tensors, unet_output
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_files_and_errors import assert_refused_leaving_gates_as_they_were, read_gate_tensors
 
 from mole_diffusion import GateConfig, MoLEError
 from mole_diffusion.cli import main

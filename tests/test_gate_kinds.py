@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import generate, load, unet_output
+from conftest import generate, load, randomise_gates, unet_output
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -18,14 +18,6 @@ from mole_diffusion.train import GateTrainingConfig, train_gates
 KINDS = [("softmax", True), ("sigmoid", False), ("sigmoid", True), ("softplus", False)]
 
 
-def randomise_gates(pipe, seed=0):
-    """Random W_g (std 3) and b_g; the temperature stays 1, so a gate's rows can be copied to a pipeline of fewer
-    experts (test_pipeline's helper also moves log_tau)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in pipe.mole.gates.values():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 3)
-            gate.bias.copy_(torch.randn(gate.bias.shape, generator=g))
 
 
 @pytest.mark.parametrize("activation,per_position", KINDS)
@@ -43,8 +35,8 @@ def test_per_position_weights_equal_everywhere_are_the_block_gate(world, activat
     block, positional = load(world["base"]), load(world["base"])
     block.load_experts({"a": world["a"], "b": world["b"]}, activation=activation)
     positional.load_experts({"a": world["a"], "b": world["b"]}, activation=activation, per_position=True)
-    randomise_gates(block)
-    randomise_gates(positional)
+    randomise_gates(block, weight_std=3, temperature=False)
+    randomise_gates(positional, weight_std=3, temperature=False)
     assert not torch.allclose(unet_output(block), unet_output(positional), atol=1e-3)  # positions do differ
     for gate in positional.mole.gates.values():  # every position gets the block gate's own weights
         gate.position_map = lambda h, t=None, gate=gate: gate(h, t)[:, :, None, None].expand(-1, -1, *h.shape[-2:])
@@ -94,7 +86,7 @@ def test_masking_removes_an_expert_at_every_position(world, ref_pipe, tmp_path, 
     files = {"a": world["a"], "d": d}
     pipe = load(world["base"])
     pipe.load_experts(files, activation=activation, per_position=True)
-    randomise_gates(pipe)
+    randomise_gates(pipe, weight_std=3, temperature=False)
     if activation == "softmax":
         for name, path in files.items():
             ref_pipe.load_lora_weights(path, adapter_name=name)
@@ -130,7 +122,7 @@ def test_masking_removes_an_expert_at_every_position(world, ref_pipe, tmp_path, 
             zeroed = load(world["base"])
             zeroed.load_experts({**files, masked: zeroed_lora(files[masked], tmp_path / f"{masked}0.safetensors")},
                                 activation=activation, per_position=True)
-            randomise_gates(zeroed)  # the same gates (same shapes, same seed)
+            randomise_gates(zeroed, weight_std=3, temperature=False)  # the same gates (same shapes, same seed)
             reference = unet_output(zeroed)
             torch.testing.assert_close(masked_output, reference, rtol=1e-5, atol=1e-5)
             assert (mixed - reference).abs().max() > 1e-3
@@ -138,7 +130,7 @@ def test_masking_removes_an_expert_at_every_position(world, ref_pipe, tmp_path, 
 
 def test_sigmoid_gates_leave_the_simplex(world, mole_pipe):
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, activation="sigmoid")
-    randomise_gates(mole_pipe)
+    randomise_gates(mole_pipe, weight_std=3, temperature=False)
     unet_output(mole_pipe, batch=1)
     sums = torch.cat([g.weights.sum(dim=-1) for n, g in mole_pipe.mole.gates.items() if n.startswith("unet")])
     assert (sums - 1).abs().max() > 0.1 and bool(((sums > 0) & (sums < 2)).all())
@@ -147,7 +139,7 @@ def test_sigmoid_gates_leave_the_simplex(world, mole_pipe):
 def test_softplus_gates_let_an_expert_act_above_its_strength(world, mole_pipe):
     """Weights in (0, inf): a LoRA at 2 (what the demo world's checker needs in a composition, README)."""
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, activation="softplus")
-    randomise_gates(mole_pipe)
+    randomise_gates(mole_pipe, weight_std=3, temperature=False)
     unet_output(mole_pipe, batch=1)
     weights = torch.cat([g.weights for n, g in mole_pipe.mole.gates.items() if n.startswith("unet")])
     assert weights.max() > 1.5 and bool((weights > 0).all())
@@ -235,7 +227,7 @@ def test_training_per_position_gates_moves_only_their_parameters(world, concepts
 
 def test_gate_files_record_their_kind_and_old_files_still_load(world, mole_pipe, tmp_path):
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
-    randomise_gates(mole_pipe)
+    randomise_gates(mole_pipe, weight_std=3, temperature=False)
     mole_pipe.save_gates(tmp_path / "gates.safetensors")
     # a file from before the kind was recorded: softmax, per sample
     with safe_open(str(tmp_path / "gates.safetensors"), "pt") as f:

@@ -4,6 +4,7 @@ batch run alone, and each guidance branch run alone."""
 
 import pytest
 import torch
+from conftest import randomise_gates
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPEncoderLayer
@@ -17,14 +18,6 @@ NEGATIVE = "a blurry grey triangle"
 RUN = dict(num_inference_steps=2, height=32, width=32)  # 32 px -> 16 x 16 latents (the tiny VAE halves)
 
 
-def randomise_gates(pipe, seed=0):
-    """Seeded, clearly input-dependent gates: W ~ N(0, 2^2), b ~ N(0, 1), tau around 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in pipe.mole.gates.values():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 2)
-            gate.bias.copy_(torch.randn(gate.bias.shape, generator=g))
-            gate.log_temperature.copy_(torch.randn((), generator=g) * 0.3)
 
 
 def noise(batch, seed=0):

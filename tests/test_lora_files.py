@@ -11,7 +11,7 @@ the file was written from, added to a plain pipeline's weights):
 
 import numpy as np
 import pytest
-import torch
+from conftest import hand_merged, short_images
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from mole_diffusion import MoLEFluxPipeline, MoLEStableDiffusionPipeline, MoLEStableDiffusionXLPipeline
@@ -59,34 +59,14 @@ def pipelines(tmp_path_factory):
             for pipe in pipes:
                 pipe.set_progress_bar_config(disable=True)
             cache[family] = (base, *pipes)
-            cache[family, "plain"] = generate(pipes[0])
+            cache[family, "plain"] = short_images(pipes[0])
         return cache[family, plain] if plain else cache[family]
 
     return get
 
 
-def generate(pipe):
-    kwargs = dict(max_sequence_length=16) if isinstance(pipe, FluxPipeline) else {}
-    return pipe("a red circle on a blue background", num_inference_steps=2, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
-def hand_merged(pipe, deltas):
-    """Images of ``pipe`` with every delta added to its module's weight, the weights put back afterwards."""
-    originals = {}
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            component, module = name.split(".", 1)
-            weight = getattr(pipe, component).get_submodule(module).weight
-            originals[name] = weight.clone()
-            weight.add_(delta.reshape(weight.shape))
-    try:
-        return generate(pipe)
-    finally:
-        with torch.no_grad():
-            for name, weight in originals.items():
-                component, module = name.split(".", 1)
-                getattr(pipe, component).get_submodule(module).weight.copy_(weight)
 
 
 def peft_merged(pipe, folder, denoiser):
@@ -96,7 +76,7 @@ def peft_merged(pipe, folder, denoiser):
     state = {k: v.clone() for k, v in original.state_dict().items()}
     try:
         setattr(pipe, denoiser, PeftModel.from_pretrained(original, folder).merge_and_unload())
-        return generate(pipe)
+        return short_images(pipe)
     finally:
         setattr(pipe, denoiser, original)
         original.load_state_dict(state)
@@ -111,7 +91,7 @@ def test_one_expert_equals_the_reference(pipelines, tmp_path, family, layout, al
     plain = pipelines(family, "plain")
     mole.load_experts({"lora": path})
     try:
-        image = generate(mole)
+        image = short_images(mole)
     finally:
         mole.unload_experts()
     assert np.abs(image - plain).max() > 1e-3  # the expert does something
@@ -122,7 +102,7 @@ def test_one_expert_equals_the_reference(pipelines, tmp_path, family, layout, al
     else:
         ref.load_lora_weights(path, adapter_name="lora")
         try:
-            expected = generate(ref)
+            expected = short_images(ref)
         finally:
             ref.unload_lora_weights()
     np.testing.assert_allclose(image, expected, atol=1e-4)
@@ -154,7 +134,7 @@ def test_rslora_adapter_folder_is_scaled_by_alpha_over_sqrt_rank(pipelines, tmp_
     mole.load_experts({"lora": path})
     try:
         assert {layer.scale for layer in mole.mole.experts[0].layers.values()} == {1.0}  # 2 / sqrt(4)
-        image = generate(mole)
+        image = short_images(mole)
     finally:
         mole.unload_experts()
     np.testing.assert_allclose(image, peft_merged(ref, path, "unet"), atol=1e-4)
@@ -174,19 +154,19 @@ def test_one_dora_expert_equals_the_reference(pipelines, tmp_path, family, text_
     plain = make_tiny_lora(base, tmp_path / "plain.safetensors", **dict(spec, dora=False))
     mole.load_experts({"dora": path})
     try:
-        image = generate(mole)
+        image = short_images(mole)
     finally:
         mole.unload_experts()
     mole.load_experts({"plain": plain})
     try:
-        assert np.abs(image - generate(mole)).max() > 1e-3  # the magnitudes do something
+        assert np.abs(image - short_images(mole)).max() > 1e-3  # the magnitudes do something
     finally:
         mole.unload_experts()
     np.testing.assert_allclose(image, hand_merged(ref, tiny_lora_deltas(base, **spec)), atol=1e-4)
     if not text_encoder:
         ref.load_lora_weights(path, adapter_name="dora")
         try:
-            np.testing.assert_allclose(image, generate(ref), atol=1e-4)
+            np.testing.assert_allclose(image, short_images(ref), atol=1e-4)
         finally:
             ref.unload_lora_weights()
 
@@ -206,12 +186,12 @@ def test_dora_and_lora_mixed_equal_the_weighted_sum_of_their_deltas(pipelines, t
     mole.load_experts(files)
     try:
         mole.set_experts(["dora", "lora"], weights)
-        unfused = generate(mole)
+        unfused = short_images(mole)
         mole.fuse_experts()
-        fused = generate(mole)
+        fused = short_images(mole)
         mole.unfuse_experts()
         mole.set_experts(["lora"], [weights[1]])  # masking the DoRA expert removes its rescaling too
-        without = generate(mole)
+        without = short_images(mole)
     finally:
         mole.unload_experts()
     expected = hand_merged(ref, deltas)

@@ -308,10 +308,9 @@ def test_make_tiny_lycoris_writes_what_the_package_writes(tiny_unet, case):
 # lora_unet_time_embedding_linear_1": its targets hold both the TimestepEmbedding class and that module's name).
 
 import numpy as np  # noqa: E402
-from conftest import unet_output  # noqa: E402
+from conftest import hand_merged, short_images, unet_output  # noqa: E402
 from lycoris.modules import get_module, make_module  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from test_lora_files import generate, hand_merged  # noqa: E402
 
 from mole_diffusion.experts import ExpertError  # noqa: E402
 
@@ -395,7 +394,7 @@ def package_images(pipe, modules):
     for module in modules.values():
         module.apply_to()
     try:
-        return generate(pipe)
+        return short_images(pipe)
     finally:
         for module in modules.values():
             module.restore()
@@ -412,7 +411,7 @@ def mole_images(pipe, files, weights=None):
     try:
         if weights is not None:
             pipe.set_experts(list(files), weights)
-        return generate(pipe), [expert.layers for expert in pipe.mole.experts]
+        return short_images(pipe), [expert.layers for expert in pipe.mole.experts]
     finally:
         pipe.unload_experts()
 
@@ -447,7 +446,7 @@ def test_one_lycoris_expert_equals_the_package_forward(tiny_pipes, tmp_path, fam
     image, (layers,) = mole_images(mole, {"x": path})
     modules = package_modules(ref.unet, tensors, options)
     expected = package_images(ref, modules)
-    assert np.abs(expected - generate(ref)).max() > 1e-2  # the file does something (and the package let go of it)
+    assert np.abs(expected - short_images(ref)).max() > 1e-2  # the file does something (and the package let go of it)
     np.testing.assert_allclose(image, expected, atol=1e-4)
 
     assert {name.removeprefix("unet.") for name in layers} == set(modules)
@@ -487,14 +486,14 @@ def test_lora_loha_and_lokr_mixed_equal_the_weighted_sum_of_their_deltas(tiny_pi
     mole.load_experts(files)
     try:
         mole.set_experts(list(files), weights)
-        unfused = generate(mole)
+        unfused = short_images(mole)
         mole.fuse_experts()
-        fused = generate(mole)
+        fused = short_images(mole)
         mole.unfuse_experts()
     finally:
         mole.unload_experts()
     expected = hand_merged(ref, deltas)
-    assert np.abs(expected - generate(ref)).max() > 1e-2
+    assert np.abs(expected - short_images(ref)).max() > 1e-2
     np.testing.assert_allclose(unfused, expected, atol=1e-4)
     np.testing.assert_allclose(fused, expected, atol=1e-4)
     np.testing.assert_allclose(fused, unfused, atol=1e-4)

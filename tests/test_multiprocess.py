@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from mole_diffusion.cli import main
@@ -22,10 +22,6 @@ from mole_diffusion.gates import Gate
 from mole_diffusion.train import TrainingSettings, common
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two_processes(args: list[str]) -> subprocess.CompletedProcess:

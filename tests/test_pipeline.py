@@ -6,15 +6,10 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from PIL import Image
 
-from conftest import generate, unet_output
+from conftest import generate, randomise_gates, unet_output
 from mole_diffusion import MoLELayer, MoLEStableDiffusionPipeline
 
 
-def randomise_gates(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pipe.mole.gate_parameters():
-            p.add_(torch.randn(p.shape, generator=g))
 
 
 def test_masking_every_expert_raises(world, mole_pipe):
