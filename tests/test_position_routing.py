@@ -339,3 +339,40 @@ def test_regional_routing_leaves_off_every_layer_of_an_expert_whose_trigger_the_
     routed = generate(mole_pipe, prompt=NO_CIRCLE, guidance_scale=3.0)
     assert bool((mole_pipe.expert_masks[:, :, 1] == 0).all())
     np.testing.assert_allclose(routed, generate(mole_pipe, prompt=NO_CIRCLE, guidance_scale=3.0, experts=["a"]), atol=1e-5)
+
+
+def test_regional_routing_reads_triggers_only_in_the_tokens_the_text_encoder_sees(world, mole_pipe):
+    """A trigger found anywhere in the 77 tokens the text encoder reads, up to the last one before the end token,
+    names its expert; a trigger the tokenizer truncates away does not. Each prompt's trigger map has the text
+    encoder's length."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.5)
+    regional = mole_pipe.mole.regional
+    length = mole_pipe.tokenizer.model_max_length
+    filler = ["square"] * (length - 4)  # start token, "red", the filler, "circle", end token: 77 tokens
+    last_kept, cut = " ".join(["red", *filler, "circle"]), " ".join(["red", *filler, "big", "circle"])
+    assert len(mole_pipe.tokenizer(last_kept).input_ids) == length  # "circle" is the last token before the end
+    regional.set_prompts([last_kept, cut])
+    assert regional.positions.shape == (2, 2, length)
+    assert regional._named().tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert regional.positions[0, 1].nonzero().flatten().tolist() == [length - 2]
+
+
+def test_regional_routing_without_prompts_is_the_plain_sum_and_removes_its_hooks_once(world, mole_pipe):
+    """The UNet called by keyword, before any pipeline call has given prompts: every expert at its weight
+    everywhere (the plain sum); removing the hooks twice is harmless."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, mole_pipe.unet.config.cross_attention_dim, generator=g)
+    call = dict(sample=sample, timestep=torch.tensor([500, 500]), encoder_hidden_states=text)
+    mole_pipe.set_experts(weights=[1.0, 1.0])
+    with torch.no_grad():
+        plain_sum = mole_pipe.unet(**call).sample
+    mole_pipe.set_experts()
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.5)
+    with torch.no_grad():
+        routed = mole_pipe.unet(**call).sample
+    torch.testing.assert_close(routed, plain_sum)
+    mole_pipe.mole.regional.remove()
+    mole_pipe.mole.regional.remove()
+    mole_pipe.disable_regional_routing()
