@@ -143,3 +143,10 @@ def test_gradients_reach_every_gate_and_nothing_else(world, mole_pipe):
             assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0, name
     for layer in mole_pipe.mole.layers.values():
         assert not layer.lora_A.requires_grad and layer.lora_A.grad is None and layer.lora_B.grad is None
+
+
+def test_a_gate_prints_its_kind():
+    """A module print of a MoLE pipeline shows each gate's experts, width and kind."""
+    assert repr(Gate(2, 4)) == "Gate(num_experts=2, in_features=4, activation=softmax)"
+    gate = Gate(3, 8, prior_weights=[0.2, 0.3, 0.5], activation="sigmoid", per_position=True, timestep_knots=2)
+    assert repr(gate) == "Gate(num_experts=3, in_features=8, activation=sigmoid, per_position=True, timestep_knots=2)"
