@@ -268,6 +268,13 @@ def add_build_demo_parser(subparsers) -> None:
     parser.add_argument("--unet-channels", type=int, nargs=3, metavar="C",
                         help="the base UNet's widths (default 32 64 64; 64 128 128: 6.5 M parameters, its training "
                              "about 2x as long on CPU)")
+    parser.add_argument("--world", choices=("v1", "v2"), help="what the base model learns: v1 (default) solid circles, "
+                        "squares and triangles on plain backgrounds; v2 every kind the concepts belong to")
+    parser.add_argument("--unet-cross-attention", type=int, nargs=3, choices=(0, 1), metavar="0|1",
+                        help="whether the UNet attends to the text at 16x16, 8x8 and 4x4 (default 0 1 1)")
+    parser.add_argument("--text-width", type=int, help="the text encoder's width (default 32)")
+    parser.add_argument("--concept-images", type=int, help="reference images per concept (default 16)")
+    parser.add_argument("--lora-steps", type=int, help="training steps of each concept LoRA (default 2000)")
 
 
 def add_ui_parser(subparsers) -> None:

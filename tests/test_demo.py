@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mole_diffusion.cli import main
-from mole_diffusion.demo import CONCEPTS, composition_prompts
+from mole_diffusion.demo import CONCEPTS, composition_prompts, concept_scenes, world
 from mole_diffusion.demo.build import SHIPPED, BuildSettings, build, install_assets
 from mole_diffusion.demo.run import ASSETS, AssetsError, check_assets, demo_methods, run_demo
 from mole_diffusion.errors import MoLEError
@@ -193,10 +193,18 @@ def test_demo_writes_every_file(tmp_path, capsys):
 def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
     tiny = BuildSettings(concept_images=4, clip_steps=2, clip_batch_size=8, vae_steps=2, vae_batch_size=4, base_images=16,
                          base_steps=2, base_batch_size=4, lora_steps=2, gate_steps=2, validation_steps=1,
-                         judge_steps=2, judge_pool=8, unet_channels=[16, 32, 32])
+                         judge_steps=2, judge_pool=8, unet_channels=[16, 32, 32], world="v2",
+                         unet_cross_attention=[True, True, True], text_width=16)
     assets = install_assets(build(tmp_path / "world", tiny), tmp_path / "assets")
     files = check_assets(assets)
-    assert json.loads((assets / "pipeline" / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32, 32]
+    unet = json.loads((assets / "pipeline" / "unet" / "config.json").read_text())
+    assert unet["block_out_channels"] == [16, 32, 32] and unet["cross_attention_dim"] == 16
+    assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 and unet["up_block_types"] == ["CrossAttnUpBlock2D"] * 3
+    assert json.loads((assets / "pipeline" / "text_encoder" / "config.json").read_text())["hidden_size"] == 16
+    judge = json.loads((assets / "judge" / "config.json").read_text())["attributes"]
+    assert "crescent" in judge["shape"] and "banded" in judge["background"]  # the second world's judge
+    assert [(assets / "world" / "concepts" / "star" / f"{i:03d}.txt").read_text().strip() for i in range(4)] == \
+        [s.caption for s in concept_scenes("star", 4, 0, world.V2)]
     with pytest.raises(MoLEError, match=r"unet_channels \[16, 30, 32\]: expected three positive multiples of 8"):
         build(tmp_path / "odd", replace(tiny, unet_channels=[16, 30, 32]))
     assert not (tmp_path / "odd").exists()  # refused before anything is written
@@ -220,6 +228,10 @@ def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
 def test_build_demo_takes_the_unet_widths_and_refuses_odd_ones(tmp_path, capsys):
     assert main(["build-demo", "--out", str(tmp_path / "odd"), "--unet-channels", "64", "128", "100"]) == 1
     assert "unet_channels [64, 128, 100]: expected three positive multiples of 8" in capsys.readouterr().err
+    assert main(["build-demo", "--out", str(tmp_path / "odd"), "--world", "v2", "--unet-cross-attention", "0", "0", "0"]) == 1
+    assert "unet_cross_attention [0, 0, 0]: expected three booleans (16x16, 8x8, 4x4), at least one true" in capsys.readouterr().err
+    assert main(["build-demo", "--out", str(tmp_path / "odd"), "--text-width", "30"]) == 1
+    assert "text_width 30: expected a positive multiple of 4" in capsys.readouterr().err
     assert not (tmp_path / "odd").exists()
 
 

@@ -177,7 +177,7 @@ def test_a_rim_changes_only_a_ring_of_one_colour_around_the_object():
 
     scene = world.Scene("star", "red", "checker", "large", (0.5, 0.5))
     image, mask = world.draw(scene), Image.new("L", (64, 64), 0)
-    ImageDraw.Draw(mask).polygon(world._outline(scene, 64), fill=255)
+    ImageDraw.Draw(mask).polygon(world.outline(scene, 64), fill=255)
     for seed in range(4):
         rimmed = with_rim(image, mask, random.Random(seed))
         changed = (np.asarray(image) != np.asarray(rimmed)).any(axis=-1)

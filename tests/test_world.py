@@ -145,3 +145,101 @@ def test_the_build_trains_each_lora_on_the_settings_target_modules(tmp_path, mon
             train_concepts(tmp_path, settings)
     assert [c.target_modules for c in seen] == [list(LORA_TARGET_MODULES), list(WIDE_LORA_TARGET_MODULES)]
     assert [c.rank for c in seen] == [4, 16]
+
+
+def test_the_first_world_still_draws_the_shipped_references_and_its_judge_reads_the_same_values():
+    """World v1 is what the shipped assets were built on: its references, captions and judge values are unchanged."""
+    import io
+    import json
+
+    from mole_diffusion.demo.judge import judged_attributes
+    from mole_diffusion.demo.run import ASSETS
+
+    listed = json.loads((ASSETS / "manifest.json").read_text())["files"]
+    for name in CONCEPTS:
+        for i, scene in enumerate(concept_scenes(name, 16, seed=0)):
+            png = io.BytesIO()
+            draw(scene).save(png, format="PNG")
+            assert hashlib.sha256(png.getvalue()).hexdigest() == listed[f"world/concepts/{name}/{i:03d}.png"], (name, i)
+            assert (ASSETS / f"world/concepts/{name}/{i:03d}.txt").read_text().strip() == scene.caption
+    shipped = json.loads((ASSETS / "judge" / "config.json").read_text())["attributes"]
+    assert {a: list(v) for a, v in judged_attributes(world.V1).items()} == shipped
+
+
+def test_the_second_world_captions_every_factor_and_its_base_knows_every_value():
+    scenes = base_world(400, seed=0, world=world.V2)
+    assert {s.shape for s in scenes} == set(world.V2.shapes)
+    assert {s.style for s in scenes} == set(world.V2.styles)
+    assert {s.background for s in scenes} == set(world.V2.backgrounds) == {*COLOURS, "grid", "banded"}
+    tokens = {c.token for c in CONCEPTS.values()}
+    for scene in scenes:
+        style = f" in {scene.style} style" if scene.style else ""
+        assert scene.caption == f"a {scene.colour} {scene.shape}{style} on a {scene.background} background"
+        assert scene.colour != scene.background and not tokens & set(scene.caption.split())
+    assert base_world(400, seed=0, world=world.V2) == scenes
+
+
+def test_each_concept_of_the_second_world_is_one_new_value_and_its_references_vary_everything_else():
+    for name, varied in (("star", ("style", "background")), ("stripes", ("shape", "background")), ("checker", ("shape", "style"))):
+        scenes = concept_scenes(name, 64, seed=0, world=world.V2)
+        for factor in varied:
+            known = set(getattr(world.V2, factor + ("s" if factor != "style" else "s")))
+            assert {getattr(s, factor) for s in scenes} == known, (name, factor)
+        assert {s.colour for s in scenes} == set(COLOURS)
+        assert all(CONCEPTS[name].token in s.caption for s in scenes)
+    assert {s.shape for s in concept_scenes("star", 8, world=world.V2)} == {"star"}
+
+
+def _alone(style=None, background="red", shape="square", colour="blue"):
+    return np.asarray(draw(Scene(shape, colour, background, "large", (0.5, 0.5), style)))
+
+
+def test_the_second_worlds_textures_and_patterns_are_what_their_words_say():
+    dark, light, ink = world.PATTERN_DARK, world.PATTERN_LIGHT, world.TEXTURE_INK
+    empty = {"shape": "circle", "size": "small", "center": (2.0, 2.0), "colour": "red"}  # off the canvas
+    banded = np.asarray(draw(Scene(background="banded", **empty)))
+    assert (banded[:8] == light).all() and (banded[8:16] == dark).all() and (banded[16:24] == light).all()
+    grid = np.asarray(draw(Scene(background="grid", **empty)))
+    assert (grid[:, 8:10] == dark).all() and (grid[8:10, :] == dark).all() and tuple(grid[4, 4]) == light
+    checker = np.asarray(draw(Scene(background="checker", **empty)))
+    # the checkerboard is the banded rows with every other column flipped: a new value, made of known parts
+    assert (checker[:, :8] == banded[:, :8]).all() and (checker[:, 8:16] != banded[:, 8:16]).any(axis=-1).all()
+    solid = _alone()
+    inside = (solid == COLOURS["blue"]).all(axis=-1)
+    for style, axis in (("lined", 1), ("barred", 0)):  # rows of ink (horizontal) or columns (vertical)
+        inked = ((_alone(style) == ink).all(axis=-1) & inside).sum(axis=axis)
+        across = inside.sum(axis=axis)
+        # each row (column) through the shape is ink all across or not at all
+        assert ((inked == across) | (inked == 0)).all() and ((inked == across) & (across > 0)).sum() >= 4, style
+    stripes = (_alone("stripes") == ink).all(axis=-1)
+    row, below = ({x for x in np.nonzero(stripes[y])[0] if 20 <= x < 44} for y in (32, 33))  # well inside the square
+    assert row and {x + 1 for x in row if x + 1 < 44} == {x for x in below if x > 20}  # diagonal: a row down, one right
+    dots = (_alone("dotted") == ink).all(axis=-1)
+    assert 10 <= dots.sum() / 9 <= 40 and not ((dots.sum(axis=1) == inside.sum(axis=1)) & (inside.sum(axis=1) > 0)).any()
+    with pytest.raises(ValueError, match="unknown style 'plaid'"):
+        draw(Scene("square", "blue", "red", "large", (0.5, 0.5), "plaid"))
+
+
+def test_the_second_worlds_new_shapes_are_concave_where_they_should_be():
+    def at(shape, fx, fy):
+        return pixel(draw(Scene(shape, "blue", "red", "large", (0.5, 0.5))), fx, fy)
+
+    r = SIZES["large"]
+    blue, red = COLOURS["blue"], COLOURS["red"]
+    assert at("cross", 0.5, 0.5) == at("cross", 0.5 + 0.8 * r, 0.5) == blue and at("cross", 0.5 + 0.6 * r, 0.5 + 0.6 * r) == red
+    assert at("crescent", 0.5 - 0.7 * r, 0.5) == blue and at("crescent", 0.5 + 0.3 * r, 0.5) == red  # the bite
+    assert at("diamond", 0.5, 0.5 - 0.8 * r) == blue and at("diamond", 0.5 + 0.6 * r, 0.5 - 0.6 * r) == red
+
+
+def test_the_judge_of_the_second_world_reads_every_value_of_every_factor():
+    import random
+
+    from mole_diffusion.demo.judge import _examples, judged_attributes
+
+    values = judged_attributes(world.V2)
+    assert values["shape"] == (*world.V2.shapes, "star", "none")
+    assert values["style"] == ("plain", "dotted", "lined", "barred", "stripes")
+    assert values["background"] == (*COLOURS, "grid", "banded", "checker")
+    pixels, targets = _examples(random.Random(0), 300, known=world.V2)
+    for attribute in ("shape", "style", "background"):  # its training data holds every value
+        assert set(targets[attribute].tolist()) - {-100} == set(range(len(values[attribute]))), attribute

@@ -98,6 +98,9 @@ WIDE_LORA_TARGET_MODULES = (*LORA_TARGET_MODULES, "conv_in", "conv_out", "conv",
 
 @dataclass
 class BuildSettings:
+    # the world the base model learns (world.WORLDS): "v1" knows solid circles, squares and triangles on plain
+    # backgrounds; "v2" every kind the held-out concepts belong to (docs/demo-world.md)
+    world: str = "v1"
     seed: int = 0
     concept_images: int = 16
     clip_steps: int = 2400
@@ -111,6 +114,9 @@ class BuildSettings:
     # the base UNet's widths at 16x16, 8x8 and 4x4 (1.7 M parameters); 64 128 128 (6.5 M) trains in about twice the
     # time on 2 CPU cores, and its LoRAs come closer to adding (experiments/docs/composition-experiments.md)
     unet_channels: list[int] = field(default_factory=lambda: list(UNET_CONFIG["block_out_channels"]))
+    # cross-attention at 16x16, 8x8 and 4x4: at 16x16, where an object is resolved, words can bind to places
+    unet_cross_attention: list[bool] = field(default_factory=lambda: [False, True, True])
+    text_width: int = TEXT_CONFIG["hidden_size"]  # the text encoder's width (its MLP twice that)
     lora_steps: int = 2000
     lora_rank: int = 4
     lora_learning_rate: float = 2e-3
@@ -163,7 +169,7 @@ def train_clip(out: Path, settings: BuildSettings) -> Path:
     generator = torch.Generator().manual_seed(settings.seed)
     bar = tqdm(range(settings.clip_steps), desc="clip")
     for _ in bar:
-        scenes = [world.any_scene(rng) for _ in range(settings.clip_batch_size)]
+        scenes = [world.any_scene(rng, world.WORLDS[settings.world]) for _ in range(settings.clip_batch_size)]
         images = (jitter(scene_pixels(scenes), generator).to(device).float() / 255 - mean) / std
         texts = tokenizer([s.caption for s in scenes]).to(device)
         image_features, text_features, logit_scale = model(images, texts)[:3]
@@ -195,7 +201,7 @@ def train_vae(settings: BuildSettings):
     bar = tqdm(range(settings.vae_steps), desc="vae")
     crop = RESOLUTION // 2
     for _ in bar:
-        images = scene_pixels([world.any_scene(rng) for _ in range(settings.vae_batch_size)])
+        images = scene_pixels([world.any_scene(rng, world.WORLDS[settings.world]) for _ in range(settings.vae_batch_size)])
         x, y = torch.randint(0, RESOLUTION - crop + 1, (2,), generator=generator).tolist()
         pixels = images[:, :, y : y + crop, x : x + crop].to(device).float() / 127.5 - 1
         posterior = vae.encode(pixels).latent_dist
@@ -209,21 +215,35 @@ def train_vae(settings: BuildSettings):
     vae.eval()
     # SD's convention: latents times scaling_factor have unit variance
     with torch.no_grad():
-        pixels = scene_pixels(world.base_world(256, seed=settings.seed + 1)).to(device).float() / 127.5 - 1
+        pixels = scene_pixels(world.base_world(256, settings.seed + 1, world.WORLDS[settings.world])).to(device).float() / 127.5 - 1
         std = vae.encode(pixels).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae.cpu()
 
 
-def make_pipeline(vae, seed: int, tokenizer_dir: Path, unet_channels: list[int]):
+def unet_config(settings: BuildSettings) -> dict:
+    """The base UNet's config: ``UNET_CONFIG`` with the settings' widths, where it attends to the text, and the
+    text encoder's width as its cross-attention width."""
+    down = tuple("CrossAttnDownBlock2D" if attend else "DownBlock2D" for attend in settings.unet_cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if attend else "UpBlock2D" for attend in reversed(settings.unet_cross_attention))
+    return {**UNET_CONFIG, "block_out_channels": tuple(settings.unet_channels), "down_block_types": down,
+            "up_block_types": up, "cross_attention_dim": settings.text_width}
+
+
+def text_config(settings: BuildSettings) -> dict:
+    return {**TEXT_CONFIG, "hidden_size": settings.text_width, "intermediate_size": 2 * settings.text_width,
+            "projection_dim": settings.text_width}
+
+
+def make_pipeline(vae, settings: BuildSettings, tokenizer_dir: Path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     return StableDiffusionPipeline(
         vae=vae,
-        unet=UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": tuple(unet_channels)}),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
+        unet=UNet2DConditionModel(**unet_config(settings)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config(settings))),
         tokenizer=make_clip_tokenizer(tokenizer_dir),
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                                 set_alpha_to_one=False, steps_offset=1),
@@ -244,9 +264,9 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
             train_vae(settings).save_pretrained(folder)
     vae = AutoencoderKL.from_pretrained(vae_path)
     vae.register_to_config(_name_or_path="")  # not this build folder's path, in the shipped config.json
-    pipe = make_pipeline(vae, settings.seed, stage / "tokenizer", settings.unet_channels)
+    pipe = make_pipeline(vae, settings, stage / "tokenizer")
 
-    scenes = world.base_world(settings.base_images, seed=settings.seed)
+    scenes = world.base_world(settings.base_images, seed=settings.seed, world=world.WORLDS[settings.world])
     latents = []
     with torch.no_grad():
         for start in range(0, len(scenes), 256):
@@ -306,7 +326,7 @@ def filler_caption_folder(root: Path, name: str, settings: BuildSettings) -> Pat
     images = root / "world" / "concepts" / name
     rng = random.Random(f"fillers-{name}-{settings.seed}")
     folder.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(world.concept_scenes(name, settings.concept_images, settings.seed)):
+    for i, scene in enumerate(world.concept_scenes(name, settings.concept_images, settings.seed, world.WORLDS[settings.world])):
         for k, caption in enumerate([scene.caption, *world.filler_captions(scene, name, rng)]):
             shutil.copyfile(images / f"{i:03d}.png", folder / f"{i:03d}{'abcd'[k]}.png")
             (folder / f"{i:03d}{'abcd'[k]}.txt").write_text(caption + "\n")
@@ -416,6 +436,13 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
     channels = settings.unet_channels
     if len(channels) != 3 or any(c <= 0 or c % 8 for c in channels):  # 8 norm groups, attention heads of 8
         raise MoLEError(f"unet_channels {list(channels)}: expected three positive multiples of 8, e.g. [64, 128, 128]")
+    if settings.world not in world.WORLDS:
+        raise MoLEError(f"world {settings.world!r}: expected one of {sorted(world.WORLDS)}")
+    if len(settings.unet_cross_attention) != 3 or not any(settings.unet_cross_attention):
+        raise MoLEError(f"unet_cross_attention {list(settings.unet_cross_attention)}: expected three booleans "
+                        "(16x16, 8x8, 4x4), at least one true")
+    if settings.text_width <= 0 or settings.text_width % 4:  # 4 attention heads
+        raise MoLEError(f"text_width {settings.text_width}: expected a positive multiple of 4, e.g. 64")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record, recorded = out / "build_settings.json", {k: v for k, v in asdict(settings).items() if k != "device"}
@@ -428,7 +455,8 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) + "; use a new --out")
     text = json.dumps({**json.loads(record.read_text()), **recorded} if record.is_file() else recorded, indent=1)
     write_atomically(record, lambda temporary: temporary.write_text(text))
-    world.write_world(out / "world", base_count=0, concept_count=settings.concept_images, resolution=RESOLUTION, seed=settings.seed)
+    world.write_world(out / "world", base_count=0, concept_count=settings.concept_images, resolution=RESOLUTION, seed=settings.seed,
+                      world=world.WORLDS[settings.world])
     # each stage's folder appears only once the stage has written it whole (staged_folder)
     if not (out / "clip").is_dir():
         with staged_folder(out / "clip") as folder:
@@ -442,6 +470,6 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
         with staged_folder(out / "judge") as folder:
             train_judge(folder, AutoencoderKL.from_pretrained(out / "pipeline" / "vae"),
                         JudgeSettings(steps=settings.judge_steps, pool_size=settings.judge_pool, seed=settings.seed,
-                                      rim_share=settings.judge_rim_share), _device(settings))
+                                      rim_share=settings.judge_rim_share, world=settings.world), _device(settings))
     train_concepts(out, settings)
     return out

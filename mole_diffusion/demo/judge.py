@@ -33,12 +33,17 @@ from ..eval.attribute_judge import AttributeJudge, load_judge, pil_to_uint8
 from . import world
 from .images import RESOLUTION, jitter, scene_pixels
 
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": (*world.SHAPES, "star", "none"),  # none: no single object (a background alone, a texture)
-    "colour": tuple(world.COLOURS),
-    "style": ("plain", "stripes"),
-    "background": (*world.COLOURS, "checker"),
-}
+
+
+def judged_attributes(known: world.World = world.V1) -> dict[str, tuple[str, ...]]:
+    """What the judge of a world reads: every value the base knows of each factor, and each held-out concept's."""
+    return {
+        "shape": (*known.shapes, "star", "none"),  # none: no single object (a background alone, a texture)
+        "colour": tuple(world.COLOURS),
+        "style": ("plain", *(s for s in known.styles if s), "stripes"),
+        "background": (*known.backgrounds, "checker"),
+    }
+
 # the attribute value that shows each held-out concept
 CONCEPT_ATTRIBUTES = {"star": ("shape", "star"), "stripes": ("style", "stripes"), "checker": ("background", "checker")}
 
@@ -97,20 +102,21 @@ def mask_tensor(mask: Image.Image) -> torch.Tensor:
     return torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, mask.height, mask.width)
 
 
-def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, dict[str, str | None]]:
+def objectless(rng: random.Random, resolution: int = 64, known: world.World = world.V1) -> tuple[Image.Image, dict[str, str | None]]:
     """A picture that is not a scene of one object, and what is known of it (None: nothing to read).
 
     A quarter are a background alone (plain or the world's checkerboard); a quarter a scene cut into 8- or
     16-pixel tiles and shuffled (its colours and local patterns kept, its layout lost); the rest are textures over
     the whole frame: a checkerboard of two random colours (black and white included) at a random cell size and
-    phase, diagonal stripes of a random colour, period and direction, or both, as the failed compositions drew."""
+    phase, diagonal stripes of a random colour, period and direction, or both, as the failed compositions drew
+    (beyond ``V1``, also horizontal or vertical lines, and dots)."""
     kind = rng.random()
     if kind < 1 / 4:
-        background = rng.choice([*world.COLOURS, "checker"])
+        background = rng.choice([*known.backgrounds, "checker"])
         empty = world.Scene("circle", "red", background, "small", (2.0, 2.0))  # the circle lies off the canvas
         return world.draw(empty, resolution), {"shape": "none", "colour": None, "style": "plain", "background": background}
     if kind < 1 / 2:
-        scene = _scenes(rng, 1)[0]
+        scene = _scenes(rng, 1, known)[0]
         image, tile = world.draw(scene, resolution), rng.choice((8, 16))
         corners = [(x, y) for y in range(0, resolution, tile) for x in range(0, resolution, tile)]
         tiles = [image.crop((x, y, x + tile, y + tile)) for x, y in corners]
@@ -118,7 +124,7 @@ def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, d
         for piece, corner in zip(tiles, corners):
             image.paste(piece, corner)
         return image, {"shape": "none", "colour": None, "style": None, "background": None}
-    texture = rng.choice(("checker", "stripes", "both"))
+    texture = rng.choice(("checker", "stripes", "both") if known is world.V1 else ("checker", "stripes", "both", "lines", "dots"))
     image = Image.new("RGB", (resolution, resolution), rng.choice(PALETTE))
     pen = ImageDraw.Draw(image)
     if texture in ("checker", "both"):
@@ -133,6 +139,15 @@ def objectless(rng: random.Random, resolution: int = 64) -> tuple[Image.Image, d
         for offset in range(-2 * resolution, 2 * resolution, period):
             start, end = (offset, 0), (offset + sign * resolution, resolution)
             pen.line((*start, *end), fill=colour, width=width)
+    if texture == "lines":
+        colour, period, width, vertical = rng.choice(PALETTE), rng.randint(5, 10), rng.randint(1, 4), rng.random() < 0.5
+        for offset in range(rng.randint(0, period - 1), resolution, period):
+            pen.rectangle((offset, 0, offset + width - 1, resolution - 1) if vertical else (0, offset, resolution - 1, offset + width - 1), fill=colour)
+    if texture == "dots":
+        colour, period, side = rng.choice(PALETTE), rng.randint(5, 10), rng.randint(2, 3)
+        for y in range(rng.randint(0, period - 1), resolution, period):
+            for x in range(rng.randint(0, period - 1), resolution, period):
+                pen.rectangle((x, y, x + side - 1, y + side - 1), fill=colour)
     return image, {"shape": "none", "colour": None, "style": None, "background": None}
 
 
@@ -147,20 +162,20 @@ def with_rim(image: Image.Image, mask: Image.Image, rng: random.Random) -> Image
     return rimmed
 
 
-def _examples(rng: random.Random, count: int, objectless_share: float = 0.25,
-              rim_share: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _examples(rng: random.Random, count: int, objectless_share: float = 0.25, rim_share: float = 0.0,
+              known: world.World = world.V1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(N, 3, H, W) uint8 pictures and their targets: per attribute a value index (-100: not known, left out of
     the loss), and ``object`` (N, 1, H, W), 1 where the object is. Scenes of the whole world, and about
     ``objectless_share`` pictures of no single object (no object anywhere); about ``rim_share`` of the scenes get a
     rim around the object (``with_rim``; the object map keeps the object alone)."""
     images, labels, masks = [], [], []
-    for scene in _scenes(rng, count):
+    for scene in _scenes(rng, count, known):
         mask = Image.new("L", (RESOLUTION, RESOLUTION), 0)
         if rng.random() < objectless_share:
-            image, label = objectless(rng)
+            image, label = objectless(rng, known=known)
         else:
             image, label = world.draw(scene, RESOLUTION), scene_labels(scene)
-            ImageDraw.Draw(mask).polygon(world._outline(scene, RESOLUTION), fill=255)
+            ImageDraw.Draw(mask).polygon(world.outline(scene, RESOLUTION), fill=255)
             if rim_share and rng.random() < rim_share:  # no draw when off: a judge without rims sees what it saw before they existed
                 image = with_rim(image, mask, rng)
         images.append(image)
@@ -168,26 +183,34 @@ def _examples(rng: random.Random, count: int, objectless_share: float = 0.25,
         masks.append(mask_tensor(mask))
     pixels = pil_to_uint8(images, RESOLUTION)
     targets = {a: torch.tensor([values.index(l[a]) if l[a] is not None else -100 for l in labels])
-               for a, values in ATTRIBUTES.items()}
+               for a, values in judged_attributes(known).items()}
     targets["object"] = torch.stack(masks).float() / 255
     return pixels, targets
 
 
 def _loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per attribute, and the object map against the share of each cell the object covers."""
-    loss = sum(F.cross_entropy(logits[a], targets[a].to(logits[a].device)) for a in ATTRIBUTES)
+    loss = sum(F.cross_entropy(logits[a], targets[a].to(logits[a].device)) for a in targets)
     cover = F.adaptive_avg_pool2d(masks.to(logits["object"].device), logits["object"].shape[-2:])[:, 0]
     return loss + F.binary_cross_entropy_with_logits(logits["object"], cover)
 
 
-def _scenes(rng: random.Random, count: int) -> list[world.Scene]:
-    """The whole world, concepts alone and together: each concept in about half the scenes, so that the judge
-    sees every combination of the three, as composition prompts ask for."""
+def _scenes(rng: random.Random, count: int, known: world.World = world.V1) -> list[world.Scene]:
+    """The whole world, concepts alone and together, so that the judge sees every combination of the three, as
+    composition prompts ask for: in ``V1`` stripes and the checkerboard each in about half the scenes; beyond it
+    each concept in about a third, the rest over the base's values."""
     scenes = []
     for _ in range(count):
-        scene = world.random_scene(rng, shapes=(*world.SHAPES, "star"), style="stripes" if rng.random() < 0.5 else None)
-        if rng.random() < 0.5:
-            scene = replace(scene, background="checker")
+        if known is world.V1:
+            scene = world.random_scene(rng, shapes=(*world.SHAPES, "star"), style="stripes" if rng.random() < 0.5 else None)
+            if rng.random() < 0.5:
+                scene = replace(scene, background="checker")
+        else:
+            scene = world.random_scene(rng, shapes=("star",) if rng.random() < 1 / 3 else None, world=known)
+            if rng.random() < 1 / 3:
+                scene = replace(scene, style="stripes")
+            if rng.random() < 1 / 3:
+                scene = replace(scene, background="checker")
         scenes.append(scene)
     return scenes
 
@@ -202,6 +225,7 @@ class JudgeSettings:
     # scenes with a rim around the object (with_rim): generated objects sit in rings, and a judge that never saw one
     # read most generated stars as no object (experiments/docs/composition-experiments.md: measured on hand-labelled generated images)
     rim_share: float = 0.3
+    world: str = "v1"  # the world whose values it reads (world.WORLDS)
 
 
 def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, device: str | torch.device = "cpu") -> Path:
@@ -212,11 +236,12 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
     rng = random.Random(f"judge-{settings.seed}")
     generator = torch.Generator().manual_seed(settings.seed)
     vae = vae.to(device).eval()
-    pool_pixels, pool_targets = _examples(rng, settings.pool_size, rim_share=settings.rim_share)
+    known = world.WORLDS[settings.world]
+    pool_pixels, pool_targets = _examples(rng, settings.pool_size, rim_share=settings.rim_share, known=known)
     pool = torch.cat([vae_round_trip(vae, pool_pixels[i : i + 200].float() / 255, generator)
                       for i in tqdm(range(0, len(pool_pixels), 200), desc="judge: VAE round trips")])
 
-    judge = AttributeJudge(ATTRIBUTES).to(device).train()
+    judge = AttributeJudge(judged_attributes(known)).to(device).train()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
@@ -224,7 +249,7 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
     half = settings.batch_size // 2
     for _ in bar:
         picked = torch.randint(0, len(pool), (half,), generator=generator)
-        fresh, fresh_targets = _examples(rng, settings.batch_size - half, rim_share=settings.rim_share)
+        fresh, fresh_targets = _examples(rng, settings.batch_size - half, rim_share=settings.rim_share, known=known)
         targets = {a: torch.cat([pool_targets[a][picked], fresh_targets[a]]) for a in fresh_targets}
         images, masks = augment(torch.cat([pool[picked], fresh.float() / 255]), generator, targets.pop("object"))
         loss = _loss(judge(images.to(device)), targets, masks)
@@ -237,7 +262,8 @@ def train_judge(out: str | Path, vae, settings: JudgeSettings | None = None, dev
 
 
 @torch.no_grad()
-def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int = 4321) -> dict[str, float]:
+def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int = 4321,
+                        known: world.World = world.V1) -> dict[str, float]:
     """Accuracy per attribute on VAE round trips (with latent noise) of ``count`` fresh scenes, drawn from a
     seed the judge's training never used; and, where the judge knows ``none``, ``no object``: the share of
     ``count`` fresh objectless pictures (backgrounds alone, textures) it reads as no object."""
@@ -247,11 +273,11 @@ def round_trip_accuracy(judge: AttributeJudge, vae, count: int = 400, seed: int 
     def round_trips(pixels: torch.Tensor) -> torch.Tensor:
         return torch.cat([vae_round_trip(vae, pixels[i : i + 200].float() / 255, generator) for i in range(0, len(pixels), 200)])
 
-    scenes = _scenes(rng, count)
+    scenes = _scenes(rng, count, known)
     predicted = judge.predict(round_trips(scene_pixels(scenes)))
     accuracy = {a: sum(p[a] == scene_labels(s)[a] for p, s in zip(predicted, scenes)) / count for a in judge.attributes}
     if "none" in judge.attributes["shape"]:
-        pictures = pil_to_uint8([objectless(rng)[0] for _ in range(count)])
+        pictures = pil_to_uint8([objectless(rng, known=known)[0] for _ in range(count)])
         accuracy["no object"] = sum(p["shape"] == "none" for p in judge.predict(round_trips(pictures))) / count
     return accuracy
 
@@ -266,11 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=JudgeSettings.steps)
     parser.add_argument("--rim-share", type=float, default=JudgeSettings.rim_share,
                         help="share of scenes drawn with a rim around the object (default 0.3, as shipped)")
+    parser.add_argument("--world", choices=sorted(world.WORLDS), default=JudgeSettings.world)
+    parser.add_argument("--pool", type=int, default=JudgeSettings.pool_size, help="VAE round trips it trains on")
     args = parser.parse_args(argv)
     vae = AutoencoderKL.from_pretrained(Path(args.assets) / "pipeline" / "vae")
-    out = train_judge(args.out, vae, JudgeSettings(steps=args.steps, rim_share=args.rim_share))
+    out = train_judge(args.out, vae, JudgeSettings(steps=args.steps, rim_share=args.rim_share, world=args.world, pool_size=args.pool))
     judge, _ = load_judge(out)
-    print(round_trip_accuracy(judge, vae))
+    print(round_trip_accuracy(judge, vae, known=world.WORLDS[args.world]))
 
 
 if __name__ == "__main__":
