@@ -257,3 +257,24 @@ def test_presence_judge_errors_say_what_was_expected(detector, tmp_path):
     with pytest.raises(PresenceError, match=r"concepts \['hat'\] have no detector query: give each a `presence` \(or "
                                             r"`class_prompt`\) in the concepts file$"):
         load_presence_judge(detector, concepts)
+
+
+def test_the_judge_locates_the_object_where_it_was_drawn_and_nowhere_in_a_texture():
+    import random
+
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.judge import objectless
+    from mole_diffusion.demo.run import ASSETS
+    from mole_diffusion.eval.attribute_judge import load_judge
+
+    judge, _ = load_judge(ASSETS / "judge")
+    centres = [(0.3, 0.35), (0.7, 0.3), (0.5, 0.5), (0.32, 0.7), (0.68, 0.66)]
+    scenes = [world.Scene(shape, colour, background, "small", centre)
+              for (shape, colour, background), centre in zip((("circle", "red", "blue"), ("square", "yellow", "green"),
+                                                              ("triangle", "white", "purple"), ("star", "blue", "checker"),
+                                                              ("circle", "green", "white")), centres)]
+    found = judge.locate(drawn(scenes))
+    for (x, y), (fx, fy) in zip(centres, found):
+        assert abs(x - fx) < 0.06 and abs(y - fy) < 0.08, (centres, found)
+    rng = random.Random(3)
+    assert judge.locate([objectless(rng)[0] for _ in range(8)]).count(None) >= 6

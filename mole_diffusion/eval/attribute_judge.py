@@ -83,6 +83,26 @@ class AttributeJudge(nn.Module):
                     values["shape"] = "none"
         return read
 
+    @torch.no_grad()
+    def locate(self, images: torch.Tensor | list[Image.Image]) -> list[tuple[float, float] | None]:
+        """Where each image's object is: the centre of the cells its object map marks, as fractions of the side
+        (x, y), or None where the map shows no single compact object. How far generated objects move from seed
+        to seed tells a LoRA that keeps the base's varied layouts from one that redraws a training picture."""
+        if self.object_mask is None:
+            raise MoLEError("this attribute judge has no object map, so it cannot say where an object is")
+        if isinstance(images, list):
+            images = pil_to_tensor(images)
+        param = next(self.parameters())
+        centres = []
+        for cells in self(images.to(param.device, param.dtype))["object"].sigmoid() > 0.5:
+            if not one_object(cells):
+                centres.append(None)
+                continue
+            rows, cols = torch.nonzero(cells, as_tuple=True)
+            height, width = cells.shape
+            centres.append(((cols.float().mean().item() + 0.5) / width, (rows.float().mean().item() + 0.5) / height))
+        return centres
+
     def save(self, folder: str | Path, concepts: Mapping[str, tuple[str, str]], resolution: int) -> Path:
         """Write ``config.json`` (the attributes and their values, the layer widths, which attribute value each of
         ``concepts`` is, the ``resolution`` images are read at) and ``model.safetensors`` to ``folder``, each file
