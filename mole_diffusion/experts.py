@@ -120,6 +120,7 @@ def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Mod
     -> diffusers -> PEFT keys, split by component. The first of ``models`` is the denoiser (UNet or transformer)."""
     from diffusers.loaders import FluxLoraLoaderMixin
     from diffusers.utils.state_dict_utils import (
+        StateDictType,
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
@@ -157,7 +158,10 @@ def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Mod
             # as diffusers' load_lora_adapter: maps the `lora.down`/`lora.up` keys its training scripts write
             part = convert_unet_state_dict_to_peft(part)
         else:
-            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            # diffusers tells its old text-encoder keys ("to_q_lora.down.weight", what kohya files convert to) by an
+            # out-projection key, so a file adapting only some attention projections (q and v) would not convert
+            old = any(k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in part)
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part, StateDictType.DIFFUSERS_OLD if old else None))
             if not hasattr(models[component], "text_model"):
                 part = {k.removeprefix("text_model."): v for k, v in part.items()}
         out[component] = part

@@ -9,8 +9,11 @@ the file was written from, added to a plain pipeline's weights):
 - PEFT adapter folders, which diffusers does not read: the reference is PEFT's own ``merge_and_unload``.
 """
 
+import re
+
 import numpy as np
 import pytest
+import torch
 from conftest import hand_merged, short_images
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -198,3 +201,59 @@ def test_dora_and_lora_mixed_equal_the_weighted_sum_of_their_deltas(pipelines, t
     np.testing.assert_allclose(unfused, expected, atol=1e-4)
     np.testing.assert_allclose(fused, expected, atol=1e-4)
     np.testing.assert_allclose(without, hand_merged(ref, {k: weights[1] * v for k, v in tiny_lora_deltas(base, **lora).items()}), atol=1e-4)
+
+
+def test_kohya_dora_scales_that_cannot_be_read_are_refused_by_name(pipelines, tmp_path):
+    """A magnitude must be one number per output channel, for a module the file has LoRA factors for; Flux's kohya
+    files carry none (its DoRA comes in the PEFT layout)."""
+    from safetensors.torch import load_file, save_file
+
+    from mole_diffusion.experts import ExpertError
+
+    base, mole, _ = pipelines("sd")
+    path = make_tiny_lora(base, tmp_path / "kohya.safetensors", layout="kohya", text_encoder=False, seed=1)
+    tensors = load_file(path)
+    module = next(k for k in tensors if k.startswith("lora_unet_") and k.endswith(".lora_up.weight")).removesuffix(".lora_up.weight")
+    out_channels = tensors[f"{module}.lora_up.weight"].shape[0]
+    text_module = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    cases = {  # dora_scale key -> (its tensor, what the refusal says)
+        f"{module}.dora_scale": (torch.ones(out_channels), rf"has shape \({out_channels},\): a DoRA magnitude per input channel"),
+        f"{module}.dora_scale ": (torch.ones(out_channels, 2), rf"has shape \({out_channels}, 2\): a DoRA magnitude per input"),
+        f"{text_module}.dora_scale": (torch.ones(32, 1), r"text_encoder\.encoder\.layers\.0\.self_attn\.q_proj has a "
+                                                         "dora_scale but no LoRA weights"),
+    }
+    for key, (scale, message) in cases.items():
+        save_file({**tensors, key.strip(): scale}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ExpertError, match=message):
+            mole.load_experts({"bad": tmp_path / "bad.safetensors"})
+        assert mole.mole is None
+    base, mole, _ = pipelines("flux")
+    flux = make_tiny_lora(base, tmp_path / "flux.safetensors", layout="kohya", text_encoder=False, seed=1)
+    tensors = load_file(flux)
+    module = next(k for k in tensors if k.endswith(".lora_up.weight")).removesuffix(".lora_up.weight")
+    save_file({**tensors, f"{module}.dora_scale": torch.ones(tensors[f"{module}.lora_up.weight"].shape[0], 1)}, str(flux))
+    with pytest.raises(ExpertError, match=re.escape(f"{flux}: {module}.dora_scale: kohya-style DoRA (dora_scale) is read for "
+                                                    "SD and SDXL files; Flux DoRA is read in the diffusers/PEFT layout")):
+        mole.load_experts({"bad": flux})
+
+
+def test_a_kohya_file_adapting_some_text_encoder_projections_equals_its_diffusers_twin(pipelines, tmp_path):
+    """kohya files whose text-encoder LoRA covers q and v only (diffusers' own loader cannot convert these keys: it
+    recognises its old text-encoder layout by an out-projection key): the same expert, and the same images, as the
+    same LoRA in diffusers' layout loaded by diffusers."""
+    base, mole, plain = pipelines("sd")
+    spec = dict(text_encoder=True, text_modules=("q_proj", "v_proj"), seed=1, alpha=2.0)
+    kohya = make_tiny_lora(base, tmp_path / "kohya.safetensors", layout="kohya", **spec)
+    twin = make_tiny_lora(base, tmp_path / "diffusers.safetensors", layout="diffusers", **spec)
+    hashes = []
+    for path in (kohya, twin):
+        mole.load_experts({"lora": path})
+        hashes.append(mole.mole.experts[0].content_hash)
+        images = short_images(mole)
+        mole.unload_experts()
+    assert hashes[0] == hashes[1]
+    plain.load_lora_weights(str(twin))
+    try:
+        np.testing.assert_allclose(images, short_images(plain), atol=1e-5)
+    finally:
+        plain.unload_lora_weights()

@@ -136,11 +136,13 @@ def test_the_attribute_judge_reads_whether_the_prompt_colour_is_kept():
     scene = lambda colour: world.Scene("star", colour, "checker", "large", (0.5, 0.5), "stripes")
     images = drawn([scene("red"), scene("blue"), scene("yellow")])
     prompts = ["a red sks in zwx style on a qkx background"] * 3
-    assert judge.prompt_kept(images, prompts) == [True, False, False]
-    assert judge.prompt_kept(images[:1], ["a sks in zwx style on a qkx background"]) == [None]  # no colour named
+    def kept(images, prompts):
+        return [kept for _, kept in judge.read(images, prompts)]
+
+    assert kept(images, prompts) == [True, False, False]
+    assert kept(images[:1], ["a sks in zwx style on a qkx background"]) == [None]  # no colour named
     # the first colour a caption names is the object's, not the background's
-    assert judge.prompt_kept(drawn([world.Scene("circle", "green", "white", "large", (0.5, 0.5))]),
-                             ["a green circle on a white background"]) == [True]
+    assert kept(drawn([world.Scene("circle", "green", "white", "large", (0.5, 0.5))]), ["a green circle on a white background"]) == [True]
 
 
 def test_the_attribute_judge_sees_no_object_in_a_texture_of_the_prompts_colours():
@@ -278,3 +280,32 @@ def test_the_judge_locates_the_object_where_it_was_drawn_and_nowhere_in_a_textur
         assert abs(x - fx) < 0.06 and abs(y - fy) < 0.08, (centres, found)
     rng = random.Random(3)
     assert judge.locate([objectless(rng)[0] for _ in range(8)]).count(None) >= 6
+
+
+def test_a_judged_row_counts_an_image_faithful_only_where_it_keeps_the_prompts_colour():
+    from mole_diffusion.demo import world
+    from mole_diffusion.demo.run import ASSETS
+    from mole_diffusion.eval.presence import AttributeJudgePresence, judged_row
+
+    judge = AttributeJudgePresence(ASSETS / "judge", ["star", "stripes", "checker"])
+    image = drawn([world.Scene("star", "blue", "checker", "large", (0.5, 0.5), "stripes")])[0]
+    names = ["star", "stripes", "checker"]
+    row = judged_row(judge, image, "a blue sks in zwx style on a qkx background", names, names)
+    assert (row["present_all"], row["present_prompt"], row["present_all_faithful"]) == (1.0, 1.0, 1.0)
+    row = judged_row(judge, image, "a red sks in zwx style on a qkx background", names, names)
+    assert (row["present_all"], row["present_prompt"], row["present_all_faithful"]) == (1.0, 0.0, 0.0)
+
+
+def test_the_attribute_judge_reads_images_at_the_resolution_it_was_trained_at(tmp_path):
+    from mole_diffusion.eval.attribute_judge import AttributeJudge
+    from mole_diffusion.eval.presence import AttributeJudgePresence
+
+    torch.manual_seed(0)
+    AttributeJudge({"shape": ("circle", "star"), "colour": ("red", "blue")}, widths=(8, 8, 8, 8)).save(
+        tmp_path, {"star": ("shape", "star")}, resolution=32)
+    judge = AttributeJudgePresence(tmp_path, ["star"])
+    seen = []
+    predict = judge.judge.predict
+    judge.judge.predict = lambda images: seen.append(tuple(images.shape)) or predict(images)
+    judge.read([Image.new("RGB", (64, 64), (200, 30, 30))], ["a red sks"])
+    assert seen == [(1, 3, 32, 32)]

@@ -12,8 +12,8 @@ A judge answers, per image, {concept: present?}. Two kinds:
 Rates come with Wilson 95% intervals (never "0% ± 0%").
 
 A judge can be fooled out of its training distribution: on the demo world, gates trained on the composition
-prompts drew saturated checker-and-stripe textures in which the attribute judge "saw" all three concepts (README,
-) So a judge may also say whether an image keeps the rest of its prompt (``prompt_kept``; the
+prompts drew saturated checker-and-stripe textures in which the attribute judge "saw" all three concepts. So a
+judge may also say whether an image keeps the rest of its prompt (the second value ``read`` returns; the
 attribute judge: an object in the colour the prompt gives it), and ``present_all_faithful`` counts an image only
 where it keeps its prompt and shows every concept. Since the colour alone still let textures in the prompt's
 colours through, the attribute judge now also knows pictures of no single object (shape ``none``).
@@ -71,12 +71,6 @@ class AttributeJudgePresence:
         return [({c: p[self.attribute[c][0]] == self.attribute[c][1] for c in self.concepts},
                  None if colour is None else p["colour"] == colour and p["shape"] != "none")
                 for p, colour in zip(predicted, named)]
-
-    def present(self, images: list[Image.Image]) -> list[dict[str, bool]]:
-        return [seen for seen, _ in self.read(images, [""] * len(images))]
-
-    def prompt_kept(self, images: list[Image.Image], prompts: list[str]) -> list[bool | None]:
-        return [kept for _, kept in self.read(images, prompts)]
 
 
 class DetectorPresence:
