@@ -257,3 +257,28 @@ def test_a_kohya_file_adapting_some_text_encoder_projections_equals_its_diffuser
         np.testing.assert_allclose(images, short_images(plain), atol=1e-5)
     finally:
         plain.unload_lora_weights()
+
+
+def test_kohya_dora_on_the_text_encoder_and_unet_equals_its_diffusers_twin(pipelines, tmp_path):
+    """LyCORIS DoRA (``dora_scale``, one magnitude per output channel) on both models: the same expert as the same
+    magnitudes and factors in diffusers' layout."""
+    from safetensors.torch import load_file, save_file
+
+    base, mole, _ = pipelines("sd")
+    spec = dict(text_encoder=True, seed=1, alpha=2.0, unet_modules=PROJ_FF + ("conv1",))
+    twin = make_tiny_lora(base, tmp_path / "diffusers.safetensors", layout="diffusers", dora=True, **spec)
+    kohya = load_file(make_tiny_lora(base, tmp_path / "kohya.safetensors", layout="kohya", **spec))
+    magnitudes = {k.removesuffix(".lora_magnitude_vector"): v for k, v in load_file(twin).items() if k.endswith("magnitude_vector")}
+    assert {k.split(".")[0] for k in magnitudes} == {"unet", "text_encoder"}
+    for module, magnitude in magnitudes.items():
+        component, _, name = module.partition(".")
+        prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
+        kohya[prefix + name.replace(".", "_") + ".dora_scale"] = magnitude.reshape(-1, *[1] * (kohya[
+            prefix + name.replace(".", "_") + ".lora_up.weight"].dim() - 1))
+    save_file(kohya, str(tmp_path / "kohya-dora.safetensors"))
+    hashes = []
+    for path in (twin, tmp_path / "kohya-dora.safetensors"):
+        mole.load_experts({"dora": path})
+        hashes.append(mole.mole.experts[0].content_hash)
+        mole.unload_experts()
+    assert hashes[0] == hashes[1]
