@@ -297,3 +297,26 @@ def test_export_block_weights_then_fused_constant_weights(family_world):
     generate(mole)  # unfused constant weights: every gate records its constant
     for gate, history in mole.gate_weights.items():
         torch.testing.assert_close(history[0, 0], torch.tensor(weights[gate]))
+
+
+def test_gates_read_the_prompt_where_diffusers_passes_it_by_position():
+    """A scope called positionally: the gate's input (and a single block's prompt length) is the argument that
+    diffusers' own signatures put there."""
+    import inspect
+
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    from mole_diffusion.inject import _scope_input, _scope_input_prompt
+
+    for cls in (UNet2DConditionModel, FluxTransformer2DModel, FluxSingleTransformerBlock):
+        names = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+        args = tuple(torch.full((1,), float(i)) for i in range(len(names)))
+        position = names.index("encoder_hidden_states")
+        if cls is FluxSingleTransformerBlock:
+            assert _scope_input_prompt(args, {}) is args[position]
+        else:
+            scope = cls.__new__(cls)  # the type is what is read
+            assert _scope_input(scope, args, {}) is args[position], cls.__name__
+    prompt = torch.zeros(1)
+    assert _scope_input_prompt((), {"encoder_hidden_states": prompt}) is prompt

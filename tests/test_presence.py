@@ -81,8 +81,16 @@ def test_detector_scores_equal_transformers_computed_directly(detector):
 
 
 def test_presence_judges_are_chosen_by_folder_and_refuse_what_they_cannot_judge(detector, tmp_path):
+    from mole_diffusion.demo.run import ASSETS
+    from mole_diffusion.eval.presence import AttributeJudgePresence
+
     concepts = [Concept("dog", "a sks dog", None, presence="dog"), Concept("hat", "a zwx hat", None, presence="hat")]
-    assert isinstance(load_presence_judge(detector, concepts), DetectorPresence)
+    found = load_presence_judge(detector, concepts)
+    # its default threshold is the evaluator's
+    assert isinstance(found, DetectorPresence) and found.threshold == ev.EvaluationConfig.presence_threshold
+    attribute = load_presence_judge(ASSETS / "judge", [Concept("checker", "a qkx", None), Concept("star", "a sks", None)])
+    assert isinstance(attribute, AttributeJudgePresence) and attribute.concepts == ["checker", "star"]
+    assert attribute.attribute == {"checker": ("background", "checker"), "star": ("shape", "star")}
     with pytest.raises(ValueError, match=r"\['hat'\] have no detector query"):
         load_presence_judge(detector, [concepts[0], Concept("hat", "a zwx hat", None)])
     with pytest.raises(PresenceError, match="nowhere"):
