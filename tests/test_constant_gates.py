@@ -52,6 +52,14 @@ def test_per_block_weights_follow_masking_and_are_checked(gated):
         assert gate.constant.tolist() == [[pytest.approx(exported[name][0]), 0.0]]
     with pytest.raises(ValueError, match="must name every gate"):
         gated.set_experts(weights={"unet.mid_block.attentions.0": [0.5, 0.5]})
+    # the message names the first three gates missing and the first three unknown, sorted
+    unknown = {f"unet.nowhere.{i}": [0.5, 0.5] for i in range(5)}
+    with pytest.raises(ValueError) as refused:
+        gated.set_experts(weights={**unknown, **{name: exported[name] for name in sorted(exported)[3:]}})
+    assert str(refused.value).endswith(f"missing {sorted(exported)[:3]}, unknown {sorted(unknown)[:3]}")
+    with pytest.raises(ValueError) as refused:
+        gated.set_experts(weights={name: exported[name] for name in sorted(exported)[4:]})
+    assert str(refused.value).endswith(f"missing {sorted(exported)[:3]}, unknown []")
     with pytest.raises(ValueError, match="expected 2 numbers"):
         gated.set_experts(weights={name: [1.0] for name in exported})
     gated.set_experts()
