@@ -269,7 +269,8 @@ def add_build_demo_parser(subparsers) -> None:
                         help="the base UNet's widths (default 32 64 64; 64 128 128: 6.5 M parameters, its training "
                              "about 2x as long on CPU)")
     parser.add_argument("--world", choices=("v1", "v2"), help="what the base model learns: v1 (default) solid circles, "
-                        "squares and triangles on plain backgrounds; v2 every kind the concepts belong to")
+                        "squares and triangles on plain backgrounds; v2 every kind the concepts belong to, with its "
+                        "recipe (a 4x UNet attending at 16x16, 64 references per concept; the options below override it)")
     parser.add_argument("--unet-cross-attention", type=int, nargs=3, choices=(0, 1), metavar="0|1",
                         help="whether the UNet attends to the text at 16x16, 8x8 and 4x4 (default 0 1 1)")
     parser.add_argument("--text-width", type=int, help="the text encoder's width (default 32)")
@@ -511,9 +512,10 @@ def ui(args: argparse.Namespace) -> None:
 
 
 def build_demo(args: argparse.Namespace) -> None:
-    from .demo.build import BuildSettings, build, install_assets
+    from .demo.build import WORLD_SETTINGS, BuildSettings, build, install_assets
 
-    root = build(args.out, _config_from(BuildSettings, args))
+    recipe = {k: v for k, v in WORLD_SETTINGS[args.world or "v1"].items() if getattr(args, k, None) is None}
+    root = build(args.out, _config_from(BuildSettings, args, **recipe))
     print(f"installed the demo world in {install_assets(root, Path(args.assets) if args.assets else root / 'assets')}")
 
 

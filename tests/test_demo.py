@@ -3,6 +3,7 @@ every file, and the build command runs end to end (with a handful of steps per s
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -223,6 +224,20 @@ def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
             assert (assets / name).read_bytes() == (again / name).read_bytes(), name
     out = run_demo(tmp_path / "demo", steps=1, assets=assets, progress=False)
     assert (out / "grid.png").is_file() and (out / "gate_heatmap.png").is_file()
+
+
+def test_build_demo_builds_the_second_world_with_its_recipe_and_the_options_given(tmp_path, monkeypatch):
+    import mole_diffusion.demo.build as build_module
+
+    built = []
+    monkeypatch.setattr(build_module, "build", lambda out, settings: built.append(settings) or Path(out))
+    monkeypatch.setattr(build_module, "install_assets", lambda root, assets: assets)
+    assert main(["build-demo", "--out", str(tmp_path), "--world", "v2", "--lora-steps", "5"]) == 0
+    assert main(["build-demo", "--out", str(tmp_path)]) == 0
+    second, first = built
+    assert (second.world, second.unet_channels, second.unet_cross_attention, second.text_width) == ("v2", [64, 128, 128], [True] * 3, 64)
+    assert (second.concept_images, second.lora_steps) == (64, 5)  # the recipe, then the options
+    assert first == BuildSettings()
 
 
 def test_build_demo_takes_the_unet_widths_and_refuses_odd_ones(tmp_path, capsys):

@@ -132,6 +132,18 @@ class BuildSettings:
     device: str | None = None
 
 
+# each world's recipe: the settings that differ from BuildSettings' defaults (the first world's). The second world's
+# base attends to the text at 16x16 as well, with a 64-wide text encoder and the 4x UNet: one training step costs
+# 4x the first world's (benchmarks/bench_demo_base.py), 3000 steps about 2 hours on 2 CPU cores. Its LoRAs learn
+# from 64 references each for 1000 steps: with 16 references and 2000 steps the star LoRA drew one training picture
+# whatever the seed (docs/demo-world.md)
+WORLD_SETTINGS: dict[str, dict] = {
+    "v1": {},
+    "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
+           "concept_images": 64, "lora_steps": 1000},
+}
+
+
 @contextmanager
 def staged_folder(folder: Path) -> Iterator[Path]:
     """Build a stage's folder under a name of its own (``.<name>.partial``) and rename it into place only when
