@@ -121,7 +121,8 @@ def test_paired_difference_straddling_zero_is_not_apart():
 
 # Mutants of bootstrap_interval that no test can kill, being equivalent: dropping dtype=np.float64 from the groups or
 # the sizes (the values arrive as Python floats, and numpy divides integer sums into floats), and take_along_axis
-# without axis=1 (its default, the last axis, is axis 1 of these 2-D arrays).
+# without axis=1 (its default, the last axis, is axis 1 of these 2-D arrays). A default seed of 1 instead of 0 is a
+# convention changed, not a bug: any fixed default makes every interval reproducible.
 def test_bootstrap_ends_are_the_2_5th_and_97_5th_percentiles():
     """With many bootstrap samples each end of one prompt's interval sits 1.96 standard errors from the mean (the
     resampled mean of 400 normal values is normal; the bootstrap's standard error uses the population variance):

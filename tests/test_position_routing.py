@@ -105,6 +105,8 @@ def test_regional_masks_change_the_image_and_masking_removes_an_expert_everywher
     mole_pipe.set_experts(None)
     mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.6)
     without_b = generate(mole_pipe, num_inference_steps=4, guidance_scale=3.0, experts=["a"])
+    recorded = mole_pipe.gate_weights  # what the gates applied: b at 0, a as routed
+    assert recorded and all(torch.equal(w[..., 1], torch.zeros_like(w[..., 1])) and w[..., 0].max() > 0 for w in recorded.values())
     only_a = load(world["base"])
     only_a.load_experts({"a": world["a"]})
     only_a.enable_regional_routing({"a": TRIGGERS["a"]}, threshold=0.6)

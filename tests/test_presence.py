@@ -65,6 +65,7 @@ def test_detector_scores_equal_transformers_computed_directly(detector):
 
     images = noise_images(3)
     judge = DetectorPresence(detector, {"dog": "a photo of a dog", "hat": "a hat"})
+    assert judge.threshold == ev.EvaluationConfig.presence_threshold  # the evaluator's default is the detector's
     scores = judge.scores(images)
 
     model, processor = OwlViTForObjectDetection.from_pretrained(detector).eval(), OwlViTProcessor.from_pretrained(detector)
