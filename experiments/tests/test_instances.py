@@ -1,0 +1,30 @@
+import math
+
+import pytest
+
+from experiments import instances
+from mole_diffusion.demo import world
+from mole_diffusion.demo.run import ASSETS
+
+
+def test_spread_is_the_root_of_the_summed_variances_of_the_centres_found():
+    assert instances.spread([(0.2, 0.5), (0.6, 0.5), None]) == pytest.approx(0.2)
+    assert instances.spread([(0.2, 0.2), (0.4, 0.4)]) == pytest.approx(math.sqrt(0.01 + 0.01))
+    assert instances.spread([(0.5, 0.5), None]) is None
+
+
+def test_a_pair_prompt_names_both_concepts_and_keeps_the_rest_of_the_scene():
+    scene = world.concept_scenes("star", 1, seed=3, world=world.V2)[0]
+    both = instances.with_concept(scene, "checker")
+    assert (both.shape, both.background, both.colour, both.style) == ("star", "checker", scene.colour, scene.style)
+    assert "sks" in both.caption and "qkx" in both.caption
+
+
+def test_the_checks_run_on_the_shipped_world_and_write_their_tables(tmp_path, capsys):
+    assert instances.built_world(ASSETS)[0] is world.V1  # a build from before the second world
+    instances.main(["--out", str(tmp_path), "--prompts", "1", "--seeds", "2", "--steps", "2"])
+    text = (tmp_path / "instances.md").read_text()
+    assert "| shape | colour | style | background |" in text
+    for name in instances.NAMES:
+        assert f"| {name} |" in text
+    assert text.count(" + ") == 3 and capsys.readouterr().out.endswith(f"wrote {tmp_path / 'instances.md'}\n")
