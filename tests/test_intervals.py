@@ -150,3 +150,11 @@ def test_identical_methods_are_not_apart():
     values = [[0.1, 0.4], [0.3, 0.2]]
     difference = paired_difference(_rows("a", values), _rows("b", values), "score")
     assert (difference["low"], difference["high"], difference["apart"]) == (0.0, 0.0, False)
+
+
+def test_a_rate_is_written_with_its_wilson_interval_in_percent():
+    """7 of 16: Wilson's interval at z = 1.96 is 23.10%-66.82% (computed by hand from its closed form)."""
+    from mole_diffusion.eval.stats import format_rate
+
+    assert format_rate(7, 16) == "43.8% [23.1-66.8]"
+    assert format_rate(0, 4) == "0.0% [0.0-49.0]" and format_rate(4, 4) == "100.0% [51.0-100.0]"
