@@ -58,7 +58,7 @@ class AttributeJudgePresence:
             raise PresenceError(f"{folder}: the attribute judge knows concepts {sorted(config['concepts'])}, not {unknown}")
         self.concepts = list(concepts)
         self.attribute = {c: tuple(config["concepts"][c]) for c in concepts}
-        self.resolution = config.get("resolution", 64)
+        self.resolution = config["resolution"]  # written by AttributeJudge.save
 
     def read(self, images: list[Image.Image], prompts: list[str]) -> list[tuple[dict[str, bool], bool | None]]:
         """One pass of the judge: each concept's attribute value, and whether the image keeps its prompt: an
