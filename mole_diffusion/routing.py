@@ -31,7 +31,7 @@ from .layers import token_grid
 
 class RegionalRouting:
     def __init__(self, unet: nn.Module, tokenizer, expert_names: Sequence[str], triggers: Mapping[str, str | Sequence[str]],
-                 weights: Sequence[float] | None = None, threshold: float = 0.35):
+                 weights: Sequence[float] | None, threshold: float):
         missing = [n for n in expert_names if n not in triggers]
         if missing:
             raise MoLEError(f"regional routing needs a trigger word for every expert: none for {missing}")
@@ -109,11 +109,8 @@ class RegionalRouting:
         sample = args[0] if args else kwargs.get("sample")
         self._latent_size = tuple(sample.shape[-2:])
         self._maps.clear()
-        if self.positions is not None:
-            self.positions = self.positions.to(sample.device)
-        if self.positions is not None and self.masks is None:  # the first step: each expert named in its prompt, everywhere
-            named = self._named()[..., None, None]
-            self.masks = named.expand(-1, -1, *self._latent_size).repeat(len(sample) // len(named), 1, 1, 1)
+        if self.positions is not None:  # no masks before the first call has read its maps: the per-sample weights
+            self.positions = self.positions.to(sample.device)  # (sample_weights) hold each expert named in its prompt
 
     def _keep_query(self, module, args, output):
         if self.positions is not None:

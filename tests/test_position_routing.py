@@ -378,3 +378,75 @@ def test_regional_routing_without_prompts_is_the_plain_sum_and_removes_its_hooks
     mole_pipe.mole.regional.remove()
     mole_pipe.mole.regional.remove()
     mole_pipe.disable_regional_routing()
+
+
+def test_regional_routing_checks_its_threshold_weights_and_triggers(world, mole_pipe):
+    from mole_diffusion.errors import MoLEError
+
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    for threshold in (1.0, -0.1):
+        with pytest.raises(MoLEError, match=rf"threshold is a fraction of each map's maximum, in \[0, 1\); got {threshold}"):
+            mole_pipe.enable_regional_routing(TRIGGERS, threshold=threshold)
+    with pytest.raises(MoLEError, match=r"^1 weights for 2 experts \['a', 'b'\]$"):
+        mole_pipe.enable_regional_routing(TRIGGERS, weights=[1.0])
+    with pytest.raises(MoLEError, match=r"^expert 'a': its trigger ' ' has no tokens to find in a prompt$"):
+        mole_pipe.enable_regional_routing({"a": " ", "b": "circle"})
+    assert mole_pipe.mole.regional is None
+
+
+def test_regional_weights_everywhere_are_the_constant_weights_and_words_may_come_as_a_list(world, mole_pipe):
+    """At threshold 0 every position is in each named expert's mask: the weights given are the constant weights;
+    a trigger given as a list of words is read as those words."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.set_experts(weights=[0.5, 1.5])
+    constant = generate(mole_pipe)
+    mole_pipe.set_experts()
+    mole_pipe.enable_regional_routing({"a": "red", "b": "circle"}, weights=[0.5, 1.5], threshold=0.0)
+    np.testing.assert_allclose(generate(mole_pipe), constant, atol=1e-5)
+    mole_pipe.enable_regional_routing({"a": "red circle", "b": "blue"}, threshold=0.5)
+    words = generate(mole_pipe)
+    mole_pipe.enable_regional_routing({"a": ["red", "circle"], "b": "blue"}, threshold=0.5)
+    np.testing.assert_allclose(generate(mole_pipe), words, atol=1e-6)
+    mole_pipe.enable_regional_routing({"a": "red", "b": "blue"}, threshold=0.5)
+    assert np.abs(generate(mole_pipe) - words).max() > 1e-4  # the second word counts
+
+
+def test_regional_routing_reads_the_latents_whether_the_unet_is_called_by_position_or_keyword(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.5)
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, mole_pipe.unet.config.cross_attention_dim, generator=g)
+    outputs = []
+    for by_keyword in (False, True):
+        mole_pipe.mole.regional.set_prompts(["a red circle on a blue background"])
+        with torch.no_grad():
+            for _ in range(2):  # the second call is routed by the first call's maps
+                if by_keyword:
+                    out = mole_pipe.unet(sample=sample, timestep=torch.tensor([500]), encoder_hidden_states=text).sample
+                else:
+                    out = mole_pipe.unet(sample, torch.tensor([500]), encoder_hidden_states=text).sample
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert 0 < float(mole_pipe.mole.regional.masks.mean()) < 1
+
+
+def test_regional_routing_refuses_an_attention_processor_that_reads_no_map(world, mole_pipe):
+    """A processor that computes keys without calling attn2.to_k: the hooks read nothing, and routing would
+    silently be the plain sum."""
+    from mole_diffusion.errors import MoLEError
+
+    class KeysByHand:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            keys = F.linear(encoder_hidden_states, getattr(attn.to_k, "base_layer", attn.to_k).weight)  # to_k itself never runs
+            q, k, v = (attn.head_to_batch_dim(t) for t in (attn.to_q(hidden_states), keys, attn.to_v(encoder_hidden_states)))
+            attended = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k), v))
+            return attn.to_out[1](attn.to_out[0](attended))
+
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.5)
+    for name, module in mole_pipe.unet.named_modules():
+        if name.endswith("attn2"):
+            module.set_processor(KeysByHand())
+    with pytest.raises(MoLEError, match=r"^regional routing read no cross-attention map in this UNet call \(an attention "
+                                        r"processor that does not call attn2.to_k\?\)$"):
+        generate(mole_pipe)
