@@ -450,3 +450,18 @@ def test_regional_routing_refuses_an_attention_processor_that_reads_no_map(world
     with pytest.raises(MoLEError, match=r"^regional routing read no cross-attention map in this UNet call \(an attention "
                                         r"processor that does not call attn2.to_k\?\)$"):
         generate(mole_pipe)
+
+
+@pytest.mark.parametrize("attention", [None, "to_q"], ids=["no cross-attention", "no to_k"])
+def test_regional_routing_refuses_a_unet_whose_cross_attention_it_cannot_read(world, attention):
+    from mole_diffusion.errors import MoLEError
+    from mole_diffusion.routing import RegionalRouting
+
+    unet = nn.Module()
+    unet.block = nn.Module()
+    if attention:
+        unet.block.attn2 = nn.Module()
+        unet.block.attn2.to_q = nn.Linear(4, 4)  # fused key and value projections leave no to_k
+    tokenizer = load(world["base"]).tokenizer
+    with pytest.raises(MoLEError, match=r"reads the cross-attention \(attn2.to_q / attn2.to_k\).*this UNet has none"):
+        RegionalRouting(unet, tokenizer, ["a"], {"a": "red"}, None, 0.5)
