@@ -463,5 +463,7 @@ def test_regional_routing_refuses_a_unet_whose_cross_attention_it_cannot_read(wo
         unet.block.attn2 = nn.Module()
         unet.block.attn2.to_q = nn.Linear(4, 4)  # fused key and value projections leave no to_k
     tokenizer = load(world["base"]).tokenizer
-    with pytest.raises(MoLEError, match=r"reads the cross-attention \(attn2.to_q / attn2.to_k\).*this UNet has none"):
+    with pytest.raises(MoLEError, match=r"^regional routing reads the cross-attention \(attn2.to_q / attn2.to_k\) of a UNet's "
+                                        r"transformer blocks; this UNet has none \(or fused projections: "
+                                        r"unfuse_qkv_projections\(\) first\)$"):
         RegionalRouting(unet, tokenizer, ["a"], {"a": "red"}, None, 0.5)
