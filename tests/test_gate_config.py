@@ -35,12 +35,22 @@ SIGMOID_PER_POSITION = GateConfig(activation="sigmoid", per_position=True, times
         ({"prior_weights": [0.5, "half"]}, r"prior_weights must be 2 positive finite numbers \(one per expert\), got \[0.5, 'half'\]"),
         ({"prior_weights": "0.5 0.5"}, r"prior_weights must be numbers, one per expert, or \{expert name: weight\}, got '0.5 0.5'"),
         ({"prior_weights": {"dog": -1.0}}, r"prior_weights must be positive finite numbers, one per expert, got \{'dog': -1.0\}"),
-        ({"activation": "sigmoid", "prior_weights": [0.5, 1.0]}, r"sigmoid gates need prior weights below 1, got \[0.5, 1.0\]"),
+        ({"activation": "sigmoid", "prior_weights": [0.5, 1.0]}, r"^sigmoid gates need prior weights below 1, got \[0.5, 1.0\] "
+                                                                 r"\(one expert's default prior is 1: pass prior_weights, e.g. \[0.5\]\)$"),
     ],
 )
 def test_a_setting_that_cannot_be_is_refused_naming_it_and_what_was_expected(settings, message):
     with pytest.raises(MoLEError, match=message):
         GateConfig(**settings)
+
+
+def test_gates_keep_the_granularity_they_were_placed_with(world):
+    """Turning gates into another kind changes what each gate computes, never where the gates are."""
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]})
+    with pytest.raises(MoLEError, match=r"^these gates have granularity 'block', not 'layer': load the experts again with "
+                                        r"that granularity$"):
+        pipe.mole.set_gate_config(GateConfig(granularity="layer"))
 
 
 def test_a_config_stays_as_it_was_checked():
