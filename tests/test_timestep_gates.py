@@ -36,6 +36,7 @@ def test_timestep_offsets_interpolate_between_knots():
     torch.testing.assert_close(gate.timestep_offsets(t, 5), expected)
     # noise levels outside [0, 1] are held at the end knots
     torch.testing.assert_close(gate.timestep_offsets(torch.tensor([-0.5, 2.0]), 2), torch.tensor([[0.0, 1.0], [6.0, 1.0]]))
+    torch.testing.assert_close(gate.timestep_offsets(1, 2), torch.tensor([[6.0, 1.0], [6.0, 1.0]]))  # a plain number, for a batch
     features = torch.randn(5, 7, 4)
     logits = torch.nn.functional.linear(torch.nn.functional.normalize(features, dim=-1).mean(1), gate.weight, gate.bias)
     torch.testing.assert_close(gate(features, t), (logits + expected).softmax(-1))
