@@ -158,6 +158,9 @@ def test_a_gate_file_written_the_old_way_loads_with_the_same_settings(world, tmp
         ({"gate_config": '{"activation": "softmax", "temperature": 2}'}, r"gate_config should be an object of some of \['granularity'"),
         ({"gate_config": '{"activation": "relu"}'}, "changed.safetensors: gate file metadata: activation must be one of"),
         ({"gate_config": '{"prior_weights": [1.0]}'}, r"gate file metadata: prior_weights must be 2 positive finite numbers"),
+        ({"per_position": "yes"}, r"gate file metadata per_position / timestep_knots is not JSON \(Expecting value"),
+        ({"activation": "relu"}, r"gate file metadata names an unknown kind of gate \{'activation': 'relu', 'per_position': False, "
+                                 r"'timestep_knots': 0\} \(activation one of"),
     ],
 )
 def test_a_gate_file_whose_config_cannot_be_is_refused_and_changes_no_gate(world, tmp_path, change, message):
