@@ -467,3 +467,12 @@ def test_regional_routing_refuses_a_unet_whose_cross_attention_it_cannot_read(wo
                                         r"transformer blocks; this UNet has none \(or fused projections: "
                                         r"unfuse_qkv_projections\(\) first\)$"):
         RegionalRouting(unet, tokenizer, ["a"], {"a": "red"}, None, 0.5)
+
+
+# Mutants of routing.py that no test can kill, being equivalent: set_prompts padding to "max_length" with or without
+# max_length= (the tokenizer's model_max_length either way); a window start past the end of the ids (it never
+# matches); trigger positions marked 2 instead of 1 (maps are divided by their peak); .to(device) on one CPU device;
+# sample.shape[+2:] for shape[-2:] of a 4-D latent; initial values of mask_history, _latent_size and _query, each
+# set before it is read; the map hook's guard on _query (diffusers' processors call to_q before to_k);
+# transpose(-1, +2) of a 4-D tensor; align_corners=None (False for bilinear); ">=" for ">" against the threshold
+# (a float ratio equal to it).

@@ -318,3 +318,7 @@ def test_the_attribute_judge_reads_images_at_the_resolution_it_was_trained_at(tm
     judge.judge.predict = lambda images: seen.append(tuple(images.shape)) or predict(images)
     judge.read([Image.new("RGB", (64, 64), (200, 30, 30))], ["a red sks"])
     assert seen == [(1, 3, 32, 32)]
+
+
+# Mutants of presence.py that no test can kill, being equivalent: the judge or detector moved to device None or to
+# the default "cpu" instead of the "cpu" passed (one CPU device).
