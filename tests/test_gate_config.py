@@ -3,6 +3,7 @@ the command line take it; gate files from before it (the settings as keys of the
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -147,6 +148,11 @@ def test_a_gate_file_written_the_old_way_loads_with_the_same_settings(world, tmp
     with safe_open(str(ASSETS / "gates.safetensors"), "pt") as f:
         assert "gate_config" not in f.metadata() and "activation" not in f.metadata()
     assert read_gate_config(ASSETS / "gates.safetensors") == GateConfig()
+    # an old file whose keys name a kind no GateConfig can be: refused, naming the file
+    old_gate_file(pipe, tmp_path / "impossible.safetensors", {"granularity": "layer", "per_position": "true"})
+    with pytest.raises(MoLEError, match="^" + re.escape(f"{tmp_path / 'impossible.safetensors'}: gate file metadata: per-position "
+                                                        "gates read a block's feature map: granularity 'block', not 'layer'")):
+        read_gate_config(tmp_path / "impossible.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -160,7 +166,8 @@ def test_a_gate_file_written_the_old_way_loads_with_the_same_settings(world, tmp
         ({"gate_config": '{"prior_weights": [1.0]}'}, r"gate file metadata: prior_weights must be 2 positive finite numbers"),
         ({"per_position": "yes"}, r"gate file metadata per_position / timestep_knots is not JSON \(Expecting value"),
         ({"activation": "relu"}, r"gate file metadata names an unknown kind of gate \{'activation': 'relu', 'per_position': False, "
-                                 r"'timestep_knots': 0\} \(activation one of"),
+                                 r"'timestep_knots': 0\} \(activation one of \('softmax', 'sigmoid', 'softplus'\), per_position "
+                                 r"true or false, timestep_knots 0 or at least 2\)$"),
     ],
 )
 def test_a_gate_file_whose_config_cannot_be_is_refused_and_changes_no_gate(world, tmp_path, change, message):
@@ -186,3 +193,7 @@ def test_train_gates_builds_the_gate_config_from_its_options(world, concepts_fil
     err = capsys.readouterr().err
     assert "train-gates: error: per-position gates read a block's feature map: granularity 'block', not 'layer'" in err
     assert not (tmp_path / "bad").exists()  # refused before the run began
+
+
+# Mutants of gate_file.py judged equivalent: `known = None` for `known = False` (both falsy); an old file's config
+# checked with no expert names (files from before the gate_config key recorded no prior weights to put in order).
