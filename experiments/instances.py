@@ -27,13 +27,11 @@ import torch
 
 from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.demo import world
-from mole_diffusion.demo.judge import scene_labels
+from mole_diffusion.demo.judge import CONCEPT_ATTRIBUTES, scene_labels
 from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.eval.attribute_judge import load_judge
 
 NAMES = tuple(world.CONCEPTS)
-# the value of each concept, as a scene holds it
-CONCEPT_FIELDS = {"star": ("shape", "star"), "stripes": ("style", "stripes"), "checker": ("background", "checker")}
 
 
 def built_world(assets: Path) -> tuple[world.World, dict]:
@@ -57,8 +55,14 @@ def draw(pipe, prompt: str, seeds: list[int], steps: int, guidance_scale: float)
 
 
 def with_concept(scene: world.Scene, name: str) -> world.Scene:
-    field, value = CONCEPT_FIELDS[name]
+    field, value = CONCEPT_ATTRIBUTES[name]  # a scene's fields and the judge's attributes share their names
     return replace(scene, **{field: value})
+
+
+def shows(seen: dict[str, str], name: str) -> bool:
+    """Whether the judge's reading of an image shows concept ``name``."""
+    attribute, value = CONCEPT_ATTRIBUTES[name]
+    return seen[attribute] == value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,11 +107,10 @@ def main(argv: list[str] | None = None) -> None:
               "| concept | present | spread | references | ratio |", "|---|---|---|---|---|"]
     for name in NAMES:
         pipe.set_experts([name], [1.0])
-        attribute, value = CONCEPT_FIELDS[name]  # a scene's field and the judge's attribute share their names
         present, spreads = 0, []
         for scene in world.concept_scenes(name, args.prompts, seed=7002, world=known):
             images = draw(pipe, scene.caption, **run)
-            present += sum(seen[attribute] == value for seen in judge.predict(images))
+            present += sum(shows(seen, name) for seen in judge.predict(images))
             spreads.append(spread(judge.locate(images)))
         references = spread([s.center for s in world.concept_scenes(name, settings["concept_images"], settings["seed"], known)])
         found = [s for s in spreads if s is not None]
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         for scene in world.concept_scenes(first, args.prompts, seed=7003, world=known):
             scene = with_concept(scene, second)
             for seen in judge.predict(draw(pipe, scene.caption, **run)):
-                both += all(seen[CONCEPT_FIELDS[n][0]] == CONCEPT_FIELDS[n][1] for n in (first, second))
+                both += shows(seen, first) and shows(seen, second)
         lines.append(f"| {first} + {second} | {100 * both / total:.1f}% |")
         print(lines[-1], flush=True)
     lines.append("")

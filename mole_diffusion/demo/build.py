@@ -156,6 +156,10 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     partial.rename(folder)
 
 
+def _world(settings: BuildSettings) -> world.World:
+    return world.WORLDS[settings.world]
+
+
 def _device(settings: BuildSettings) -> torch.device:
     return torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -181,7 +185,7 @@ def train_clip(out: Path, settings: BuildSettings) -> Path:
     generator = torch.Generator().manual_seed(settings.seed)
     bar = tqdm(range(settings.clip_steps), desc="clip")
     for _ in bar:
-        scenes = [world.any_scene(rng, world.WORLDS[settings.world]) for _ in range(settings.clip_batch_size)]
+        scenes = [world.any_scene(rng, _world(settings)) for _ in range(settings.clip_batch_size)]
         images = (jitter(scene_pixels(scenes), generator).to(device).float() / 255 - mean) / std
         texts = tokenizer([s.caption for s in scenes]).to(device)
         image_features, text_features, logit_scale = model(images, texts)[:3]
@@ -213,7 +217,7 @@ def train_vae(settings: BuildSettings):
     bar = tqdm(range(settings.vae_steps), desc="vae")
     crop = RESOLUTION // 2
     for _ in bar:
-        images = scene_pixels([world.any_scene(rng, world.WORLDS[settings.world]) for _ in range(settings.vae_batch_size)])
+        images = scene_pixels([world.any_scene(rng, _world(settings)) for _ in range(settings.vae_batch_size)])
         x, y = torch.randint(0, RESOLUTION - crop + 1, (2,), generator=generator).tolist()
         pixels = images[:, :, y : y + crop, x : x + crop].to(device).float() / 127.5 - 1
         posterior = vae.encode(pixels).latent_dist
@@ -227,7 +231,7 @@ def train_vae(settings: BuildSettings):
     vae.eval()
     # SD's convention: latents times scaling_factor have unit variance
     with torch.no_grad():
-        pixels = scene_pixels(world.base_world(256, settings.seed + 1, world.WORLDS[settings.world])).to(device).float() / 127.5 - 1
+        pixels = scene_pixels(world.base_world(256, settings.seed + 1, _world(settings))).to(device).float() / 127.5 - 1
         std = vae.encode(pixels).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae.cpu()
@@ -278,7 +282,7 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
     vae.register_to_config(_name_or_path="")  # not this build folder's path, in the shipped config.json
     pipe = make_pipeline(vae, settings, stage / "tokenizer")
 
-    scenes = world.base_world(settings.base_images, seed=settings.seed, world=world.WORLDS[settings.world])
+    scenes = world.base_world(settings.base_images, seed=settings.seed, world=_world(settings))
     latents = []
     with torch.no_grad():
         for start in range(0, len(scenes), 256):
@@ -338,7 +342,7 @@ def filler_caption_folder(root: Path, name: str, settings: BuildSettings) -> Pat
     images = root / "world" / "concepts" / name
     rng = random.Random(f"fillers-{name}-{settings.seed}")
     folder.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(world.concept_scenes(name, settings.concept_images, settings.seed, world.WORLDS[settings.world])):
+    for i, scene in enumerate(world.concept_scenes(name, settings.concept_images, settings.seed, _world(settings))):
         for k, caption in enumerate([scene.caption, *world.filler_captions(scene, name, rng)]):
             shutil.copyfile(images / f"{i:03d}.png", folder / f"{i:03d}{'abcd'[k]}.png")
             (folder / f"{i:03d}{'abcd'[k]}.txt").write_text(caption + "\n")
@@ -468,7 +472,7 @@ def build(out: str | Path, settings: BuildSettings | None = None) -> Path:
     text = json.dumps({**json.loads(record.read_text()), **recorded} if record.is_file() else recorded, indent=1)
     write_atomically(record, lambda temporary: temporary.write_text(text))
     world.write_world(out / "world", base_count=0, concept_count=settings.concept_images, resolution=RESOLUTION, seed=settings.seed,
-                      world=world.WORLDS[settings.world])
+                      world=_world(settings))
     # each stage's folder appears only once the stage has written it whole (staged_folder)
     if not (out / "clip").is_dir():
         with staged_folder(out / "clip") as folder:

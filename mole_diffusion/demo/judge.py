@@ -34,7 +34,6 @@ from . import world
 from .images import RESOLUTION, jitter, scene_pixels
 
 
-
 def judged_attributes(known: world.World = world.V1) -> dict[str, tuple[str, ...]]:
     """What the judge of a world reads: every value the base knows of each factor, and each held-out concept's."""
     return {
@@ -43,6 +42,7 @@ def judged_attributes(known: world.World = world.V1) -> dict[str, tuple[str, ...
         "style": ("plain", *(s for s in known.styles if s), "stripes"),
         "background": (*known.backgrounds, "checker"),
     }
+
 
 # the attribute value that shows each held-out concept
 CONCEPT_ATTRIBUTES = {"star": ("shape", "star"), "stripes": ("style", "stripes"), "checker": ("background", "checker")}
