@@ -1,3 +1,4 @@
+import os
 import socket
 import warnings
 
@@ -15,7 +16,13 @@ from mole_diffusion.testing import make_tiny_lora, make_tiny_pipeline
 
 diffusers_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(2)
+# `pytest -n auto` (pytest-xdist) runs one worker per core: each worker, and every process it starts, gets one
+# thread, since OpenMP threads that outnumber the cores spin and run many times slower
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
