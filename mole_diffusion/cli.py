@@ -512,10 +512,13 @@ def ui(args: argparse.Namespace) -> None:
 
 
 def build_demo(args: argparse.Namespace) -> None:
-    from .demo.build import WORLD_SETTINGS, BuildSettings, build, install_assets
+    from .demo.build import BuildSettings, build, install_assets
 
-    recipe = {k: v for k, v in WORLD_SETTINGS[args.world or "v1"].items() if getattr(args, k, None) is None}
-    root = build(args.out, _config_from(BuildSettings, args, **recipe))
+    from dataclasses import fields
+
+    given = {f.name: getattr(args, f.name) for f in fields(BuildSettings)
+             if f.name != "world" and getattr(args, f.name, None) is not None}
+    root = build(args.out, BuildSettings.for_world(args.world or "v1", **given))
     print(f"installed the demo world in {install_assets(root, Path(args.assets) if args.assets else root / 'assets')}")
 
 

@@ -238,6 +238,10 @@ def test_build_demo_builds_the_second_world_with_its_recipe_and_the_options_give
     assert (second.world, second.unet_channels, second.unet_cross_attention, second.text_width) == ("v2", [64, 128, 128], [True] * 3, 64)
     assert (second.concept_images, second.lora_steps) == (64, 5)  # the recipe, then the options
     assert first == BuildSettings()
+    assert second == BuildSettings.for_world("v2", lora_steps=5)  # what the CLI builds, from Python
+    assert BuildSettings.for_world("v2") != BuildSettings(world="v2")  # the world alone keeps the first's sizes
+    with pytest.raises(ValueError, match="unknown demo world 'v3': expected one of v1, v2"):
+        BuildSettings.for_world("v3")
 
 
 def test_build_demo_takes_the_unet_widths_and_refuses_odd_ones(tmp_path, capsys):

@@ -131,8 +131,16 @@ class BuildSettings:
     validation_steps: int = 20  # sampling steps of the LoRA and gate runs' validation grids
     device: str | None = None
 
+    @classmethod
+    def for_world(cls, name: str, **settings) -> "BuildSettings":
+        """The settings `build-demo --world name` builds with: the world's recipe (WORLD_SETTINGS), then
+        ``settings``. ``BuildSettings(world=name)`` changes only what the base learns, not the model sizes."""
+        if name not in WORLD_SETTINGS:
+            raise ValueError(f"unknown demo world {name!r}: expected one of {', '.join(WORLD_SETTINGS)}")
+        return cls(world=name, **{**WORLD_SETTINGS[name], **settings})
 
-# each world's recipe: the settings that differ from BuildSettings' defaults (the first world's). The second world's
+
+# each world's recipe (BuildSettings.for_world): the settings that differ from the defaults (the first world's). The second world's
 # base attends to the text at 16x16 as well, with a 64-wide text encoder and the 4x UNet: one training step costs
 # 4x the first world's (benchmarks/bench_demo_base.py), 3000 steps about 2 hours on 2 CPU cores. Its LoRAs learn
 # from 64 references each for 1000 steps: with 16 references and 2000 steps the star LoRA drew one training picture
