@@ -140,11 +140,11 @@ class BuildSettings:
         return cls(world=name, **{**WORLD_SETTINGS[name], **settings})
 
 
-# each world's recipe (BuildSettings.for_world): the settings that differ from the defaults (the first world's). The second world's
-# base attends to the text at 16x16 as well, with a 64-wide text encoder and the 4x UNet: one training step costs
-# 4x the first world's (benchmarks/bench_demo_base.py), 3000 steps about 2 hours on 2 CPU cores. Its LoRAs learn
-# from 64 references each for 1000 steps: with 16 references and 2000 steps the star LoRA drew one training picture
-# whatever the seed (docs/demo-world.md)
+# each world's recipe (BuildSettings.for_world): the settings that differ from the defaults (the first world's).
+# The second world's base attends to the text at 16x16 as well, with a 64-wide text encoder and the 4x UNet: one
+# training step costs 4x the first world's (benchmarks/bench_demo_base.py), 3000 steps about 2 hours on 2 CPU
+# cores. Its LoRAs learn from 64 references each for 1000 steps: with 16 references and 2000 steps the star LoRA
+# drew one training picture whatever the seed (docs/demo-world.md)
 WORLD_SETTINGS: dict[str, dict] = {
     "v1": {},
     "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
