@@ -279,6 +279,23 @@ def test_flux_single_block_text_tokens_keep_the_per_sample_weights():
     torch.testing.assert_close(layer(x.clone()), per_sample, rtol=1e-5, atol=1e-5)
 
 
+def test_a_layer_on_the_image_tokens_alone_gets_the_position_weights_alone():
+    """A gate whose block leads with the prompt's tokens prepends their per-sample weights only for a layer that
+    sees them too; a layer on the image tokens alone reads the positions' weights, one token each."""
+    from mole_diffusion.gates import Gate
+
+    gate = Gate(2, 8)
+    text, image = 3, 10
+    gate.weights = torch.tensor([[0.3, 0.9], [1.2, 0.1]])
+    gate.leading_tokens = text
+    gate.position_weights = torch.rand(2, 2, 1, image, generator=torch.Generator().manual_seed(0))
+    on_image = gate.position_weights.flatten(2).transpose(1, 2)  # (B, tokens, N)
+    torch.testing.assert_close(gate.token_weights(image), on_image)
+    joint = gate.token_weights(text + image)
+    torch.testing.assert_close(joint[:, text:], on_image)
+    torch.testing.assert_close(joint[:, :text], gate.weights[:, None].expand(-1, text, -1))
+
+
 def test_export_block_weights_then_fused_constant_weights(family_world):
     """export_block_weights reads the learned gates' mean weights per gate; set as constant weights and fused
     they drive every gate at that mean (no gate cost), as the SD pipeline does."""

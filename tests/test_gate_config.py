@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from mole_diffusion import GateConfig, MoLEError
 from mole_diffusion.cli import main
 from mole_diffusion.demo.run import ASSETS
-from mole_diffusion.gate_file import base_fingerprint, gate_kind, read_gate_config
+from mole_diffusion.gate_file import GateFileError, base_fingerprint, gate_kind, read_gate_config, read_gate_file
 
 SIGMOID_PER_POSITION = GateConfig(activation="sigmoid", per_position=True, timestep_knots=3)
 
@@ -179,6 +179,24 @@ def test_a_gate_file_whose_config_cannot_be_is_refused_and_changes_no_gate(world
     with pytest.raises(MoLEError, match=message):
         read_gate_config(tmp_path / "changed.safetensors")
     assert_refused_leaving_gates_as_they_were(world, tmp_path / "changed.safetensors", message)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda metadata: {"format": "kohya"}, "not a mole-diffusion gate file (metadata format='kohya')"),
+        (lambda metadata: {"format_version": "9"}, "gate file format version 9, this version reads 1"),
+        (lambda metadata: {"expert_names": "[star"}, "gate file metadata expert_names / expert_hashes is not JSON (Expecting value"),
+        # the names again, as a list: every name has an entry, but no hash
+        (lambda metadata: {"expert_hashes": metadata["expert_names"]}, "gate file metadata expert_hashes should hold one hash for each of"),
+    ],
+)
+def test_a_gate_file_whose_metadata_cannot_be_read_is_refused_saying_what_it_holds(tmp_path, change, message):
+    tensors, metadata = read_gate_tensors(ASSETS / "gates.safetensors")
+    path = tmp_path / "changed.safetensors"
+    save_file(tensors, str(path), metadata={**metadata, **change(metadata)})
+    with pytest.raises(GateFileError, match="^" + re.escape(f"{path}: {message}")):
+        read_gate_file(path)
 
 
 def test_train_gates_builds_the_gate_config_from_its_options(world, concepts_file, tmp_path, capsys):
