@@ -27,17 +27,25 @@ else:
     torch.set_num_threads(2)
 
 
+# Under mutmut, a mutant runs only the tests that took under this long in its timed clean run: a mutant those
+# survive is then checked against the slower tests by hand (README, "Contributing")
+MUTANT_TEST_SECONDS = 1.0
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under mutmut (which runs the tests in its mutants/ folder, beside its timings) the fastest test files go
-    first: a mutant is killed by its first failing test, and most are killed by a fast one. Files stay whole, so
-    that a module's fixtures are built once."""
+    """Under mutmut (which runs the tests in its mutants/ folder, beside its timings) a mutant runs the fast tests
+    that reach it, the fastest files first: most mutants are killed by the first fast test that fails. Files stay
+    whole, so that a module's fixtures are built once."""
     timings = Path("mutmut-stats.json")
-    if "MUTANT_UNDER_TEST" in os.environ and timings.is_file():
-        seconds = json.loads(timings.read_text())["duration_by_test"]
-        per_file: dict[str, float] = {}
-        for item in items:
-            per_file[item.path.name] = per_file.get(item.path.name, 0.0) + seconds.get(item.nodeid, 0.0)
-        items.sort(key=lambda item: per_file[item.path.name])
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", "") or not timings.is_file():
+        return
+    seconds = json.loads(timings.read_text())["duration_by_test"]
+    fast = [item for item in items if seconds.get(item.nodeid, 0.0) < MUTANT_TEST_SECONDS] or items
+    config.hook.pytest_deselected(items=[item for item in items if item not in fast])
+    per_file: dict[str, float] = {}
+    for item in fast:
+        per_file[item.path.name] = per_file.get(item.path.name, 0.0) + seconds.get(item.nodeid, 0.0)
+    items[:] = sorted(fast, key=lambda item: per_file[item.path.name])
 
 
 @pytest.fixture(scope="session")

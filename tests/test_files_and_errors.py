@@ -1,5 +1,7 @@
 """Gate files (round trip and refusals) and bad LoRA files: clear errors, nothing changed."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,15 @@ def test_lora_for_a_missing_module_is_refused(world, mole_pipe, tmp_path):
 def test_missing_corrupt_and_pickled_files(mole_pipe, tmp_path):
     with pytest.raises(ExpertError, match="nope.safetensors: LoRA file not found"):
         mole_pipe.load_experts([tmp_path / "nope.safetensors"])
+    # folders saved with pickled weights only (diffusers' and PEFT's .bin): the file looked for is named
+    for folder in ("saved", "peft"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "saved" / "pytorch_lora_weights.bin").write_bytes(b"pickled")
+    (tmp_path / "peft" / "adapter_model.bin").write_bytes(b"pickled")
+    (tmp_path / "peft" / "adapter_config.json").write_text('{"r": 4}')
+    for wanted in (tmp_path / "saved" / "pytorch_lora_weights.safetensors", tmp_path / "peft" / "adapter_model.safetensors"):
+        with pytest.raises(ExpertError, match="^" + re.escape(f"{wanted}: LoRA file not found (only .safetensors files are read)") + "$"):
+            mole_pipe.load_experts([wanted.parent])
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ExpertError, match="bad.safetensors: not a readable safetensors"):
         mole_pipe.load_experts([tmp_path / "bad.safetensors"])

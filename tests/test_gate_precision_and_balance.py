@@ -97,6 +97,7 @@ def test_gate_coverage_follows_the_experts_modules(world, mole_pipe):
     mole_pipe.load_experts({"a": world["a"], "c": world["c"]})
     mole = mole_pipe.mole
     coverage = mole.gate_coverage()
+    assert coverage.dtype == torch.bool  # a mask (1.0 == True would pass the rows below)
     for row, (name, gate) in enumerate(mole.gates.items()):
         expected = [any(mole.layers[m].gate is gate for m in expert.layers) for expert in mole.experts]
         assert coverage[row].tolist() == expected, name

@@ -150,3 +150,15 @@ def test_a_gate_prints_its_kind():
     assert repr(Gate(2, 4)) == "Gate(num_experts=2, in_features=4, activation=softmax)"
     gate = Gate(3, 8, prior_weights=[0.2, 0.3, 0.5], activation="sigmoid", per_position=True, timestep_knots=2)
     assert repr(gate) == "Gate(num_experts=3, in_features=8, activation=sigmoid, per_position=True, timestep_knots=2)"
+
+
+# Mutants of the core judged equivalent (no input can tell them apart on one CPU device in float32):
+# - gates.py: position_map's F.normalize without dim= (its default is the channel dim it names) and its einsum
+#   subscripts in capitals; timestep_offsets' knots moved to device None or built without dtype=float32 (the noise
+#   level is 0 or 1 when it is a whole number, a float otherwise); token_weights reading shape[+2:] for shape[-2:]
+#   of the 4-D map.
+# - layers.py: _rescale's .to(None).
+# - inject.py: remove() leaving regional as "" for None: unload_experts drops the MoLE, nothing reads it again.
+# - experts.py: _add_dora_scales' stand-in LoRA built with other shapes (only its key names and flattened values
+#   are read), and its per-input-channel check on shape[0] == 1 written otherwise (the two differ only for
+#   modules of one or two output channels, which no LoRA target has).

@@ -218,6 +218,18 @@ def gate_formula_by_position(gate, features):
     return weights
 
 
+def test_position_weights_are_averaged_onto_coarser_grids_and_repeated_onto_finer_ones():
+    """A layer on another grid than its gate's map (a down- or upsampler in the block) reads the map resampled:
+    the mean of each cell's positions on a coarser grid, each position's weights repeated on a finer one."""
+    gate = Gate(2, 8)
+    gate.position_weights = torch.rand(2, 2, 4, 6, generator=torch.Generator().manual_seed(0))  # (B, N, H, W)
+    assert gate.position_weights_on((4, 6)) is gate.position_weights
+    coarser = gate.position_weights.reshape(2, 2, 2, 2, 3, 2).mean(dim=(3, 5))  # 2 x 2 cells
+    torch.testing.assert_close(gate.position_weights_on((2, 3)), coarser)
+    finer = gate.position_weights.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.testing.assert_close(gate.position_weights_on((8, 12)), finer)
+
+
 def test_per_position_weights_on_non_square_latents_follow_the_gate_at_each_row_and_column(world, mole_pipe, tmp_path):
     """On 16 x 24 latents (blocks at 16 x 24 and 8 x 12) with random gates, a block's per-position weights are the
     gate's formula at each (y, x) of its input feature map, and an adapted layer gives image token y * width + x the
