@@ -42,6 +42,10 @@ def test_per_block_weights_equal_diffusers_set_adapters_per_block(world, gated, 
     unfused = generate(gated)
     gated.fuse_experts()
     torch.testing.assert_close(torch.from_numpy(generate(gated)), torch.from_numpy(unfused), rtol=1e-4, atol=1e-4)
+    # switching or masking experts that are fused into the weights is refused, saying how to go on
+    for switch in (lambda: gated.set_experts(["a"]), lambda: gated.mole.mask_experts(["a"])):
+        with pytest.raises(RuntimeError, match=r"^experts are fused into the base weights: call unfuse_experts\(\) first$"):
+            switch()
     gated.unfuse_experts()
 
 

@@ -134,6 +134,18 @@ def test_lora_for_a_missing_module_is_refused(world, mole_pipe, tmp_path):
     assert_no_experts(mole_pipe)
 
 
+def test_the_package_gate_functions_default_to_stable_diffusion_and_no_named_base(world, mole_pipe, tmp_path):
+    from mole_diffusion import load_gates, save_gates
+    from mole_diffusion.gate_file import read_gate_file
+
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    save_gates(mole_pipe.mole, tmp_path / "gates.safetensors")
+    _, metadata = read_gate_file(tmp_path / "gates.safetensors")
+    assert (metadata["family"], metadata["base_model"]) == ("sd", "")  # not the working folder
+    load_gates(mole_pipe.mole, tmp_path / "gates.safetensors")  # read back with the same defaults
+    mole_pipe.load_gates(tmp_path / "gates.safetensors")  # and by a Stable Diffusion pipeline
+
+
 def test_missing_corrupt_and_pickled_files(mole_pipe, tmp_path):
     with pytest.raises(ExpertError, match="nope.safetensors: LoRA file not found"):
         mole_pipe.load_experts([tmp_path / "nope.safetensors"])

@@ -156,9 +156,13 @@ def test_a_gate_prints_its_kind():
 # - gates.py: position_map's F.normalize without dim= (its default is the channel dim it names) and its einsum
 #   subscripts in capitals; timestep_offsets' knots moved to device None or built without dtype=float32 (the noise
 #   level is 0 or 1 when it is a whole number, a float otherwise); token_weights reading shape[+2:] for shape[-2:]
-#   of the 4-D map.
-# - layers.py: _rescale's .to(None).
-# - inject.py: remove() leaving regional as "" for None: unload_experts drops the MoLE, nothing reads it again.
+#   of the 4-D map; _apply moving a tensor of unchanged dtype by t.to(device) instead of the move it was given (the
+#   same tensor).
+# - layers.py: _rescale's .to(None); select_experts indexing every row when every expert is kept (the same output;
+#   not indexing is only faster).
+# - inject.py: remove() leaving regional as "" for None: unload_experts drops the MoLE, nothing reads it again;
+#   _gate_scope's search for the enclosing block starting at the adapted module itself (a Linear or Conv, never a
+#   block).
 # - experts.py: _add_dora_scales' stand-in LoRA built with other shapes (only its key names and flattened values
 #   are read), and its per-input-channel check on shape[0] == 1 written otherwise (the two differ only for
 #   modules of one or two output channels, which no LoRA target has).
