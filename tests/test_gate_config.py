@@ -199,6 +199,15 @@ def test_a_gate_file_whose_metadata_cannot_be_read_is_refused_saying_what_it_hol
         read_gate_file(path)
 
 
+def test_injection_refuses_a_granularity_where_the_gate_config_goes():
+    """inject_experts once took the granularity as its third argument; a caller still passing one is told what
+    the argument is now."""
+    from mole_diffusion.inject import inject_experts
+
+    with pytest.raises(TypeError, match="^gate_config must be a GateConfig, got 'block'$"):
+        inject_experts({}, [], "block")
+
+
 def test_train_gates_builds_the_gate_config_from_its_options(world, concepts_file, tmp_path, capsys):
     common = ["--base", str(world["base"]), "--concepts", str(concepts_file), "--resolution", "32", "--steps", "1",
               "--batch-size", "2", "--validation-steps", "1", "--validation-seeds", "0"]
