@@ -512,9 +512,9 @@ def ui(args: argparse.Namespace) -> None:
 
 
 def build_demo(args: argparse.Namespace) -> None:
-    from .demo.build import BuildSettings, build, install_assets
-
     from dataclasses import fields
+
+    from .demo.build import BuildSettings, build, install_assets
 
     given = {f.name: getattr(args, f.name) for f in fields(BuildSettings)
              if f.name != "world" and getattr(args, f.name, None) is not None}

@@ -1,8 +1,8 @@
 import json
 import os
 import socket
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
