@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config, items):
         return
     seconds = json.loads(timings.read_text())["duration_by_test"]
     fast = [item for item in items if seconds.get(item.nodeid, 0.0) < MUTANT_TEST_SECONDS] or items
-    config.hook.pytest_deselected(items=[item for item in items if item not in fast])
+    kept = set(fast)
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     per_file: dict[str, float] = {}
     for item in fast:
         per_file[item.path.name] = per_file.get(item.path.name, 0.0) + seconds.get(item.nodeid, 0.0)
