@@ -16,6 +16,7 @@ from conftest import generate, randomise_gates, write_images
 from mole_diffusion import GateConfig, MoLEStableDiffusionPipeline
 from mole_diffusion.cli import main
 from mole_diffusion.gates import balance_loss, mean_expert_weights
+from mole_diffusion.layers import MoLELayer
 from mole_diffusion.errors import MoLEError
 from mole_diffusion.train import GateTrainingConfig, train_gates
 
@@ -79,6 +80,20 @@ def test_a_bfloat16_pipeline_generates_with_fp32_gates(world, mole_pipe):
     assert np.isfinite(images).all()
     assert all(p.dtype == torch.float32 for p in mole_pipe.mole.gate_parameters())
     assert all(h.dtype == torch.float32 for h in mole_pipe.gate_weights.values())
+
+
+def test_experts_loaded_into_a_half_precision_model_are_kept_in_its_precision(world, mole_pipe):
+    """The LoRA files are fp32: their factors take the model's dtype on loading (an fp32 B would double its memory
+    and break the conv branch), while the gates stay fp32."""
+    mole_pipe.to(torch.bfloat16)
+    mole_pipe.load_experts({"a": world["a"], "c": world["c"]})
+    layers = [m for m in mole_pipe.unet.modules() if isinstance(m, MoLELayer)]
+    assert any(isinstance(layer.base_layer, torch.nn.Conv2d) for layer in layers)
+    for layer in layers:
+        assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    images = generate(mole_pipe, num_inference_steps=1, height=16, width=16)
+    assert np.isfinite(images).all()
+    assert all(p.dtype == torch.float32 for p in mole_pipe.mole.gate_parameters())
 
 
 # -- item 3: the balance loss counts only the experts that act at a gate ---------------------------------
