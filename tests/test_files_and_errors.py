@@ -197,6 +197,19 @@ def test_save_pretrained_is_refused_while_experts_are_loaded_and_works_after_unl
         assert torch.equal(again.unet.state_dict()[name], tensor), name
 
 
+def test_loaded_experts_stay_out_of_the_models_state_dicts(world, mole_pipe):
+    """The experts' factors and routing buffers travel with the model (.to) but are not its weights: the state dicts
+    hold the base weights (under base_layer) and the gates, nothing else, also while an expert is masked."""
+    before = {"unet": dict(mole_pipe.unet.state_dict()), "text_encoder": dict(mole_pipe.text_encoder.state_dict())}
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.mole.mask_experts(["b"])  # "a" masked: its layers hold the rank rows they keep
+    assert any(layer.active_rows is not None for layer in mole_pipe.mole.layers.values())
+    for name, state in before.items():
+        after = getattr(mole_pipe, name).state_dict()
+        kept = {k.replace(".base_layer", "") for k in after if ".mole_gate." not in k}
+        assert kept == state.keys(), name
+
+
 def test_a_gate_file_of_other_shapes_names_the_tensor_and_changes_no_gate(world, mole_pipe, tmp_path):
     mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
     randomise_gates(mole_pipe)

@@ -158,7 +158,8 @@ def test_a_gate_prints_its_kind():
 #   level is 0 or 1 when it is a whole number, a float otherwise); token_weights reading shape[+2:] for shape[-2:]
 #   of the 4-D map; _apply moving a tensor of unchanged dtype by t.to(device) instead of the move it was given (the
 #   same tensor).
-# - layers.py: _rescale's .to(None); select_experts indexing every row when every expert is kept (the same output;
+# - layers.py: _rescale's .to(None); the DoRA offsets kept in the dtype they come in rather than cast to float32
+#   (injection builds them in float32); select_experts indexing every row when every expert is kept (the same output;
 #   not indexing is only faster).
 # - inject.py: remove() leaving regional as "" for None: unload_experts drops the MoLE, nothing reads it again;
 #   _gate_scope's search for the enclosing block starting at the adapted module itself (a Linear or Conv, never a
