@@ -27,6 +27,26 @@ def test_untrained_gate_returns_prior_for_any_input():
         torch.testing.assert_close(out, prior.expand(2, 3))
 
 
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "softplus"])
+def test_a_gate_without_a_prior_starts_uniform(activation):
+    """No prior: every expert at 1/N, whatever the activation."""
+    out = Gate(4, 16, activation=activation)(torch.randn(2, 16, 8, 8))
+    torch.testing.assert_close(out, torch.full((2, 4), 0.25))
+
+
+def test_a_gates_state_holds_its_parameters_alone():
+    """The mask and the constant weights are settings of the pipeline, not trained state: gate files and the
+    models' state dicts carry the parameters alone."""
+    gate = Gate(3, 8, timestep_knots=2)
+    assert gate.state_dict().keys() == dict(gate.named_parameters()).keys()
+
+
+def test_timestep_knots_are_made_on_the_gates_device():
+    gate = Gate(2, 4).to("meta")  # a device other than the CPU, on any machine
+    gate.set_timestep_knots(3)
+    assert gate.timestep_logits.device.type == "meta" and gate.timestep_logits.shape == (2, 3)
+
+
 def test_gate_input_is_mean_token_direction_and_resolution_independent():
     h = torch.randn(2, 16, 8, 8)
     expected = (h / h.norm(dim=1, keepdim=True)).mean(dim=(2, 3))
