@@ -151,7 +151,7 @@ def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Mod
     for component in components:
         part = {k.removeprefix(f"{component}."): v for k, v in state_dict.items() if k.startswith(f"{component}.")}
         if component == components[0] and not any(k.split(".")[0] in COMPONENTS for k in state_dict):
-            part = dict(state_dict)  # unprefixed files are the denoiser's LoRAs, as in diffusers
+            part = dict(state_dict)  # unprefixed files are the denoiser's (diffusers: load_lora_adapter(prefix=None))
         if not part:
             continue
         if component == components[0]:

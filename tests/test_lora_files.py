@@ -145,6 +145,30 @@ def test_rslora_adapter_folder_is_scaled_by_alpha_over_sqrt_rank(pipelines, tmp_
                                                                         rslora=True, seed=1)), atol=1e-4)
 
 
+def test_a_file_without_component_prefixes_is_the_denoisers(pipelines, tmp_path):
+    """A UNet LoRA saved without the "unet." prefix (a trainer that saves the UNet's adapter alone) adapts the UNet:
+    the same expert as the prefixed file under diffusers' load_lora_weights (which skips unprefixed keys)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base, mole, ref = pipelines("sd")
+    prefixed = make_tiny_lora(base, tmp_path / "prefixed.safetensors", rank=4, alpha=2.0, seed=1, text_encoder=False)
+    with safe_open(prefixed, "pt") as f:
+        metadata = f.metadata()
+    bare = tmp_path / "bare.safetensors"
+    save_file({k.removeprefix("unet."): v for k, v in load_file(prefixed).items()}, bare, metadata=metadata)
+    mole.load_experts({"lora": bare})
+    try:
+        image = short_images(mole)
+    finally:
+        mole.unload_experts()
+    ref.load_lora_weights(prefixed)
+    try:
+        np.testing.assert_allclose(image, short_images(ref), atol=1e-5)
+    finally:
+        ref.unload_lora_weights()
+
+
 @pytest.mark.parametrize("family", list(PIPELINES))
 @pytest.mark.parametrize("text_encoder", [False, True])
 def test_one_dora_expert_equals_the_reference(pipelines, tmp_path, family, text_encoder):
