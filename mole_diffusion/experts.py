@@ -168,6 +168,16 @@ def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Mod
     return out
 
 
+def _check_halves(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Each kohya (``lora_down``/``lora_up``) or diffusers-old (``lora.down``/``lora.up``) half has its pair: named
+    here, before diffusers' key conversion, which fails on a lone half with a message about renaming keys."""
+    for down, up in (("lora_down.weight", "lora_up.weight"), ("lora.down.weight", "lora.up.weight")):
+        for have, need in ((down, up), (up, down)):
+            for key in sorted(k for k in tensors if k.endswith(have)):
+                if key.removesuffix(have) + need not in tensors:
+                    raise ExpertError(f"{path}: {key} has no {key.removesuffix(have) + need}: every module needs both")
+
+
 def _scale(module: str, rank: int, config: dict | None, alpha: torch.Tensor | None) -> float:
     """alpha / r as diffusers/PEFT would set it for ``module``: from the file's LoraConfig (``lora_alpha``, per-module
     ``alpha_pattern``, ``use_rslora``: alpha / sqrt(r)) or else the module's own kohya alpha (none: alpha == r)."""
@@ -235,6 +245,7 @@ def load_expert(name: str, path: str | os.PathLike, models: dict[str, nn.Module]
     except ValueError as e:
         raise ExpertError(str(e)) from None
     dora_scales = {k: tensors.pop(k) for k in list(tensors) if k.endswith(".dora_scale")}
+    _check_halves(path, tensors)
     if configs is not None and "" in configs:  # PEFT adapter folder: find the component whose modules it names
         modules = {k.split(".lora_")[0] for k in tensors}
         component = next((c for c in models if all(_has(models[c], m) for m in modules)), next(iter(models)))

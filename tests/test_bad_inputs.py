@@ -132,6 +132,20 @@ def test_an_orphan_lora_b_is_refused(world, mole_pipe, tmp_path):
     assert_no_experts(mole_pipe)
 
 
+@pytest.mark.parametrize("removed,kept", [("lora_down", "lora_up"), ("lora_up", "lora_down")])
+def test_a_kohya_half_without_its_pair_is_refused(world, mole_pipe, tmp_path, removed, kept):
+    """Named before diffusers' key conversion, which fails on a lone half saying keys were not renamed."""
+    def halves_alone(tensors):
+        for key in [k for k in tensors if k.startswith("lora_te_") and k.endswith(f"{removed}.weight")]:
+            del tensors[key]
+
+    path = altered(world["a_kohya"], tmp_path / "half.safetensors", halves_alone)
+    with pytest.raises(ExpertError, match=rf"half.safetensors: lora_te_\w+\.{kept}\.weight has no "
+                                          rf"lora_te_\w+\.{removed}\.weight: every module needs both$"):
+        mole_pipe.load_experts([path])
+    assert_no_experts(mole_pipe)
+
+
 def test_integer_tensors_are_refused(world, mole_pipe, tmp_path):
     def to_int8(tensors):
         key = first(tensors, "lora_B.weight")

@@ -145,6 +145,26 @@ def test_rslora_adapter_folder_is_scaled_by_alpha_over_sqrt_rank(pipelines, tmp_
                                                                         rslora=True, seed=1)), atol=1e-4)
 
 
+def test_a_peft_adapter_folder_of_the_text_encoder_adapts_the_text_encoder(pipelines, tmp_path):
+    """A PEFT folder names no component: the one whose modules it names is the one it adapts. The reference is
+    PEFT's own merge into the text encoder."""
+    from peft import LoraConfig, get_peft_model
+
+    base, mole, ref = pipelines("sd")
+    text_encoder = type(ref.text_encoder).from_pretrained(base, subfolder="text_encoder")
+    adapted = get_peft_model(text_encoder, LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "text_lora")
+    mole.load_experts({"lora": tmp_path / "text_lora"})
+    try:
+        assert {name.split(".")[0] for name in mole.mole.layers} == {"text_encoder"}
+        image = short_images(mole)
+    finally:
+        mole.unload_experts()
+    assert np.abs(image - pipelines("sd", "plain")).max() > 1e-2  # the LoRA changes the images
+    np.testing.assert_allclose(image, peft_merged(ref, tmp_path / "text_lora", "text_encoder"), atol=1e-5)
+
+
 def test_a_file_without_component_prefixes_is_the_denoisers(pipelines, tmp_path):
     """A UNet LoRA saved without the "unet." prefix (a trainer that saves the UNet's adapter alone) adapts the UNet:
     the same expert as the prefixed file under diffusers' load_lora_weights (which skips unprefixed keys)."""
