@@ -186,4 +186,5 @@ def test_a_gate_prints_its_kind():
 #   block).
 # - experts.py: _add_dora_scales' stand-in LoRA built with other shapes (only its key names and flattened values
 #   are read), and its per-input-channel check on shape[0] == 1 written otherwise (the two differ only for
-#   modules of one or two output channels, which no LoRA target has).
+#   modules of one or two output channels, which no LoRA target has); _split_components telling diffusers' old
+#   text-encoder keys by their down suffix alone (a lone up half is refused before, so each up has its down).
