@@ -1,6 +1,7 @@
 """Bad input from the wild: non-finite numbers, degenerate LoRA files, and command-line options that would fail
 only after the long work. Each is refused with one line naming the file, key or option, and changes nothing."""
 
+import re
 
 import numpy as np
 import pytest
@@ -142,6 +143,25 @@ def test_a_kohya_half_without_its_pair_is_refused(world, mole_pipe, tmp_path, re
     path = altered(world["a_kohya"], tmp_path / "half.safetensors", halves_alone)
     with pytest.raises(ExpertError, match=rf"half.safetensors: lora_te_\w+\.{kept}\.weight has no "
                                           rf"lora_te_\w+\.{removed}\.weight: every module needs both$"):
+        mole_pipe.load_experts([path])
+    assert_no_experts(mole_pipe)
+
+
+def test_a_lora_file_with_nothing_to_load_is_refused(mole_pipe, tmp_path):
+    path = tmp_path / "empty.safetensors"
+    save_file({}, path)
+    with pytest.raises(ExpertError, match=re.escape(f"{path}: no LoRA weights for unet or text_encoder found (keys start: [])")):
+        mole_pipe.load_experts([path])
+    assert_no_experts(mole_pipe)
+
+
+def test_keys_diffusers_cannot_convert_are_refused_with_its_reason(mole_pipe, tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({"lora_te_nonsense.lora_down.weight": torch.zeros(2, 4), "lora_te_nonsense.lora_up.weight": torch.zeros(4, 2)}, path)
+    with pytest.raises(ExpertError, match=re.escape(
+            f"{path}: diffusers' MoLEStableDiffusionPipeline.lora_state_dict could not convert its keys (a LoRA for another "
+            "model family? keys start ['lora_te_nonsense.lora_down.weight', 'lora_te_nonsense.lora_up.weight']; "
+            "ValueError: Could not automatically infer state dict type)")):
         mole_pipe.load_experts([path])
     assert_no_experts(mole_pipe)
 
