@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_no_experts, assert_refused_leaving_gates_as_they_were, generate, load, randomise_gates
@@ -39,6 +40,21 @@ def test_a_lora_holding_nan_or_inf_is_refused_naming_the_key(world, mole_pipe, t
     key = first(load_file(world["a"]), suffix).removesuffix("." + suffix)
     with pytest.raises(ExpertError, match=rf"poisoned.safetensors: {key}: {suffix.split('.')[0]} holds 1 NaN or inf"):
         mole_pipe.load_experts({"b": world["b"], "poisoned": path})
+    assert_no_experts(mole_pipe)
+
+
+def test_a_dora_magnitude_holding_nan_is_refused_naming_the_module(world, mole_pipe, tmp_path):
+    dora = make_tiny_lora(world["base"], tmp_path / "dora.safetensors", rank=2, seed=4, dora=True, text_encoder=False)
+
+    def poison(tensors):
+        tensors[first(tensors, "lora_magnitude_vector")][0] = float("nan")
+
+    with safe_open(dora, "pt") as f:  # the metadata holds the file's alpha
+        metadata = f.metadata()
+    path = altered(dora, tmp_path / "poisoned.safetensors", poison, metadata=metadata)
+    module = first(load_file(dora), "lora_magnitude_vector").removesuffix(".lora_magnitude_vector")
+    with pytest.raises(ExpertError, match=re.escape(f"{path}: {module}: lora_magnitude_vector holds 1 NaN or inf")):
+        mole_pipe.load_experts([path])
     assert_no_experts(mole_pipe)
 
 
@@ -123,12 +139,13 @@ def test_a_rank_zero_lora_is_refused_and_the_pipeline_works_after(world, mole_pi
     np.testing.assert_array_equal(generate(mole_pipe), before)
 
 
-def test_an_orphan_lora_b_is_refused(world, mole_pipe, tmp_path):
+@pytest.mark.parametrize("removed,kept", [("lora_A", "lora_B"), ("lora_B", "lora_A")])
+def test_an_orphan_half_is_refused(world, mole_pipe, tmp_path, removed, kept):
     def orphan(tensors):
-        del tensors[first(tensors, "lora_A.weight")]
+        del tensors[first(tensors, f"{removed}.weight")]
 
     path = altered(world["a"], tmp_path / "orphan.safetensors", orphan)
-    with pytest.raises(ExpertError, match="orphan.safetensors: .* has lora_B but no lora_A"):
+    with pytest.raises(ExpertError, match=f"orphan.safetensors: .* has {kept} but no {removed}: every module needs both$"):
         mole_pipe.load_experts([path])
     assert_no_experts(mole_pipe)
 
