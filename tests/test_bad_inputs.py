@@ -58,6 +58,22 @@ def test_a_dora_magnitude_holding_nan_is_refused_naming_the_module(world, mole_p
     assert_no_experts(mole_pipe)
 
 
+def test_a_dora_magnitude_of_the_wrong_length_is_refused_naming_the_module(world, mole_pipe, tmp_path):
+    dora = make_tiny_lora(world["base"], tmp_path / "dora.safetensors", rank=2, seed=4, dora=True, text_encoder=False)
+    key = first(load_file(dora), "lora_magnitude_vector")
+    channels = load_file(dora)[key].numel()
+
+    def shorten(tensors):
+        tensors[key] = tensors[key][:3]
+
+    path = altered(dora, tmp_path / "short.safetensors", shorten)
+    module = key.removesuffix(".lora_magnitude_vector")
+    with pytest.raises(ExpertError, match=re.escape(f"{path}: {module}: DoRA lora_magnitude_vector (3,) does not fit the "
+                                                    f"module's {channels} output channels")):
+        mole_pipe.load_experts([path])
+    assert_no_experts(mole_pipe)
+
+
 def test_a_kohya_alpha_of_inf_is_refused(world, mole_pipe, tmp_path):
     def poison(tensors):
         tensors[first(tensors, ".alpha")] = torch.tensor(float("inf"))

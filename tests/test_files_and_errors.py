@@ -197,6 +197,14 @@ def test_save_pretrained_is_refused_while_experts_are_loaded_and_works_after_unl
         assert torch.equal(again.unet.state_dict()[name], tensor), name
 
 
+def test_experts_given_as_a_list_are_named_by_file_stem_or_folder():
+    from mole_diffusion.experts import expert_paths
+
+    assert expert_paths(["loras/dog.safetensors", "loras/hat"]) == {"dog": "loras/dog.safetensors", "hat": "loras/hat"}
+    with pytest.raises(ExpertError, match=re.escape("two experts are named 'dog' (a/dog.safetensors, b/dog); pass a dict")):
+        expert_paths(["a/dog.safetensors", "b/dog"])
+
+
 def test_loaded_experts_stay_out_of_the_models_state_dicts(world, mole_pipe):
     """The experts' factors and routing buffers travel with the model (.to) but are not its weights: the state dicts
     hold the base weights (under base_layer) and the gates, nothing else, also while an expert is masked."""
