@@ -203,6 +203,9 @@ def test_experts_given_as_a_list_are_named_by_file_stem_or_folder():
     assert expert_paths(["loras/dog.safetensors", "loras/hat"]) == {"dog": "loras/dog.safetensors", "hat": "loras/hat"}
     with pytest.raises(ExpertError, match=re.escape("two experts are named 'dog' (a/dog.safetensors, b/dog); pass a dict")):
         expert_paths(["a/dog.safetensors", "b/dog"])
+    for nothing in ([], {}):
+        with pytest.raises(ExpertError, match="^no experts given$"):
+            expert_paths(nothing)
 
 
 def test_loaded_experts_stay_out_of_the_models_state_dicts(world, mole_pipe):
