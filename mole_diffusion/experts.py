@@ -168,14 +168,18 @@ def _split_components(tensors: dict[str, torch.Tensor], models: dict[str, nn.Mod
     return out
 
 
+# each half of a kohya (lora_down/lora_up) or diffusers-old (lora.down/lora.up) pair -> its other half
+HALF_PAIRS = {"lora_down.weight": "lora_up.weight", "lora_up.weight": "lora_down.weight",
+              "lora.down.weight": "lora.up.weight", "lora.up.weight": "lora.down.weight"}
+
+
 def _check_halves(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    """Each kohya (``lora_down``/``lora_up``) or diffusers-old (``lora.down``/``lora.up``) half has its pair: named
-    here, before diffusers' key conversion, which fails on a lone half with a message about renaming keys."""
-    for down, up in (("lora_down.weight", "lora_up.weight"), ("lora.down.weight", "lora.up.weight")):
-        for have, need in ((down, up), (up, down)):
-            for key in sorted(k for k in tensors if k.endswith(have)):
-                if key.removesuffix(have) + need not in tensors:
-                    raise ExpertError(f"{path}: {key} has no {key.removesuffix(have) + need}: every module needs both")
+    """Each half has its pair: named here, before diffusers' key conversion, which fails on a lone half with a
+    message about renaming keys."""
+    for key in sorted(tensors):
+        have = next((h for h in HALF_PAIRS if key.endswith(h)), None)
+        if have is not None and (pair := key.removesuffix(have) + HALF_PAIRS[have]) not in tensors:
+            raise ExpertError(f"{path}: {key} has no {pair}: every module needs both")
 
 
 def _scale(module: str, rank: int, config: dict | None, alpha: torch.Tensor | None) -> float:

@@ -43,25 +43,30 @@ def test_a_lora_holding_nan_or_inf_is_refused_naming_the_key(world, mole_pipe, t
     assert_no_experts(mole_pipe)
 
 
-def test_a_dora_magnitude_holding_nan_is_refused_naming_the_module(world, mole_pipe, tmp_path):
+def tiny_dora(world, tmp_path):
+    """A UNet DoRA file, its first magnitude key and that magnitude's length."""
     dora = make_tiny_lora(world["base"], tmp_path / "dora.safetensors", rank=2, seed=4, dora=True, text_encoder=False)
+    key = first(load_file(dora), "lora_magnitude_vector")
+    return dora, key, load_file(dora)[key].numel()
+
+
+def test_a_dora_magnitude_holding_nan_is_refused_naming_the_module(world, mole_pipe, tmp_path):
+    dora, key, _ = tiny_dora(world, tmp_path)
 
     def poison(tensors):
-        tensors[first(tensors, "lora_magnitude_vector")][0] = float("nan")
+        tensors[key][0] = float("nan")
 
     with safe_open(dora, "pt") as f:  # the metadata holds the file's alpha
         metadata = f.metadata()
     path = altered(dora, tmp_path / "poisoned.safetensors", poison, metadata=metadata)
-    module = first(load_file(dora), "lora_magnitude_vector").removesuffix(".lora_magnitude_vector")
+    module = key.removesuffix(".lora_magnitude_vector")
     with pytest.raises(ExpertError, match=re.escape(f"{path}: {module}: lora_magnitude_vector holds 1 NaN or inf")):
         mole_pipe.load_experts([path])
     assert_no_experts(mole_pipe)
 
 
 def test_a_dora_magnitude_of_the_wrong_length_is_refused_naming_the_module(world, mole_pipe, tmp_path):
-    dora = make_tiny_lora(world["base"], tmp_path / "dora.safetensors", rank=2, seed=4, dora=True, text_encoder=False)
-    key = first(load_file(dora), "lora_magnitude_vector")
-    channels = load_file(dora)[key].numel()
+    dora, key, channels = tiny_dora(world, tmp_path)
 
     def shorten(tensors):
         tensors[key] = tensors[key][:3]

@@ -15,9 +15,9 @@ import torch
 from conftest import generate, randomise_gates, write_images
 from mole_diffusion import GateConfig, MoLEStableDiffusionPipeline
 from mole_diffusion.cli import main
+from mole_diffusion.errors import MoLEError
 from mole_diffusion.gates import balance_loss, mean_expert_weights
 from mole_diffusion.layers import MoLELayer
-from mole_diffusion.errors import MoLEError
 from mole_diffusion.train import GateTrainingConfig, train_gates
 
 ROOT = Path(__file__).resolve().parents[1]
