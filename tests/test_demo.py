@@ -268,3 +268,31 @@ def test_the_shipped_attribute_judge_is_deterministic_and_reads_round_trips():
     assert round_trip_accuracy(judge, vae, count=64, seed=7) == first
     assert all(value >= 0.85 for value in first.values()), first
     assert config["concepts"] == {"star": ["shape", "star"], "stripes": ["style", "stripes"], "checker": ["background", "checker"]}
+
+
+def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_encoder(tmp_path, monkeypatch):
+    import mole_diffusion.demo.build as build_module
+
+    for name in CONCEPTS:
+        folder = tmp_path / "world" / "concepts" / name
+        folder.mkdir(parents=True)
+        (folder / "prompt.txt").write_text(f"a {name}")
+        (folder / "000.txt").write_text(f"a red {name}")
+    (tmp_path / "gates.safetensors").write_bytes(b"")  # gates already trained: this is about the LoRAs
+
+    configs = {}
+
+    def fake_train_lora(config):
+        configs[config.output_dir.name] = config
+        (config.output_dir).mkdir(parents=True)
+        (config.output_dir / "lora.safetensors").write_text(config.prompt)
+        return config.output_dir / "lora.safetensors"
+
+    monkeypatch.setattr(build_module, "train_lora", fake_train_lora)
+    settings = BuildSettings(lora_steps=7, lora_concept_steps={"stripes": 11}, lora_text_encoder=False)
+    build_module.train_concepts(tmp_path, settings)
+    assert {name: configs[f"lora-{name}"].steps for name in CONCEPTS} == {"star": 7, "stripes": 11, "checker": 7}
+    assert configs["lora-stripes"].checkpoint_every == 11 and configs["lora-stripes"].validation_every == 11
+    assert not any(config.train_text_encoder for config in configs.values())
+    assert (tmp_path / "loras" / "stripes.safetensors").read_text() == "a stripes"
+    assert BuildSettings().lora_text_encoder and BuildSettings().lora_concept_steps == {}  # the first world's recipe

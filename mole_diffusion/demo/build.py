@@ -118,6 +118,10 @@ class BuildSettings:
     unet_cross_attention: list[bool] = field(default_factory=lambda: [False, True, True])
     text_width: int = TEXT_CONFIG["hidden_size"]  # the text encoder's width (its MLP twice that)
     lora_steps: int = 2000
+    # steps for the concepts named here instead of lora_steps (a concept the base finds harder to learn)
+    lora_concept_steps: dict[str, int] = field(default_factory=dict)
+    # adapt the text encoder's attention too; without it a LoRA cannot spill into the prompt's other words
+    lora_text_encoder: bool = True
     lora_rank: int = 4
     lora_learning_rate: float = 2e-3
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
@@ -143,12 +147,14 @@ class BuildSettings:
 # each world's recipe (BuildSettings.for_world): the settings that differ from the defaults (the first world's).
 # The second world's base attends to the text at 16x16 as well, with a 64-wide text encoder and the 4x UNet: one
 # training step costs 4x the first world's (benchmarks/bench_demo_base.py), 3000 steps about 2 hours on 2 CPU
-# cores. Its LoRAs learn from 64 references each for 1000 steps: with 16 references and 2000 steps the star LoRA
-# drew one training picture whatever the seed (docs/demo-world.md)
+# cores. Its LoRAs learn from 64 references each for 1000 steps (with 16 references and 2000 steps the star LoRA
+# drew one training picture whatever the seed), the stripes LoRA for 2000 (at 1000 it drew stripes in 77% of its own
+# prompts), in the UNet only: with the text encoder adapted too, the plain sum of all three drew them together in
+# 6% of the composition prompts, without it 56% (docs/demo-world.md)
 WORLD_SETTINGS: dict[str, dict] = {
     "v1": {},
     "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
-           "concept_images": 64, "lora_steps": 1000},
+           "concept_images": 64, "lora_steps": 1000, "lora_concept_steps": {"stripes": 2000}, "lora_text_encoder": False},
 }
 
 
@@ -366,17 +372,18 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
         images = root / "world" / "concepts" / name
         prompt = (images / "prompt.txt").read_text().strip()
         lora = root / "loras" / f"{name}.safetensors"
+        steps = settings.lora_concept_steps.get(name, settings.lora_steps)
         if not lora.is_file():
             data = filler_caption_folder(root, name, settings) if settings.lora_filler_captions else images
             trained = train_lora(LoRATrainingConfig(
                 base=str(root / "pipeline"), images=data, prompt=prompt, output_dir=root / "runs" / f"lora-{name}",
-                steps=settings.lora_steps, batch_size=4, learning_rate=settings.lora_learning_rate, resolution=RESOLUTION,
-                rank=settings.lora_rank, seed=settings.seed, checkpoint_every=settings.lora_steps, resume=True,
-                validation_every=settings.lora_steps, validation_steps=settings.validation_steps,
+                steps=steps, batch_size=4, learning_rate=settings.lora_learning_rate, resolution=RESOLUTION,
+                rank=settings.lora_rank, seed=settings.seed, checkpoint_every=steps, resume=True,
+                validation_every=steps, validation_steps=settings.validation_steps,
                 target_modules=list(settings.lora_target_modules),
-                # the text encoder too: a new token's embedding is random until adapted (without it, and at 1000
-                # steps, lr 1e-3, the checker LoRA rarely drew a checkerboard)
-                train_text_encoder=True,
+                # the first world adapts the text encoder too: a new token's embedding is random, and without it
+                # (1000 steps, lr 1e-3) the checker LoRA rarely drew a checkerboard
+                train_text_encoder=settings.lora_text_encoder,
                 validation_prompts=[(images / "000.txt").read_text().strip()],
             ))
             write_atomically(lora, lambda temporary: shutil.copyfile(trained, temporary))
