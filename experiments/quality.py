@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from mole_diffusion.eval.summary import paired_table
 from mole_diffusion.eval.presence import AttributeJudgePresence
 
 from . import spatial
+from .instances import built_world
+
+METHODS = ["base", "single_{}", "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties", "peft_dare_linear",
+           "switch", "composite", "regional", "mole", "mole_constant", "mole_without_{}"]
 
 
 def lift_scenes(name: str) -> list[world.Scene]:
@@ -46,6 +51,12 @@ def lift_scenes(name: str) -> list[world.Scene]:
         scenes.append(replace(scene, **{"star": {"shape": "star"}, "stripes": {"style": "stripes"},
                                         "checker": {"background": "checker"}}[name]))
     return scenes
+
+
+def own_scenes(name: str, known: world.World) -> list[world.Scene]:
+    """Each concept's own prompts: in the first world one scene per colour (``lift_scenes``); in a later one six
+    fresh scenes of the concept, every other factor varied over the world's values (seeds the build never used)."""
+    return lift_scenes(name) if known is world.V1 else world.concept_scenes(name, 6, seed=7004, world=known)
 
 
 def read_summary(run: Path, label: str = "") -> list[dict]:
@@ -91,13 +102,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", default=str(ASSETS), help="the demo world (default: the installed one)")
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
     parser.add_argument("--first-seed", type=int, default=0, help="the composition prompts' seeds: FIRST_SEED .. FIRST_SEED + SEEDS - 1 "
-                             "(each concept's own prompts: 0 .. LIFT_SEEDS - 1)")
+                             "(each concept's own prompts: --lift-first-seed on)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--lift-seeds", type=int, help="seeds per prompt for each concept's own prompts (default --seeds)")
+    parser.add_argument("--lift-first-seed", type=int, default=0, help="the first seed of each concept's own prompts")
     parser.add_argument("--skip-lift", action="store_true", help="only the judge and the composition table")
     parser.add_argument("--gates", action="append", default=[], metavar="NAME=FILE",
                         help="another gate file to compare as `mole (NAME)` (repeat), e.g. a routing variant")
+    parser.add_argument("--colours", nargs="+", default=["red", "blue", "yellow", "purple"],
+                        help="the composition prompts' colours, one prompt each (held-out colours: green white)")
+    parser.add_argument("--methods", nargs="+", help="the evaluator's methods on the composition prompts (default: all; "
+                        "`single_{}` and `mole_without_{}` stand for one per concept)")
+    parser.add_argument("--constant", action="append", default=[], metavar="W1,W2,...",
+                        help="a constant weighting, one weight per concept, scored as `nla (W1,W2,...)` (repeat)")
+    parser.add_argument("--reference", default="mole", help="the method the paired table subtracts every other from "
+                        "(a variant's label as in the table: `mole (NAME)`)")
     parser.add_argument("--layout", action="append", default=[], metavar="SPEC",
                         help="an experiments.spatial spec (label:MASK:LEAD:STAR,STRIPES[,CHECKER]:WHERE:DILATE), drawn on the "
                              "composition prompts and seeds and scored as LABEL (repeat; LABEL_without_<concept> masks one)")
@@ -109,13 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     concepts = load_concepts(assets / "concepts.toml")
     names = [c.name for c in concepts]
-    lines = ["## Demo world quality", "", f"`python -m experiments.quality --out {out} --seeds {args.seeds} "
-             f"--first-seed {args.first_seed}` ({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
+    lines = ["## Demo world quality", "", f"`python -m experiments.quality {' '.join(argv or sys.argv[1:])}` "
+             f"({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
 
+    known, _ = built_world(assets)
     judge, _ = load_judge(assets / "judge")
     vae = AutoencoderKL.from_pretrained(assets / "pipeline" / "vae")
     count = 400
-    accuracy = round_trip_accuracy(judge, vae, count)
+    accuracy = round_trip_accuracy(judge, vae, count, known=known)
     lines += [f"Attribute judge accuracy on VAE round trips of {count} fresh scenes (never a training signal):", "",
               "| " + " | ".join(accuracy) + " |", "|" + "---|" * len(accuracy),
               "| " + " | ".join(f"{v:.1%}" for v in accuracy.values()) + " |", ""]
@@ -124,9 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     common = dict(base=str(assets / "pipeline"), concepts=assets / "concepts.toml", gates=assets / "gates.safetensors",
                   clip_model=f"local-dir:{assets / 'clip'}", presence_model=str(assets / "judge"), seeds=seeds,
                   scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale)
-    methods = ["base", *(f"single_{n}" for n in names), "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties",
-               "peft_dare_linear", "switch", "composite", "regional", "mole", "mole_constant", *(f"mole_without_{n}" for n in names)]
-    prompts = world.composition_prompts()
+    methods = [m.format(n) for m in args.methods or METHODS for n in (names if "{}" in m else [None])]
+    prompts = world.composition_prompts(tuple(args.colours))
     drawn = {}
     if args.layout:
         pipe, spatial_judge = spatial.load_world(assets)
@@ -143,23 +163,28 @@ def main(argv: list[str] | None = None) -> None:
         variant = {**common, "gates": Path(file)}
         run = evaluate(EvaluationConfig(**variant, output_dir=out / f"composition-{name}", prompts=prompts, methods=["mole"]))
         summary, rows = summary + read_summary(run, name), rows + read_rows(run, name)
+    for text in args.constant:
+        weights = [float(w) for w in text.split(",")]
+        run = evaluate(EvaluationConfig(**common, output_dir=out / f"composition-nla-{text.replace(',', '_')}",
+                                        prompts=prompts, methods=["nla"], nla_weights=weights))
+        summary, rows = summary + read_summary(run, text), rows + read_rows(run, text)
     table = presence_table(summary, names)
     lines += [f"Composition prompts ({len(prompts)} prompts x {len(seeds)} seeds per method, the same for every method; "
               "rates in % with Wilson 95% intervals over images, scores with a two-stage bootstrap over prompts and "
               "seeds; `present_active`: the concepts a method did not mask):", "", *table, ""]
     print("\n".join(lines[-len(table) - 3:]), flush=True)
-    paired = paired_lines(rows, names)
-    lines += ["The shipped MoLE against each method on the same images (MoLE minus the method; 95% two-stage "
+    paired = paired_lines(rows, names, args.reference)
+    lines += [f"`{args.reference}` against each method on the same images ({args.reference} minus the method; 95% two-stage "
               "bootstrap over prompts and seeds; `*`: the interval excludes 0):", "", *paired, ""]
     print("\n".join(lines[-len(paired) - 3:]), flush=True)
 
     if not args.skip_lift:
-        lift_seeds = list(range(args.lift_seeds or args.seeds))
+        lift_seeds = list(range(args.lift_first_seed, args.lift_first_seed + (args.lift_seeds or args.seeds)))
         lines += ["Each concept's own prompts (one concept per prompt, 6 prompts x "
-                  f"{len(lift_seeds)} seeds): how often each method shows it.", "",
+                  f"{len(lift_seeds)} seeds from {lift_seeds[0]}): how often each method shows it.", "",
                   "| concept | " + " | ".join(["base", "lora alone", "nla", "sum", "regional", "mole"]) + " |", "|---|" + "---|" * 6]
         for name in names:
-            own = [s.caption for s in lift_scenes(name)]
+            own = [s.caption for s in own_scenes(name, known)]
             lift_methods = ["base", f"single_{name}", "nla", "sum", "regional", "mole"]
             run = evaluate(EvaluationConfig(**{**common, "seeds": lift_seeds}, output_dir=out / f"own-{name}", prompts=own,
                                             methods=lift_methods))

@@ -1,7 +1,9 @@
 """experiments.strengths and experiments.quality: what they hand the evaluator (the evaluator itself is faked)."""
 
+import itertools
+
 from experiments import quality, spatial, strengths
-from mole_diffusion.demo import composition_prompts
+from mole_diffusion.demo import composition_prompts, world
 
 
 def test_the_strengths_diagnostic_runs_nla_with_each_weight_triple(tmp_path, monkeypatch, capsys):
@@ -21,6 +23,46 @@ def test_the_strengths_diagnostic_runs_nla_with_each_weight_triple(tmp_path, mon
     assert "25.0% [10.0-40.0]" in capsys.readouterr().out
 
 
+def test_the_grid_runs_every_triple_on_the_given_seeds_and_names_the_best(tmp_path, monkeypatch, capsys):
+    configs = []
+    monkeypatch.setattr(strengths, "evaluate", lambda config: configs.append(config) or config.output_dir)
+    # present_all grows with the star's weight and falls with the checker's: the best is (1, *, 0.5)
+
+    def summary(run):
+        star, stripes, checker = configs[-1].nla_weights
+        rate = (star - checker + stripes / 10 + 0.6) / 2
+        return [{"method": "nla", "n": 8, "present_all": rate, "present_all_low": rate, "present_all_high": rate}]
+
+    monkeypatch.setattr(strengths, "read_summary", summary)
+    strengths.main(["--out", str(tmp_path), "--grid", "0.5", "1", "--seeds", "2", "--first-seed", "20"])
+    assert len(configs) == 8 and {tuple(c.nla_weights) for c in configs} == set(itertools.product([0.5, 1.0], repeat=3))
+    assert all(c.seeds == [20, 21] for c in configs)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("best: 1,1,0.5 ")
+
+
+def test_quality_hands_the_evaluator_the_colours_methods_and_constant_weightings_asked_for(tmp_path, monkeypatch):
+    configs = []
+    monkeypatch.setattr(quality, "evaluate", lambda config: configs.append(config) or config.output_dir)
+    monkeypatch.setattr(quality, "read_summary", lambda run, label="": [])
+    monkeypatch.setattr(quality, "read_rows", lambda run, label="": [])
+    monkeypatch.setattr(quality, "round_trip_accuracy", lambda judge, vae, count, known: {"shape": 1.0})
+    references = []
+    monkeypatch.setattr(quality, "paired_lines", lambda rows, names, reference: references.append(reference) or [])
+    quality.main(["--out", str(tmp_path), "--seeds", "2", "--skip-lift", "--colours", "green", "white",
+                  "--methods", "sum", "single_{}", "mole", "--constant", "1,0.5,2", "--reference", "mole (sum-start)"])
+    assert references == ["mole (sum-start)"]
+    composition, constant = configs
+    assert composition.prompts == composition_prompts(("green", "white")) == constant.prompts
+    assert composition.methods == ["sum", "single_star", "single_stripes", "single_checker", "mole"]
+    assert constant.methods == ["nla"] and constant.nla_weights == [1.0, 0.5, 2.0]
+
+
+def test_own_prompts_of_a_later_world_vary_every_other_factor():
+    scenes = quality.own_scenes("stripes", world.V2)
+    assert all(s.style == "stripes" for s in scenes) and len({s.shape for s in scenes}) > 1
+    assert [s.caption for s in quality.own_scenes("star", world.V1)] == [s.caption for s in quality.lift_scenes("star")]
+
+
 def test_quality_scores_a_spatial_sampler_on_the_methods_prompts_and_seeds(tmp_path, monkeypatch):
     """experiments.quality --layout: the spec's images are drawn on the composition prompts and the run's seeds, then
     handed to the same evaluator run as the methods (an image folder under the spec's label)."""
@@ -28,7 +70,7 @@ def test_quality_scores_a_spatial_sampler_on_the_methods_prompts_and_seeds(tmp_p
     monkeypatch.setattr(quality, "evaluate", lambda config: configs.append(config) or config.output_dir)
     monkeypatch.setattr(quality, "read_summary", lambda run, label="": [])
     monkeypatch.setattr(quality, "read_rows", lambda run, label="": [])
-    monkeypatch.setattr(quality, "round_trip_accuracy", lambda judge, vae, count: {"shape": 1.0})
+    monkeypatch.setattr(quality, "round_trip_accuracy", lambda judge, vae, count, known: {"shape": 1.0})
     monkeypatch.setattr(spatial, "load_world", lambda assets: ("pipe", "judge"))
     monkeypatch.setattr(spatial, "run", lambda pipe, judge, presence, out, spec, seeds, first_seed, **kw:
                         drawn.append((out, spec, seeds, first_seed, kw)))
