@@ -55,3 +55,15 @@ def test_a_method_column_counts_each_method_apart():
     lines = format_groups(eye, judge, ["a"], ["x", "x", "y"])
     assert lines[0] == "| method | n | a: eye / judge / both | all: eye / judge / both |"
     assert lines[2:] == ["| x | 2 | 2 / 1 / 1 | 2 / 1 / 1 |", "| y | 1 | 0 / 1 / 0 | 0 / 1 / 0 |"]
+
+
+def test_every_labels_file_in_the_docs_reads_and_has_its_images():
+    """The labelled audits kept in experiments/docs parse, and every image they label is there beside them."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "docs").glob("eye-audit-*.csv"))
+    assert len(files) >= 3
+    for path in files:
+        rows, concepts = read_labels(path)
+        assert concepts == ["star", "stripes", "checker"], path
+        assert all(row["image"].is_file() for row in rows), path
