@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     concepts = load_concepts(assets / "concepts.toml")
     names = [c.name for c in concepts]
-    lines = ["## Demo world quality", "", f"`python -m experiments.quality {' '.join(argv or sys.argv[1:])}` "
+    lines = ["## Demo world quality", "", f"`python -m experiments.quality {shlex.join(argv or sys.argv[1:])}` "
              f"({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
 
     known, _ = built_world(assets)
