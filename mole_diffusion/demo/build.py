@@ -120,7 +120,7 @@ class BuildSettings:
     lora_steps: int = 2000
     # steps for the concepts named here instead of lora_steps (a concept the base finds harder to learn)
     lora_concept_steps: dict[str, int] = field(default_factory=dict)
-    # adapt the text encoder's attention too; without it a LoRA cannot spill into the prompt's other words
+    # adapt the text encoder's attention too (a LoRA's text-encoder half also changes the other words' encodings)
     lora_text_encoder: bool = True
     lora_rank: int = 4
     lora_learning_rate: float = 2e-3
@@ -149,8 +149,10 @@ class BuildSettings:
 # training step costs 4x the first world's (benchmarks/bench_demo_base.py), 3000 steps about 2 hours on 2 CPU
 # cores. Its LoRAs learn from 64 references each for 1000 steps (with 16 references and 2000 steps the star LoRA
 # drew one training picture whatever the seed), the stripes LoRA for 2000 (at 1000 it drew stripes in 77% of its own
-# prompts), in the UNet only: with the text encoder adapted too, the plain sum of all three drew them together in
-# 6% of the composition prompts, without it 56% (docs/demo-world.md)
+# prompts), in the UNet only. With the first build's LoRAs (text encoder too, 1000 steps) the plain sum of all three
+# drew them together in 6% of the composition prompts, with these 56%; the stripes LoRA made the difference, not the
+# text encoder: the star and checker LoRAs with their text-encoder halves beside this stripes LoRA also reach 56%
+# (docs/demo-world.md)
 WORLD_SETTINGS: dict[str, dict] = {
     "v1": {},
     "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
