@@ -22,6 +22,10 @@ from mole_diffusion.eval.report import format_cell
 from .quality import read_summary
 
 
+def label(weights: list[float]) -> str:
+    return ",".join(f"{w:g}" for w in weights)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.strengths", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,10 +53,10 @@ def main(argv: list[str] | None = None) -> None:
             methods=["nla"], nla_weights=weights, progress=False))
         summary = read_summary(run)[0]
         results.append((summary["present_all"], weights))
-        print(",".join(f"{w:g}" for w in weights), *(format_cell(summary, f"present_{c}") for c in (*world.CONCEPTS, "all")),
+        print(label(weights), *(format_cell(summary, f"present_{c}") for c in (*world.CONCEPTS, "all")),
               flush=True)
     best, weights = max(results, key=lambda result: result[0])
-    print(f"best: {','.join(f'{w:g}' for w in weights)} (present_all {best:.1%})")
+    print(f"best: {label(weights)} (present_all {best:.1%})")
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
 
     def fake_train_lora(config):
         configs[config.output_dir.name] = config
-        (config.output_dir).mkdir(parents=True)
+        config.output_dir.mkdir(parents=True)
         (config.output_dir / "lora.safetensors").write_text(config.prompt)
         return config.output_dir / "lora.safetensors"
 
