@@ -296,3 +296,12 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
     assert not any(config.train_text_encoder for config in configs.values())
     assert (tmp_path / "loras" / "stripes.safetensors").read_text() == "a stripes"
     assert BuildSettings().lora_text_encoder and BuildSettings().lora_concept_steps == {}  # the first world's recipe
+
+    # the text encoder too, except for the concepts the recipe names
+    configs.clear()
+    shutil.rmtree(tmp_path / "loras"), shutil.rmtree(tmp_path / "runs")
+    build_module.train_concepts(tmp_path, BuildSettings(lora_steps=7, lora_concept_text_encoder={"stripes": False}))
+    assert {name: configs[f"lora-{name}"].train_text_encoder for name in CONCEPTS} == {"star": True, "stripes": False, "checker": True}
+    recipe = BuildSettings.for_world("v2")
+    assert {name: recipe.lora_concept_text_encoder.get(name, recipe.lora_text_encoder) for name in CONCEPTS} == {
+        "star": True, "stripes": False, "checker": True}

@@ -122,6 +122,8 @@ class BuildSettings:
     lora_concept_steps: dict[str, int] = field(default_factory=dict)
     # adapt the text encoder's attention too (a LoRA's text-encoder half also changes the other words' encodings)
     lora_text_encoder: bool = True
+    # lora_text_encoder for the concepts named here instead
+    lora_concept_text_encoder: dict[str, bool] = field(default_factory=dict)
     lora_rank: int = 4
     lora_learning_rate: float = 2e-3
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
@@ -148,15 +150,15 @@ class BuildSettings:
 # The second world's base attends to the text at 16x16 as well, with a 64-wide text encoder and the 4x UNet: one
 # training step costs 4x the first world's (benchmarks/bench_demo_base.py), 3000 steps about 2 hours on 2 CPU
 # cores. Its LoRAs learn from 64 references each for 1000 steps (with 16 references and 2000 steps the star LoRA
-# drew one training picture whatever the seed), the stripes LoRA for 2000 (at 1000 it drew stripes in 77% of its own
-# prompts), in the UNet only. With the first build's LoRAs (text encoder too, 1000 steps) the plain sum of all three
-# drew them together in 6% of the composition prompts, with these 56%; the stripes LoRA made the difference, not the
-# text encoder: the star and checker LoRAs with their text-encoder halves beside this stripes LoRA also reach 56%
-# (docs/demo-world.md)
+# drew one training picture whatever the seed), the stripes LoRA for 2000 and in the UNet only (at 1000 steps with
+# its text-encoder half it drew stripes in 77% of its own prompts, and the plain sum of all three concepts drew them
+# together in 6% of the composition prompts; with this stripes LoRA 56%). The checker keeps its text-encoder half:
+# without it the checker LoRA drew its board in 78% of its own prompts, with it 88% (docs/demo-world.md)
 WORLD_SETTINGS: dict[str, dict] = {
     "v1": {},
     "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
-           "concept_images": 64, "lora_steps": 1000, "lora_concept_steps": {"stripes": 2000}, "lora_text_encoder": False},
+           "concept_images": 64, "lora_steps": 1000, "lora_concept_steps": {"stripes": 2000},
+           "lora_concept_text_encoder": {"stripes": False}},
 }
 
 
@@ -385,7 +387,7 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
                 target_modules=list(settings.lora_target_modules),
                 # the first world adapts the text encoder too: a new token's embedding is random, and without it
                 # (1000 steps, lr 1e-3) the checker LoRA rarely drew a checkerboard
-                train_text_encoder=settings.lora_text_encoder,
+                train_text_encoder=settings.lora_concept_text_encoder.get(name, settings.lora_text_encoder),
                 validation_prompts=[(images / "000.txt").read_text().strip()],
             ))
             write_atomically(lora, lambda temporary: shutil.copyfile(trained, temporary))
