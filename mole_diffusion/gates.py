@@ -94,6 +94,9 @@ class Gate(nn.Module):
         # Flux's single blocks run the prompt's tokens in front of the image's: that many leading tokens of their
         # layers are not image positions and keep the per-sample weights (0 elsewhere)
         self.leading_tokens = 0
+        # (B, T, N) for the layers on the prompt's tokens, each token its own weights (regional routing's
+        # own_trigger_tokens), or None: ``weights`` for every token
+        self.prompt_token_weights: torch.Tensor | None = None
         self.history: list[torch.Tensor] = []  # per-call weights, while recording
 
     def set_timestep_knots(self, knots: int) -> None:

@@ -401,10 +401,11 @@ def _gate_in_features(model: nn.Module, scope: str, base: nn.Module) -> int:
 def _make_gate_hook(mole: MoLE, gate: Gate):
     def hook(scope: nn.Module, args: tuple, kwargs: dict) -> None:
         regional = mole.regional
-        gate.position_weights = None
+        gate.position_weights = gate.prompt_token_weights = None
         if regional is not None:  # constant weights per sample, times each expert's mask per position
             gate.weights = regional.sample_weights(gate.mask, len(_scope_input(scope, args, kwargs)))
             gate.position_weights = None if regional.masks is None else regional.masks * gate.weights[..., None, None]
+            gate.prompt_token_weights = regional.prompt_token_weights(gate.weights)
         elif mole.constant_weights is not None:
             gate.weights = gate.constant
         else:

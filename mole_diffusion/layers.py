@@ -90,8 +90,11 @@ class MoLELayer(nn.Module):
             u = F.conv2d(x, lora_A, None, conv.stride, conv.padding, conv.dilation)
             return y.add_(F.conv2d(u * g.to(x.dtype), lora_B))
         u = F.linear(x, lora_A)
+        prompt_tokens = self.gate.prompt_token_weights if self.reads_prompt else None
         if positional is not None and u.dim() == 3:  # (B, L, R): the image's tokens, row by row
             expert_weights = self.gate.token_weights(u.shape[1])
+        elif prompt_tokens is not None and prompt_tokens.shape[:2] == u.shape[:2]:  # (B, T, N): the prompt's, each its own
+            expert_weights = prompt_tokens
         else:
             expert_weights = self.gate.weights
             expert_weights = expert_weights.view(expert_weights.shape[0], *([1] * (u.dim() - 2)), expert_weights.shape[1])

@@ -15,6 +15,12 @@ Image-token layers apply ``weights[i] * mask_i(position)``; layers on the prompt
 cross-attention keys and values) apply ``weights[i]`` where the image's prompt names expert i, else 0: an expert
 whose trigger a prompt lacks adds nothing to that image. All-ones masks with every trigger named are therefore the
 constant weights exactly (all-ones weights: the plain sum, diffusers' ``set_adapters([1, ...])``).
+
+With ``own_trigger_tokens``, a trigger word's own tokens take only their expert's weight in the layers on the
+prompt's tokens (the other experts' text-encoder and key/value deltas leave that word alone), every other token
+the weights above: one LoRA's text half no longer rewrites another concept's trigger. The text encoder finds the
+triggers in the token ids of each of its calls (a negative prompt's too); the UNet's keys and values in the
+prompts of ``set_prompts`` (the negative half of classifier-free guidance: no trigger).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from .layers import token_grid
 
 class RegionalRouting:
     def __init__(self, unet: nn.Module, tokenizer, expert_names: Sequence[str], triggers: Mapping[str, str | Sequence[str]],
-                 weights: Sequence[float] | None, threshold: float):
+                 weights: Sequence[float] | None, threshold: float, own_trigger_tokens: bool = False,
+                 text_encoders: Sequence[nn.Module] = ()):
         missing = [n for n in expert_names if n not in triggers]
         if missing:
             raise MoLEError(f"regional routing needs a trigger word for every expert: none for {missing}")
@@ -52,6 +59,8 @@ class RegionalRouting:
         self.positions: torch.Tensor | None = None  # (B, N, T): which prompt tokens are each expert's trigger
         self.masks: torch.Tensor | None = None  # (UNet batch, N, H, W), for the next UNet call
         self.mask_history: list[torch.Tensor] = []  # the masks read from each UNet call of a pipeline call (prompt half)
+        self.own_trigger_tokens = own_trigger_tokens
+        self._text_positions: torch.Tensor | None = None  # (B, N, T), during a text-encoder call
         self._latent_size: tuple[int, int] | None = None
         self._maps: list[torch.Tensor] = []
         self._query: torch.Tensor | None = None
@@ -64,20 +73,27 @@ class RegionalRouting:
         for module in cross_attentions:
             self._handles += [module.to_q.register_forward_hook(self._keep_query),
                               module.to_k.register_forward_hook(self._make_map_hook(module))]
+        for text_encoder in text_encoders if own_trigger_tokens else ():
+            self._handles += [text_encoder.register_forward_pre_hook(self._begin_text_call, with_kwargs=True),
+                              text_encoder.register_forward_hook(self._end_text_call)]
 
     # -- per call ----------------------------------------------------------------------------------
     def set_prompts(self, prompts: Sequence[str]) -> None:
         """Find each expert's trigger tokens in the prompts (one per image of the call, in batch order)."""
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        positions = torch.zeros(len(prompts), len(self.expert_names), ids.shape[1])
+        self.positions, self.masks, self.mask_history = self._find_triggers(ids), None, []
+
+    def _find_triggers(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N, T): 1 at the tokens of each expert's trigger words in token ids (B, T)."""
+        positions = torch.zeros(len(ids), len(self.expert_names), ids.shape[1])
         for b, row in enumerate(ids.tolist()):
             for n, name in enumerate(self.expert_names):
                 for word in self.trigger_ids[name]:
                     for start in range(len(row) - len(word) + 1):
                         if row[start : start + len(word)] == word:
                             positions[b, n, start : start + len(word)] = 1.0
-        self.positions, self.masks, self.mask_history = positions, None, []
+        return positions
 
     def _named(self) -> torch.Tensor:
         """(B, N): 1 where the image's prompt has the expert's trigger."""
@@ -104,7 +120,30 @@ class RegionalRouting:
             return weights * named[:: images // batch]
         return weights
 
+    def prompt_token_weights(self, sample_weights: torch.Tensor) -> torch.Tensor | None:
+        """(batch, T, N) for the layers on the prompt's tokens, with ``own_trigger_tokens``: a trigger's tokens
+        keep only their own expert of ``sample_weights`` (batch, N), every other token all of them. None without
+        ``own_trigger_tokens`` or prompts (the per-sample weights then apply to every token)."""
+        positions = self._text_positions if self._text_positions is not None else self.positions
+        if not self.own_trigger_tokens or positions is None:
+            return None
+        batch = len(sample_weights)
+        if self._text_positions is None and batch == 2 * len(positions):  # the UNet under guidance: negative half first
+            positions = torch.cat([torch.zeros_like(positions), positions])
+        if len(positions) != batch:
+            raise MoLEError(f"regional routing found triggers for {len(positions)} prompts in a batch of {batch}")
+        owned = positions.to(sample_weights).transpose(1, 2)  # (batch, T, N)
+        trigger = owned.sum(dim=-1, keepdim=True) > 0
+        return torch.where(trigger, owned, torch.ones_like(owned)) * sample_weights[:, None, :]
+
     # -- hooks ------------------------------------------------------------------------------------
+    def _begin_text_call(self, text_encoder, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        self._text_positions = None if ids is None else self._find_triggers(ids.cpu()).to(ids.device)
+
+    def _end_text_call(self, text_encoder, args, output):
+        self._text_positions = None
+
     def _begin_unet_call(self, unet, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         self._latent_size = tuple(sample.shape[-2:])

@@ -33,7 +33,7 @@ def test_each_method_says_what_it_needs():
     assert {n for n, m in registry.items() if m.uses_reference} == {"set_adapters", "base", *peft}
     assert {m.peft_merge for m in registry.values()} - {None} == set(PEFT_MERGES)
     assert {n for n, m in registry.items() if m.same_rank} == {f"peft_{m}" for m in SAME_RANK_MERGES}
-    assert [n for n, m in registry.items() if m.needs_triggers or m.not_for_families] == ["regional"]
+    assert [n for n, m in registry.items() if m.needs_triggers or m.not_for_families] == ["regional", "regional_tokens"]
     assert all(m.name == n for n, m in registry.items())
 
 
@@ -45,9 +45,9 @@ def test_method_names_leave_out_what_cannot_run(tmp_path):
     assert [m for m in every if m not in method_names(concepts, has_gates=False)] == \
         ["mole", "mole_constant", "mole_without_a", "mole_without_b"]
     assert [m for m in every if m not in method_names(concepts, True, same_rank=False)] == ["peft_ties", "peft_dare_linear"]
-    assert [m for m in every if m not in method_names(concepts, True, family="flux")] == ["regional"]
+    assert [m for m in every if m not in method_names(concepts, True, family="flux")] == ["regional", "regional_tokens"]
     bare = [Concept(name=c.name, prompt="", images=None, lora=c.lora) for c in concepts]  # LoRA files: no trigger words
-    assert "regional" not in method_names(bare, True) and "nla" in method_names(bare, True)
+    assert not {"regional", "regional_tokens"} & set(method_names(bare, True)) and "nla" in method_names(bare, True)
 
 
 def test_a_seed_is_a_cpu_generator_with_that_seed(pipe):
@@ -85,13 +85,19 @@ def test_runs_of_one_method_keep_their_state_and_the_next_method_drops_it(pipe):
     """regional routes and mole_constant fuses once for a run of their images; any other method undoes it, so its
     image is what it would be on a fresh pipeline."""
     nla = image(pipe, "nla")
-    image(pipe, "regional", triggers=TRIGGERS)
+    regional = image(pipe, "regional", triggers=TRIGGERS)
     routing = pipe.mole.regional
     assert routing is not None
     image(pipe, "regional", triggers=TRIGGERS, seed=1)
     assert pipe.mole.regional is routing  # enabled once for the run
     np.testing.assert_array_equal(image(pipe, "nla"), nla)
     assert pipe.mole.regional is None
+
+    # the run of regional_tokens routes anew, with each trigger's tokens kept to their expert, and regional after it
+    tokens = image(pipe, "regional_tokens", triggers=TRIGGERS)
+    assert pipe.mole.regional.own_trigger_tokens
+    np.testing.assert_array_equal(image(pipe, "regional", triggers=TRIGGERS), regional)
+    assert not pipe.mole.regional.own_trigger_tokens and np.abs(tokens - regional).max() > 1e-4
 
     pipe.set_experts(None)  # the gates, read for the per-block weights as the evaluator does
     block_weights = pipe.export_block_weights([PROMPT], num_inference_steps=2, height=32, width=32)

@@ -488,3 +488,77 @@ def test_regional_routing_refuses_a_unet_whose_cross_attention_it_cannot_read(wo
 # set before it is read; the map hook's guard on _query (diffusers' processors call to_q before to_k);
 # transpose(-1, +2) of a 4-D tensor; align_corners=None (False for bilinear); ">=" for ">" against the threshold
 # (a float ratio equal to it).
+
+
+# -- each trigger word's tokens keep their own expert ---------------------------------------------------------------
+def test_prompt_token_weights_weigh_each_prompt_token_by_its_own_row():
+    layer = gated_layer(nn.Linear(8, 6))
+    layer.reads_prompt = True
+    x = torch.randn(2, 5, 8)
+    per_sample = torch.tensor([[0.3, 0.9], [1.2, 0.1]])
+    token_weights = per_sample[:, None, :].repeat(1, 5, 1)
+    token_weights[0, 2] = torch.tensor([0.3, 0.0])  # sample 0's token 2: expert 0 only
+    layer.gate.weights = per_sample
+    expected = layer(x.clone())
+    layer.gate.weights = per_sample * torch.tensor([1.0, 0.0])
+    expected[0, 2] = layer(x.clone())[0, 2]
+    layer.gate.weights, layer.gate.prompt_token_weights = per_sample, token_weights
+    torch.testing.assert_close(layer(x.clone()), expected, rtol=1e-5, atol=1e-6)
+    layer.reads_prompt = False  # a layer on the image's tokens never reads them
+    layer.gate.prompt_token_weights = None
+    without = layer(x.clone())
+    layer.gate.prompt_token_weights = token_weights
+    torch.testing.assert_close(layer(x.clone()), without)
+
+
+def test_own_trigger_tokens_give_each_trigger_only_its_expert_in_the_prompt_and_its_negative(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.enable_regional_routing(TRIGGERS, weights=[0.5, 2.0], own_trigger_tokens=True)
+    regional = mole_pipe.mole.regional
+    regional.set_prompts(["a red circle on a blue background"])
+    ids = mole_pipe.tokenizer("a red circle on a blue background").input_ids
+    red, circle = (ids.index(mole_pipe.tokenizer(word, add_special_tokens=False).input_ids[0]) for word in ("red", "circle"))
+    sample = regional.sample_weights(torch.ones(2, dtype=torch.bool), 2)  # the UNet under guidance
+    weights = regional.prompt_token_weights(sample)
+    assert weights.shape == (2, 77, 2)
+    assert bool((weights[0] == torch.tensor([0.5, 2.0])).all())  # the negative half: no trigger
+    assert weights[1, red].tolist() == [0.5, 0.0] and weights[1, circle].tolist() == [0.0, 2.0]
+    others = [t for t in range(77) if t not in (red, circle)]
+    assert bool((weights[1, others] == torch.tensor([0.5, 2.0])).all())
+
+    # the text encoder finds the triggers in its own call's tokens: the negative prompt's encoding is unrouted
+    def encode(pipe):
+        embeds, negative = pipe.encode_prompt("a red circle on a blue background", "cpu", 1, True, negative_prompt="")
+        return embeds, negative
+
+    routed, routed_negative = encode(mole_pipe)
+    mole_pipe.enable_regional_routing(TRIGGERS, weights=[0.5, 2.0])
+    mole_pipe.mole.regional.set_prompts(["a red circle on a blue background"])
+    plain, plain_negative = encode(mole_pipe)
+    torch.testing.assert_close(routed_negative, plain_negative)
+    assert (routed - plain).abs().amax() > 1e-4  # each trigger without the other LoRA's text half
+
+
+def test_own_trigger_tokens_with_one_expert_are_diffusers_own_lora(world, mole_pipe, ref_pipe):
+    """One expert: its trigger keeps it and every other token has it too, so nothing changes: diffusers' LoRA."""
+    mole_pipe.load_experts({"a": world["a"]})
+    mole_pipe.enable_regional_routing({"a": TRIGGERS["a"]}, threshold=0.0, own_trigger_tokens=True)
+    routed = generate(mole_pipe, num_inference_steps=4)
+    ref_pipe.load_lora_weights(world["a"], adapter_name="a")
+    np.testing.assert_allclose(routed, generate(ref_pipe, num_inference_steps=4), rtol=1e-4, atol=1e-5)
+
+
+def test_own_trigger_tokens_change_only_what_reads_the_prompt(world, mole_pipe, tmp_path):
+    """Experts on image tokens only (self-attention queries and outputs, convs): own_trigger_tokens changes
+    nothing. Full LoRAs (text encoder, cross-attention keys and values): it changes the image."""
+    image_only = {name: make_tiny_lora(world["base"], tmp_path / f"{name}.safetensors", rank=2, seed=seed, text_encoder=False,
+                                       unet_modules=("to_q", "to_out.0", "conv1")) for name, seed in (("a", 1), ("b", 2))}
+    images = {}
+    for files in ("image_only", "full"):
+        mole_pipe.load_experts(image_only if files == "image_only" else {"a": world["a"], "b": world["b"]})
+        for own in (False, True):
+            mole_pipe.enable_regional_routing(TRIGGERS, threshold=0.0, own_trigger_tokens=own)
+            images[files, own] = generate(mole_pipe, guidance_scale=3.0)
+        mole_pipe.unload_experts()
+    np.testing.assert_allclose(images["image_only", True], images["image_only", False], atol=1e-6)
+    assert np.abs(images["full", True] - images["full", False]).max() > 1e-3

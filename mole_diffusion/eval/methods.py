@@ -86,6 +86,7 @@ def methods_for(names: Sequence[str]) -> dict[str, Method]:
         Method("composite", _composite),
         # regional routing reads a UNet's cross-attention maps: not Flux's joint attention
         Method("regional", _regional, needs_triggers=True, not_for_families=("flux",)),
+        Method("regional_tokens", partial(_regional, own_trigger_tokens=True), needs_triggers=True, not_for_families=("flux",)),
         *(Method(f"single_{n}", partial(_single, name=n)) for n in names),
         Method("base", _base, uses_reference=True),
     ]
@@ -120,7 +121,7 @@ def draw(pipe, *, method: str, prompt: str, names: Sequence[str], weights: Seque
         if "generator" in call:
             raise MoLEError("give a seed or a generator, not both")
         call["generator"] = torch.Generator().manual_seed(seed)
-    if method != "regional":
+    if not method.startswith("regional"):
         pipe.disable_regional_routing()
     if method != "mole_constant" and pipe.mole.fused:
         pipe.mole.unfuse()
@@ -201,12 +202,14 @@ def _composite(request: DrawRequest) -> Image.Image:
         return _image(request)
 
 
-def _regional(request: DrawRequest) -> Image.Image:
+def _regional(request: DrawRequest, own_trigger_tokens: bool = False) -> Image.Image:
     if not request.triggers:
         raise MoLEError("regional routing needs each expert's trigger words: pass triggers")
-    if request.pipe.mole.regional is None:  # enabled once for the run of regional images, like mole_constant's fusing
+    regional = request.pipe.mole.regional
+    # enabled once for the run of regional images, like mole_constant's fusing
+    if regional is None or regional.own_trigger_tokens != own_trigger_tokens:
         request.pipe.mole.set_experts(None)
-        request.pipe.enable_regional_routing(request.triggers)
+        request.pipe.enable_regional_routing(request.triggers, own_trigger_tokens=own_trigger_tokens)
     return _image(request)
 
 

@@ -114,7 +114,8 @@ class MoLEPipelineMixin:
         return {gate: (total / len(prompts)).tolist() for gate, total in sums.items()}
 
     def enable_regional_routing(
-        self, triggers: Mapping[str, str | Sequence[str]], weights: Sequence[float] | None = None, threshold: float = 0.35
+        self, triggers: Mapping[str, str | Sequence[str]], weights: Sequence[float] | None = None, threshold: float = 0.35,
+        own_trigger_tokens: bool = False,
     ) -> None:
         """Training-free regional routing (``mole_diffusion.routing``): each expert acts, with its constant weight
         (default 1: the plain sum), only where the cross-attention of its trigger word(s) points, read in the
@@ -126,7 +127,9 @@ class MoLEPipelineMixin:
         if mole.fused:
             raise MoLEError("experts are fused into the base weights: call unfuse_experts() first")
         self.disable_regional_routing()
-        mole.regional = RegionalRouting(self.unet, self.tokenizer, mole.expert_names, triggers, weights, threshold)
+        mole.regional = RegionalRouting(self.unet, self.tokenizer, mole.expert_names, triggers, weights, threshold,
+                                        own_trigger_tokens, [getattr(self, name) for name in ("text_encoder", "text_encoder_2")
+                                                             if getattr(self, name, None) is not None])
 
     def disable_regional_routing(self) -> None:
         mole = self.mole
