@@ -48,9 +48,35 @@ def test_generate_with_gates_weights_and_masking(world, tmp_path, mole_pipe):
     assert np.abs(images["masked"] - images["weights"]).max() > 1
 
 
+def test_generate_with_triggers_routes_by_region_as_the_python_api(world, tmp_path, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    mole_pipe.enable_regional_routing({"a": "red", "b": "circle"}, [0.5, 1.5])
+    call = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    expected = {"routed": mole_pipe("a red circle", **call).images[0]}
+    mole_pipe.enable_regional_routing({"a": "red", "b": "circle"})
+    call["generator"] = torch.Generator().manual_seed(0)
+    expected["masked"] = mole_pipe("a red circle", experts=["a"], **call).images[0]
+    common = ["--base", str(world["base"]), "--lora", f"a={world['a']}", "--lora", f"b={world['b']}",
+              "--prompt", "a red circle", "--steps", "2", "--trigger", "a=red"]
+    runs = {"routed": ["--trigger", "b=circle", "--weights", "0.5", "1.5"],
+            "b_absent": ["--trigger", "b=square", "--weights", "0.5", "1.5"],  # b's trigger not in the prompt: b is off
+            "masked": ["--trigger", "b=circle", "--experts", "a"]}
+    images = {}
+    for name, extra in runs.items():
+        assert main(["generate", *common, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    for name in ("routed", "masked"):
+        assert np.abs(images[name] - np.asarray(expected[name]).astype(int)).max() <= 1
+    assert np.abs(images["routed"] - images["b_absent"]).max() > 1 and np.abs(images["routed"] - images["masked"]).max() > 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["generate", "--base", "b", "--lora", "a=1", "--lora", "b=2", "--trigger", "a=sks", "--prompt", "x", "--out", "o.png"],
+         "--trigger needs one NAME=WORDS for every --lora name ['a', 'b'], got ['a']"),
+        (["generate", "--base", "b", "--lora", "a=1", "--trigger", "a=sks", "--gates", "g", "--prompt", "x", "--out", "o.png"],
+         "give --gates or --trigger, not both"),
         (["generate", "--lora", "a.safetensors", "--prompt", "x", "--out", "o.png"], "--base"),
         (["generate", "--base", "b", "--lora", "=x", "--prompt", "x", "--out", "o.png"], "NAME=FILE"),
         (["generate", "--base", "b", "--lora", "a=1", "--lora", "a=2", "--prompt", "x", "--out", "o.png"], "names must differ"),
