@@ -143,6 +143,10 @@ def add_train_gates_parser(subparsers) -> None:
     parser.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
                         help="what the untrained gates return, one per concept (default uniform, NLA; sigmoid needs "
                              "each below 1; softplus: 1 1 1 starts from the plain sum)")
+    parser.add_argument("--by-trigger", action="store_true", default=None,
+                        help="each expert's gate weighs 0 in an image whose prompt lacks its trigger word (the concepts "
+                             "file's), so each learns its LoRA's strength from its own concept's images (softplus gates "
+                             "with --prior-weights 1 1 1 start from the plain sum; docs/method.md)")
     parser.add_argument("--objective", choices=("denoising", "clip", "composition", "distillation"),
                         default="denoising",
                         help="denoising loss on the reference images (default), the paper's CLIP-guided loss, that "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -34,6 +35,13 @@ class GateConfig:
     are loaded (kept as a tuple), or {expert name: weight}; None: uniform. Untrained, every kind of gate is NLA
     with these weights; a sigmoid gate's must each be below 1.
 
+    ``triggers``: {expert name: its trigger word or words}, or None. Given, a gate's weight for an expert is 0 in
+    every image whose prompt lacks that expert's trigger words, and its output in the others: trained on each
+    concept's own images, the gates then learn each LoRA's strength from its own concept's images only (the other
+    LoRAs are off there), so a prompt naming several concepts gets each at the strength its own images taught.
+    Without it, "this image is another concept's" is all such gates can learn, and they turn every LoRA but one
+    down in a composition (docs/method.md). Kept as {name: tuple of lower-case words}.
+
     Frozen, so it stays as checked; ``dataclasses.replace`` makes a changed copy, checked again.
     """
 
@@ -42,6 +50,7 @@ class GateConfig:
     per_position: bool = False
     timestep_knots: int = 0
     prior_weights: Sequence[float] | Mapping[str, float] | None = None
+    triggers: Mapping[str, str | Sequence[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -57,10 +66,14 @@ class GateConfig:
             if self.activation == "sigmoid":
                 check_sigmoid_prior(list(prior.values() if isinstance(prior, dict) else prior))
             object.__setattr__(self, "prior_weights", prior)
+        if self.triggers is not None:
+            object.__setattr__(self, "triggers", _checked_triggers(self.triggers))
 
     def for_experts(self, names: Sequence[str]) -> GateConfig:
         """This config with ``prior_weights`` as one weight per expert of ``names``, in that order (a mapping is
         read by name), as a MoLE of these experts records it."""
+        if self.triggers is not None and sorted(self.triggers) != sorted(names):
+            raise MoLEError(f"triggers name the experts {sorted(self.triggers)}; the experts are {list(names)}")
         prior = self.prior_weights
         if prior is None:
             return self
@@ -88,3 +101,16 @@ def _checked_prior(prior: Iterable[float] | Mapping[str, float]) -> tuple[float,
             f"{len(given)} positive finite numbers (one per expert)"
         raise MoLEError(f"prior_weights must be {expected}, got {prior}")
     return dict(zip(prior, numbers)) if isinstance(prior, Mapping) else tuple(numbers)
+
+
+def _checked_triggers(triggers: Mapping[str, str | Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """{name: lower-case words}, each expert with at least one word."""
+    if not isinstance(triggers, Mapping):
+        raise MoLEError(f"triggers must be {{expert name: trigger word(s)}}, got {triggers!r}")
+    checked = {}
+    for name, words in triggers.items():
+        text = words if isinstance(words, str) else " ".join(words) if all(isinstance(w, str) for w in words) else None
+        checked[name] = tuple(re.findall(r"[\w']+", text.lower())) if text is not None else ()
+        if not checked[name]:
+            raise MoLEError(f"triggers: expert {name!r} needs a trigger word (e.g. \"sks\"), got {words!r}")
+    return checked

@@ -21,6 +21,7 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from .concepts import composed_concepts
 from .config import GateConfig
 from .errors import MoLEError
 from .experts import Expert
@@ -95,10 +96,35 @@ class MoLE:
         self.fused = False
         self.record = False
         self.regional: RegionalRouting | None = None  # training-free routing by region (routing.py), when enabled
+        # (prompts, N): 1 where a prompt of the current call names the expert's trigger (gates with triggers)
+        self.prompt_experts: torch.Tensor | None = None
 
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+    def set_prompts(self, prompts: Sequence[str] | None) -> None:
+        """The prompts of the next calls, one per image in batch order (None: forget them), for gates with
+        ``triggers``: each expert weighs 0 in an image whose prompt lacks its trigger words."""
+        triggers = self.gate_config.triggers
+        if prompts is None or not triggers:
+            self.prompt_experts = None
+            return
+        named = [composed_concepts(prompt, triggers) for prompt in prompts]
+        self.prompt_experts = torch.tensor([[float(n in row) for n in self.expert_names] for row in named])
+
+    def _named_in(self, batch: int) -> torch.Tensor:
+        """(batch, N) of ``prompt_experts`` for a batch of the denoiser (the images, or both guidance halves of
+        them) or of a text encoder (once per prompt, or per image)."""
+        if self.prompt_experts is None:
+            raise MoLEError(f"these gates have trigger words ({dict(self.gate_config.triggers)}): they weigh each expert "
+                            "by whether the prompt names it, so call the pipeline with prompt=, not prompt_embeds=")
+        named, images = self.prompt_experts, len(self.prompt_experts)
+        if batch % images == 0:
+            return named.repeat(batch // images, 1)
+        if images % batch == 0:  # one prompt's images are consecutive
+            return named[:: images // batch]
+        raise MoLEError(f"{images} prompts for a batch of {batch}")
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for gate in self.gates.values() for p in gate.parameters()]
@@ -418,6 +444,11 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
                 gate.position_weights = gate.position_map(hidden_states.transpose(1, 2).unsqueeze(2), t)
                 single = isinstance(scope, FluxSingleTransformerBlock)
                 gate.leading_tokens = _scope_input_prompt(args, kwargs).shape[1] if single else 0
+            if mole.gate_config.triggers:  # an expert whose trigger the image's prompt lacks weighs 0
+                named = mole._named_in(len(gate.weights)).to(gate.weights)
+                gate.weights = gate.weights * named
+                if gate.position_weights is not None:
+                    gate.position_weights = gate.position_weights * named[..., None, None]
         if mole.record:  # a copy: constant weights are a buffer that set_experts changes in place
             gate.history.append(gate.applied_weights().detach().clone())  # per position: their mean over the image
 

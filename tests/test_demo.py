@@ -305,3 +305,29 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
     recipe = BuildSettings.for_world("v2")
     assert {name: recipe.lora_concept_text_encoder.get(name, recipe.lora_text_encoder) for name in CONCEPTS} == {
         "star": True, "stripes": False, "checker": True}
+
+
+def test_the_build_trains_the_gates_its_world_recipe_names(tmp_path, monkeypatch):
+    """The first world's gates are the paper's (softmax, uniform); the second world's softplus gates at prior 1 with
+    the concepts' trigger words."""
+    import mole_diffusion.demo.build as build_module
+
+    for name in CONCEPTS:
+        folder = tmp_path / "world" / "concepts" / name
+        folder.mkdir(parents=True)
+        (folder / "prompt.txt").write_text(f"a {name}")
+        (tmp_path / "loras").mkdir(exist_ok=True)
+        (tmp_path / "loras" / f"{name}.safetensors").write_bytes(b"")  # LoRAs already trained: this is about the gates
+    configs = []
+
+    def fake_train_gates(config):
+        configs.append(config)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(build_module, "train_gates", fake_train_gates)
+    for world_name in ("v1", "v2"):
+        with pytest.raises(RuntimeError, match="stop after the config"):
+            build_module.train_concepts(tmp_path, BuildSettings.for_world(world_name))
+    first, second = configs
+    assert (first.gate.activation, first.gate.prior_weights, first.by_trigger) == ("softmax", None, False)
+    assert (second.gate.activation, second.gate.prior_weights, second.by_trigger) == ("softplus", (1.0, 1.0, 1.0), True)

@@ -102,7 +102,7 @@ def test_a_gate_file_records_its_config_and_load_gates_restores_it_in_the_loaded
     with safe_open(str(tmp_path / "gates.safetensors"), "pt") as f:
         metadata = f.metadata()
     assert json.loads(metadata["gate_config"]) == {"granularity": "block", "activation": "sigmoid", "per_position": True,
-                                                   "timestep_knots": 3, "prior_weights": [0.3, 0.6]}
+                                                   "timestep_knots": 3, "prior_weights": [0.3, 0.6], "triggers": None}
     # the settings also as keys of their own, as older versions of the package read them
     assert [metadata[k] for k in ("granularity", "activation", "per_position", "timestep_knots")] == ["block", "sigmoid", "true", "3"]
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config import GateConfig
 from ..errors import MoLEError
 from ..files import write_atomically
 from ..gate_file import read_gate_file
@@ -131,6 +132,11 @@ class BuildSettings:
     # prompts it helped the checker LoRA alone and hurt the star and stripes LoRAs (experiments/docs/composition-experiments.md)
     lora_filler_captions: bool = False
     gate_steps: int = 300
+    # the gates' kind (GateConfig): the paper's softmax at uniform prior, or e.g. softplus at prior 1 1 1 with the
+    # concepts' trigger words (train-gates --by-trigger), which compose as the plain sum on the second world
+    gate_activation: str = "softmax"
+    gate_prior_weights: list[float] | None = None
+    gate_by_trigger: bool = False
     judge_steps: int = 800
     judge_pool: int = 4000  # VAE round trips the judge trains on (with fresh clean drawings)
     judge_rim_share: float = 0.3  # its scenes drawn with a rim around the object (judge.with_rim)
@@ -158,7 +164,8 @@ WORLD_SETTINGS: dict[str, dict] = {
     "v1": {},
     "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
            "concept_images": 64, "lora_steps": 1000, "lora_concept_steps": {"stripes": 2000},
-           "lora_concept_text_encoder": {"stripes": False}},
+           "lora_concept_text_encoder": {"stripes": False},
+           "gate_activation": "softplus", "gate_prior_weights": [1.0, 1.0, 1.0], "gate_by_trigger": True},
 }
 
 
@@ -400,7 +407,8 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
     if not (root / "gates.safetensors").is_file():
         gates = train_gates(GateTrainingConfig(
             base=str(root / "pipeline"), concepts=concepts, output_dir=root / "runs" / "gates", steps=settings.gate_steps,
-            batch_size=6, learning_rate=5e-3, resolution=RESOLUTION, seed=settings.seed,
+            gate=GateConfig(activation=settings.gate_activation, prior_weights=settings.gate_prior_weights),
+            by_trigger=settings.gate_by_trigger, batch_size=6, learning_rate=5e-3, resolution=RESOLUTION, seed=settings.seed,
             checkpoint_every=settings.gate_steps, resume=True, validation_every=settings.gate_steps, validation_steps=settings.validation_steps,
         ))
         # the world's pipeline moves with it (build folder -> package): no base path, which would only warn

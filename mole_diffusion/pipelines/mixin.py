@@ -185,14 +185,16 @@ class MoLEPipelineMixin:
         mole = self.mole
         if mole is None:
             return super().__call__(*args, **kwargs)
-        prompts = self._prompts_of_call(args, kwargs) if mole.regional is not None else None  # may refuse: before any change
+        # may refuse: before any change
+        prompts = self._prompts_of_call(args, kwargs) if mole.regional is not None or mole.gate_config.triggers else None
         saved = mole.active
         if experts is not None:
             mole.mask_experts(experts)
         mole.clear_history()
         mole.record = True
-        if prompts is not None:
+        if prompts is not None and mole.regional is not None:
             mole.regional.set_prompts(prompts)
+        mole.set_prompts(prompts)  # gates with trigger words weigh each expert by whether its prompt names it
         finite_check = getattr(self, self.denoiser).register_forward_hook(_refuse_non_finite)
         try:
             return super().__call__(*args, **kwargs)
@@ -201,6 +203,7 @@ class MoLEPipelineMixin:
             mole.record = False
             if mole.regional is not None:
                 mole.regional.reset()
+            mole.set_prompts(None)
             if experts is not None:
                 mole.mask_experts(saved)
 
@@ -209,7 +212,7 @@ class MoLEPipelineMixin:
         """One prompt per image of a call, in the pipeline's batch order (each prompt num_images_per_prompt times)."""
         prompt = args[0] if args else kwargs.get("prompt")
         if prompt is None:
-            raise MoLEError("regional routing finds each expert's trigger words in the prompt: pass prompt=, not "
-                             "prompt_embeds=")
+            raise MoLEError("regional routing and gates with trigger words find each expert's trigger words in the "
+                            "prompt: pass prompt=, not prompt_embeds=")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         return [p for p in prompts for _ in range(kwargs.get("num_images_per_prompt") or 1)]

@@ -184,6 +184,9 @@ def encode_prompts(pipe: DiffusionPipeline, prompts: list[str], resolution: int)
     conditions (pooled embedding, size ``resolution`` uncropped); Flux the T5 states, the CLIP pooled
     embedding and the text ids."""
     device = denoiser(pipe).device
+    mole = getattr(pipe, "mole", None)
+    if mole is not None:  # gates with trigger words weigh each expert by whether the example's prompt names it
+        mole.set_prompts(prompts)
     if isinstance(pipe, FluxPipeline):
         # FLUX.1's T5 reads 512 tokens (its tokenizer's length; the pipeline's default); a smaller tokenizer fewer
         length = min(512, pipe.tokenizer_2.model_max_length)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..clip import load_clip
-from ..concepts import composed_concepts, list_images, load_compositions, load_concepts, trigger_words
+from ..concepts import composed_concepts, concept_triggers, list_images, load_compositions, load_concepts, trigger_words
 from ..config import GateConfig
 from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
@@ -78,6 +78,9 @@ class GateTrainingConfig(TrainingSettings):
     clip_model: str | None = None  # for objective="clip": an open_clip name, or "local-dir:PATH"
     clip_pretrained: str | None = None  # its pretrained tag or checkpoint file
     clip_sampling_steps: int = 4
+    # the gates with the concepts' trigger words (GateConfig.triggers): each expert weighs 0 in an example whose
+    # prompt lacks its trigger, so each gate learns its LoRA's strength from that concept's images alone
+    by_trigger: bool = False
 
 
 def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = None) -> Path:
@@ -101,9 +104,18 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
 
+    gate_config = config.gate
+    if config.by_trigger:
+        triggers = concept_triggers(concepts)
+        if triggers is None:
+            raise MoLEError(f"by_trigger needs each concept's trigger word: {config.concepts} has a concept whose prompt "
+                            "has no word of its own; give it trigger = \"...\"")
+        gate_config = replace(gate_config, triggers=triggers)
     if pipe is None:
         pipe = load_base_pipeline(mole_pipeline_class(config.base), config.base, safety_checker=None)
-        pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=config.gate)
+        pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=gate_config)
+    elif config.by_trigger:
+        pipe.mole.set_gate_config(replace(pipe.mole.gate_config, triggers=gate_config.triggers))
     if config.objective in ("clip", "composition") and pipe.family != "sd":
         raise MoLEError(f"objective {config.objective!r} samples through DDIM on a Stable Diffusion 1.x/2.x UNet; "
                         f"on this {type(pipe).__name__} train with --objective denoising")

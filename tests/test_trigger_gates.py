@@ -1,0 +1,97 @@
+"""Gates with trigger words (GateConfig.triggers): an expert weighs 0 in an image whose prompt lacks its trigger,
+checked against diffusers' own LoRAs, in training, in gate files and in the CLI."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import generate, load, randomise_gates
+
+from mole_diffusion import GateConfig
+from mole_diffusion.cli import main
+from mole_diffusion.errors import MoLEError
+from mole_diffusion.train import GateTrainingConfig, train_gates
+
+TRIGGERS = {"a": "red", "b": "circle"}  # words of conftest.generate's prompt
+SUM = GateConfig(activation="softplus", prior_weights=[1.0, 1.0], triggers=TRIGGERS)
+
+
+def test_untrained_gates_with_triggers_are_diffusers_loras_of_the_prompts_triggers(world, mole_pipe, ref_pipe):
+    """Softplus gates at prior 1: a prompt naming both triggers is the plain sum (set_adapters([1, 1])); one naming
+    only a's is diffusers with LoRA a alone; under guidance the negative half follows its image's prompt."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, gate_config=SUM)
+    for name in "ab":
+        ref_pipe.load_lora_weights(world[name], adapter_name=name)
+    for prompt, adapters in (("a red circle on a blue background", ["a", "b"]), ("a red square", ["a"])):
+        ref_pipe.set_adapters(adapters, [1.0] * len(adapters))
+        np.testing.assert_allclose(generate(mole_pipe, prompt=prompt, guidance_scale=3.0),
+                                   generate(ref_pipe, prompt=prompt, guidance_scale=3.0), rtol=1e-4, atol=1e-5)
+    recorded = mole_pipe.gate_weights  # the last call: b's trigger absent, b at 0 at every gate
+    assert all(torch.equal(w[..., 1], torch.zeros_like(w[..., 1])) and bool((w[..., 0] > 0.99).all()) for w in recorded.values())
+
+
+def test_each_image_of_a_batch_weighs_the_experts_its_own_prompt_names(world, mole_pipe):
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, gate_config=SUM)
+    randomise_gates(mole_pipe)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    batch = generate(mole_pipe, prompt=["a red circle", "a blue square"], guidance_scale=3.0, latents=latents)
+    weights = mole_pipe.gate_weights["unet.mid_block.attentions.0"]  # (steps, 2 guidance halves x 2 images, N)
+    assert bool((weights[:, [1, 3], :] == 0).all()) and bool((weights[:, [0, 2], :] > 0).all())  # no trigger in image 2
+    for index, prompt in enumerate(["a red circle", "a blue square"]):
+        alone = generate(mole_pipe, prompt=prompt, guidance_scale=3.0, latents=latents[index : index + 1])
+        np.testing.assert_allclose(batch[index], alone[0], atol=1e-4)  # batch-size rounding, magnified by guidance
+
+
+def test_gates_with_triggers_need_the_prompt_and_name_every_expert(world, mole_pipe):
+    with pytest.raises(MoLEError, match=r"triggers name the experts \['a'\]; the experts are \['a', 'b'\]"):
+        mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, gate_config=GateConfig(triggers={"a": "red"}))
+    with pytest.raises(MoLEError, match="expert 'b' needs a trigger word"):
+        GateConfig(triggers={"a": "red", "b": " "})
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, gate_config=SUM)
+    embeds = torch.randn(1, 77, mole_pipe.text_encoder.config.hidden_size)
+    with pytest.raises(MoLEError, match="pass prompt=, not prompt_embeds="):
+        mole_pipe(prompt_embeds=embeds, num_inference_steps=2, height=32, width=32)
+    assert mole_pipe.mole.prompt_experts is None  # nothing of a refused call stays behind
+
+
+def test_training_by_trigger_learns_and_the_gate_file_keeps_the_triggers(world, concepts_file, tmp_path):
+    """train_gates(by_trigger=True) gives the gates the concepts' trigger words; the gate file restores them."""
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]}, gate_config=GateConfig(activation="softplus", prior_weights=[1.0, 1.0]))
+    before = {name: (gate.weight.detach().clone(), gate.bias.detach().clone()) for name, gate in pipe.mole.gates.items()}
+    config = GateTrainingConfig(base=str(world["base"]), concepts=concepts_file, output_dir=tmp_path / "run", steps=4,
+                                batch_size=2, resolution=32, learning_rate=5e-2, progress=False, by_trigger=True,
+                                gate=GateConfig(activation="softplus", prior_weights=[1.0, 1.0]))
+    path = train_gates(config, pipe=pipe)
+    assert pipe.mole.gate_config.triggers == {"a": ("sks",), "b": ("zwx",)}
+    moved = {name for name, gate in pipe.mole.gates.items() if not torch.equal(gate.weight, before[name][0])}
+    assert moved  # the named experts' rows learned
+    fresh = load(world["base"])
+    fresh.load_experts({"a": world["a"], "b": world["b"]}, gate_config=GateConfig(activation="softplus"))
+    fresh.load_gates(path)
+    assert fresh.mole.gate_config.triggers == {"a": ("sks",), "b": ("zwx",)}
+    np.testing.assert_allclose(generate(fresh, prompt="a photo of sks"), generate(pipe, prompt="a photo of sks"), atol=1e-6)
+
+
+def test_one_concepts_examples_give_no_gradient_to_the_experts_they_do_not_name(world, mole_pipe):
+    from mole_diffusion.train import common
+
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, gate_config=SUM)
+    randomise_gates(mole_pipe)
+    for gate in mole_pipe.mole.gates.values():
+        gate.requires_grad_(True)
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    conditions = common.encode_prompts(mole_pipe, ["a photo of red", "a red square"], 32)  # a's trigger only
+    prediction = mole_pipe.unet(latents, torch.tensor([500, 300]), **conditions).sample
+    prediction.square().mean().backward()
+    rows = [gate.weight.grad for gate in mole_pipe.mole.gates.values() if gate.weight.grad is not None]
+    assert rows and all(bool((grad[1] == 0).all()) for grad in rows) and any(bool(grad[0].abs().sum() > 0) for grad in rows)
+
+
+def test_train_gates_by_trigger_from_the_command_line(world, concepts_file, tmp_path, capsys):
+    rc = main(["train-gates", "--base", str(world["base"]), "--concepts", str(concepts_file), "--out", str(tmp_path / "run"),
+               "--steps", "2", "--batch-size", "2", "--resolution", "32", "--activation", "softplus",
+               "--prior-weights", "1", "1", "--by-trigger", "--checkpoint-every", "2", "--validation-every", "100"])
+    assert rc == 0
+    from mole_diffusion.gate_file import read_gate_config
+
+    assert read_gate_config(tmp_path / "run" / "gates.safetensors").triggers == {"a": ("sks",), "b": ("zwx",)}
