@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .config import text_words
 from .errors import MoLEError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -59,12 +59,12 @@ def trigger_words(concept: Concept, others: list[Concept]) -> list[str]:
     words that are not in its class prompt, not in another concept's prompt and not common words
     ("a photo of sks dog" with class prompt "a photo of a dog" -> ["sks"])."""
     if concept.trigger:
-        return _words(concept.trigger)
-    shared = set(_words(concept.class_prompt or "")) | COMMON_WORDS
+        return text_words(concept.trigger)
+    shared = set(text_words(concept.class_prompt or "")) | COMMON_WORDS
     for other in others:
         if other is not concept:
-            shared |= set(_words(other.prompt))
-    words = [w for w in _words(concept.prompt) if w not in shared]
+            shared |= set(text_words(other.prompt))
+    words = [w for w in text_words(concept.prompt) if w not in shared]
     if not words:
         raise ConceptError(f"concept {concept.name!r}: no word of its prompt {concept.prompt!r} names it alone; "
                            "give its trigger word in the concepts file (trigger = \"...\")")
@@ -83,12 +83,8 @@ def concept_triggers(concepts: list[Concept]) -> dict[str, list[str]] | None:
 def composed_concepts(prompt: str, triggers: dict[str, list[str]] | None) -> list[str]:
     """The concepts a prompt asks for: those whose trigger words (``triggers``: {name: ``trigger_words``}) it
     contains (none known: [])."""
-    words = set(_words(prompt))
+    words = set(text_words(prompt))
     return [name for name, trigger in (triggers or {}).items() if all(w in words for w in trigger)]
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[\w']+", text.lower())  # "sks," is the word sks
 
 
 def load_compositions(path: str | os.PathLike) -> list[str]:

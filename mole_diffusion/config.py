@@ -110,7 +110,12 @@ def _checked_triggers(triggers: Mapping[str, str | Sequence[str]]) -> dict[str, 
     checked = {}
     for name, words in triggers.items():
         text = words if isinstance(words, str) else " ".join(words) if all(isinstance(w, str) for w in words) else None
-        checked[name] = tuple(re.findall(r"[\w']+", text.lower())) if text is not None else ()
+        checked[name] = tuple(text_words(text)) if text is not None else ()
         if not checked[name]:
             raise MoLEError(f"triggers: expert {name!r} needs a trigger word (e.g. \"sks\"), got {words!r}")
     return checked
+
+
+def text_words(text: str) -> list[str]:
+    """The lower-case words of a prompt, as trigger words are matched ("sks," is the word sks)."""
+    return re.findall(r"[\w']+", text.lower())

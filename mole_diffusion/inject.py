@@ -21,8 +21,7 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from .concepts import composed_concepts
-from .config import GateConfig
+from .config import GateConfig, text_words
 from .errors import MoLEError
 from .experts import Expert
 from .gates import Gate
@@ -110,8 +109,8 @@ class MoLE:
         if prompts is None or not triggers:
             self.prompt_experts = None
             return
-        named = [composed_concepts(prompt, triggers) for prompt in prompts]
-        self.prompt_experts = torch.tensor([[float(n in row) for n in self.expert_names] for row in named])
+        words = [set(text_words(prompt)) for prompt in prompts]
+        self.prompt_experts = torch.tensor([[float(all(w in row for w in triggers[n])) for n in self.expert_names] for row in words])
 
     def _named_in(self, batch: int) -> torch.Tensor:
         """(batch, N) of ``prompt_experts`` for a batch of the denoiser (the images, or both guidance halves of
