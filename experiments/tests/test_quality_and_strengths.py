@@ -36,8 +36,12 @@ def test_the_grid_runs_every_triple_on_the_given_seeds_and_names_the_best(tmp_pa
     monkeypatch.setattr(strengths, "read_summary", summary)
     strengths.main(["--out", str(tmp_path), "--grid", "0.5", "1", "--seeds", "2", "--first-seed", "20"])
     assert len(configs) == 8 and {tuple(c.nla_weights) for c in configs} == set(itertools.product([0.5, 1.0], repeat=3))
-    assert all(c.seeds == [20, 21] for c in configs)
+    assert all(c.seeds == [20, 21] and c.prompts == composition_prompts() for c in configs)
     assert capsys.readouterr().out.splitlines()[-1].startswith("best: 1,1,0.5 ")
+
+    configs.clear()
+    strengths.main(["--out", str(tmp_path), "1,0,1", "--colours", "red"])
+    assert [c.prompts for c in configs] == [[composition_prompts()[0]]] and "red" in configs[0].prompts[0]
 
 
 def test_quality_hands_the_evaluator_the_colours_methods_and_constant_weightings_asked_for(tmp_path, monkeypatch):
