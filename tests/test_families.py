@@ -12,7 +12,7 @@ import torch
 from conftest import randomise_gates
 from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
-from mole_diffusion import MoLEFluxPipeline, MoLEStableDiffusionXLPipeline
+from mole_diffusion import GateConfig, MoLEFluxPipeline, MoLEStableDiffusionXLPipeline
 from mole_diffusion.errors import MoLEError
 from mole_diffusion.experts import ExpertError
 from mole_diffusion.gate_file import GateFileError
@@ -342,3 +342,15 @@ def test_gates_read_the_prompt_where_diffusers_passes_it_by_position():
             assert _scope_input(scope, args, {}) is args[position], cls.__name__
     prompt = torch.zeros(1)
     assert _scope_input_prompt((), {"encoder_hidden_states": prompt}) is prompt
+
+
+def test_gates_with_triggers_are_set_adapters_of_the_loras_the_prompt_names(family_world):
+    """Softplus gates at prior 1 with trigger words, untrained: the prompt "a red circle ..." names a ("red") and c
+    ("circle"), not b ("square"), so the image is diffusers' a and c at weight 1."""
+    mole, ref = load(family_world), load(family_world, mole=False)
+    config = GateConfig(activation="softplus", prior_weights=[1.0, 1.0, 1.0], triggers={"a": "red", "b": "square", "c": "circle"})
+    mole.load_experts({n: family_world[n] for n in "abc"}, gate_config=config)
+    for name in "ac":
+        ref.load_lora_weights(family_world[name], adapter_name=name)
+    ref.set_adapters(["a", "c"], [1.0, 1.0])
+    np.testing.assert_allclose(generate(mole), generate(ref), atol=MIXED_ATOL)
