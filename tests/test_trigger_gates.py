@@ -57,14 +57,13 @@ def test_training_by_trigger_learns_and_the_gate_file_keeps_the_triggers(world, 
     """train_gates(by_trigger=True) gives the gates the concepts' trigger words; the gate file restores them."""
     pipe = load(world["base"])
     pipe.load_experts({"a": world["a"], "b": world["b"]}, gate_config=GateConfig(activation="softplus", prior_weights=[1.0, 1.0]))
-    before = {name: (gate.weight.detach().clone(), gate.bias.detach().clone()) for name, gate in pipe.mole.gates.items()}
+    before = {name: gate.weight.detach().clone() for name, gate in pipe.mole.gates.items()}
     config = GateTrainingConfig(base=str(world["base"]), concepts=concepts_file, output_dir=tmp_path / "run", steps=4,
                                 batch_size=2, resolution=32, learning_rate=5e-2, progress=False, by_trigger=True,
                                 gate=GateConfig(activation="softplus", prior_weights=[1.0, 1.0]))
     path = train_gates(config, pipe=pipe)
     assert pipe.mole.gate_config.triggers == {"a": ("sks",), "b": ("zwx",)}
-    moved = {name for name, gate in pipe.mole.gates.items() if not torch.equal(gate.weight, before[name][0])}
-    assert moved  # the named experts' rows learned
+    assert any(not torch.equal(gate.weight, before[name]) for name, gate in pipe.mole.gates.items())  # they learned
     fresh = load(world["base"])
     fresh.load_experts({"a": world["a"], "b": world["b"]}, gate_config=GateConfig(activation="softplus"))
     fresh.load_gates(path)
