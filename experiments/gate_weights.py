@@ -16,15 +16,12 @@ from pathlib import Path
 
 import torch
 
-from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
-from mole_diffusion.gate_file import gate_kind
-from mole_diffusion.quiet import quiet_loading
-from mole_diffusion.schedulers import use_scheduler
 
 from .instances import built_world
 from .quality import own_scenes
+from .spatial import load_world
 
 
 def mean_denoiser_weights(pipe, prompts: list[str], steps: int = 10) -> list[float]:
@@ -45,12 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     assets = Path(args.assets)
     gates = Path(args.gates) if args.gates else assets / "gates.safetensors"
     names = list(world.CONCEPTS)
-    with quiet_loading():
-        pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
-    use_scheduler(pipe, "ddim")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_experts({n: assets / "loras" / f"{n}.safetensors" for n in names}, gate_config=gate_kind(gates))
-    pipe.load_gates(gates)
+    pipe, _ = load_world(assets)
+    pipe.load_gates(gates)  # its kind too (activation, trigger words): block gates, as the world's
     known, _ = built_world(assets)
     print("| prompts | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     sets = [(f"{n}'s own", [s.caption for s in own_scenes(n, known)]) for n in names]

@@ -17,15 +17,12 @@ from pathlib import Path
 
 import torch
 
-from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
-from mole_diffusion.eval.attribute_judge import load_judge
-from mole_diffusion.quiet import quiet_loading
 from mole_diffusion.routing import RegionalRouting
-from mole_diffusion.schedulers import use_scheduler
 
 from .instances import draw, shows
+from .spatial import load_world
 
 
 def masks_within_margin(maps: torch.Tensor, named: torch.Tensor, margin: float) -> torch.Tensor:
@@ -38,7 +35,9 @@ def masks_within_margin(maps: torch.Tensor, named: torch.Tensor, margin: float) 
 
 
 class RelativeMasks(RegionalRouting):
-    margin = 1.0
+    def __init__(self, *args, margin: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.margin = margin
 
     def _end_unet_call(self, unet, args, kwargs, output):
         if self.positions is None:
@@ -60,20 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, help="a folder for the images (default: not kept)")
     args = parser.parse_args(argv)
-    assets, names = Path(args.assets), list(world.CONCEPTS)
-    with quiet_loading():
-        pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
-    use_scheduler(pipe, "ddim")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_experts({n: assets / "loras" / f"{n}.safetensors" for n in names})
-    judge, _ = load_judge(assets / "judge")
+    names, triggers = list(world.CONCEPTS), {n: c.token for n, c in world.CONCEPTS.items()}
+    pipe, judge = load_world(Path(args.assets))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     print("| margin | " + " | ".join(names) + " | all three |\n|---|" + "---|" * (len(names) + 1))
     for margin in args.margins:
-        pipe.enable_regional_routing({n: world.CONCEPTS[n].token for n in names})
-        pipe.mole.regional.remove()  # the same routing, its masks by comparison
-        routing = RelativeMasks(pipe.unet, pipe.tokenizer, names, {n: world.CONCEPTS[n].token for n in names}, None, 0.0)
-        routing.margin, pipe.mole.regional = margin, routing
+        # regional routing at weights 1, its masks by comparison (its own threshold unused)
+        pipe.mole.regional = RelativeMasks(pipe.unet, pipe.tokenizer, names, triggers, None, 0.0, margin=margin)
         counts, total = dict.fromkeys([*names, "all"], 0), 0
         for p, prompt in enumerate(world.composition_prompts()):
             images = draw(pipe, prompt, seeds, args.steps, 7.5)

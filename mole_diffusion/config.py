@@ -109,8 +109,8 @@ def _checked_triggers(triggers: Mapping[str, str | Sequence[str]]) -> dict[str, 
         raise MoLEError(f"triggers must be {{expert name: trigger word(s)}}, got {triggers!r}")
     checked = {}
     for name, words in triggers.items():
-        text = words if isinstance(words, str) else " ".join(words) if all(isinstance(w, str) for w in words) else None
-        checked[name] = tuple(text_words(text)) if text is not None else ()
+        text = words if isinstance(words, str) else " ".join(w if isinstance(w, str) else "" for w in words)
+        checked[name] = tuple(text_words(text))
         if not checked[name]:
             raise MoLEError(f"triggers: expert {name!r} needs a trigger word (e.g. \"sks\"), got {words!r}")
     return checked

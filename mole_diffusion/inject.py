@@ -26,7 +26,7 @@ from .errors import MoLEError
 from .experts import Expert
 from .gates import Gate
 from .layers import MoLELayer
-from .routing import RegionalRouting
+from .routing import RegionalRouting, rows_for_batch
 
 # Block granularity (docs/method.md): one gate per Transformer2DModel / CLIPEncoderLayer; LoRAs outside one (resnet convs)
 # share their ResnetBlock2D's gate. Flux: one gate per double block (FluxTransformerBlock) and per single block
@@ -97,6 +97,7 @@ class MoLE:
         self.regional: RegionalRouting | None = None  # training-free routing by region (routing.py), when enabled
         # (prompts, N): 1 where a prompt of the current call names the expert's trigger (gates with triggers)
         self.prompt_experts: torch.Tensor | None = None
+        self._named_by_batch: dict[tuple, torch.Tensor] = {}  # prompt_experts per model batch (_named_in)
 
     @property
     def expert_names(self) -> list[str]:
@@ -106,24 +107,25 @@ class MoLE:
         """The prompts of the next calls, one per image in batch order (None: forget them), for gates with
         ``triggers``: each expert weighs 0 in an image whose prompt lacks its trigger words."""
         triggers = self.gate_config.triggers
+        self.prompt_experts, self._named_by_batch = None, {}
         if prompts is None or not triggers:
-            self.prompt_experts = None
             return
         words = [set(text_words(prompt)) for prompt in prompts]
         self.prompt_experts = torch.tensor([[float(all(w in row for w in triggers[n])) for n in self.expert_names] for row in words])
 
-    def _named_in(self, batch: int) -> torch.Tensor:
-        """(batch, N) of ``prompt_experts`` for a batch of the denoiser (the images, or both guidance halves of
-        them) or of a text encoder (once per prompt, or per image)."""
+    def _named_in(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """(batch, N) of ``prompt_experts`` for a model batch (``rows_for_batch``), on ``like``'s device and dtype:
+        made once per call and batch size, not at every gate of every step."""
         if self.prompt_experts is None:
             raise MoLEError(f"these gates have trigger words ({dict(self.gate_config.triggers)}): they weigh each expert "
                             "by whether the prompt names it, so call the pipeline with prompt=, not prompt_embeds=")
-        named, images = self.prompt_experts, len(self.prompt_experts)
-        if batch % images == 0:
-            return named.repeat(batch // images, 1)
-        if images % batch == 0:  # one prompt's images are consecutive
-            return named[:: images // batch]
-        raise MoLEError(f"{images} prompts for a batch of {batch}")
+        key = (batch, like.device, like.dtype)
+        if key not in self._named_by_batch:
+            named = rows_for_batch(self.prompt_experts, batch)
+            if named is None:
+                raise MoLEError(f"{len(self.prompt_experts)} prompts for a batch of {batch}")
+            self._named_by_batch[key] = named.to(like)
+        return self._named_by_batch[key]
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for gate in self.gates.values() for p in gate.parameters()]
@@ -444,7 +446,7 @@ def _make_gate_hook(mole: MoLE, gate: Gate):
                 single = isinstance(scope, FluxSingleTransformerBlock)
                 gate.leading_tokens = _scope_input_prompt(args, kwargs).shape[1] if single else 0
             if mole.gate_config.triggers:  # an expert whose trigger the image's prompt lacks weighs 0
-                named = mole._named_in(len(gate.weights)).to(gate.weights)
+                named = mole._named_in(len(gate.weights), gate.weights)
                 gate.weights = gate.weights * named
                 if gate.position_weights is not None:
                     gate.position_weights = gate.position_weights * named[..., None, None]

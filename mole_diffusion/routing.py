@@ -35,6 +35,18 @@ from .errors import MoLEError
 from .layers import token_grid
 
 
+def rows_for_batch(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """One row per image (``rows``, in the call's image order) for a model batch of ``batch`` samples: the images,
+    or both guidance halves of them (rows repeated), or a text encoder's one sample per prompt (a prompt's images
+    are consecutive); None when ``batch`` is neither."""
+    images = len(rows)
+    if batch % images == 0:
+        return rows.repeat(batch // images, 1)
+    if images % batch == 0:
+        return rows[:: images // batch]
+    return None
+
+
 class RegionalRouting:
     def __init__(self, unet: nn.Module, tokenizer, expert_names: Sequence[str], triggers: Mapping[str, str | Sequence[str]],
                  weights: Sequence[float] | None, threshold: float, own_trigger_tokens: bool = False,
@@ -113,12 +125,8 @@ class RegionalRouting:
         weights = self.weights.to(gate_mask.device) * gate_mask
         if self.positions is None:
             return weights
-        named, images = self._named().to(weights.device), len(self.positions)
-        if batch % images == 0:  # the images, or both guidance halves of them
-            return weights * named.repeat(batch // images, 1)
-        if images % batch == 0:  # the text encoder, once per prompt: a prompt's images are consecutive
-            return weights * named[:: images // batch]
-        return weights
+        named = rows_for_batch(self._named().to(weights.device), batch)
+        return weights if named is None else weights * named
 
     def prompt_token_weights(self, sample_weights: torch.Tensor) -> torch.Tensor | None:
         """(batch, T, N) for the layers on the prompt's tokens, with ``own_trigger_tokens``: a trigger's tokens
