@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(each concept's own prompts: --lift-first-seed on)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (the evaluator's)")
     parser.add_argument("--lift-seeds", type=int, help="seeds per prompt for each concept's own prompts (default --seeds)")
     parser.add_argument("--lift-first-seed", type=int, default=0, help="the first seed of each concept's own prompts")
     parser.add_argument("--skip-lift", action="store_true", help="only the judge and the composition table")
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
     common = dict(base=str(assets / "pipeline"), concepts=assets / "concepts.toml", gates=assets / "gates.safetensors",
                   clip_model=f"local-dir:{assets / 'clip'}", presence_model=str(assets / "judge"), seeds=seeds,
-                  scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale)
+                  scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
     methods = [m.format(n) for m in args.methods or METHODS for n in (names if "{}" in m else [None])]
     prompts = world.composition_prompts(tuple(args.colours))
     drawn = {}

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (the evaluator's)")
     parser.add_argument("--colours", nargs="+", default=["red", "blue", "yellow", "purple"],
                         help="the composition prompts' colours (one prompt each)")
     args = parser.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         run = evaluate(EvaluationConfig(
             base=str(assets / "pipeline"), concepts=assets / "concepts.toml", clip_model=f"local-dir:{assets / 'clip'}",
             presence_model=str(assets / "judge"), seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
-            scheduler="ddim", steps=25, guidance_scale=args.guidance_scale,
+            scheduler="ddim", steps=25, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
             output_dir=Path(args.out) / ("w" + "_".join(f"{w:g}" for w in weights)), prompts=world.composition_prompts(tuple(args.colours)),
             methods=["nla"], nla_weights=weights, progress=False))
         summary = read_summary(run)[0]

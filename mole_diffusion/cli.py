@@ -242,6 +242,8 @@ def add_evaluate_parser(subparsers) -> None:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, help="default: the model's")
     parser.add_argument("--switch-every", type=int, default=1, help="LoRA Switch: steps per LoRA")
+    parser.add_argument("--batch-size", type=_positive, default=1,
+                        help="images of one method per pipeline call (each from its own seed): faster, more memory")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--out", dest="output_dir", type=Path, required=True, metavar="OUT",
                         help="output folder (results.csv/json, summary.csv, report.md, plots, grid)")

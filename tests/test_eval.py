@@ -17,6 +17,7 @@ from mole_diffusion.eval import evaluate as ev
 from mole_diffusion.clip import ClipError, load_clip
 from mole_diffusion.eval import methods as composition
 from mole_diffusion.eval.scores import embed_pil, score_images
+from mole_diffusion.schedulers import use_scheduler
 from mole_diffusion.testing import make_concept_images, make_tiny_clip, make_tiny_lora
 
 
@@ -113,7 +114,7 @@ def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_w
     assert "| mole |" in report and "Highest clip_image_min" in report and "Paired against `mole`" in report
     assert "mole,base,clip_image_min" in (whole / "paired.csv").read_text()
 
-    real_draw, count = ev.draw, []
+    real_draw, count = ev.draw_images, []
 
     def stop_half_way(*args, **kwargs):
         if len(count) == len(methods):
@@ -121,14 +122,67 @@ def test_a_run_writes_every_output_and_resumes_to_the_same_results(world, eval_w
         count.append(1)
         return real_draw(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "draw", stop_half_way)
+    monkeypatch.setattr(ev, "draw_images", stop_half_way)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split"))
-    monkeypatch.setattr(ev, "draw", real_draw)
+    monkeypatch.setattr(ev, "draw_images", real_draw)
     ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split"))
     assert json.loads((tmp_path / "split" / "results.json").read_text()) == rows
     with pytest.raises(ValueError, match="other settings \\(steps\\)"):  # resuming must not mix runs
         ev.evaluate(config(world, eval_world, clip_name, tmp_path / "split", steps=4))
+
+
+def test_batches_of_images_give_the_images_drawn_one_at_a_time(world, eval_world, clip_name, tmp_path, monkeypatch):
+    """--batch-size draws several images of one method in one pipeline call, prompts and seeds mixed: every method's
+    images, scores, gate weights and regional masks are those of one image per call, up to float rounding."""
+    prompts = ["a photo of sks and zwx", "zwx beside sks, a painting"]  # two prompts: a batch mixes them
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs["method"], len(kwargs["seeds"])))
+        return composition.draw_images(*args, **kwargs)
+
+    one = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "one", prompts=prompts))
+    monkeypatch.setattr(ev, "draw_images", counted)
+    batched = ev.evaluate(config(world, eval_world, clip_name, tmp_path / "batched", prompts=prompts, batch_size=3))
+    methods = composition.method_names(ev.load_concepts(eval_world / "concepts.toml"), True, same_rank=False)
+    assert "regional" in methods and "mole_constant" in methods and "switch" in methods and "base" in methods
+    assert calls == [(m, size) for m in methods for size in (3, 1)]  # 2 prompts x 2 seeds: a batch of 3, then 1
+    rows, batched_rows = (json.loads((run / "results.json").read_text()) for run in (one, batched))
+    assert len(rows) == len(batched_rows) == 4 * len(methods)
+    for row, batched_row in zip(rows, batched_rows):
+        assert {k: row[k] for k in ("method", "prompt", "seed")} == {k: batched_row[k] for k in ("method", "prompt", "seed")}
+        for column in ("clip_text", "clip_image_min"):
+            assert batched_row[column] == pytest.approx(row[column], abs=1e-3), (row["method"], column)
+        image, batched_image = (np.asarray(Image.open(run / r["image"]), dtype=int) for run, r in ((one, row), (batched, batched_row)))
+        assert np.abs(image - batched_image).max() <= 1, row["image"]
+    for extra in [*(one / "images" / "mole").glob("*.gates.safetensors"), *(one / "images" / "regional").glob("*.masks.safetensors")]:
+        expected, got = load_file(extra), load_file(batched / extra.relative_to(one))
+        assert expected.keys() == got.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
+    # and by hand: the second image of the first batch, its gates' weights over the steps and both guidance halves
+    pipe = load(world["base"])
+    pipe.load_experts({"a": world["a"], "b": world["b"]})
+    pipe.load_gates(eval_world / "gates.safetensors")
+    use_scheduler(pipe, "ddpm")  # the evaluator's default for SD
+    composition.draw(pipe, method="mole", prompt=prompts[0], names=["a", "b"], weights=[0.5, 0.5], seed=1,
+                     num_inference_steps=3, guidance_scale=7.5, height=32, width=32)
+    saved = load_file(batched / "images" / "mole" / "p0-s1.gates.safetensors")
+    for gate, history in pipe.gate_weights.items():
+        torch.testing.assert_close(saved[gate], history.mean(dim=(0, 1)), rtol=0, atol=1e-5)
+    assert not torch.equal(saved[gate], load_file(batched / "images" / "mole" / "p0-s0.gates.safetensors")[gate])
+
+
+def test_draw_images_refuses_what_it_cannot_pair(world, eval_world, clip_name, tmp_path, mole_pipe):
+    with pytest.raises(ValueError, match="batch size 0: expected at least 1 image per pipeline call"):
+        ev.evaluate(config(world, eval_world, clip_name, tmp_path, batch_size=0))
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    args = dict(method="sum", names=["a", "b"], weights=[0.5, 0.5], num_inference_steps=2, height=32, width=32)
+    with pytest.raises(ValueError, match="2 prompts for 1 seeds"):
+        composition.draw_images(mole_pipe, prompts=["a", "b"], seeds=[0], **args)
+    with pytest.raises(ValueError, match="pass seeds, not a generator"):
+        composition.draw_images(mole_pipe, prompts=["a"], seeds=[0], generator=torch.Generator(), **args)
 
 
 def generate_np(pipe, reference_pipe, method, names=("a", "b"), **kwargs):

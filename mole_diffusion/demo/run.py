@@ -82,7 +82,7 @@ def run_demo(out: str | Path, steps: int = 25, seeds: tuple[int, ...] = (0,), gu
         base=str(assets / "pipeline"), concepts=assets / "concepts.toml", gates=assets / "gates.safetensors",
         output_dir=out / "eval", clip_model=f"local-dir:{assets / 'clip'}", prompts=prompts, seeds=list(seeds),
         methods=methods, scheduler="ddim", steps=steps, guidance_scale=guidance_scale, progress=progress,
-        presence_model=str(assets / "judge"),
+        presence_model=str(assets / "judge"), batch_size=8,  # 64-pixel images: a batch of 8 costs little memory
     ))
     labelled_grid(out / "eval" / "images", prompts, methods, seeds[0]).save(out / "grid.png")
     expert_maps(out / "eval" / "images" / "regional", prompts, list(CONCEPTS), seeds[0]).save(out / "expert_maps.png")

@@ -29,7 +29,7 @@ from ..gate_file import GateFileError, gate_kind
 from ..pipelines import mole_pipeline_class
 from ..quiet import quiet_adapter_loading
 from ..schedulers import use_scheduler
-from .methods import active_experts, add_peft_merges, draw, method_names, methods_for
+from .methods import active_experts, add_peft_merges, draw_images, method_names, methods_for
 from .presence import judged_row, load_presence_judge
 from .report import write_outputs
 from .rows import ROWS_FILE, append_row, read_rows
@@ -58,6 +58,8 @@ class EvaluationConfig:
     guidance_scale: float = 7.5
     resolution: int | None = None
     switch_every: int = 1
+    # images of one method drawn in one pipeline call (each from its own seed's generator): faster, more memory
+    batch_size: int = 1
     device: str | None = None
     progress: bool = True
 
@@ -95,6 +97,8 @@ def evaluate(config: EvaluationConfig) -> Path:
     clashes = [m for m in config.image_folders if m in available]
     if clashes:
         raise MoLEError(f"image folders named {clashes} clash with methods of the evaluator; name them otherwise")
+    if config.batch_size < 1:
+        raise MoLEError(f"batch size {config.batch_size}: expected at least 1 image per pipeline call")
     weights = config.nla_weights or [1.0 / len(names)] * len(names)
     if len(weights) != len(names):
         raise MoLEError(f"{len(weights)} NLA weights for {len(names)} concepts {names}")
@@ -161,37 +165,40 @@ def evaluate(config: EvaluationConfig) -> Path:
     done = read_rows(out / ROWS_FILE)
     todo = [(m, p, s) for m in methods for p in range(len(prompts)) for s in config.seeds if (m, p, s) not in done]
     if state.num_processes > 1:
-        state.print(f"evaluating on {state.num_processes} processes, every {state.num_processes}-th image on each")
-    todo = todo[state.process_index :: state.num_processes]
+        state.print(f"evaluating on {state.num_processes} processes, every {state.num_processes}-th batch on each")
+    todo = _batches(todo, config.batch_size)[state.process_index :: state.num_processes]
     state.wait_for_everyone()  # every process has read what is done before any adds a row (else the shares shift)
-    bar = tqdm(total=len(todo), disable=not (config.progress and state.is_local_main_process), desc="evaluating")
-    for method, prompt_index, seed in todo:
+    bar = tqdm(total=sum(map(len, todo)), disable=not (config.progress and state.is_local_main_process), desc="evaluating")
+    for batch in todo:
+        method = batch[0][0]
         if method in made_elsewhere:
-            image = Image.open(made_elsewhere[method] / f"p{prompt_index}-s{seed}.png").convert("RGB")
+            images = [Image.open(made_elsewhere[method] / f"p{p}-s{s}.png").convert("RGB") for _, p, s in batch]
         else:
-            image = draw(pipe, method=method, prompt=prompts[prompt_index], names=names, weights=weights,
-                         reference_pipe=reference_pipe, seed=seed, switch_every=config.switch_every,
-                         block_weights=block_weights, triggers=triggers, num_inference_steps=config.steps,
-                         guidance_scale=config.guidance_scale, height=config.resolution, width=config.resolution)
-        path = out / "images" / method / f"p{prompt_index}-s{seed}.png"
-        path.parent.mkdir(exist_ok=True)
-        if method == "mole":  # gate weights (steps, batch, N), mean over steps and both CFG halves, for the heatmap
-            means = {gate: history.mean(dim=(0, 1)).contiguous() for gate, history in pipe.gate_weights.items()}
-            save_file(means, str(path.with_suffix(".gates.safetensors")))
-        if method == "regional":  # where each expert acted at the last step, (N, H, W) on the latent grid
-            masks = pipe.expert_masks  # the last entry was read after the last step: the one before is what it applied
-            save_file({"masks": masks[-2 if len(masks) > 1 else -1, 0].contiguous()}, str(path.with_suffix(".masks.safetensors")))
-        image.save(path)
-        scores = score_images(clip, [image], [prompts[prompt_index]], references, [list(references)])[0]
-        if backbone is not None:
-            scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
-        if presence is not None:
-            composed = composed_concepts(prompts[prompt_index], triggers) or names
-            scores.update(judged_row(presence, image, prompts[prompt_index], composed, active_experts(method, names)))
-        row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
-               "image": str(path.relative_to(out)), **scores}
-        append_row(out / ROWS_FILE, row)
-        bar.update(1)
+            images = draw_images(pipe, method=method, prompts=[prompts[p] for _, p, _ in batch], seeds=[s for _, _, s in batch],
+                                 names=names, weights=weights, reference_pipe=reference_pipe, switch_every=config.switch_every,
+                                 block_weights=block_weights, triggers=triggers, num_inference_steps=config.steps,
+                                 guidance_scale=config.guidance_scale, height=config.resolution, width=config.resolution)
+        for index, ((_, prompt_index, seed), image) in enumerate(zip(batch, images)):
+            path = out / "images" / method / f"p{prompt_index}-s{seed}.png"
+            path.parent.mkdir(exist_ok=True)
+            if method == "mole":  # gate weights (steps, UNet batch, N); this image's rows (both CFG halves), mean over steps
+                means = {gate: history[:, index :: len(batch)].mean(dim=(0, 1)).contiguous()
+                         for gate, history in pipe.gate_weights.items()}
+                save_file(means, str(path.with_suffix(".gates.safetensors")))
+            if method == "regional":  # where each expert acted at the last step, (N, H, W) on the latent grid
+                masks = pipe.expert_masks  # the last entry was read after the last step: the one before is what it applied
+                save_file({"masks": masks[-2 if len(masks) > 1 else -1, index].contiguous()}, str(path.with_suffix(".masks.safetensors")))
+            image.save(path)
+            scores = score_images(clip, [image], [prompts[prompt_index]], references, [list(references)])[0]
+            if backbone is not None:
+                scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
+            if presence is not None:
+                composed = composed_concepts(prompts[prompt_index], triggers) or names
+                scores.update(judged_row(presence, image, prompts[prompt_index], composed, active_experts(method, names)))
+            row = {"method": method, "prompt_index": prompt_index, "prompt": prompts[prompt_index], "seed": seed,
+                   "image": str(path.relative_to(out)), **scores}
+            append_row(out / ROWS_FILE, row)
+            bar.update(1)
     bar.close()
     if pipe.mole.fused:
         pipe.mole.unfuse()
@@ -200,6 +207,17 @@ def evaluate(config: EvaluationConfig) -> Path:
     if state.is_main_process:
         write_outputs(out, methods, prompts, config.seeds, names)
     return out
+
+
+def _batches(todo: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
+    """The work list in runs of at most ``size`` images of one method (the list is grouped by method)."""
+    batches: list[list[tuple[str, int, int]]] = []
+    for item in todo:
+        if batches and len(batches[-1]) < size and batches[-1][0][0] == item[0]:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
 
 
 def _check_same_run(path: Path, config: EvaluationConfig, prompts: list[str], state) -> None:

@@ -18,7 +18,8 @@
   prompt's own word);
 - ``single_<name>``: one LoRA alone; ``base``: no LoRA.
 
-``methods_for(names)`` is the registry: each method's name, how it draws and what it needs.
+``methods_for(names)`` is the registry: each method's name, how it draws and what it needs. ``draw`` makes one
+image; ``draw_images`` several of one method in one pipeline call (prompts and seeds of their own).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class DrawRequest:
 
     pipe: Any  # the MoLE pipeline with the experts loaded (and the gate file, for the learned methods)
     reference_pipe: Any | None  # diffusers' own pipeline, the same LoRAs as adapters set to ``weights``
-    prompt: str
+    prompt: str | list[str]  # a list: one image per prompt, in one pipeline call
     names: list[str]  # the loaded experts, in their order
     weights: list[float]  # the constant (NLA) weights, one per expert
     call: dict[str, Any]  # the pipeline call's other arguments (steps, guidance, size, generator, output type)
@@ -62,7 +63,7 @@ class Method:
     """A composition method: how it draws one image, and what it needs."""
 
     name: str
-    draw: Callable[[DrawRequest], Image.Image] = field(repr=False)
+    draw: Callable[[DrawRequest], list[Image.Image]] = field(repr=False)
     needs_gates: bool = False  # learned gates: listed only with a gate file
     uses_reference: bool = False  # draws with diffusers' own pipeline: the evaluator loads one
     peft_merge: str | None = None  # the PEFT merged adapter it draws with, added to diffusers' pipeline
@@ -114,31 +115,54 @@ def draw(pipe, *, method: str, prompt: str, names: Sequence[str], weights: Seque
 
     Drawn in runs of one method (as the evaluator does), ``mole_constant`` fuses once and ``regional`` routes once
     for the run; any other method takes both off again."""
-    known = methods_for(names)
-    if method not in known:
-        raise MoLEError(f"unknown method {method!r}; for experts {list(names)}: {list(known)}")
     if seed is not None:
         if "generator" in call:
             raise MoLEError("give a seed or a generator, not both")
         call["generator"] = torch.Generator().manual_seed(seed)
+    request = DrawRequest(pipe, reference_pipe, prompt, list(names), list(weights), call, switch_every, block_weights, triggers)
+    return _draw(method, request)[0]
+
+
+def draw_images(pipe, *, method: str, prompts: Sequence[str], seeds: Sequence[int], names: Sequence[str],
+                weights: Sequence[float], reference_pipe=None, switch_every: int = 1,
+                block_weights: dict[str, list[float]] | None = None,
+                triggers: Mapping[str, str | Sequence[str]] | None = None, **call: Any) -> list[Image.Image]:
+    """``draw`` for several images of one method: image i of ``prompts[i]`` from a CPU generator seeded
+    ``seeds[i]``, all in one pipeline call. Each image is the one ``draw`` makes with that prompt and seed, up
+    to float rounding (the batch's other images do not change its noise or its gates' weights), and a batch of
+    k images costs far less than k calls (on 2 CPU cores, 8 images about 4x less per image:
+    ``benchmarks/bench_evaluate.py``)."""
+    if len(prompts) != len(seeds):
+        raise MoLEError(f"{len(prompts)} prompts for {len(seeds)} seeds: draw_images draws one image per prompt and seed")
+    if "generator" in call:
+        raise MoLEError("draw_images seeds each image's generator itself: pass seeds, not a generator")
+    call["generator"] = [torch.Generator().manual_seed(seed) for seed in seeds]
+    request = DrawRequest(pipe, reference_pipe, list(prompts), list(names), list(weights), call, switch_every,
+                          block_weights, triggers)
+    return _draw(method, request)
+
+
+def _draw(method: str, request: DrawRequest) -> list[Image.Image]:
+    known = methods_for(request.names)
+    if method not in known:
+        raise MoLEError(f"unknown method {method!r}; for experts {request.names}: {list(known)}")
     if not method.startswith("regional"):
-        pipe.disable_regional_routing()
-    if method != "mole_constant" and pipe.mole.fused:
-        pipe.mole.unfuse()
-    return known[method].draw(DrawRequest(pipe, reference_pipe, prompt, list(names), list(weights), call, switch_every,
-                                          block_weights, triggers))
+        request.pipe.disable_regional_routing()
+    if method != "mole_constant" and request.pipe.mole.fused:
+        request.pipe.mole.unfuse()
+    return known[method].draw(request)
 
 
-def _image(request: DrawRequest, **extra: Any) -> Image.Image:
-    return request.pipe(request.prompt, **extra, **request.call).images[0]
+def _image(request: DrawRequest, **extra: Any) -> list[Image.Image]:
+    return request.pipe(request.prompt, **extra, **request.call).images
 
 
-def _learned(request: DrawRequest, without: str | None = None) -> Image.Image:
+def _learned(request: DrawRequest, without: str | None = None) -> list[Image.Image]:
     request.pipe.mole.set_experts(None)  # learned gates
     return _image(request, experts=[n for n in request.names if n != without])
 
 
-def _constant_from_gates(request: DrawRequest) -> Image.Image:
+def _constant_from_gates(request: DrawRequest) -> list[Image.Image]:
     if request.block_weights is None:
         raise MoLEError("mole_constant draws with per-block weights (export_block_weights): pass block_weights")
     mole = request.pipe.mole
@@ -148,61 +172,61 @@ def _constant_from_gates(request: DrawRequest) -> Image.Image:
     return _image(request)
 
 
-def _constant(request: DrawRequest, names: list[str], weights: list[float]) -> Image.Image:
+def _constant(request: DrawRequest, names: list[str], weights: list[float]) -> list[Image.Image]:
     request.pipe.mole.set_experts(names, weights)
     return _image(request)
 
 
-def _nla(request: DrawRequest) -> Image.Image:
+def _nla(request: DrawRequest) -> list[Image.Image]:
     return _constant(request, request.names, request.weights)
 
 
-def _sum(request: DrawRequest) -> Image.Image:
+def _sum(request: DrawRequest) -> list[Image.Image]:
     return _constant(request, request.names, [1.0] * len(request.names))
 
 
-def _single(request: DrawRequest, name: str) -> Image.Image:
+def _single(request: DrawRequest, name: str) -> list[Image.Image]:
     return _constant(request, [name], [1.0])
 
 
-def _on_reference(request: DrawRequest, method: str, set_up: Callable[[Any], None] = lambda reference: None) -> Image.Image:
+def _on_reference(request: DrawRequest, method: str, set_up: Callable[[Any], None] = lambda reference: None) -> list[Image.Image]:
     """An image of diffusers' own pipeline, set up for it, then set back to the NLA adapters."""
     reference = request.reference_pipe
     if reference is None:
         raise MoLEError(f"{method} draws with diffusers' own pipeline, the LoRAs loaded as adapters: pass reference_pipe")
     set_up(reference)
     try:
-        return reference(request.prompt, **request.call).images[0]
+        return reference(request.prompt, **request.call).images
     finally:
         reference.enable_lora()
         reference.set_adapters(request.names, request.weights)
 
 
-def _set_adapters(request: DrawRequest) -> Image.Image:
+def _set_adapters(request: DrawRequest) -> list[Image.Image]:
     return _on_reference(request, "set_adapters")
 
 
-def _peft(request: DrawRequest, merge: str) -> Image.Image:
+def _peft(request: DrawRequest, merge: str) -> list[Image.Image]:
     adapter = f"peft_{merge}"  # the merged adapter add_peft_merges added
     return _on_reference(request, adapter, lambda reference: reference.set_adapters([adapter], [1.0]))
 
 
-def _base(request: DrawRequest) -> Image.Image:
+def _base(request: DrawRequest) -> list[Image.Image]:
     if request.reference_pipe is None:  # zero weights add exactly nothing: the base model's own image
         return _constant(request, request.names, [0.0] * len(request.names))
     return _on_reference(request, "base", lambda reference: reference.disable_lora())
 
 
-def _switch_method(request: DrawRequest) -> Image.Image:
+def _switch_method(request: DrawRequest) -> list[Image.Image]:
     return _switch(request.pipe, request.names, request.switch_every, request.prompt, request.call)
 
 
-def _composite(request: DrawRequest) -> Image.Image:
+def _composite(request: DrawRequest) -> list[Image.Image]:
     with composite(request.pipe, request.names):
         return _image(request)
 
 
-def _regional(request: DrawRequest, own_trigger_tokens: bool = False) -> Image.Image:
+def _regional(request: DrawRequest, own_trigger_tokens: bool = False) -> list[Image.Image]:
     if not request.triggers:
         raise MoLEError("regional routing needs each expert's trigger words: pass triggers")
     regional = request.pipe.mole.regional
@@ -217,7 +241,7 @@ def one_hot(names: list[str], index: int) -> list[float]:
     return [1.0 if i == index else 0.0 for i in range(len(names))]
 
 
-def _switch(pipe, names: list[str], every: int, prompt: str, kwargs) -> Image.Image:
+def _switch(pipe, names: list[str], every: int, prompt: str | list[str], kwargs) -> list[Image.Image]:
     """LoRA Switch: step i uses LoRA (i // every) mod N alone."""
     pipe.mole.set_experts(names, one_hot(names, 0))
 
@@ -225,7 +249,7 @@ def _switch(pipe, names: list[str], every: int, prompt: str, kwargs) -> Image.Im
         pipe.mole.set_experts(names, one_hot(names, ((step + 1) // every) % len(names)))
         return callback_kwargs
 
-    return pipe(prompt, callback_on_step_end=next_step, **kwargs).images[0]
+    return pipe(prompt, callback_on_step_end=next_step, **kwargs).images
 
 
 @contextmanager
