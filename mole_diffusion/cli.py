@@ -128,9 +128,11 @@ def add_train_gates_parser(subparsers) -> None:
     parser.add_argument("--concepts", type=Path, required=True,
                         help="concepts TOML file (name, lora, images, prompt per concept)")
     parser.add_argument("--granularity", choices=("block", "layer", "network"), default="block")
-    parser.add_argument("--activation", choices=("softmax", "sigmoid", "softplus"), default="softmax",
+    parser.add_argument("--activation", choices=("softmax", "sigmoid", "softplus"),
                         help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert; "
-                             "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength)")
+                             "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength). "
+                             "Default: softplus at prior 1 with the concepts' trigger words (--by-trigger), softmax "
+                             "where a concept has none")
     parser.add_argument("--per-position", action="store_true",
                         help="block gates also weigh each image position by its own feature (docs/method.md)")
     parser.add_argument("--timestep-knots", type=int, default=0, metavar="K",
@@ -143,10 +145,11 @@ def add_train_gates_parser(subparsers) -> None:
     parser.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
                         help="what the untrained gates return, one per concept (default uniform, NLA; sigmoid needs "
                              "each below 1; softplus: 1 1 1 starts from the plain sum)")
-    parser.add_argument("--by-trigger", action="store_true", default=None,
+    parser.add_argument("--by-trigger", action=argparse.BooleanOptionalAction, default=None,
                         help="each expert's gate weighs 0 in an image whose prompt lacks its trigger word (the concepts "
-                             "file's), so each learns its LoRA's strength from its own concept's images (softplus gates "
-                             "with --prior-weights 1 1 1 start from the plain sum; docs/method.md)")
+                             "file's), so each learns its LoRA's strength from its own concept's images (docs/method.md). "
+                             "Default: on when --activation is not given and every concept has a trigger word; "
+                             "--no-by-trigger --activation softmax trains the paper's gates")
     parser.add_argument("--objective", choices=("denoising", "clip", "composition", "distillation"),
                         default="denoising",
                         help="denoising loss on the reference images (default), the paper's CLIP-guided loss, that "

@@ -23,7 +23,8 @@ class GateConfig:
 
     ``activation``: "softmax" (the paper's gate: weights on the simplex), "sigmoid" (a weight in (0, 1) per
     expert, off the simplex) or "softplus" (a weight in (0, inf) per expert: a LoRA may act above its trained
-    strength).
+    strength). None (the default): "softplus" at prior 1 per expert when ``triggers`` are given (the gates that
+    compose, below), else "softmax"; decided when the config meets its experts (``for_experts``).
 
     ``per_position``: the denoiser's block gates also weigh each image position by its own feature (granularity
     "block" only).
@@ -42,11 +43,16 @@ class GateConfig:
     Without it, "this image is another concept's" is all such gates can learn, and they turn every LoRA but one
     down in a composition (docs/method.md). Kept as {name: tuple of lower-case words}.
 
+    The default kind follows the measurements in docs/demo-world.md: with trigger words, ``GateConfig(triggers=...)``
+    is softplus at prior 1, untrained each LoRA the prompt names at full strength (diffusers' ``set_adapters``
+    with those LoRAs at 1) and, trained, composing as the plain sum does where the paper's gates draw no
+    composition at all; without trigger words the paper's gate (softmax, uniform prior: untrained, NLA).
+
     Frozen, so it stays as checked; ``dataclasses.replace`` makes a changed copy, checked again.
     """
 
     granularity: str = "block"
-    activation: str = "softmax"
+    activation: str | None = None  # softplus with triggers, else softmax (see above)
     per_position: bool = False
     timestep_knots: int = 0
     prior_weights: Sequence[float] | Mapping[str, float] | None = None
@@ -55,7 +61,8 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise MoLEError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        check_activation(self.activation)
+        if self.activation is not None:
+            check_activation(self.activation)
         if not isinstance(self.per_position, bool):  # a gate file records it as JSON true / false
             raise MoLEError(f"per_position must be True or False, got {self.per_position!r}")
         if self.per_position and self.granularity != "block":
@@ -74,6 +81,11 @@ class GateConfig:
         read by name), as a MoLE of these experts records it."""
         if self.triggers is not None and sorted(self.triggers) != sorted(names):
             raise MoLEError(f"triggers name the experts {sorted(self.triggers)}; the experts are {list(names)}")
+        if self.activation is None:  # the default kind: with trigger words softplus at prior 1, else the paper's
+            with_triggers = self.triggers is not None
+            return replace(self, activation="softplus" if with_triggers else "softmax",
+                           prior_weights=(1.0,) * len(names) if with_triggers and self.prior_weights is None
+                           else self.prior_weights).for_experts(names)
         prior = self.prior_weights
         if prior is None:
             return self

@@ -189,7 +189,9 @@ def test_train_gates_clip_objective_from_the_command_line(world, tmp_path, capsy
     moved = {k.rsplit(".", 1)[1] for k in cli_gates if not torch.equal(cli_gates[k], start[k])}
     assert {"weight", "bias"} <= moved, moved
     assert json.loads(metadata["expert_names"]) == ["a", "b"] and metadata["granularity"] == "block"
-    assert (metadata["activation"], metadata["per_position"], metadata["timestep_knots"]) == ("softmax", "false", "0")
+    # the default kind: softplus with the concepts' trigger words (the concepts' prompts are their trigger words)
+    assert (metadata["activation"], metadata["per_position"], metadata["timestep_knots"]) == ("softplus", "false", "0")
+    assert json.loads(metadata["gate_config"])["triggers"] == {"a": ["sks"], "b": ["zwx"]}
     assert metadata["family"] == "sd" and metadata["base_model"] == str(world["base"].resolve())
 
     rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]

@@ -41,8 +41,14 @@ def test_shipped_world_loads_and_generates(shipped_pipe):
     image = shipped_pipe(composition_prompts()[0], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
     pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
     assert image.size == (64, 64) and pixels.std() > 5  # a picture, not a flat field
+    # the shipped gates are the default kind: softplus with the concepts' trigger words
+    config = shipped_pipe.mole.gate_config
+    assert (config.activation, config.triggers) == ("softplus", {"star": ("sks",), "stripes": ("zwx",), "checker": ("qkx",)})
     weights = torch.cat([h.flatten(end_dim=-2) for h in shipped_pipe.gate_weights.values()])
-    assert torch.allclose(weights.sum(-1), torch.ones(len(weights)), atol=1e-5)
+    assert bool((weights > 0).all())  # the composition prompt names all three
+    shipped_pipe("a red sks on a blue background", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    weights = torch.cat([h.flatten(end_dim=-2) for h in shipped_pipe.gate_weights.values()])
+    assert bool((weights[:, 0] > 0).all()) and bool((weights[:, 1:] == 0).all())  # only the star's trigger
 
 
 def test_shipped_gates_match_the_shipped_experts(shipped_pipe, tmp_path):
@@ -308,8 +314,8 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
 
 
 def test_the_build_trains_the_gates_its_world_recipe_names(tmp_path, monkeypatch):
-    """The first world's gates are the paper's (softmax, uniform); the second world's softplus gates at prior 1 with
-    the concepts' trigger words."""
+    """Both worlds train the default gates (softplus at prior 1 with the concepts' trigger words: train_gates
+    decides, tests/test_trigger_gates.py); the gate settings ask for the paper's."""
     import mole_diffusion.demo.build as build_module
 
     for name in CONCEPTS:
@@ -325,9 +331,11 @@ def test_the_build_trains_the_gates_its_world_recipe_names(tmp_path, monkeypatch
         raise RuntimeError("stop after the config")
 
     monkeypatch.setattr(build_module, "train_gates", fake_train_gates)
-    for world_name in ("v1", "v2"):
+    for settings in (BuildSettings.for_world("v1"), BuildSettings.for_world("v2"),
+                     BuildSettings.for_world("v1", gate_activation="softmax", gate_by_trigger=False)):
         with pytest.raises(RuntimeError, match="stop after the config"):
-            build_module.train_concepts(tmp_path, BuildSettings.for_world(world_name))
-    first, second = configs
-    assert (first.gate.activation, first.gate.prior_weights, first.by_trigger) == ("softmax", None, False)
-    assert (second.gate.activation, second.gate.prior_weights, second.by_trigger) == ("softplus", (1.0, 1.0, 1.0), True)
+            build_module.train_concepts(tmp_path, settings)
+    first, second, paper = configs
+    assert (first.gate.activation, first.gate.prior_weights, first.by_trigger) == (None, None, None)
+    assert (second.gate, second.by_trigger) == (first.gate, None)
+    assert (paper.gate.activation, paper.gate.prior_weights, paper.by_trigger) == ("softmax", None, False)

@@ -142,12 +142,9 @@ def test_a_gate_file_written_the_old_way_loads_with_the_same_settings(world, tmp
     assert fresh.mole.gate_config == SIGMOID_PER_POSITION
     torch.testing.assert_close(unet_output(fresh), unet_output(pipe))
 
-    # older still, from before the kind's keys: the paper's gates; the shipped demo world's file is one
+    # older still, from before the kind's keys: the paper's gates
     old_gate_file(pipe, tmp_path / "older.safetensors", {"granularity": "layer"})
-    assert read_gate_config(tmp_path / "older.safetensors") == GateConfig(granularity="layer")
-    with safe_open(str(ASSETS / "gates.safetensors"), "pt") as f:
-        assert "gate_config" not in f.metadata() and "activation" not in f.metadata()
-    assert read_gate_config(ASSETS / "gates.safetensors") == GateConfig()
+    assert read_gate_config(tmp_path / "older.safetensors") == GateConfig(granularity="layer", activation="softmax")
     # an old file whose keys name a kind no GateConfig can be: refused, naming the file
     old_gate_file(pipe, tmp_path / "impossible.safetensors", {"granularity": "layer", "per_position": "true"})
     with pytest.raises(MoLEError, match="^" + re.escape(f"{tmp_path / 'impossible.safetensors'}: gate file metadata: per-position "

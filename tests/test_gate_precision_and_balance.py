@@ -239,7 +239,7 @@ def test_a_sparsity_weight_lowers_the_total_expert_weight_and_needs_gates_off_th
     assert totals[1.0] < totals[0.0] - 0.05, totals
     with pytest.raises(MoLEError, match="off the simplex"):
         train_gates(GateTrainingConfig(base=str(world["base"]), concepts=tmp_path / "concepts.toml", output_dir=tmp_path / "x",
-                                       sparsity_weight=0.1, steps=1, progress=False))
+                                       gate=GateConfig(activation="softmax"), sparsity_weight=0.1, steps=1, progress=False))
 
 
 # -- item 7: the command prints the errors it knows, and shows the others --------------------------------

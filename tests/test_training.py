@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -343,12 +344,17 @@ def test_an_image_caption_file_replaces_the_concept_prompt_for_that_image(world,
 def test_gradient_accumulation_equals_the_larger_batch(world, concepts_file, tmp_path):
     """two accumulated micro-batches of 2 give the gates of one batch of 4 (the same examples, noise
     and timesteps; the denoising loss is a mean over examples). The balance loss is a statistic of each
-    micro-batch, not a mean, so it is off here."""
+    micro-batch, not a mean, so it is off here. Both agree to float rounding, which Adam magnifies (the paper's
+    gates 2e-6 seen, the default gates, softplus with trigger words set per micro-batch, 2e-5); one micro-batch
+    alone is over 1e-3 off (the last check)."""
     options = dict(steps=3, balance_weight=0.0, checkpoint_every=10)
-    accumulated = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "accumulated", batch_size=2,
-                                                    gradient_accumulation_steps=2, **options)))
-    larger = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "larger", batch_size=4, **options)))
-    smaller = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "smaller", batch_size=2, **options)))
-    for key in larger:
-        torch.testing.assert_close(accumulated[key], larger[key], rtol=1e-5, atol=1e-6)
-    assert max((smaller[k] - larger[k]).abs().max().item() for k in larger) > 1e-3  # the batch matters
+    for kind, tolerance in ((dict(by_trigger=False), 1e-5), ({}, 1e-4)):
+        accumulated = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "accumulated", batch_size=2,
+                                                        gradient_accumulation_steps=2, **options, **kind)))
+        larger = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "larger", batch_size=4, **options, **kind)))
+        smaller = load_file(train_gates(gate_config(world, concepts_file, tmp_path / "smaller", batch_size=2, **options, **kind)))
+        for key in larger:
+            torch.testing.assert_close(accumulated[key], larger[key], rtol=1e-5, atol=tolerance)
+        assert max((smaller[k] - larger[k]).abs().max().item() for k in larger) > 1e-3  # the batch matters
+        for folder in ("accumulated", "larger", "smaller"):
+            shutil.rmtree(tmp_path / folder)

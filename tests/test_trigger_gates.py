@@ -94,3 +94,64 @@ def test_train_gates_by_trigger_from_the_command_line(world, concepts_file, tmp_
     from mole_diffusion.gate_file import read_gate_config
 
     assert read_gate_config(tmp_path / "run" / "gates.safetensors").triggers == {"a": ("sks",), "b": ("zwx",)}
+
+
+def test_with_trigger_words_the_default_gates_are_gates_with_trigger_words(world, mole_pipe, ref_pipe):
+    """load_experts(files, triggers=...) with nothing else: softplus at prior 1 (diffusers' LoRAs of the prompt's
+    triggers at weight 1); without triggers the paper's gate (softmax, uniform: NLA); a kind given is kept."""
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, triggers=TRIGGERS)
+    assert mole_pipe.mole.gate_config == SUM.for_experts(["a", "b"])
+    for name in "ab":
+        ref_pipe.load_lora_weights(world[name], adapter_name=name)
+    ref_pipe.set_adapters(["a"], [1.0])
+    np.testing.assert_allclose(generate(mole_pipe, prompt="a red square"), generate(ref_pipe, prompt="a red square"),
+                               rtol=1e-4, atol=1e-5)
+    mole_pipe.unload_experts()
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]})
+    assert (mole_pipe.mole.gate_config.activation, mole_pipe.mole.gate_config.prior_weights) == ("softmax", None)
+    mole_pipe.unload_experts()
+    mole_pipe.load_experts({"a": world["a"], "b": world["b"]}, triggers=TRIGGERS, activation="softmax")
+    assert (mole_pipe.mole.gate_config.activation, mole_pipe.mole.gate_config.prior_weights) == ("softmax", None)
+    assert GateConfig(activation="sigmoid", triggers=TRIGGERS).for_experts(["a", "b"]).prior_weights is None
+    mole_pipe.unload_experts()
+    with pytest.raises(MoLEError, match=r"not both: gate_config and \['triggers'\] given"):
+        mole_pipe.load_experts({"a": world["a"]}, gate_config=SUM, triggers=TRIGGERS)
+
+
+@pytest.mark.parametrize("extra, kind, printed", [
+    # the default: every concept has a trigger word
+    ([], ("softplus", (1.0, 1.0), {"a": ("sks",), "b": ("zwx",)}), "block, softplus at prior 1 1, trigger words a=sks b=zwx"),
+    (["--no-by-trigger"], ("softmax", None, None), "block, softmax at uniform prior\n"),  # the paper's gates
+    (["--activation", "softmax"], ("softmax", None, None), "block, softmax at uniform prior\n"),  # a kind chosen
+    (["--activation", "softmax", "--by-trigger"], ("softmax", None, {"a": ("sks",), "b": ("zwx",)}),
+     "block, softmax at uniform prior, trigger words a=sks b=zwx"),
+])
+def test_train_gates_trains_gates_with_trigger_words_by_default(world, concepts_file, tmp_path, capsys, extra, kind, printed):
+    from mole_diffusion.gate_file import read_gate_config
+
+    rc = main(["train-gates", "--base", str(world["base"]), "--concepts", str(concepts_file), "--out", str(tmp_path / "run"),
+               "--steps", "1", "--batch-size", "2", "--resolution", "32", "--checkpoint-every", "1",
+               "--validation-every", "100", *extra])
+    assert rc == 0 and f"gates: {printed}" in capsys.readouterr().out
+    config = read_gate_config(tmp_path / "run" / "gates.safetensors")
+    assert (config.activation, config.prior_weights, config.triggers) == kind
+
+
+def test_without_a_trigger_word_for_every_concept_the_default_is_the_papers_gate(world, tmp_path):
+    both = tmp_path / "concepts.toml"  # the same prompt twice: no word of its own for either concept
+    (tmp_path / "red").mkdir()
+    from conftest import write_images
+
+    write_images(tmp_path / "red", (200, 20, 20))
+    both.write_text("".join(f'[[concepts]]\nname = "{n}"\nlora = "{world[n]}"\nimages = "red"\nprompt = "a photo of sks"\n\n'
+                            for n in "ab"))
+    args = dict(base=str(world["base"]), concepts=both, steps=1, batch_size=2, resolution=32, progress=False,
+                checkpoint_every=1, validation_every=100)
+    pipe = load(world["base"])
+    train_gates(GateTrainingConfig(**args, output_dir=tmp_path / "default"), pipe=None)
+    from mole_diffusion.gate_file import read_gate_config
+
+    config = read_gate_config(tmp_path / "default" / "gates.safetensors")
+    assert (config.activation, config.triggers) == ("softmax", None)
+    with pytest.raises(MoLEError, match="by_trigger needs each concept's trigger word"):
+        train_gates(GateTrainingConfig(**args, output_dir=tmp_path / "asked", by_trigger=True), pipe=pipe)

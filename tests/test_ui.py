@@ -48,11 +48,12 @@ def test_render_gives_image_and_heatmap_and_unchecking_an_expert_changes_the_ima
     assert first.image.size == (64, 64) and first.expert_map is None
     assert np.array_equal(pixels(first.image), pixels(again.image))  # same seed, same image
     assert np.abs(pixels(first.image) - pixels(masked.image)).max() > 8
-    # the heatmap shows every gate's mean weights; learned softmax gates sum to 1 over the active experts
+    # the heatmap shows every gate's mean weights: the masked expert's are 0, the others' not (the shipped gates
+    # weigh every expert the prompt names)
     assert first.heatmap.size[0] > 200 and first.heatmap.size[1] > 200
     means = torch.stack(list(masked.gate_means.values()))
     assert means.shape == (len(masked.gate_means), 3)
-    assert torch.allclose(means.sum(-1), torch.ones(len(means)), atol=1e-5) and means[:, 2].abs().max() < 1e-6
+    assert bool((means[:, :2] > 0.1).all()) and means[:, 2].abs().max() < 1e-6
     assert "checker masked" in masked.summary and "learned gates" in masked.summary
 
 

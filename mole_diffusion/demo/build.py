@@ -92,8 +92,9 @@ CLIP_CONFIG = {
 # the concept LoRAs' UNet modules: attention, projections and the resnet convs (stripes and checkerboards are drawn at
 # the 16x16 level, which has no attention)
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
-# also the UNet's first and last convs, the down/upsamplers, the resnet shortcuts and time projections (README, issue
-# 12: at rank 16 the checker LoRA alone shows its board in 52% of the composition images, the shipped one in 16%)
+# also the UNet's first and last convs, the down/upsamplers, the resnet shortcuts and time projections
+# (experiments/docs/composition-experiments.md: at rank 16 the checker LoRA alone shows its board in 52% of the
+# composition images, the shipped one in 16%)
 WIDE_LORA_TARGET_MODULES = (*LORA_TARGET_MODULES, "conv_in", "conv_out", "conv", "conv_shortcut", "time_emb_proj")
 
 
@@ -132,11 +133,11 @@ class BuildSettings:
     # prompts it helped the checker LoRA alone and hurt the star and stripes LoRAs (experiments/docs/composition-experiments.md)
     lora_filler_captions: bool = False
     gate_steps: int = 300
-    # the gates' kind (GateConfig): the paper's softmax at uniform prior, or e.g. softplus at prior 1 1 1 with the
-    # concepts' trigger words (train-gates --by-trigger), which compose as the plain sum on the second world
-    gate_activation: str = "softmax"
+    # the gates' kind (GateConfig, GateTrainingConfig): by default softplus at prior 1 with the concepts' trigger
+    # words, which compose as the plain sum on the second world; "softmax", None, False: the paper's gates
+    gate_activation: str | None = None
     gate_prior_weights: list[float] | None = None
-    gate_by_trigger: bool = False
+    gate_by_trigger: bool | None = None
     judge_steps: int = 800
     judge_pool: int = 4000  # VAE round trips the judge trains on (with fresh clean drawings)
     judge_rim_share: float = 0.3  # its scenes drawn with a rim around the object (judge.with_rim)
@@ -164,8 +165,7 @@ WORLD_SETTINGS: dict[str, dict] = {
     "v1": {},
     "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
            "concept_images": 64, "lora_steps": 1000, "lora_concept_steps": {"stripes": 2000},
-           "lora_concept_text_encoder": {"stripes": False},
-           "gate_activation": "softplus", "gate_prior_weights": [1.0, 1.0, 1.0], "gate_by_trigger": True},
+           "lora_concept_text_encoder": {"stripes": False}},
 }
 
 

@@ -63,23 +63,27 @@ class MoLEPipelineMixin:
         per_position: bool | None = None,
         timestep_knots: int | None = None,
         *,
+        triggers: Mapping[str, str | Sequence[str]] | None = None,
         gate_config: GateConfig | None = None,
     ) -> None:
         """Load LoRA files as experts (dict name -> path, or a list of paths named by their stems) and gate them.
 
         The gates are what ``gate_config`` says (``GateConfig``: granularity, activation, per position, timestep
-        knots, prior weights; default ``GateConfig()``), or what its fields given as keywords say, the others at
-        their defaults: ``load_experts(files, activation="sigmoid")`` is
+        knots, prior weights, trigger words; default ``GateConfig()``), or what its fields given as keywords say,
+        the others at their defaults: ``load_experts(files, activation="sigmoid")`` is
         ``load_experts(files, gate_config=GateConfig(activation="sigmoid"))``. Not both.
 
-        Every file is read and checked against the base model before any module is changed. Untrained gates
-        return the prior weights (default uniform), so the result starts as NLA with those weights. A gate file
-        records its gates' config, and ``load_gates`` restores its kind (the granularity must match).
+        With ``triggers`` ({expert name: its trigger word or words}) the default gates are gates with trigger words:
+        untrained, each image gets the LoRAs its prompt names, each at full strength, as diffusers'
+        ``set_adapters`` with those LoRAs at weight 1; ``train-gates`` trains them on each concept's own images.
+        Without, the paper's gates: untrained, NLA with the prior weights (default uniform). Every file is read and
+        checked against the base model before any module is changed. A gate file records its gates' config, and
+        ``load_gates`` restores its kind (the granularity must match).
         """
         if self.mole is not None:
             raise RuntimeError(f"experts {self.expert_names} are already loaded: call unload_experts() first")
         settings = {"granularity": granularity, "prior_weights": prior_weights, "activation": activation,
-                    "per_position": per_position, "timestep_knots": timestep_knots}
+                    "per_position": per_position, "timestep_knots": timestep_knots, "triggers": triggers}
         given = {name: value for name, value in settings.items() if value is not None}
         if gate_config is not None and given:
             raise MoLEError(f"the gate settings go in gate_config or as keywords, not both: gate_config and {sorted(given)} given")

@@ -79,8 +79,20 @@ class GateTrainingConfig(TrainingSettings):
     clip_pretrained: str | None = None  # its pretrained tag or checkpoint file
     clip_sampling_steps: int = 4
     # the gates with the concepts' trigger words (GateConfig.triggers): each expert weighs 0 in an example whose
-    # prompt lacks its trigger, so each gate learns its LoRA's strength from that concept's images alone
-    by_trigger: bool = False
+    # prompt lacks its trigger, so each gate learns its LoRA's strength from that concept's images alone. None:
+    # yes when the gate's kind is left to the default (``gate.activation`` None) and every concept has a trigger
+    # word; the gates are then softplus at prior 1 (GateConfig), else the paper's
+    by_trigger: bool | None = None
+
+
+def describe_gates(config: GateConfig) -> str:
+    """One line: "block, softplus at prior 1 1, trigger words a=sks b=zwx" (a MoLE's resolved config)."""
+    prior = "uniform prior" if config.prior_weights is None else "prior " + " ".join(f"{w:g}" for w in config.prior_weights)
+    kind = [config.granularity, f"{config.activation} at {prior}"]
+    kind += ["per position"] * config.per_position + [f"{config.timestep_knots} timestep knots"] * bool(config.timestep_knots)
+    if config.triggers:
+        kind.append("trigger words " + " ".join(f"{name}={' '.join(words)}" for name, words in config.triggers.items()))
+    return ", ".join(kind)
 
 
 def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = None) -> Path:
@@ -93,9 +105,6 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
         raise MoLEError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if config.objective in ("clip", "composition") and not config.clip_model:
         raise MoLEError(f"objective {config.objective!r} needs a CLIP model (--clip-model, and --clip-pretrained for a named one)")
-    if config.sparsity_weight and config.gate.activation == "softmax":
-        raise MoLEError("a sparsity weight needs gates off the simplex (activation sigmoid or softplus): softmax weights "
-                        "always sum to 1")
     concepts = load_concepts(config.concepts)
     if config.objective == "composition" and not load_compositions(config.concepts):
         raise MoLEError(f"objective 'composition' samples the composition prompts: {config.concepts} has no "
@@ -104,17 +113,24 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
 
-    gate_config = config.gate
-    if config.by_trigger:
-        triggers = concept_triggers(concepts)
+    gate_config, triggers = config.gate, concept_triggers(concepts)
+    by_trigger = config.by_trigger
+    if by_trigger is None:  # the default gates: with trigger words where every concept has one (GateConfig)
+        by_trigger = pipe is None and gate_config.activation is None and triggers is not None
+    if by_trigger:
         if triggers is None:
             raise MoLEError(f"by_trigger needs each concept's trigger word: {config.concepts} has a concept whose prompt "
                             "has no word of its own; give it trigger = \"...\"")
         gate_config = replace(gate_config, triggers=triggers)
+    names = [c.name for c in concepts]
+    activation = (pipe.mole.gate_config if pipe is not None and pipe.mole is not None else gate_config.for_experts(names)).activation
+    if config.sparsity_weight and activation == "softmax":
+        raise MoLEError("a sparsity weight needs gates off the simplex (activation sigmoid or softplus): softmax weights "
+                        "always sum to 1")
     if pipe is None:
         pipe = load_base_pipeline(mole_pipeline_class(config.base), config.base, safety_checker=None)
         pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=gate_config)
-    elif config.by_trigger:
+    elif by_trigger:
         pipe.mole.set_gate_config(replace(pipe.mole.gate_config, triggers=gate_config.triggers))
     if config.objective in ("clip", "composition") and pipe.family != "sd":
         raise MoLEError(f"objective {config.objective!r} samples through DDIM on a Stable Diffusion 1.x/2.x UNet; "
@@ -128,6 +144,7 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     pipe.mole.set_experts(None)
     prepare_pipeline(pipe, accelerator, config)
     mole = pipe.mole
+    accelerator.print(f"gates: {describe_gates(mole.gate_config)}")  # the default kind depends on the concepts file
     for gate in mole.gates.values():  # trainable parameters stay in fp32 whatever the model's dtype
         gate.float().requires_grad_(True)
     if config.objective == "distillation" and pipe.family == "flux":
@@ -153,12 +170,16 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
 
     def loss_function(indices: list[int], random: BatchRandom) -> tuple[torch.Tensor, dict[str, float]]:
         value, logs, gate_weights = main_loss(indices, random)
-        # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order; q is the
-        # global batch's under several processes, so the balance loss is one process's (common.py)
-        gate_weights = global_batch_means(gate_weights, accelerator)
-        sparsity = torch.stack([w.sum(dim=-1).mean() for w in gate_weights]).mean() if config.sparsity_weight else None
+        # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order; the sparsity term
+        # is a mean over examples, the balance loss a statistic of the batch: under several processes both are
+        # the global batch's (global_batch_means), so the processes' gradients average to one process's
+        sparsity = None
+        if config.sparsity_weight:
+            totals = [w.sum(dim=-1) for w in global_batch_means(gate_weights, accelerator)]
+            sparsity = torch.stack([total.mean() for total in totals]).mean()
         if mole.gate_config.activation != "softmax":  # shares of each gate's weight (see the module docstring)
             gate_weights = [w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12) for w in gate_weights]
+        gate_weights = global_batch_means(gate_weights, accelerator)  # of the shares: q is their global mean
         cover = coverage.repeat(len(gate_weights) // len(coverage), 1)
         balance = balance_loss(gate_weights, cover)
         mean_weight = mean_expert_weights([w.detach() for w in gate_weights], cover)
