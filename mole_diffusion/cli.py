@@ -131,8 +131,8 @@ def add_train_gates_parser(subparsers) -> None:
     parser.add_argument("--activation", choices=("softmax", "sigmoid", "softplus"),
                         help="softmax: the paper's gate (weights sum to 1); sigmoid: a weight in (0, 1) per expert; "
                              "softplus: a weight in (0, inf) per expert (a LoRA may act above its trained strength). "
-                             "Default: softplus at prior 1 with the concepts' trigger words (--by-trigger), softmax "
-                             "where a concept has none")
+                             "Default: softplus at prior 1 with the concepts' trigger words (--by-trigger), else "
+                             "softmax")
     parser.add_argument("--per-position", action="store_true",
                         help="block gates also weigh each image position by its own feature (docs/method.md)")
     parser.add_argument("--timestep-knots", type=int, default=0, metavar="K",
@@ -148,8 +148,9 @@ def add_train_gates_parser(subparsers) -> None:
     parser.add_argument("--by-trigger", action=argparse.BooleanOptionalAction, default=None,
                         help="each expert's gate weighs 0 in an image whose prompt lacks its trigger word (the concepts "
                              "file's), so each learns its LoRA's strength from its own concept's images (docs/method.md). "
-                             "Default: on when --activation is not given and every concept has a trigger word; "
-                             "--no-by-trigger --activation softmax trains the paper's gates")
+                             "Default: on unless --activation or --prior-weights is given, a concept has no trigger "
+                             "word, or a reference image's caption lacks its concept's; --no-by-trigger trains the "
+                             "paper's gates")
     parser.add_argument("--objective", choices=("denoising", "clip", "composition", "distillation"),
                         default="denoising",
                         help="denoising loss on the reference images (default), the paper's CLIP-guided loss, that "

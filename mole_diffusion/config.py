@@ -23,8 +23,9 @@ class GateConfig:
 
     ``activation``: "softmax" (the paper's gate: weights on the simplex), "sigmoid" (a weight in (0, 1) per
     expert, off the simplex) or "softplus" (a weight in (0, inf) per expert: a LoRA may act above its trained
-    strength). None (the default): "softplus" at prior 1 per expert when ``triggers`` are given (the gates that
-    compose, below), else "softmax"; decided when the config meets its experts (``for_experts``).
+    strength). None (the default): "softplus" at prior 1 per expert when ``triggers`` are given and
+    ``prior_weights`` are not (the gates that compose, below), else "softmax"; decided when the config meets its
+    experts (``for_experts``).
 
     ``per_position``: the denoiser's block gates also weigh each image position by its own feature (granularity
     "block" only).
@@ -82,10 +83,9 @@ class GateConfig:
         if self.triggers is not None and sorted(self.triggers) != sorted(names):
             raise MoLEError(f"triggers name the experts {sorted(self.triggers)}; the experts are {list(names)}")
         if self.activation is None:  # the default kind: with trigger words softplus at prior 1, else the paper's
-            with_triggers = self.triggers is not None
-            return replace(self, activation="softplus" if with_triggers else "softmax",
-                           prior_weights=(1.0,) * len(names) if with_triggers and self.prior_weights is None
-                           else self.prior_weights).for_experts(names)
+            if self.triggers is not None and self.prior_weights is None:
+                return replace(self, activation="softplus", prior_weights=(1.0,) * len(names)).for_experts(names)
+            return replace(self, activation="softmax").for_experts(names)
         prior = self.prior_weights
         if prior is None:
             return self

@@ -79,6 +79,21 @@ def test_resume_gives_the_gates_of_an_uninterrupted_run(world, concepts_file, tm
     assert (tmp_path / "split" / "log.jsonl").read_text().count("\n") == whole_log.count("\n") == 6
 
 
+def test_resuming_with_gates_of_another_kind_is_refused(world, concepts_file, tmp_path, capsys):
+    """Every gate kind has the same parameters: a checkpoint records its gates' kind, and resuming it as another
+    (here the paper's gates, against the default gates with trigger words) is refused."""
+    train_gates(gate_config(world, concepts_file, tmp_path, steps=3))
+    with pytest.raises(common.CheckpointError, match="checkpoint of another run, with other gates \\(block, softplus at prior 1 1, "
+                                                     "trigger words a=sks b=zwx; this run: block, softmax at uniform prior\\)"):
+        train_gates(gate_config(world, concepts_file, tmp_path, resume=True, by_trigger=False))
+    # a checkpoint from before the kind was recorded resumes, saying as what
+    state = tmp_path / "checkpoints" / "step-000003" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "kind"}))
+    capsys.readouterr()
+    train_gates(gate_config(world, concepts_file, tmp_path, resume=True, by_trigger=False))
+    assert "does not record what it trained; resuming as block, softmax at uniform prior" in capsys.readouterr().out
+
+
 def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one(world, concepts_file, tmp_path, monkeypatch):
     real_save, calls = common.save_file, []
 

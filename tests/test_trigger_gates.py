@@ -155,3 +155,25 @@ def test_without_a_trigger_word_for_every_concept_the_default_is_the_papers_gate
     assert (config.activation, config.triggers) == ("softmax", None)
     with pytest.raises(MoLEError, match="by_trigger needs each concept's trigger word"):
         train_gates(GateTrainingConfig(**args, output_dir=tmp_path / "asked", by_trigger=True), pipe=pipe)
+
+
+def test_a_caption_without_its_concepts_trigger_keeps_the_papers_gate(world, concepts_file, tmp_path, capsys):
+    """A reference image whose caption file lacks its concept's trigger words would train no gate of its LoRA
+    under trigger words: the default falls back to the paper's gate, and asking for trigger words is refused."""
+    import shutil
+
+    from mole_diffusion.gate_file import read_gate_config
+
+    shutil.copytree(concepts_file.parent, tmp_path / "concepts")
+    image = sorted((tmp_path / "concepts" / "red").glob("*.png"))[0]
+    image.with_suffix(".txt").write_text("a red picture")  # neither sks nor zwx
+    args = ["train-gates", "--base", str(world["base"]), "--concepts", str(tmp_path / "concepts" / "concepts.toml"),
+            "--steps", "1", "--batch-size", "2", "--resolution", "32", "--checkpoint-every", "1", "--validation-every", "100"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0
+    assert "gates: block, softmax at uniform prior\n" in capsys.readouterr().out
+    assert read_gate_config(tmp_path / "default" / "gates.safetensors").triggers is None
+    assert main([*args, "--out", str(tmp_path / "asked"), "--by-trigger"]) == 1
+    err = capsys.readouterr().err
+    assert f"{image}: its prompt 'a red picture' lacks concept 'a''s trigger words 'sks'" in err and "1 such image(s)" in err
+    # prior weights given choose the paper's kind too, unless an activation says otherwise
+    assert GateConfig(triggers=TRIGGERS, prior_weights=[0.5, 0.5]).for_experts(["a", "b"]).activation == "softmax"

@@ -249,9 +249,11 @@ def _flow_matching_prediction(pipe: FluxPipeline, latents: torch.Tensor, noise: 
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
-def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, keep: int, scaler=None) -> Path:
+def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, keep: int, scaler=None,
+                    kind: str | None = None) -> Path:
     """Write ``folder/step-NNNNNN`` atomically (a temporary folder, then one rename) and keep the newest ``keep``.
-    ``scaler``: fp16's gradient scaler, whose scale a resumed run must continue from."""
+    ``scaler``: fp16's gradient scaler, whose scale a resumed run must continue from; ``kind``: what the parameters
+    mean beyond their names and shapes (a gate's kind), checked when resuming."""
     state = optimizer.state_dict()
     tensors = {f"param.{name}": p.detach().float().cpu().contiguous() for name, p in params.items()}
     for index, slots in state["state"].items():
@@ -262,7 +264,7 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Paramete
     temporary.mkdir(parents=True)
     save_file(tensors, str(temporary / "state.safetensors"))
     info = {"step": step, "param_groups": state["param_groups"], "params": list(params),
-            "scaler": scaler.state_dict() if scaler is not None else None}
+            "scaler": scaler.state_dict() if scaler is not None else None, "kind": kind}
     (temporary / "state.json").write_text(json.dumps(info))
     for file in temporary.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(file, "rb") as handle:
@@ -285,9 +287,14 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, learning_rate: float, scaler=None) -> int:
-    """Restore parameters, optimizer and scaler state (the learning rate is this run's); returns the step."""
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, learning_rate: float, scaler=None,
+                    kind: str | None = None) -> int:
+    """Restore parameters, optimizer and scaler state (the learning rate is this run's); returns the step. A
+    checkpoint that records another ``kind`` is refused (parameters of one shape can mean other things)."""
     info = json.loads((path / "state.json").read_text())
+    if info.get("kind") is not None and info["kind"] != kind:
+        raise CheckpointError(f"{path}: checkpoint of another run, with other gates ({info['kind']}; this run: {kind}); use "
+                              "a new output folder, or this run's settings to resume it")
     tensors = load_file(str(path / "state.safetensors"))
     if info["params"] != list(params):
         missing = sorted(set(params) - set(info["params"]))[:3]
@@ -476,11 +483,13 @@ def run_training(
     params: dict[str, torch.nn.Parameter],
     examples: Examples,
     loss_function: LossFunction,
+    kind: str | None = None,
 ) -> None:
     """Train ``params`` (everything else in ``pipe`` frozen) on ``loss_function(indices, random)``, which
     returns the loss of a micro-batch (examples ``indices``; random draws from ``random``) and values to log.
     Under several processes ``indices`` and ``random`` are this process's share of the global micro-batch,
-    and the loss must be a mean over the examples (or use ``global_batch_means`` for batch statistics)."""
+    and the loss must be a mean over the examples (or use ``global_batch_means`` for batch statistics).
+    ``kind``: recorded in each checkpoint; resuming one of another kind is refused (``load_checkpoint``)."""
     for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "validation_every"):
         if getattr(settings, name) < 1:
             raise MoLEError(f"{name} must be at least 1, got {getattr(settings, name)}")
@@ -493,8 +502,10 @@ def run_training(
         raise CheckpointError(f"{checkpoints} holds checkpoints of an earlier run (newest {existing[-1].name}): "
                               "pass --resume to continue it, or choose another output folder")
     if existing:
-        start = load_checkpoint(existing[-1], params, optimizer, settings.learning_rate, accelerator.scaler)
+        start = load_checkpoint(existing[-1], params, optimizer, settings.learning_rate, accelerator.scaler, kind)
         accelerator.print(f"resuming from {existing[-1]} (step {start})")
+        if kind is not None and json.loads((existing[-1] / "state.json").read_text()).get("kind") is None:
+            accelerator.print(f"note: {existing[-1]} does not record what it trained; resuming as {kind}")
     log = TrainingLog(output_dir, accelerator, start) if accelerator.is_main_process else None
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers("tensorboard")
@@ -541,7 +552,7 @@ def run_training(
         if log is not None:
             log.write({"step": step, **logged, "seconds": seconds})
         if accelerator.is_main_process and (step % settings.checkpoint_every == 0 or step == settings.steps):
-            save_checkpoint(checkpoints, step, params, optimizer, settings.keep_checkpoints, accelerator.scaler)
+            save_checkpoint(checkpoints, step, params, optimizer, settings.keep_checkpoints, accelerator.scaler, kind)
         if accelerator.is_main_process and settings.validation_prompts and (step % settings.validation_every == 0 or step == settings.steps):
             save_validation_grid(pipe, settings, output_dir / "validation" / f"step-{step:06d}.png")
         accelerator.wait_for_everyone()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..clip import load_clip
-from ..concepts import composed_concepts, concept_triggers, list_images, load_compositions, load_concepts, trigger_words
+from ..concepts import Concept, composed_concepts, concept_triggers, list_images, load_compositions, load_concepts, trigger_words
 from ..config import GateConfig
 from ..errors import MoLEError, load_base_pipeline
 from ..gates import balance_loss, mean_expert_weights
@@ -54,6 +54,7 @@ from .common import (
     encode_examples,
     encode_prompts,
     global_batch_means,
+    image_caption,
     load_image,
     make_accelerator,
     prepare_pipeline,
@@ -80,9 +81,17 @@ class GateTrainingConfig(TrainingSettings):
     clip_sampling_steps: int = 4
     # the gates with the concepts' trigger words (GateConfig.triggers): each expert weighs 0 in an example whose
     # prompt lacks its trigger, so each gate learns its LoRA's strength from that concept's images alone. None:
-    # yes when the gate's kind is left to the default (``gate.activation`` None) and every concept has a trigger
-    # word; the gates are then softplus at prior 1 (GateConfig), else the paper's
+    # yes when the gate's kind is left to the default (``gate.activation`` and ``gate.prior_weights`` None), every
+    # concept has a trigger word and every reference image's prompt holds its own; the gates are then softplus at
+    # prior 1 (GateConfig), else the paper's
     by_trigger: bool | None = None
+
+
+def _captions_without_trigger(concepts: list[Concept], triggers: dict[str, list[str]]) -> list[tuple[Path, str, str]]:
+    """(image, its prompt, concept) for each reference image whose prompt (its caption file, else the concept's
+    prompt) lacks its own concept's trigger words: gates with trigger words would keep its LoRA off there."""
+    return [(path, prompt, c.name) for c in concepts for path in list_images(c.images)
+            if c.name not in composed_concepts(prompt := image_caption(path, c.prompt), triggers)]
 
 
 def describe_gates(config: GateConfig) -> str:
@@ -114,13 +123,20 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     accelerator = make_accelerator(config)
 
     gate_config, triggers = config.gate, concept_triggers(concepts)
+    unnamed = _captions_without_trigger(concepts, triggers) if triggers is not None else []
     by_trigger = config.by_trigger
-    if by_trigger is None:  # the default gates: with trigger words where every concept has one (GateConfig)
-        by_trigger = pipe is None and gate_config.activation is None and triggers is not None
+    if by_trigger is None:  # the default gates: with trigger words where every reference image's prompt has its own
+        by_trigger = (pipe is None and gate_config.activation is None and gate_config.prior_weights is None
+                      and triggers is not None and not unnamed)
     if by_trigger:
         if triggers is None:
             raise MoLEError(f"by_trigger needs each concept's trigger word: {config.concepts} has a concept whose prompt "
                             "has no word of its own; give it trigger = \"...\"")
+        if unnamed:
+            image, prompt, name = unnamed[0]
+            raise MoLEError(f"{image}: its prompt {prompt!r} lacks concept {name!r}'s trigger words "
+                            f"{' '.join(triggers[name])!r}, so with trigger words its LoRA would be off on it; put them "
+                            f"in its caption, or train without by_trigger ({len(unnamed)} such image(s))")
         gate_config = replace(gate_config, triggers=triggers)
     names = [c.name for c in concepts]
     activation = (pipe.mole.gate_config if pipe is not None and pipe.mole is not None else gate_config.for_experts(names)).activation
@@ -192,7 +208,8 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
 
     if not config.validation_prompts:
         config.validation_prompts = [c.prompt for c in concepts]
-    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples, loss_function)
+    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples, loss_function,
+                 kind=describe_gates(mole.gate_config))
 
     path = output_dir / "gates.safetensors"
     if accelerator.is_main_process:
