@@ -314,8 +314,9 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
 
 
 def test_the_build_trains_the_gates_its_world_recipe_names(tmp_path, monkeypatch):
-    """Both worlds train the default gates (softplus at prior 1 with the concepts' trigger words: train_gates
-    decides, tests/test_trigger_gates.py); the gate settings ask for the paper's."""
+    """The first world trains the default gates (train_gates decides: softplus at prior 1 with the concepts'
+    trigger words, tests/test_trigger_gates.py), the second the same gates spelled out; the settings can ask for
+    the paper's."""
     import mole_diffusion.demo.build as build_module
 
     for name in CONCEPTS:
@@ -337,5 +338,5 @@ def test_the_build_trains_the_gates_its_world_recipe_names(tmp_path, monkeypatch
             build_module.train_concepts(tmp_path, settings)
     first, second, paper = configs
     assert (first.gate.activation, first.gate.prior_weights, first.by_trigger) == (None, None, None)
-    assert (second.gate, second.by_trigger) == (first.gate, None)
+    assert (second.gate.activation, second.gate.prior_weights, second.by_trigger) == ("softplus", (1.0, 1.0, 1.0), True)
     assert (paper.gate.activation, paper.gate.prior_weights, paper.by_trigger) == ("softmax", None, False)

@@ -165,7 +165,10 @@ WORLD_SETTINGS: dict[str, dict] = {
     "v1": {},
     "v2": {"unet_channels": [64, 128, 128], "unet_cross_attention": [True, True, True], "text_width": 64,
            "concept_images": 64, "lora_steps": 1000, "lora_concept_steps": {"stripes": 2000},
-           "lora_concept_text_encoder": {"stripes": False}},
+           "lora_concept_text_encoder": {"stripes": False},
+           # the default gates, spelled out as they were recorded before they became the default (a build
+           # started then resumes)
+           "gate_activation": "softplus", "gate_prior_weights": [1.0, 1.0, 1.0], "gate_by_trigger": True},
 }
 
 
