@@ -178,20 +178,24 @@ def evaluate(config: EvaluationConfig) -> Path:
                                  names=names, weights=weights, reference_pipe=reference_pipe, switch_every=config.switch_every,
                                  block_weights=block_weights, triggers=triggers, num_inference_steps=config.steps,
                                  guidance_scale=config.guidance_scale, height=config.resolution, width=config.resolution)
-        for index, ((_, prompt_index, seed), image) in enumerate(zip(batch, images)):
+        # read once for the batch: gate weights (steps, model batch, N), regional masks (calls, images, N, H, W)
+        histories = pipe.gate_weights if method == "mole" else {}
+        masks = pipe.expert_masks if method == "regional" else None
+        rows = score_images(clip, images, [prompts[p] for _, p, _ in batch], references, [list(references)] * len(batch))
+        if backbone is not None:
+            for scores, dino in zip(rows, image_alignment(backbone, images, backbone_references, [list(references)] * len(batch),
+                                                           prefix="dino")):
+                scores.update(dino)
+        for index, ((_, prompt_index, seed), image, scores) in enumerate(zip(batch, images, rows)):
             path = out / "images" / method / f"p{prompt_index}-s{seed}.png"
             path.parent.mkdir(exist_ok=True)
-            if method == "mole":  # gate weights (steps, UNet batch, N); this image's rows (both CFG halves), mean over steps
-                means = {gate: history[:, index :: len(batch)].mean(dim=(0, 1)).contiguous()
-                         for gate, history in pipe.gate_weights.items()}
+            if histories:  # mole: this image's rows (both CFG halves), mean over steps, for the heatmap
+                means = {gate: history[:, index :: len(batch)].mean(dim=(0, 1)).contiguous() for gate, history in histories.items()}
                 save_file(means, str(path.with_suffix(".gates.safetensors")))
-            if method == "regional":  # where each expert acted at the last step, (N, H, W) on the latent grid
-                masks = pipe.expert_masks  # the last entry was read after the last step: the one before is what it applied
+            if masks is not None:  # regional: where each expert acted at the last step, (N, H, W) on the latent grid
+                # the last entry was read after the last step: the one before is what it applied
                 save_file({"masks": masks[-2 if len(masks) > 1 else -1, index].contiguous()}, str(path.with_suffix(".masks.safetensors")))
             image.save(path)
-            scores = score_images(clip, [image], [prompts[prompt_index]], references, [list(references)])[0]
-            if backbone is not None:
-                scores.update(image_alignment(backbone, [image], backbone_references, [list(references)], prefix="dino")[0])
             if presence is not None:
                 composed = composed_concepts(prompts[prompt_index], triggers) or names
                 scores.update(judged_row(presence, image, prompts[prompt_index], composed, active_experts(method, names)))

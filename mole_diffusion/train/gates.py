@@ -186,13 +186,10 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
 
     def loss_function(indices: list[int], random: BatchRandom) -> tuple[torch.Tensor, dict[str, float]]:
         value, logs, gate_weights = main_loss(indices, random)
-        # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order; the sparsity term
-        # is a mean over examples, the balance loss a statistic of the batch: under several processes both are
-        # the global batch's (global_batch_means), so the processes' gradients average to one process's
-        sparsity = None
-        if config.sparsity_weight:
-            totals = [w.sum(dim=-1) for w in global_batch_means(gate_weights, accelerator)]
-            sparsity = torch.stack([total.mean() for total in totals]).mean()
+        # gate_weights holds every gate once per UNet call (clip: several), in mole.gates order. The sparsity term
+        # is a mean over examples (averaging the processes' gradients gives one process's); the balance loss is a
+        # statistic of the batch, taken over the global batch (global_batch_means) under several processes
+        sparsity = torch.stack([w.sum(dim=-1).mean() for w in gate_weights]).mean() if config.sparsity_weight else None
         if mole.gate_config.activation != "softmax":  # shares of each gate's weight (see the module docstring)
             gate_weights = [w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12) for w in gate_weights]
         gate_weights = global_batch_means(gate_weights, accelerator)  # of the shares: q is their global mean
