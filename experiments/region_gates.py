@@ -1,0 +1,199 @@
+"""Can gates learn, from each concept's own images, what the plain sum gets wrong when the LoRAs meet? A diagnostic.
+
+    python -m experiments.region_gates --assets build/world-v2/assets --out build/region-gates
+
+Gates with trigger words trained the shipped way (each concept's images with its own caption) never see two LoRAs
+at once, so nothing teaches them that on the second world the checker LoRA, beside the stripes LoRA, pulls a red
+object back to the textures of its own references (docs/demo-world.md, "What the images show"). Here every
+reference image also serves a second time, as a composition would: its caption names, in their slots, the
+concepts that draw the *other* region of the image (the star's and the stripes' images the checkerboard, the
+checker's images the star and the stripes), so those LoRAs act too, and the denoising loss counts only the region
+this concept draws, which the image shows as it should be: the object of a star or stripes image, the background of
+a checker image. On a stripes image "a red circle in zwx style on a grid background" becomes "a red circle in zwx
+style on a qkx background", and the loss on the circle asks the mixture to keep its stripes with the checker LoRA on.
+Nothing says what the other region should look like, so nothing there is learned from a wrong target.
+
+The images are each concept's references of the build; their regions come from the world's scenes, recomputed
+from the build's seed (each is checked against the reference image, pixel for pixel). A user's equivalent is a
+mask per reference image, as kohya's masked loss takes. The gates: softplus at prior 1 with the concepts' trigger
+words, as shipped, per position unless ``--block`` (so a LoRA can stay off one region and on the other); the loss
+of the plain examples is the shipped gates' (denoising, balance 0.5). No judge and no composition image is seen;
+the gate file is then measured as any other, e.g. on selection seeds:
+
+    python -m experiments.quality --assets build/world-v2/assets --out build/region-quality --seeds 8 --first-seed 0 \\
+        --guidance-scale 7.5 --methods sum mole --gates region=build/region-gates/gates.safetensors --skip-lift
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image, ImageDraw
+
+from mole_diffusion import MoLEStableDiffusionPipeline
+from mole_diffusion.concepts import concept_triggers, load_concepts
+from mole_diffusion.config import GateConfig
+from mole_diffusion.demo import world
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.gates import balance_loss
+from mole_diffusion.train.common import (
+    BatchRandom,
+    Examples,
+    TrainingSettings,
+    encode_examples,
+    encode_prompts,
+    make_accelerator,
+    prepare_pipeline,
+    run_training,
+    trainable_parameters,
+)
+
+# the region of the image each kind of concept draws
+REGIONS = {"object": "object", "style": "object", "scene": "background"}
+# how a scene names each concept: the field it sets, and to what
+SLOTS = {"star": ("shape", "star"), "stripes": ("style", "stripes"), "checker": ("background", "checker")}
+RESOLUTION = 64
+
+
+def region(concept: str) -> str:
+    return REGIONS[world.CONCEPTS[concept].kind]
+
+
+def companions(concept: str) -> list[str]:
+    """The concepts that draw the other region of ``concept``'s images."""
+    return [name for name in world.CONCEPTS if region(name) != region(concept)]
+
+
+def company_scene(scene: world.Scene, concept: str) -> world.Scene:
+    """``scene`` as a composition would name it: each companion of ``concept`` in its slot (the caption follows)."""
+    return replace(scene, **dict(SLOTS[name] for name in companions(concept)))
+
+
+def object_mask(scene: world.Scene, resolution: int = RESOLUTION) -> torch.Tensor:
+    """(resolution, resolution): 1 on the object, as ``world.draw`` fills it, 0 elsewhere."""
+    mask = Image.new("L", (resolution, resolution), 0)
+    ImageDraw.Draw(mask).polygon(world.outline(scene, resolution), fill=255)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+
+
+def region_weights(scene: world.Scene, concept: str, grid: tuple[int, int]) -> torch.Tensor:
+    """(h, w) on the latent grid: the share of each latent cell in ``concept``'s region of ``scene``."""
+    obj = F.adaptive_avg_pool2d(object_mask(scene)[None, None], grid)[0, 0]
+    return obj if region(concept) == "object" else 1 - obj
+
+
+def reference_scenes(assets: Path) -> dict[str, list[world.Scene]]:
+    """Each concept's reference scenes, as the build drew them (``assets/build_settings.json``: world, seed,
+    count), checked against the images and captions in ``assets/world/concepts``."""
+    settings = json.loads((assets / "build_settings.json").read_text())
+    known = world.WORLDS[settings.get("world", "v1")]
+    scenes = {}
+    for name in world.CONCEPTS:
+        scenes[name] = world.concept_scenes(name, settings["concept_images"], settings["seed"], known)
+        for i, scene in enumerate(scenes[name]):
+            image = assets / "world" / "concepts" / name / f"{i:03d}.png"
+            with Image.open(image) as drawn:
+                same = np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(world.draw(scene, RESOLUTION)))
+            if not same or image.with_suffix(".txt").read_text().strip() != scene.caption:
+                raise ValueError(f"{image}: not the scene the build's settings draw ({scene.caption!r}); "
+                                 f"this world was built with other settings than {assets / 'build_settings.json'}")
+    return scenes
+
+
+def region_examples(pipe, assets: Path) -> tuple[Examples, torch.Tensor]:
+    """Every reference image twice: with its own caption and the whole image counted (group k, concept k's), and
+    with its company caption and only its concept's region counted (group N + k). Returns the examples and the
+    loss weights per latent cell, (2M, h, w)."""
+    concepts = load_concepts(assets / "concepts.toml")
+    names = [c.name for c in concepts]
+    plain = encode_examples(concepts, pipe.vae, RESOLUTION, prior_loss_weight=0.0)
+    grid = tuple(plain.latents.shape[-2:])
+    scenes = reference_scenes(assets)
+    ordered = [(name, scene) for name in names for scene in scenes[name]]  # encode_examples' order: concept, then file
+    if [s.caption for _, s in ordered] != plain.prompts:
+        raise ValueError(f"{assets / 'concepts.toml'}: its concepts' images are not the world's references in order")
+    company = [company_scene(scene, name).caption for name, scene in ordered]
+    regions = torch.stack([region_weights(scene, name, grid) for name, scene in ordered])
+    examples = Examples(
+        latents=torch.cat([plain.latents, plain.latents]), prompts=plain.prompts + company,
+        groups=torch.cat([plain.groups, plain.groups + len(names)]), loss_weights=torch.ones(2 * len(ordered)))
+    return examples, torch.cat([torch.ones_like(regions), regions])
+
+
+def masked_denoising_loss(pipe, scheduler: DDPMScheduler, latents: torch.Tensor, cell_weights: torch.Tensor,
+                          conditions: dict, random: BatchRandom) -> torch.Tensor:
+    """The denoising loss, each example's squared error averaged over its weighted latent cells (B, h, w)."""
+    noise = random.randn(*latents.shape[1:]).to(latents)
+    timesteps = random.randint(scheduler.config.num_train_timesteps).to(latents.device)
+    prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **conditions).sample
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"this diagnostic trains epsilon-prediction models, not {scheduler.config.prediction_type!r}")
+    error = (prediction.float() - noise.float()).pow(2).mean(dim=1)  # (B, h, w)
+    return ((error * cell_weights).sum(dim=(1, 2)) / cell_weights.sum(dim=(1, 2)).clamp_min(1e-6)).mean()
+
+
+def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_size: int = 6, learning_rate: float = 5e-3,
+                       balance_weight: float = 0.5, seed: int = 0, progress: bool = True,
+                       examples: tuple[Examples, torch.Tensor] | None = None) -> Path:
+    """Train ``pipe``'s gates (its experts the world's concepts) on the region examples (``region_examples``, made
+    here unless given); writes ``out/gates.safetensors``."""
+    settings = TrainingSettings(output_dir=out, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                                resolution=RESOLUTION, seed=seed, checkpoint_every=max(steps, 1), progress=progress)
+    accelerator = make_accelerator(settings)
+    prepare_pipeline(pipe, accelerator, settings)
+    mole = pipe.mole
+    for gate in mole.gates.values():
+        gate.float().requires_grad_(True)
+    examples, cell_weights = examples or region_examples(pipe, assets)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    coverage = mole.gate_coverage()
+
+    def loss_function(indices: list[int], random: BatchRandom):
+        conditions = encode_prompts(pipe, [examples.prompts[i] for i in indices], RESOLUTION)
+        latents = examples.latents[indices].to(pipe.unet.device, pipe.unet.dtype)
+        denoising = masked_denoising_loss(pipe, scheduler, latents, cell_weights[indices].to(latents.device), conditions, random)
+        weights = [w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12) for w in (g.applied_weights() for g in mole.gates.values())]
+        balance = balance_loss(weights, coverage.repeat(len(weights) // len(coverage), 1))
+        return denoising + balance_weight * balance, {"loss_denoising": denoising.item(), "loss_balance": balance.item()}
+
+    run_training(settings, accelerator, pipe, trainable_parameters(pipe), examples, loss_function, kind="region gates")
+    path = Path(out) / "gates.safetensors"
+    pipe.save_gates(path)
+    return path
+
+
+def region_pipeline(assets: Path, per_position: bool = True) -> MoLEStableDiffusionPipeline:
+    """The world's base with its LoRAs, under untrained softplus gates at prior 1 with the concepts' trigger words."""
+    concepts = load_concepts(assets / "concepts.toml")
+    pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
+    gate = GateConfig(activation="softplus", prior_weights=[1.0] * len(concepts), per_position=per_position,
+                      triggers=concept_triggers(concepts))
+    pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=gate)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.region_gates", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="a built world (default: the shipped one)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--block", action="store_true", help="one weight per LoRA per block, not per position")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    pipe = region_pipeline(args.assets, per_position=not args.block)
+    path = train_region_gates(pipe, args.assets, args.out, args.steps, args.batch_size, args.learning_rate, seed=args.seed)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""experiments.region_gates: each reference image again under a composition's caption, its concept's region counted."""
+
+import shutil
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from experiments.region_gates import (
+    company_scene,
+    masked_denoising_loss,
+    reference_scenes,
+    region_examples,
+    region_pipeline,
+    region_weights,
+    train_region_gates,
+)
+from mole_diffusion.demo import world
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.train.common import BatchRandom, denoising_loss, encode_prompts
+
+
+def test_company_captions_name_the_other_region_and_the_regions_split_the_image():
+    """A star or stripes image names the checkerboard; a checker image the star and the stripes. The object's
+    region and the background's share every latent cell between them."""
+    star = world.Scene("star", "red", "grid", "large", (0.5, 0.5), style="dotted")
+    stripes = world.Scene("circle", "blue", "green", "small", (0.3, 0.6), style="stripes")
+    checker = world.Scene("square", "yellow", "checker", "large", (0.6, 0.4), style="lined")
+    assert company_scene(star, "star").caption == "a red sks in dotted style on a qkx background"
+    assert company_scene(stripes, "stripes").caption == "a blue circle in zwx style on a qkx background"
+    assert company_scene(checker, "checker").caption == "a yellow sks in zwx style on a qkx background"
+    on_object, on_background = region_weights(star, "star", (16, 16)), region_weights(star, "checker", (16, 16))
+    assert torch.allclose(on_object + on_background, torch.ones(16, 16))
+    assert on_object[8, 8] == 1 and on_object[0, 0] == 0  # the star's centre, a corner of the grid
+    assert 0.1 < float(on_object.mean()) < 0.3
+
+
+def test_the_references_are_recomputed_from_the_build_and_a_changed_one_is_named(tmp_path):
+    scenes = reference_scenes(ASSETS)
+    assert [len(s) for s in scenes.values()] == [16, 16, 16]
+    assert all(s.shape == "star" for s in scenes["star"]) and all(s.background == "checker" for s in scenes["checker"])
+    copy = tmp_path / "assets"
+    shutil.copytree(ASSETS, copy)
+    (copy / "world" / "concepts" / "stripes" / "003.txt").write_text("a red circle on a grid background\n")
+    with pytest.raises(ValueError, match=r"stripes/003.png: not the scene"):
+        reference_scenes(copy)
+
+
+@pytest.fixture(scope="module")
+def region_pipe():
+    return region_pipeline(ASSETS)
+
+
+@pytest.fixture(scope="module")
+def examples(region_pipe):
+    return region_examples(region_pipe, ASSETS)
+
+
+def test_the_masked_loss_over_the_whole_image_is_the_denoising_loss(region_pipe, examples):
+    """All cells counted: the package's denoising loss on the same draws; one cell: that cell's squared error."""
+    examples, cells = examples
+    assert len(examples.prompts) == 2 * 48 and torch.equal(cells[:48], torch.ones_like(cells[:48]))
+    assert examples.prompts[48].endswith("on a qkx background") and "sks" in examples.prompts[48]  # a star image, in company
+    assert 0 < float(cells[48:].mean()) < 1
+    scheduler = DDPMScheduler.from_config(region_pipe.scheduler.config)
+    rows = [0, 20, 40]
+    latents, conditions = examples.latents[rows], encode_prompts(region_pipe, [examples.prompts[i] for i in rows], 64)
+    with torch.no_grad():
+        masked = masked_denoising_loss(region_pipe, scheduler, latents, torch.ones(3, *cells.shape[1:]), conditions,
+                                       BatchRandom(torch.Generator().manual_seed(5), 3))
+        plain = denoising_loss(region_pipe, scheduler, latents, conditions, torch.ones(3),
+                               BatchRandom(torch.Generator().manual_seed(5), 3))
+        one_cell = torch.zeros(3, *cells.shape[1:])
+        one_cell[:, 2, 3] = 1.0
+        cell = masked_denoising_loss(region_pipe, scheduler, latents, one_cell, conditions,
+                                     BatchRandom(torch.Generator().manual_seed(5), 3))
+        random = BatchRandom(torch.Generator().manual_seed(5), 3)
+        noise = random.randn(*latents.shape[1:])
+        timesteps = random.randint(scheduler.config.num_train_timesteps)
+        error = region_pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **conditions).sample - noise
+    assert torch.allclose(masked, plain, atol=1e-6)
+    assert torch.allclose(cell, error[:, :, 2, 3].pow(2).mean(), atol=1e-6)
+
+
+def gate_state(pipe) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value for name, gate in pipe.mole.gates.items() for key, value in gate.state_dict().items()}
+
+
+def test_region_gates_train_only_the_gates(region_pipe, examples, tmp_path):
+    """Two steps move the per-position gates; the UNet, the text encoder and the LoRAs stay bit for bit, and the gate
+    file loads into the world's pipeline."""
+    frozen = {k: v.clone() for k, v in region_pipe.unet.state_dict().items() if "gate" not in k}
+    before = {k: v.clone() for k, v in gate_state(region_pipe).items()}
+    path = train_region_gates(region_pipe, ASSETS, tmp_path / "gates", steps=2, batch_size=2, progress=False,
+                              examples=examples)
+    assert all(torch.equal(v, frozen[k]) for k, v in region_pipe.unet.state_dict().items() if k in frozen)
+    after = gate_state(region_pipe)
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    other = region_pipeline(ASSETS)
+    other.load_gates(path)
+    assert all(torch.equal(gate_state(other)[k], v) for k, v in after.items())
+
+
+def test_a_company_caption_turns_the_other_regions_loras_on(region_pipe, examples):
+    """Gates with trigger words: a star image alone has only the star LoRA on; in company the checker's too; a checker
+    image in company all three."""
+    examples, _ = examples
+    rows = [0, 48, 48 + 32]
+    conditions = encode_prompts(region_pipe, [examples.prompts[i] for i in rows], 64)
+    with torch.no_grad():
+        region_pipe.unet(examples.latents[rows], torch.tensor([500] * 3), **conditions)
+    weights = next(iter(region_pipe.mole.gates.values())).applied_weights()
+    assert torch.equal(weights > 0, torch.tensor([[True, False, False], [True, False, True], [True, True, True]]))
