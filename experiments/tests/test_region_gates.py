@@ -33,6 +33,9 @@ def test_company_captions_name_the_other_region_and_the_regions_split_the_image(
     assert torch.allclose(on_object + on_background, torch.ones(16, 16))
     assert on_object[8, 8] == 1 and on_object[0, 0] == 0  # the star's centre, a corner of the grid
     assert 0.1 < float(on_object.mean()) < 0.3
+    # rows are y, columns x, as the VAE's latents of the drawn image: the small circle centred at x 0.3, y 0.6
+    small = region_weights(stripes, "stripes", (16, 16))
+    assert small[10, 5] == 1 and small[5, 10] == 0
 
 
 def test_the_references_are_recomputed_from_the_build_and_a_changed_one_is_named(tmp_path):
