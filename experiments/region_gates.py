@@ -11,14 +11,17 @@ checker's images the star and the stripes), so those LoRAs act too, and the deno
 this concept draws, which the image shows as it should be: the object of a star or stripes image, the background of
 a checker image. On a stripes image "a red circle in zwx style on a grid background" becomes "a red circle in zwx
 style on a qkx background", and the loss on the circle asks the mixture to keep its stripes with the checker LoRA on.
-Nothing says what the other region should look like, so nothing there is learned from a wrong target.
+Nothing says what the other region should look like: only the latent cells wholly inside the concept's region count
+(a cell on the outline also encodes the other region, whose target the company caption makes wrong), though the
+UNet's receptive field still carries some of the other region into them.
 
 The images are each concept's references of the build; their regions come from the world's scenes, recomputed
 from the build's seed (each is checked against the reference image, pixel for pixel). A user's equivalent is a
 mask per reference image, as kohya's masked loss takes. The gates: softplus at prior 1 with the concepts' trigger
-words, as shipped, per position unless ``--block`` (so a LoRA can stay off one region and on the other); the loss
-of the plain examples is the shipped gates' (denoising, balance 0.5). No judge and no composition image is seen;
-the gate file is then measured as any other, e.g. on selection seeds:
+words, as shipped, but per position unless ``--block`` (so a LoRA can stay off one region and on the other). The
+loss is the denoising loss alone: the shipped trigger-word gates' balance loss is inert (one LoRA on per example,
+so every share is 0 or 1), and on the company examples it would push down whichever concept is named most often.
+No judge and no composition image is seen; the gate file is then measured as any other, e.g. on selection seeds:
 
     python -m experiments.quality --assets build/world-v2/assets --out build/region-quality --seeds 8 --first-seed 0 \\
         --guidance-scale 7.5 --methods sum mole --gates region=build/region-gates/gates.safetensors --skip-lift
@@ -42,7 +45,6 @@ from mole_diffusion.concepts import concept_triggers, load_concepts
 from mole_diffusion.config import GateConfig
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
-from mole_diffusion.gates import balance_loss
 from mole_diffusion.train.common import (
     BatchRandom,
     Examples,
@@ -84,9 +86,9 @@ def object_mask(scene: world.Scene, resolution: int = RESOLUTION) -> torch.Tenso
 
 
 def region_weights(scene: world.Scene, concept: str, grid: tuple[int, int]) -> torch.Tensor:
-    """(h, w) on the latent grid: the share of each latent cell in ``concept``'s region of ``scene``."""
-    obj = F.adaptive_avg_pool2d(object_mask(scene)[None, None], grid)[0, 0]
-    return obj if region(concept) == "object" else 1 - obj
+    """(h, w) on the latent grid: 1 where a latent cell lies wholly in ``concept``'s region of ``scene``, else 0."""
+    share = F.adaptive_avg_pool2d(object_mask(scene)[None, None], grid)[0, 0]
+    return (share == 1).float() if region(concept) == "object" else (share == 0).float()
 
 
 def reference_scenes(assets: Path) -> dict[str, list[world.Scene]]:
@@ -140,7 +142,7 @@ def masked_denoising_loss(pipe, scheduler: DDPMScheduler, latents: torch.Tensor,
 
 
 def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_size: int = 6, learning_rate: float = 5e-3,
-                       balance_weight: float = 0.5, seed: int = 0, progress: bool = True,
+                       seed: int = 0, progress: bool = True,
                        examples: tuple[Examples, torch.Tensor] | None = None) -> Path:
     """Train ``pipe``'s gates (its experts the world's concepts) on the region examples (``region_examples``, made
     here unless given); writes ``out/gates.safetensors``."""
@@ -153,19 +155,17 @@ def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_si
         gate.float().requires_grad_(True)
     examples, cell_weights = examples or region_examples(pipe, assets)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    coverage = mole.gate_coverage()
 
     def loss_function(indices: list[int], random: BatchRandom):
         conditions = encode_prompts(pipe, [examples.prompts[i] for i in indices], RESOLUTION)
         latents = examples.latents[indices].to(pipe.unet.device, pipe.unet.dtype)
         denoising = masked_denoising_loss(pipe, scheduler, latents, cell_weights[indices].to(latents.device), conditions, random)
-        weights = [w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12) for w in (g.applied_weights() for g in mole.gates.values())]
-        balance = balance_loss(weights, coverage.repeat(len(weights) // len(coverage), 1))
-        return denoising + balance_weight * balance, {"loss_denoising": denoising.item(), "loss_balance": balance.item()}
+        return denoising, {"loss_denoising": denoising.item()}
 
     run_training(settings, accelerator, pipe, trainable_parameters(pipe), examples, loss_function, kind="region gates")
     path = Path(out) / "gates.safetensors"
-    pipe.save_gates(path)
+    if accelerator.is_main_process:
+        pipe.save_gates(path)
     return path
 
 

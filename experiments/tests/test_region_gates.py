@@ -6,6 +6,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from PIL import Image
+
+from experiments import region_gates
 from experiments.region_gates import (
     company_scene,
     masked_denoising_loss,
@@ -22,7 +25,8 @@ from mole_diffusion.train.common import BatchRandom, denoising_loss, encode_prom
 
 def test_company_captions_name_the_other_region_and_the_regions_split_the_image():
     """A star or stripes image names the checkerboard; a checker image the star and the stripes. The object's
-    region and the background's share every latent cell between them."""
+    region and the background's are the latent cells wholly inside each: they never overlap, and only the cells on
+    the outline are in neither."""
     star = world.Scene("star", "red", "grid", "large", (0.5, 0.5), style="dotted")
     stripes = world.Scene("circle", "blue", "green", "small", (0.3, 0.6), style="stripes")
     checker = world.Scene("square", "yellow", "checker", "large", (0.6, 0.4), style="lined")
@@ -30,9 +34,10 @@ def test_company_captions_name_the_other_region_and_the_regions_split_the_image(
     assert company_scene(stripes, "stripes").caption == "a blue circle in zwx style on a qkx background"
     assert company_scene(checker, "checker").caption == "a yellow sks in zwx style on a qkx background"
     on_object, on_background = region_weights(star, "star", (16, 16)), region_weights(star, "checker", (16, 16))
-    assert torch.allclose(on_object + on_background, torch.ones(16, 16))
-    assert on_object[8, 8] == 1 and on_object[0, 0] == 0  # the star's centre, a corner of the grid
-    assert 0.1 < float(on_object.mean()) < 0.3
+    assert set(on_object.unique().tolist()) == {0.0, 1.0} and not (on_object * on_background).any()
+    assert on_object[8, 8] == 1 and on_background[0, 0] == 1  # the star's centre, a corner of the grid
+    outline = 1 - on_object - on_background
+    assert 0 < float(outline.sum()) < float(on_background.sum()) and 0.03 < float(on_object.mean()) < 0.3
     # rows are y, columns x, as the VAE's latents of the drawn image: the small circle centred at x 0.3, y 0.6
     small = region_weights(stripes, "stripes", (16, 16))
     assert small[10, 5] == 1 and small[5, 10] == 0
@@ -44,8 +49,15 @@ def test_the_references_are_recomputed_from_the_build_and_a_changed_one_is_named
     assert all(s.shape == "star" for s in scenes["star"]) and all(s.background == "checker" for s in scenes["checker"])
     copy = tmp_path / "assets"
     shutil.copytree(ASSETS, copy)
-    (copy / "world" / "concepts" / "stripes" / "003.txt").write_text("a red circle on a grid background\n")
+    caption = copy / "world" / "concepts" / "stripes" / "003.txt"
+    right = caption.read_text()
+    caption.write_text("a red circle on a grid background\n")
     with pytest.raises(ValueError, match=r"stripes/003.png: not the scene"):
+        reference_scenes(copy)
+    caption.write_text(right)
+    image = copy / "world" / "concepts" / "checker" / "005.png"
+    Image.open(image).transpose(Image.FLIP_LEFT_RIGHT).save(image)  # the same caption, the object elsewhere
+    with pytest.raises(ValueError, match=r"checker/005.png: not the scene"):
         reference_scenes(copy)
 
 
@@ -89,13 +101,27 @@ def gate_state(pipe) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": value for name, gate in pipe.mole.gates.items() for key, value in gate.state_dict().items()}
 
 
-def test_region_gates_train_only_the_gates(region_pipe, examples, tmp_path):
-    """Two steps move the per-position gates; the UNet, the text encoder and the LoRAs stay bit for bit, and the gate
-    file loads into the world's pipeline."""
+def test_region_gates_train_only_the_gates(region_pipe, examples, tmp_path, monkeypatch):
+    """Two steps move the per-position gates, each example's loss counted on its own cells; the UNet, the text
+    encoder and the LoRAs stay bit for bit, and the gate file loads into the world's pipeline."""
     frozen = {k: v.clone() for k, v in region_pipe.unet.state_dict().items() if "gate" not in k}
     before = {k: v.clone() for k, v in gate_state(region_pipe).items()}
-    path = train_region_gates(region_pipe, ASSETS, tmp_path / "gates", steps=2, batch_size=2, progress=False,
+    seen, masked_loss = [], region_gates.masked_denoising_loss
+
+    def recorded(pipe, scheduler, latents, cell_weights, conditions, random):
+        seen.append((latents.clone(), cell_weights.clone()))
+        return masked_loss(pipe, scheduler, latents, cell_weights, conditions, random)
+
+    monkeypatch.setattr(region_gates, "masked_denoising_loss", recorded)
+    path = train_region_gates(region_pipe, ASSETS, tmp_path / "gates", steps=3, batch_size=2, progress=False,
                               examples=examples)
+    examples, cells = examples
+    half = len(cells) // 2  # plain rows, then the same images in company
+    for batch_latents, batch_cells in seen:  # each row's cells are its own image's, whole or its region
+        for row, row_cells in zip(batch_latents, batch_cells):
+            image = next(i for i in range(half) if torch.equal(examples.latents[i], row))
+            assert torch.equal(row_cells, cells[image]) or torch.equal(row_cells, cells[half + image])
+    assert sum(float(c.mean()) < 1 for _, batch in seen for c in batch) >= 2  # company rows were among them
     assert all(torch.equal(v, frozen[k]) for k, v in region_pipe.unet.state_dict().items() if k in frozen)
     after = gate_state(region_pipe)
     assert any(not torch.equal(after[k], v) for k, v in before.items())
