@@ -21,6 +21,11 @@ mask per reference image, as kohya's masked loss takes. The gates: softplus at p
 words, as shipped, but per position unless ``--block`` (so a LoRA can stay off one region and on the other). The
 loss is the denoising loss alone: the shipped trigger-word gates' balance loss is inert (one LoRA on per example,
 so every share is 0 or 1), and on the company examples it would push down whichever concept is named most often.
+``--objective distillation`` takes as each row's target, instead of the noise, the prediction of its concept's
+LoRA alone (weight 1 on every gate) on the same noisy latents under the image's own caption, as ``train-gates
+--objective distillation`` does: the untrained gates (each LoRA the prompt names at 1) already meet it on the plain
+rows, so the company rows teach, with a target free of the denoising loss's noise, "with the other region's LoRAs
+on, draw this concept's region as its LoRA alone does". One more UNet call per step.
 No judge and no composition image is seen; the gate file is then measured as any other, e.g. on selection seeds:
 
     python -m experiments.quality --assets build/world-v2/assets --out build/region-quality --seeds 8 --first-seed 0 \\
@@ -129,20 +134,49 @@ def region_examples(pipe, assets: Path) -> tuple[Examples, torch.Tensor]:
     return examples, torch.cat([torch.ones_like(regions), regions])
 
 
-def masked_denoising_loss(pipe, scheduler: DDPMScheduler, latents: torch.Tensor, cell_weights: torch.Tensor,
-                          conditions: dict, random: BatchRandom) -> torch.Tensor:
-    """The denoising loss, each example's squared error averaged over its weighted latent cells (B, h, w)."""
-    noise = random.randn(*latents.shape[1:]).to(latents)
-    timesteps = random.randint(scheduler.config.num_train_timesteps).to(latents.device)
-    prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **conditions).sample
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"this diagnostic trains epsilon-prediction models, not {scheduler.config.prediction_type!r}")
-    error = (prediction.float() - noise.float()).pow(2).mean(dim=1)  # (B, h, w)
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, cell_weights: torch.Tensor) -> torch.Tensor:
+    """Each example's squared error, averaged over the channels and then over its weighted latent cells (B, h, w)."""
+    error = (prediction.float() - target.float()).pow(2).mean(dim=1)
     return ((error * cell_weights).sum(dim=(1, 2)) / cell_weights.sum(dim=(1, 2)).clamp_min(1e-6)).mean()
 
 
+def masked_denoising_loss(pipe, scheduler: DDPMScheduler, latents: torch.Tensor, cell_weights: torch.Tensor,
+                          prompts: list[str], random: BatchRandom, teacher=None) -> torch.Tensor:
+    """The denoising loss under ``prompts`` on the weighted latent cells (``masked_mse``); ``teacher(noisy,
+    timesteps)``, when given, is the target instead of the noise."""
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"this diagnostic trains epsilon-prediction models, not {scheduler.config.prediction_type!r}")
+    noise = random.randn(*latents.shape[1:]).to(latents)
+    timesteps = random.randint(scheduler.config.num_train_timesteps).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if teacher is None else teacher(noisy, timesteps)
+    conditions = encode_prompts(pipe, prompts, RESOLUTION)  # after the teacher's: it sets the trigger words' gates too
+    return masked_mse(pipe.unet(noisy, timesteps, **conditions).sample, target, cell_weights)
+
+
+def lora_alone(pipe, prompts: list[str], experts: list[int]):
+    """``teacher(noisy, timesteps)``: each row's prediction by LoRA ``experts[row]`` alone at weight 1 on every gate,
+    under ``prompts[row]``, without gradients; the gates are in place again afterwards."""
+    mole = pipe.mole
+
+    @torch.no_grad()
+    def teacher(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        target = torch.empty_like(noisy, dtype=torch.float32)
+        try:
+            for k in sorted(set(experts)):
+                rows = [i for i, e in enumerate(experts) if e == k]
+                mole.set_experts(None, [float(j == k) for j in range(len(mole.experts))])
+                conditions = encode_prompts(pipe, [prompts[i] for i in rows], RESOLUTION)
+                target[rows] = pipe.unet(noisy[rows], timesteps[rows], **conditions).sample.float()
+        finally:
+            mole.set_experts(None)  # the learned gates again
+        return target
+
+    return teacher
+
+
 def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_size: int = 6, learning_rate: float = 5e-3,
-                       seed: int = 0, progress: bool = True,
+                       seed: int = 0, progress: bool = True, objective: str = "denoising",
                        examples: tuple[Examples, torch.Tensor] | None = None) -> Path:
     """Train ``pipe``'s gates (its experts the world's concepts) on the region examples (``region_examples``, made
     here unless given); writes ``out/gates.safetensors``."""
@@ -153,14 +187,21 @@ def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_si
     mole = pipe.mole
     for gate in mole.gates.values():
         gate.float().requires_grad_(True)
+    if objective not in ("denoising", "distillation"):
+        raise ValueError(f"objective must be 'denoising' or 'distillation', got {objective!r}")
     examples, cell_weights = examples or region_examples(pipe, assets)
+    half = len(examples.prompts) // 2  # plain rows, then the same images in company
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_function(indices: list[int], random: BatchRandom):
-        conditions = encode_prompts(pipe, [examples.prompts[i] for i in indices], RESOLUTION)
+        teacher = None
+        if objective == "distillation":  # each image's concept's LoRA alone, under the image's own caption
+            concepts = [int(examples.groups[i]) % len(mole.experts) for i in indices]
+            teacher = lora_alone(pipe, [examples.prompts[i % half] for i in indices], concepts)
         latents = examples.latents[indices].to(pipe.unet.device, pipe.unet.dtype)
-        denoising = masked_denoising_loss(pipe, scheduler, latents, cell_weights[indices].to(latents.device), conditions, random)
-        return denoising, {"loss_denoising": denoising.item()}
+        value = masked_denoising_loss(pipe, scheduler, latents, cell_weights[indices].to(latents.device),
+                                      [examples.prompts[i] for i in indices], random, teacher)
+        return value, {f"loss_{objective}": value.item()}
 
     run_training(settings, accelerator, pipe, trainable_parameters(pipe), examples, loss_function, kind="region gates")
     path = Path(out) / "gates.safetensors"
@@ -188,10 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--block", action="store_true", help="one weight per LoRA per block, not per position")
+    parser.add_argument("--objective", choices=("denoising", "distillation"), default="denoising",
+                        help="the target: the noise, or each concept's LoRA alone under the image's own caption")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     pipe = region_pipeline(args.assets, per_position=not args.block)
-    path = train_region_gates(pipe, args.assets, args.out, args.steps, args.batch_size, args.learning_rate, seed=args.seed)
+    path = train_region_gates(pipe, args.assets, args.out, args.steps, args.batch_size, args.learning_rate, seed=args.seed,
+                              objective=args.objective)
     print(f"wrote {path}")
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from experiments import region_gates
 from experiments.region_gates import (
     company_scene,
+    lora_alone,
     masked_denoising_loss,
     reference_scenes,
     region_examples,
@@ -79,22 +80,44 @@ def test_the_masked_loss_over_the_whole_image_is_the_denoising_loss(region_pipe,
     assert 0 < float(cells[48:].mean()) < 1
     scheduler = DDPMScheduler.from_config(region_pipe.scheduler.config)
     rows = [0, 20, 40]
-    latents, conditions = examples.latents[rows], encode_prompts(region_pipe, [examples.prompts[i] for i in rows], 64)
+    latents, prompts = examples.latents[rows], [examples.prompts[i] for i in rows]
+
+    def draws():
+        return BatchRandom(torch.Generator().manual_seed(5), 3)
+
     with torch.no_grad():
-        masked = masked_denoising_loss(region_pipe, scheduler, latents, torch.ones(3, *cells.shape[1:]), conditions,
-                                       BatchRandom(torch.Generator().manual_seed(5), 3))
-        plain = denoising_loss(region_pipe, scheduler, latents, conditions, torch.ones(3),
-                               BatchRandom(torch.Generator().manual_seed(5), 3))
+        masked = masked_denoising_loss(region_pipe, scheduler, latents, torch.ones(3, *cells.shape[1:]), prompts, draws())
+        plain = denoising_loss(region_pipe, scheduler, latents, encode_prompts(region_pipe, prompts, 64), torch.ones(3), draws())
         one_cell = torch.zeros(3, *cells.shape[1:])
         one_cell[:, 2, 3] = 1.0
-        cell = masked_denoising_loss(region_pipe, scheduler, latents, one_cell, conditions,
-                                     BatchRandom(torch.Generator().manual_seed(5), 3))
-        random = BatchRandom(torch.Generator().manual_seed(5), 3)
+        cell = masked_denoising_loss(region_pipe, scheduler, latents, one_cell, prompts, draws())
+        random = draws()
         noise = random.randn(*latents.shape[1:])
         timesteps = random.randint(scheduler.config.num_train_timesteps)
+        conditions = encode_prompts(region_pipe, prompts, 64)
         error = region_pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **conditions).sample - noise
     assert torch.allclose(masked, plain, atol=1e-6)
     assert torch.allclose(cell, error[:, :, 2, 3].pow(2).mean(), atol=1e-6)
+
+
+def test_distillation_targets_each_concepts_lora_alone_which_untrained_gates_meet_on_the_plain_rows(examples):
+    """Untrained gates with trigger words draw a plain row as its LoRA alone does (loss ~0); a company row, with
+    the other region's LoRAs on, does not; the teacher leaves the gates in place."""
+    pipe = region_pipeline(ASSETS)
+    examples, cells = examples
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    half = len(cells) // 2
+
+    def loss(rows: list[int]) -> float:
+        teacher = lora_alone(pipe, [examples.prompts[i % half] for i in rows], [int(examples.groups[i]) % 3 for i in rows])
+        with torch.no_grad():
+            value = masked_denoising_loss(pipe, scheduler, examples.latents[rows], cells[rows], [examples.prompts[i] for i in rows],
+                                          BatchRandom(torch.Generator().manual_seed(1), len(rows)), teacher)
+        assert pipe.mole.constant_weights is None  # the learned gates again
+        return float(value)
+
+    assert loss([0, 20, 40]) < 1e-8  # a star, a stripes and a checker image, each alone
+    assert loss([half + 20]) > 1e-4 and loss([half + 40]) > 1e-4  # in company: the checker's LoRA on, or the other two
 
 
 def gate_state(pipe) -> dict[str, torch.Tensor]:
@@ -108,9 +131,9 @@ def test_region_gates_train_only_the_gates(region_pipe, examples, tmp_path, monk
     before = {k: v.clone() for k, v in gate_state(region_pipe).items()}
     seen, masked_loss = [], region_gates.masked_denoising_loss
 
-    def recorded(pipe, scheduler, latents, cell_weights, conditions, random):
+    def recorded(pipe, scheduler, latents, cell_weights, prompts, random, teacher=None):
         seen.append((latents.clone(), cell_weights.clone()))
-        return masked_loss(pipe, scheduler, latents, cell_weights, conditions, random)
+        return masked_loss(pipe, scheduler, latents, cell_weights, prompts, random, teacher)
 
     monkeypatch.setattr(region_gates, "masked_denoising_loss", recorded)
     path = train_region_gates(region_pipe, ASSETS, tmp_path / "gates", steps=3, batch_size=2, progress=False,
@@ -140,3 +163,14 @@ def test_a_company_caption_turns_the_other_regions_loras_on(region_pipe, example
         region_pipe.unet(examples.latents[rows], torch.tensor([500] * 3), **conditions)
     weights = next(iter(region_pipe.mole.gates.values())).applied_weights()
     assert torch.equal(weights > 0, torch.tensor([[True, False, False], [True, False, True], [True, True, True]]))
+
+
+def test_distillation_training_targets_each_rows_own_concept(examples, tmp_path):
+    """The training loop's teacher: the first batch (a star and a stripes image alone) starts at its LoRAs alone,
+    loss ~0; the second (a checker image alone, a star image in company) does not."""
+    import json
+
+    train_region_gates(region_pipeline(ASSETS), ASSETS, tmp_path / "gates", steps=2, batch_size=2, progress=False,
+                       objective="distillation", examples=examples)
+    logged = [json.loads(line) for line in (tmp_path / "gates" / "log.jsonl").read_text().splitlines()]
+    assert logged[0]["loss_distillation"] < 1e-8 < 1e-4 < logged[1]["loss_distillation"]
