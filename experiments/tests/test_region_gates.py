@@ -1,5 +1,6 @@
 """experiments.region_gates: each reference image again under a composition's caption, its concept's region counted."""
 
+import json
 import shutil
 
 import pytest
@@ -22,6 +23,9 @@ from experiments.region_gates import (
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.train.common import BatchRandom, denoising_loss, encode_prompts
+
+COUNT = json.loads((ASSETS / "build_settings.json").read_text())["concept_images"]  # references per concept
+ONE_OF_EACH = [0, COUNT + 4, 2 * COUNT + 8]  # a star, a stripes and a checker image
 
 
 def test_company_captions_name_the_other_region_and_the_regions_split_the_image():
@@ -46,7 +50,7 @@ def test_company_captions_name_the_other_region_and_the_regions_split_the_image(
 
 def test_the_references_are_recomputed_from_the_build_and_a_changed_one_is_named(tmp_path):
     scenes = reference_scenes(ASSETS)
-    assert [len(s) for s in scenes.values()] == [16, 16, 16]
+    assert [len(s) for s in scenes.values()] == [COUNT] * 3
     assert all(s.shape == "star" for s in scenes["star"]) and all(s.background == "checker" for s in scenes["checker"])
     copy = tmp_path / "assets"
     shutil.copytree(ASSETS, copy)
@@ -75,11 +79,12 @@ def examples(region_pipe):
 def test_the_masked_loss_over_the_whole_image_is_the_denoising_loss(region_pipe, examples):
     """All cells counted: the package's denoising loss on the same draws; one cell: that cell's squared error."""
     examples, cells = examples
-    assert len(examples.prompts) == 2 * 48 and torch.equal(cells[:48], torch.ones_like(cells[:48]))
-    assert examples.prompts[48].endswith("on a qkx background") and "sks" in examples.prompts[48]  # a star image, in company
-    assert 0 < float(cells[48:].mean()) < 1
+    half = 3 * COUNT
+    assert len(examples.prompts) == 2 * half and torch.equal(cells[:half], torch.ones_like(cells[:half]))
+    assert examples.prompts[half].endswith("on a qkx background") and "sks" in examples.prompts[half]  # a star image, in company
+    assert 0 < float(cells[half:].mean()) < 1
     scheduler = DDPMScheduler.from_config(region_pipe.scheduler.config)
-    rows = [0, 20, 40]
+    rows = ONE_OF_EACH
     latents, prompts = examples.latents[rows], [examples.prompts[i] for i in rows]
 
     def draws():
@@ -116,8 +121,9 @@ def test_distillation_targets_each_concepts_lora_alone_which_untrained_gates_mee
         assert pipe.mole.constant_weights is None  # the learned gates again
         return float(value)
 
-    assert loss([0, 20, 40]) < 1e-8  # a star, a stripes and a checker image, each alone
-    assert loss([half + 20]) > 1e-4 and loss([half + 40]) > 1e-4  # in company: the checker's LoRA on, or the other two
+    assert loss(ONE_OF_EACH) < 1e-8  # each alone
+    stripes, checker = ONE_OF_EACH[1:]
+    assert loss([half + stripes]) > 1e-4 and loss([half + checker]) > 1e-4  # in company: the checker's LoRA on, or the other two
 
 
 def gate_state(pipe) -> dict[str, torch.Tensor]:
@@ -157,7 +163,7 @@ def test_a_company_caption_turns_the_other_regions_loras_on(region_pipe, example
     """Gates with trigger words: a star image alone has only the star LoRA on; in company the checker's too; a checker
     image in company all three."""
     examples, _ = examples
-    rows = [0, 48, 48 + 32]
+    rows = [0, 3 * COUNT, 3 * COUNT + ONE_OF_EACH[2]]  # a star image alone, in company; a checker image in company
     conditions = encode_prompts(region_pipe, [examples.prompts[i] for i in rows], 64)
     with torch.no_grad():
         region_pipe.unet(examples.latents[rows], torch.tensor([500] * 3), **conditions)
@@ -168,8 +174,6 @@ def test_a_company_caption_turns_the_other_regions_loras_on(region_pipe, example
 def test_distillation_training_targets_each_rows_own_concept(examples, tmp_path):
     """The training loop's teacher: the first batch (a star and a stripes image alone) starts at its LoRAs alone,
     loss ~0; the second (a checker image alone, a star image in company) does not."""
-    import json
-
     train_region_gates(region_pipeline(ASSETS), ASSETS, tmp_path / "gates", steps=2, batch_size=2, progress=False,
                        objective="distillation", examples=examples)
     logged = [json.loads(line) for line in (tmp_path / "gates" / "log.jsonl").read_text().splitlines()]
