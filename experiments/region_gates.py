@@ -61,6 +61,7 @@ from mole_diffusion.train.common import (
     run_training,
     trainable_parameters,
 )
+from mole_diffusion.train.gates import expert_alone_predictions
 
 # the region of the image each kind of concept draws
 REGIONS = {"object": "object", "style": "object", "scene": "background"}
@@ -157,22 +158,7 @@ def masked_denoising_loss(pipe, scheduler: DDPMScheduler, latents: torch.Tensor,
 def lora_alone(pipe, prompts: list[str], experts: list[int]):
     """``teacher(noisy, timesteps)``: each row's prediction by LoRA ``experts[row]`` alone at weight 1 on every gate,
     under ``prompts[row]``, without gradients; the gates are in place again afterwards."""
-    mole = pipe.mole
-
-    @torch.no_grad()
-    def teacher(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        target = torch.empty_like(noisy, dtype=torch.float32)
-        try:
-            for k in sorted(set(experts)):
-                rows = [i for i, e in enumerate(experts) if e == k]
-                mole.set_experts(None, [float(j == k) for j in range(len(mole.experts))])
-                conditions = encode_prompts(pipe, [prompts[i] for i in rows], RESOLUTION)
-                target[rows] = pipe.unet(noisy[rows], timesteps[rows], **conditions).sample.float()
-        finally:
-            mole.set_experts(None)  # the learned gates again
-        return target
-
-    return teacher
+    return lambda noisy, timesteps: expert_alone_predictions(pipe, noisy, timesteps, prompts, experts, RESOLUTION)
 
 
 def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_size: int = 6, learning_rate: float = 5e-3,

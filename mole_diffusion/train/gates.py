@@ -214,6 +214,24 @@ def train_gates(config: GateTrainingConfig, pipe: MoLEPipelineMixin | None = Non
     return path
 
 
+def expert_alone_predictions(pipe, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str],
+                             experts: list[int], resolution: int) -> torch.Tensor:
+    """Each row's noise prediction by expert ``experts[row]`` alone, at weight 1 on every gate (text encoder
+    included), under ``prompts[row]``; without gradients, and the learned gates in place again afterwards."""
+    mole = pipe.mole
+    target = torch.empty_like(noisy, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            for k in sorted(set(experts)):
+                rows = [i for i, e in enumerate(experts) if e == k]
+                mole.set_experts(None, [float(j == k) for j in range(len(mole.experts))])
+                conditions = encode_prompts(pipe, [prompts[i] for i in rows], resolution)
+                target[rows] = pipe.unet(noisy[rows], timesteps[rows], **conditions).sample.float()
+    finally:
+        mole.set_experts(None)  # the learned gates again
+    return target
+
+
 def distillation_objective(pipe, examples: Examples, resolution: int):
     """Self-distillation L_D (see the module docstring), as ``main_loss(indices, random)``."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -227,14 +245,7 @@ def distillation_objective(pipe, examples: Examples, resolution: int):
         timesteps = random.randint(scheduler.config.num_train_timesteps).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         experts = examples.groups[indices].tolist()  # instance images only: group k is expert k's
-        target = torch.empty_like(noisy, dtype=torch.float32)
-        with torch.no_grad():
-            for k in sorted(set(experts)):  # expert k alone, at weight 1 on every gate (text encoder included)
-                rows = [i for i, e in enumerate(experts) if e == k]
-                mole.set_experts(None, [float(j == k) for j in range(len(mole.experts))])
-                conditions = encode_prompts(pipe, [prompts[i] for i in rows], resolution)
-                target[rows] = unet(noisy[rows], timesteps[rows], **conditions).sample.float()
-        mole.set_experts(None)  # the learned gates again
+        target = expert_alone_predictions(pipe, noisy, timesteps, prompts, experts, resolution)
         prediction = unet(noisy, timesteps, **encode_prompts(pipe, prompts, resolution)).sample
         value = F.mse_loss(prediction.float(), target)
         return value, {"loss_distillation": value.item()}, [gate.applied_weights() for gate in mole.gates.values()]
