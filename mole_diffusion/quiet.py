@@ -89,6 +89,22 @@ class _OtherAdaptersReport(logging.Filter):
         return True
 
 
+class _NoKeysForComponent(logging.Filter):
+    """Drops diffusers' "No LoRA keys associated to <model> found with the prefix=..." warning.
+
+    Why it is benign here: a LoRA trained in the UNet only (as many are) has no text-encoder tensors, and diffusers
+    says so on every load. The MoLE pipeline has loaded the same file before the reference pipeline does, and refuses
+    tensors it cannot place, so a text-encoder half under a prefix diffusers missed would already have stopped it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No LoRA keys associated to" not in record.getMessage()
+
+
+# diffusers' modules that warn when a LoRA file has no tensors for one of the pipeline's models
+NO_KEYS_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
 @contextmanager
 def quiet_multiple_adapters() -> Iterator[None]:
     """No PEFT "Already found a `peft_config` attribute in the model ... multiple adapters" warning inside: several
@@ -102,12 +118,15 @@ def quiet_multiple_adapters() -> Iterator[None]:
 @contextmanager
 def quiet_adapter_loading(adapter: str) -> Iterator[None]:
     """Around ``pipe.load_lora_weights(..., adapter_name=adapter)`` into a pipeline that may hold other adapters:
-    no load report that lists only the other adapters' tensors, no multiple-adapters warning, no loading bars."""
-    logger = logging.getLogger(ADAPTER_REPORT_LOGGER)
-    report_filter = _OtherAdaptersReport(adapter)
-    logger.addFilter(report_filter)
+    no load report that lists only the other adapters' tensors, no multiple-adapters warning, no warning that the
+    file has no tensors for one of the models (a UNet-only LoRA), no loading bars."""
+    filters = [(logging.getLogger(ADAPTER_REPORT_LOGGER), _OtherAdaptersReport(adapter))]
+    filters += [(logging.getLogger(name), _NoKeysForComponent()) for name in NO_KEYS_LOGGERS]
+    for logger, log_filter in filters:
+        logger.addFilter(log_filter)
     try:
         with quiet_multiple_adapters(), quiet_loading():
             yield
     finally:
-        logger.removeFilter(report_filter)
+        for logger, log_filter in filters:
+            logger.removeFilter(log_filter)

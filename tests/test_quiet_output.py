@@ -139,6 +139,29 @@ def test_a_load_report_about_the_adapter_being_loaded_still_shows(reference_pipe
     assert not logger.filters  # the filter lived for the call only
 
 
+def test_a_unet_only_lora_loads_without_diffusers_no_keys_warning_only_inside_the_context(reference_pipe):
+    """The shipped stripes LoRA has no text-encoder half; diffusers warns "No LoRA keys associated to
+    CLIPTextModel" on every load of such a file: silenced inside ``quiet_adapter_loading``, shown outside."""
+    from safetensors import safe_open
+
+    stripes = str(ASSETS / "loras" / "stripes.safetensors")
+    with safe_open(stripes, "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("text_encoder.")]
+    logger, records = logging.getLogger("diffusers.loaders.lora_base"), Records()
+    filters, level = list(logger.filters), logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.WARNING)  # diffusers' default verbosity, as the commands run
+    try:
+        with quiet_adapter_loading("stripes_quiet"):
+            reference_pipe.load_lora_weights(stripes, adapter_name="stripes_quiet")
+        assert records.messages == [] and logger.filters == filters  # the filter lived for the call only
+        reference_pipe.load_lora_weights(stripes, adapter_name="stripes_loud")
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    assert any("No LoRA keys associated to CLIPTextModel" in m for m in records.messages)
+
+
 def test_a_benign_report_shows_outside_the_context():
     """The filter is scoped: the same report logged outside ``quiet_adapter_loading`` reaches the handler."""
     report = ("CLIPTextModel LOAD REPORT from: None\nKey | Status | \n---+---\n"
