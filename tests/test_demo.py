@@ -21,11 +21,11 @@ from mole_diffusion.gate_file import GateFileError, read_gate_file
 from mole_diffusion.pipelines import MoLEStableDiffusionPipeline
 
 
-def test_shipped_files_are_listed_whole_and_under_30_mb():
+def test_shipped_files_are_listed_whole_and_under_60_mb():
     files = check_assets()
     assert {"gates.safetensors", "concepts.toml", "pipeline/model_index.json", "clip/open_clip_model.safetensors"} <= set(files)
     assert {f"loras/{name}.safetensors" for name in CONCEPTS} <= set(files)
-    assert sum((ASSETS / name).stat().st_size for name in files) < 30 * 2**20
+    assert sum((ASSETS / name).stat().st_size for name in files) < 60 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +108,13 @@ def test_the_shipped_text_files_have_the_layout_transformers_4_and_5_read():
     # transformers 4 loads text-encoder weights without the text_model. prefix as random ones
     with safe_open(ASSETS / "pipeline" / "text_encoder" / "model.safetensors", "pt") as f:
         assert all(k.startswith("text_model.") for k in f.keys())
+    text_halves = []  # a LoRA may be UNet-only (the second world's stripes); the others adapt the text encoder too
     for name in CONCEPTS:
         with safe_open(ASSETS / "loras" / f"{name}.safetensors", "pt") as f:
             text = [k for k in f.keys() if k.startswith("text_encoder.")]
-        assert text and all(k.startswith("text_encoder.text_model.") for k in text), name
+        assert all(k.startswith("text_encoder.text_model.") for k in text), name
+        text_halves += [name] if text else []
+    assert text_halves, "no shipped LoRA has a text-encoder half: the layout check above checked nothing"
 
 
 def test_install_assets_never_replaces_a_folder_it_did_not_write(tmp_path):

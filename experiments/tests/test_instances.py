@@ -21,7 +21,10 @@ def test_a_pair_prompt_names_both_concepts_and_keeps_the_rest_of_the_scene():
 
 
 def test_the_checks_run_on_the_shipped_world_and_write_their_tables(tmp_path, capsys):
-    assert instances.built_world(ASSETS)[0] is world.V1  # a build from before the second world
+    assert instances.built_world(ASSETS)[0] is world.V2
+    (tmp_path / "old").mkdir()  # a build from before the second world records no world: the first
+    (tmp_path / "old" / "build_settings.json").write_text('{"seed": 0}')
+    assert instances.built_world(tmp_path / "old")[0] is world.V1
     instances.main(["--out", str(tmp_path), "--prompts", "1", "--seeds", "2", "--steps", "2"])
     text = (tmp_path / "instances.md").read_text()
     assert "| shape | colour | style | background |" in text

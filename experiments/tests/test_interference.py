@@ -20,10 +20,14 @@ def test_token_routed_prompt_embedding_takes_each_trigger_from_its_own_lora():
     base, ids = text_embeddings(pipe, prompt, [0.0, 0.0, 0.0])
     positions = {name: trigger_positions(pipe.tokenizer, ids.tolist(), t) for name, t in triggers.items()}
     assert [len(p) for p in positions.values()] == [len(pipe.tokenizer(t, add_special_tokens=False).input_ids) for t in triggers.values()]
+    changed = []
     for index, name in enumerate(NAMES):
         alone, _ = text_embeddings(pipe, prompt, [float(i == index) for i in range(3)])
         torch.testing.assert_close(routed[0, positions[name]], alone[0, positions[name]])
-        assert not torch.allclose(alone[0, positions[name]], base[0, positions[name]])  # the LoRA changes that token
+        changed += [name] if not torch.allclose(alone[0, positions[name]], base[0, positions[name]]) else []
+    # the LoRAs with a text-encoder half change their trigger's tokens (the second world's stripes is UNet-only)
+    text_halves = [e.name for e in pipe.mole.experts if any(layer.startswith("text_encoder.") for layer in e.layers)]
+    assert changed == text_halves and changed
     others = [p for p in range(len(ids)) if not any(p in where for where in positions.values())]
     torch.testing.assert_close(routed[0, others], base[0, others])
 
