@@ -12,7 +12,7 @@ import pytest
 
 import mole_diffusion
 from mole_diffusion.demo.run import ASSETS, demo_methods
-from mole_diffusion.quiet import ADAPTER_REPORT_LOGGER, quiet_adapter_loading, quiet_loading
+from mole_diffusion.quiet import ADAPTER_REPORT_LOGGER, NO_KEYS_LOGGERS, quiet_adapter_loading, quiet_loading
 
 ROOT = Path(mole_diffusion.__file__).parent.parent
 # what a newcomer must not see: transformers' load reports, Python warnings (FutureWarning, UserWarning...),
@@ -147,7 +147,7 @@ def test_a_unet_only_lora_loads_without_diffusers_no_keys_warning_only_inside_th
     stripes = str(ASSETS / "loras" / "stripes.safetensors")
     with safe_open(stripes, "pt") as f:
         assert not [k for k in f.keys() if k.startswith("text_encoder.")]
-    logger, records = logging.getLogger("diffusers.loaders.lora_base"), Records()
+    logger, records = logging.getLogger(NO_KEYS_LOGGERS[0]), Records()  # diffusers.loaders.lora_base
     filters, level = list(logger.filters), logger.level
     logger.addHandler(records)
     logger.setLevel(logging.WARNING)  # diffusers' default verbosity, as the commands run
