@@ -204,8 +204,10 @@ def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
     tiny = BuildSettings(concept_images=4, clip_steps=2, clip_batch_size=8, vae_steps=2, vae_batch_size=4, base_images=16,
                          base_steps=2, base_batch_size=4, lora_steps=2, gate_steps=2, validation_steps=1,
                          judge_steps=2, judge_pool=8, unet_channels=[16, 32, 32], world="v2",
-                         unet_cross_attention=[True, True, True], text_width=16)
+                         unet_cross_attention=[True, True, True], text_width=16, lora_check_prompts=1)
     assets = install_assets(build(tmp_path / "world", tiny), tmp_path / "assets")
+    checked = json.loads((tmp_path / "world" / "lora_check.json").read_text())  # each LoRA alone, checked once built
+    assert set(checked) == set(CONCEPTS) and all(entry["present"] in (0, 0.25, 0.5, 0.75, 1) for entry in checked.values())
     files = check_assets(assets)
     unet = json.loads((assets / "pipeline" / "unet" / "config.json").read_text())
     assert unet["block_out_channels"] == [16, 32, 32] and unet["cross_attention_dim"] == 16
@@ -233,6 +235,30 @@ def test_build_demo_is_reproducible_and_installs_a_working_world(tmp_path):
             assert (assets / name).read_bytes() == (again / name).read_bytes(), name
     out = run_demo(tmp_path / "demo", steps=1, assets=assets, progress=False)
     assert (out / "grid.png").is_file() and (out / "gate_heatmap.png").is_file()
+    _check_loras_names_the_weak_and_draws_only_what_changed(tmp_path / "world", tiny)
+
+
+def _check_loras_names_the_weak_and_draws_only_what_changed(root: Path, settings: BuildSettings):
+    """On a built world: a judge that reads a star in every image (and nothing else) passes the star LoRA alone and
+    names the other two; a second check draws nothing; a changed LoRA file is drawn again, alone."""
+    from tqdm.auto import tqdm
+
+    from mole_diffusion.demo.build import check_loras
+    from mole_diffusion.eval.attribute_judge import AttributeJudge
+
+    readings, printed = [], []
+    star_everywhere = {"shape": "star", "colour": "red", "style": "plain", "background": "red"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AttributeJudge, "predict", lambda self, images: readings.append(len(images)) or [star_everywhere] * len(images))
+        patch.setattr(tqdm, "write", printed.append)
+        (root / "lora_check.json").unlink()
+        assert check_loras(root, settings) == {"star": 1.0, "stripes": 0.0, "checker": 0.0}
+        assert len(readings) == 3 and "under the 85% target: stripes, checker" in printed[-1]
+        assert check_loras(root, settings) == {"star": 1.0, "stripes": 0.0, "checker": 0.0} and len(readings) == 3
+        lora = root / "loras" / "checker.safetensors"
+        save_file({k: 2 * v for k, v in load_file(lora).items()}, lora)
+        check_loras(root, settings)
+        assert len(readings) == 4  # the checker LoRA only, one prompt's images
 
 
 def test_build_demo_builds_the_second_world_with_its_recipe_and_the_options_given(tmp_path, monkeypatch):

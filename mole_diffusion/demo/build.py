@@ -9,7 +9,8 @@ Stages, each skipped when its output is already there (so a stopped build goes o
    trained on the *base* world only: the generator never sees a held-out concept.
 4. ``judge/``: the attribute judge (``demo/judge.py``), a classifier of the world's exact labels trained on VAE
    round trips and clean drawings; it scores presence and is never a training signal.
-5. ``loras/<concept>.safetensors``: one DreamBooth LoRA per concept, with ``train_lora``.
+5. ``loras/<concept>.safetensors``: one DreamBooth LoRA per concept, with ``train_lora``; then
+   ``lora_check.json``: how often each LoRA alone shows its concept on selection seeds (``check_loras``).
 6. ``gates.safetensors``: MoLE gates for the three LoRAs, with ``train_gates`` on ``concepts.toml``.
 
 Every random draw is seeded, so the same settings give the same files (on the same hardware and library
@@ -132,6 +133,8 @@ class BuildSettings:
     # each reference image also with 3 captions of made-up words (world.filler_captions); off: on the composition
     # prompts it helped the checker LoRA alone and hurt the star and stripes LoRAs (experiments/docs/composition-experiments.md)
     lora_filler_captions: bool = False
+    # after training, each LoRA alone draws this many fresh prompts of its own x 4 selection seeds (check_loras; 0: no check)
+    lora_check_prompts: int = 8
     gate_steps: int = 300
     # the gates' kind (GateConfig, GateTrainingConfig): by default softplus at prior 1 with the concepts' trigger
     # words, which compose as the plain sum on the second world; "softmax", None, False: the paper's gates
@@ -403,6 +406,8 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
             write_atomically(lora, lambda temporary: shutil.copyfile(trained, temporary))
         entries.append(f'[[concepts]]\nname = "{name}"\nlora = "loras/{name}.safetensors"\n'
                        f'images = "world/concepts/{name}"\nprompt = "{prompt}"\n')
+    if settings.lora_check_prompts:
+        check_loras(root, settings)
     concepts = root / "concepts.toml"
     compositions = ", ".join(f'"{p}"' for p in world.composition_prompts())
     text = "\n".join(entries) + f"\n[compositions]\nprompts = [{compositions}]\n"
@@ -419,6 +424,51 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
         write_atomically(root / "gates.safetensors",
                          lambda temporary: save_file(tensors, str(temporary), metadata={**metadata, "base_model": ""}))
     return concepts
+
+
+# each LoRA alone should show its concept in this share of its own prompts (docs/demo-world.md's targets)
+LORA_CHECK_TARGET = 0.85
+CHECK_SEEDS = (0, 1, 2, 3)  # selection seeds: the measurements that report a world use seeds from 100
+
+
+@torch.no_grad()
+def check_loras(root: Path, settings: BuildSettings) -> dict[str, float]:
+    """Each concept LoRA alone on ``lora_check_prompts`` fresh prompts of its own x ``CHECK_SEEDS``: the share of images
+    in which the judge reads its concept. Printed, and written to ``root/lora_check.json`` with each LoRA's sha256 (a
+    LoRA checked before is not drawn again). A LoRA under ``LORA_CHECK_TARGET`` is named, so that a weak draw of the
+    recipe is caught when it is built, not hours later when the world is measured; the build goes on."""
+    from ..eval.attribute_judge import load_judge
+    from ..pipelines import MoLEStableDiffusionPipeline
+
+    record = root / "lora_check.json"
+    checked = json.loads(record.read_text()) if record.is_file() else {}
+    loras = {name: root / "loras" / f"{name}.safetensors" for name in world.CONCEPTS}
+    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in loras.items()}
+    shares = {name: entry["present"] for name, entry in checked.items()
+              if entry.get("sha256") == digests.get(name) and entry.get("prompts") == settings.lora_check_prompts}
+    if len(shares) < len(loras):
+        device = _device(settings)
+        judge, config = load_judge(root / "judge", device)
+        pipe = MoLEStableDiffusionPipeline.from_pretrained(root / "pipeline", safety_checker=None).to(device)
+        pipe.load_experts({name: str(path) for name, path in loras.items()})
+        pipe.set_progress_bar_config(disable=True)
+        for name in loras.keys() - shares.keys():
+            attribute, value = config["concepts"][name]
+            pipe.set_experts([name], [1.0])
+            seen = []
+            for scene in world.concept_scenes(name, settings.lora_check_prompts, seed=7004, world=_world(settings)):
+                generators = [torch.Generator().manual_seed(seed) for seed in CHECK_SEEDS]
+                images = pipe([scene.caption] * len(CHECK_SEEDS), generator=generators, num_inference_steps=25).images
+                seen += [reading[attribute] == value for reading in judge.predict(images)]
+            shares[name] = sum(seen) / len(seen)
+        text = json.dumps({name: {"present": shares[name], "sha256": digests[name], "prompts": settings.lora_check_prompts,
+                                  "seeds": list(CHECK_SEEDS)} for name in loras}, indent=1)
+        write_atomically(record, lambda temporary: temporary.write_text(text))
+    weak = [name for name in loras if shares[name] < LORA_CHECK_TARGET]
+    tqdm.write("each LoRA alone on its own prompts (seeds 0-3): "
+               + ", ".join(f"{name} {100 * shares[name]:.0f}%" for name in loras)
+               + (f"; under the {100 * LORA_CHECK_TARGET:.0f}% target: {', '.join(weak)}" if weak else ""))
+    return {name: shares[name] for name in loras}
 
 
 SHIPPED = ("pipeline", "clip", "judge", "loras", "gates.safetensors", "concepts.toml", "world/concepts", "build_settings.json")
