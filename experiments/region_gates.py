@@ -163,16 +163,31 @@ def lora_alone(pipe, prompts: list[str], experts: list[int]):
 
 def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_size: int = 6, learning_rate: float = 5e-3,
                        seed: int = 0, progress: bool = True, objective: str = "denoising",
-                       examples: tuple[Examples, torch.Tensor] | None = None) -> Path:
+                       examples: tuple[Examples, torch.Tensor] | None = None, hold: tuple[str, ...] = ()) -> Path:
     """Train ``pipe``'s gates (its experts the world's concepts) on the region examples (``region_examples``, made
-    here unless given); writes ``out/gates.safetensors``."""
+    here unless given); writes ``out/gates.safetensors``. The experts named in ``hold`` keep their untrained weight
+    (the prior, wherever their trigger word is) at every gate and position: only the others' rows train, and the
+    temperature, which scales every row, stays 1."""
     settings = TrainingSettings(output_dir=out, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                                 resolution=RESOLUTION, seed=seed, checkpoint_every=max(steps, 1), progress=progress)
     accelerator = make_accelerator(settings)
     prepare_pipeline(pipe, accelerator, settings)
     mole = pipe.mole
+    unknown = sorted(set(hold) - set(mole.expert_names))
+    if unknown:
+        raise ValueError(f"hold names {unknown}, which are not experts of this pipeline ({mole.expert_names})")
+    held = torch.tensor([name in hold for name in mole.expert_names])
     for gate in mole.gates.values():
         gate.float().requires_grad_(True)
+        gate.log_temperature.requires_grad_(not hold)
+    untrained = {gate: (gate.weight.detach().clone(), gate.bias.detach().clone()) for gate in mole.gates.values()} if hold else {}
+
+    @torch.no_grad()
+    def put_back_held_rows():  # before every forward, so no step ever sees them moved (AdamW moves them)
+        for gate, (weight, bias) in untrained.items():
+            gate.weight[held.to(weight.device)] = weight[held.to(weight.device)]
+            gate.bias[held.to(bias.device)] = bias[held.to(bias.device)]
+
     if objective not in ("denoising", "distillation"):
         raise ValueError(f"objective must be 'denoising' or 'distillation', got {objective!r}")
     examples, cell_weights = examples or region_examples(pipe, assets)
@@ -180,6 +195,7 @@ def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_si
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_function(indices: list[int], random: BatchRandom):
+        put_back_held_rows()
         teacher = None
         if objective == "distillation":  # each image's concept's LoRA alone, under the image's own caption
             concepts = [int(examples.groups[i]) % len(mole.experts) for i in indices]
@@ -190,6 +206,7 @@ def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_si
         return value, {f"loss_{objective}": value.item()}
 
     run_training(settings, accelerator, pipe, trainable_parameters(pipe), examples, loss_function, kind="region gates")
+    put_back_held_rows()  # after the last step
     path = Path(out) / "gates.safetensors"
     if accelerator.is_main_process:
         pipe.save_gates(path)
@@ -217,11 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", action="store_true", help="one weight per LoRA per block, not per position")
     parser.add_argument("--objective", choices=("denoising", "distillation"), default="denoising",
                         help="the target: the noise, or each concept's LoRA alone under the image's own caption")
+    parser.add_argument("--hold", action="append", default=[], metavar="CONCEPT",
+                        help="keep this concept's LoRA at its untrained weight everywhere (repeat for more)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     pipe = region_pipeline(args.assets, per_position=not args.block)
     path = train_region_gates(pipe, args.assets, args.out, args.steps, args.batch_size, args.learning_rate, seed=args.seed,
-                              objective=args.objective)
+                              objective=args.objective, hold=tuple(args.hold))
     print(f"wrote {path}")
 
 

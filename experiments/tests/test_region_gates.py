@@ -178,3 +178,32 @@ def test_distillation_training_targets_each_rows_own_concept(examples, tmp_path)
                        objective="distillation", examples=examples)
     logged = [json.loads(line) for line in (tmp_path / "gates" / "log.jsonl").read_text().splitlines()]
     assert logged[0]["loss_distillation"] < 1e-8 < 1e-4 < logged[1]["loss_distillation"]
+
+
+def test_a_held_concept_keeps_its_untrained_weight_and_the_others_train(examples, tmp_path, monkeypatch):
+    """--hold checker: every step, and the file written, sees the checker's rows of every gate as untrained (its
+    weight the prior wherever its trigger is) and the temperature 1; the star's and the stripes' rows move."""
+    pipe = region_pipeline(ASSETS)
+    before = {k: v.clone() for k, v in gate_state(pipe).items()}
+    checker = pipe.mole.expert_names.index("checker")
+    seen, masked_loss = [], region_gates.masked_denoising_loss
+
+    def recorded(*args, **kwargs):
+        seen.append({k: v.clone() for k, v in gate_state(pipe).items()})
+        return masked_loss(*args, **kwargs)
+
+    monkeypatch.setattr(region_gates, "masked_denoising_loss", recorded)
+    path = train_region_gates(pipe, ASSETS, tmp_path / "gates", steps=3, batch_size=2, progress=False,
+                              examples=examples, hold=("checker",))
+    other = region_pipeline(ASSETS)
+    other.load_gates(path)
+    assert len(seen) == 3
+    for state in [*seen, gate_state(other)]:
+        for key, value in state.items():
+            if key.endswith((".weight", ".bias")):
+                assert torch.equal(value[checker], before[key][checker]), key
+            if key.endswith("log_temperature"):
+                assert torch.equal(value, before[key]), key
+    assert any(not torch.equal(gate_state(other)[k], v) for k, v in before.items() if k.endswith(".weight"))
+    with pytest.raises(ValueError, match=r"hold names \['moon'\]"):
+        train_region_gates(pipe, ASSETS, tmp_path / "other", steps=1, progress=False, examples=examples, hold=("moon",))
