@@ -25,7 +25,9 @@ so every share is 0 or 1), and on the company examples it would push down whiche
 LoRA alone (weight 1 on every gate) on the same noisy latents under the image's own caption, as ``train-gates
 --objective distillation`` does: the untrained gates (each LoRA the prompt names at 1) already meet it on the plain
 rows, so the company rows teach, with a target free of the denoising loss's noise, "with the other region's LoRAs
-on, draw this concept's region as its LoRA alone does". One more UNet call per step.
+on, draw this concept's region as its LoRA alone does". One more UNet call per step. ``--hold checker`` keeps the
+checker LoRA at its untrained weight at every gate and position (only the other concepts' rows train), so the
+company rows can move only the star's and the stripes' LoRAs.
 No judge and no composition image is seen; the gate file is then measured as any other, e.g. on selection seeds:
 
     python -m experiments.quality --assets build/world-v2/assets --out build/region-quality --seeds 8 --first-seed 0 \\
