@@ -324,7 +324,8 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
         return config.output_dir / "lora.safetensors"
 
     monkeypatch.setattr(build_module, "train_lora", fake_train_lora)
-    settings = BuildSettings(lora_steps=7, lora_concept_steps={"stripes": 11}, lora_text_encoder=False)
+    settings = BuildSettings(lora_steps=7, lora_concept_steps={"stripes": 11}, lora_text_encoder=False,
+                             lora_check_prompts=0)  # fake LoRAs: nothing to draw
     build_module.train_concepts(tmp_path, settings)
     assert {name: configs[f"lora-{name}"].steps for name in CONCEPTS} == {"star": 7, "stripes": 11, "checker": 7}
     assert configs["lora-stripes"].checkpoint_every == 11 and configs["lora-stripes"].validation_every == 11
@@ -335,7 +336,8 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
     # the text encoder too, except for the concepts the recipe names
     configs.clear()
     shutil.rmtree(tmp_path / "loras"), shutil.rmtree(tmp_path / "runs")
-    build_module.train_concepts(tmp_path, BuildSettings(lora_steps=7, lora_concept_text_encoder={"stripes": False}))
+    build_module.train_concepts(tmp_path, BuildSettings(lora_steps=7, lora_concept_text_encoder={"stripes": False},
+                                                        lora_check_prompts=0))
     assert {name: configs[f"lora-{name}"].train_text_encoder for name in CONCEPTS} == {"star": True, "stripes": False, "checker": True}
     recipe = BuildSettings.for_world("v2")
     assert {name: recipe.lora_concept_text_encoder.get(name, recipe.lora_text_encoder) for name in CONCEPTS} == {
@@ -361,8 +363,8 @@ def test_the_build_trains_the_gates_its_world_recipe_names(tmp_path, monkeypatch
         raise RuntimeError("stop after the config")
 
     monkeypatch.setattr(build_module, "train_gates", fake_train_gates)
-    for settings in (BuildSettings.for_world("v1"), BuildSettings.for_world("v2"),
-                     BuildSettings.for_world("v1", gate_activation="softmax", gate_by_trigger=False)):
+    for settings in (BuildSettings.for_world("v1", lora_check_prompts=0), BuildSettings.for_world("v2", lora_check_prompts=0),
+                     BuildSettings.for_world("v1", gate_activation="softmax", gate_by_trigger=False, lora_check_prompts=0)):
         with pytest.raises(RuntimeError, match="stop after the config"):
             build_module.train_concepts(tmp_path, settings)
     first, second, paper = configs
