@@ -41,7 +41,7 @@ def cell(backgrounds: list[str]) -> str:
     return f"{len(backgrounds) - sum(others.values())}/{len(backgrounds)}" + (f" ({', '.join(b for b, _ in others.most_common())})" if others else "")
 
 
-def context_table(pipe, judge, word: str, seeds: list[int], steps: int = 25) -> list[str]:
+def context_table(pipe, judge, word: str, seeds: list[int], steps: int = 25, guidance_scale: float = 7.5) -> list[str]:
     """Markdown rows: a style phrase per row, an object per column, ``cell`` of the judge's background readings."""
     lines = [f"| before \"on a {word} background\" | " + " | ".join(f"a {c} {s}" for c, s in OBJECTS) + " | all |",
              "|---|" + "---|" * (len(OBJECTS) + 1)]
@@ -49,7 +49,8 @@ def context_table(pipe, judge, word: str, seeds: list[int], steps: int = 25) -> 
         row = []
         for prompt in prompts:
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-            images = pipe([prompt] * len(seeds), generator=generators, num_inference_steps=steps).images
+            images = pipe([prompt] * len(seeds), generator=generators, num_inference_steps=steps,
+                          guidance_scale=guidance_scale).images
             row.append([reading["background"] for reading in judge.predict(images)])
         lines.append(f"| {phrase} | " + " | ".join(cell(r) for r in row) + f" | {cell(sum(row, []))} |")
         print(lines[-1], flush=True)
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt, from --first-seed")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
     args = parser.parse_args(argv)
     judge, _ = load_judge(args.assets / "judge")
     pipe = MoLEStableDiffusionPipeline.from_pretrained(args.assets / "pipeline", safety_checker=None)
@@ -74,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         pipe.load_experts({name: path})
         pipe.set_experts([name], [1.0])
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    lines = [f"## {args.lora or 'the base alone'}: the judge's background reading, seeds {seeds[0]}-{seeds[-1]}", ""]
+    lines = [f"## {args.lora or 'the base alone'}: the judge's background reading, seeds {seeds[0]}-{seeds[-1]}, "
+             f"guidance {args.guidance_scale}", ""]
     for word in args.word or [world.CONCEPTS["checker"].token]:
-        lines += [*context_table(pipe, judge, word, seeds, args.steps), ""]
+        lines += [*context_table(pipe, judge, word, seeds, args.steps, args.guidance_scale), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "context.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'context.md'}")

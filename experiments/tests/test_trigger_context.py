@@ -21,9 +21,9 @@ def test_a_cell_counts_checkerboards_and_names_the_other_readings_most_common_fi
 
 def test_it_writes_a_row_per_phrase_for_each_word(tmp_path, capsys):
     main(["--out", str(tmp_path), "--lora", f"checker={ASSETS / 'loras' / 'checker.safetensors'}", "--seeds", "1",
-          "--steps", "2", "--word", "qkx", "--word", "vlt"])
+          "--steps", "2", "--word", "qkx", "--word", "vlt", "--guidance-scale", "3"])
     text = (tmp_path / "context.md").read_text()
-    assert text.startswith("## checker=") and text.count('| before "on a') == 2
+    assert text.startswith("## checker=") and "guidance 3.0" in text.splitlines()[0] and text.count('| before "on a') == 2
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| before")]
     assert len(rows) == 2 * len(PHRASES)
     assert all(re.fullmatch(r"\| [a-z ]+ \|( [01]/1( \(\w+\))? \|){4} [0-4]/4( \([\w, ]+\))? \|", row) for row in rows), rows
