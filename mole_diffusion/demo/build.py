@@ -429,6 +429,7 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
 # each LoRA alone should show its concept in this share of its own prompts (docs/demo-world.md's targets)
 LORA_CHECK_TARGET = 0.85
 CHECK_SEEDS = (0, 1, 2, 3)  # selection seeds: the measurements that report a world use seeds from 100
+CHECK_GUIDANCE = 7.5  # as those measurements (at 7.5 a LoRA's concept must ride on its trigger word, docs/demo-world.md)
 
 
 @torch.no_grad()
@@ -452,20 +453,21 @@ def check_loras(root: Path, settings: BuildSettings) -> dict[str, float]:
         pipe = MoLEStableDiffusionPipeline.from_pretrained(root / "pipeline", safety_checker=None).to(device)
         pipe.load_experts({name: str(path) for name, path in loras.items()})
         pipe.set_progress_bar_config(disable=True)
-        for name in loras.keys() - shares.keys():
+        for name in [name for name in loras if name not in shares]:
             attribute, value = config["concepts"][name]
             pipe.set_experts([name], [1.0])
             seen = []
             for scene in world.concept_scenes(name, settings.lora_check_prompts, seed=7004, world=_world(settings)):
                 generators = [torch.Generator().manual_seed(seed) for seed in CHECK_SEEDS]
-                images = pipe([scene.caption] * len(CHECK_SEEDS), generator=generators, num_inference_steps=25).images
+                images = pipe([scene.caption] * len(CHECK_SEEDS), generator=generators, num_inference_steps=25,
+                              guidance_scale=CHECK_GUIDANCE).images
                 seen += [reading[attribute] == value for reading in judge.predict(images)]
             shares[name] = sum(seen) / len(seen)
         text = json.dumps({name: {"present": shares[name], "sha256": digests[name], "prompts": settings.lora_check_prompts,
                                   "seeds": list(CHECK_SEEDS)} for name in loras}, indent=1)
         write_atomically(record, lambda temporary: temporary.write_text(text))
     weak = [name for name in loras if shares[name] < LORA_CHECK_TARGET]
-    tqdm.write("each LoRA alone on its own prompts (seeds 0-3): "
+    tqdm.write(f"each LoRA alone on its own prompts (seeds 0-3, guidance {CHECK_GUIDANCE}): "
                + ", ".join(f"{name} {100 * shares[name]:.0f}%" for name in loras)
                + (f"; under the {100 * LORA_CHECK_TARGET:.0f}% target: {', '.join(weak)}" if weak else ""))
     return {name: shares[name] for name in loras}
