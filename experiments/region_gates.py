@@ -182,13 +182,15 @@ def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_si
     for gate in mole.gates.values():
         gate.float().requires_grad_(True)
         gate.log_temperature.requires_grad_(not hold)
-    untrained = {gate: (gate.weight.detach().clone(), gate.bias.detach().clone()) for gate in mole.gates.values()} if hold else {}
+    # each gate's held rows, as untrained: (rows, weight rows, bias entries)
+    untrained = [(gate, rows, gate.weight[rows].detach().clone(), gate.bias[rows].detach().clone())
+                 for gate in mole.gates.values() for rows in [held.to(gate.weight.device)]] if hold else []
 
     @torch.no_grad()
     def put_back_held_rows():  # before every forward, so no step ever sees them moved (AdamW moves them)
-        for gate, (weight, bias) in untrained.items():
-            gate.weight[held.to(weight.device)] = weight[held.to(weight.device)]
-            gate.bias[held.to(bias.device)] = bias[held.to(bias.device)]
+        for gate, rows, weight, bias in untrained:
+            gate.weight[rows] = weight
+            gate.bias[rows] = bias
 
     if objective not in ("denoising", "distillation"):
         raise ValueError(f"objective must be 'denoising' or 'distillation', got {objective!r}")

@@ -438,7 +438,7 @@ def check_loras(root: Path, settings: BuildSettings) -> dict[str, float]:
     in which the judge reads its concept. Printed, and written to ``root/lora_check.json`` with each LoRA's sha256 (a
     LoRA checked before is not drawn again). A LoRA under ``LORA_CHECK_TARGET`` is named, so that a weak draw of the
     recipe is caught when it is built, not hours later when the world is measured; the build goes on."""
-    from ..eval.attribute_judge import load_judge
+    from ..eval.presence import AttributeJudgePresence
     from ..pipelines import MoLEStableDiffusionPipeline
 
     record = root / "lora_check.json"
@@ -449,19 +449,18 @@ def check_loras(root: Path, settings: BuildSettings) -> dict[str, float]:
               if entry.get("sha256") == digests.get(name) and entry.get("prompts") == settings.lora_check_prompts}
     if len(shares) < len(loras):
         device = _device(settings)
-        judge, config = load_judge(root / "judge", device)
+        presence = AttributeJudgePresence(root / "judge", list(loras), device)
         pipe = MoLEStableDiffusionPipeline.from_pretrained(root / "pipeline", safety_checker=None).to(device)
         pipe.load_experts({name: str(path) for name, path in loras.items()})
         pipe.set_progress_bar_config(disable=True)
         for name in [name for name in loras if name not in shares]:
-            attribute, value = config["concepts"][name]
             pipe.set_experts([name], [1.0])
             seen = []
             for scene in world.concept_scenes(name, settings.lora_check_prompts, seed=7004, world=_world(settings)):
+                prompts = [scene.caption] * len(CHECK_SEEDS)
                 generators = [torch.Generator().manual_seed(seed) for seed in CHECK_SEEDS]
-                images = pipe([scene.caption] * len(CHECK_SEEDS), generator=generators, num_inference_steps=25,
-                              guidance_scale=CHECK_GUIDANCE).images
-                seen += [reading[attribute] == value for reading in judge.predict(images)]
+                images = pipe(prompts, generator=generators, num_inference_steps=25, guidance_scale=CHECK_GUIDANCE).images
+                seen += [present[name] for present, _ in presence.read(images, prompts)]
             shares[name] = sum(seen) / len(seen)
         text = json.dumps({name: {"present": shares[name], "sha256": digests[name], "prompts": settings.lora_check_prompts,
                                   "seeds": list(CHECK_SEEDS)} for name in loras}, indent=1)
