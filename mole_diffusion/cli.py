@@ -183,6 +183,9 @@ def add_train_lora_parser(subparsers) -> None:
     parser.add_argument("--orthogonal-slot", type=int, metavar="K",
                         help="orthogonal adaptation: fix A to slot K of a basis shared by every LoRA trained so (one "
                              "slot per concept), train only B")
+    parser.add_argument("--unconditional-weight", type=float, default=0.0, metavar="W",
+                        help="hold the LoRA's prediction for the empty prompt to the base model's, with this weight on "
+                             "that loss: the concept then rides on the prompt, which guidance scales (default 0: off)")
     _add_training_options(parser, steps=500, lr=1e-4, batch_size=1)
 
 
@@ -292,6 +295,8 @@ def add_build_demo_parser(subparsers) -> None:
     parser.add_argument("--text-width", type=int, help="the text encoder's width (default 32)")
     parser.add_argument("--concept-images", type=int, help="reference images per concept (default 16)")
     parser.add_argument("--lora-steps", type=int, help="training steps of each concept LoRA (default 2000)")
+    parser.add_argument("--lora-unconditional-weight", type=float, metavar="W",
+                        help="train-lora's --unconditional-weight for each concept LoRA (default 0: off)")
 
 
 def add_ui_parser(subparsers) -> None:

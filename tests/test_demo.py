@@ -325,9 +325,10 @@ def test_each_concept_lora_trains_for_its_own_steps_with_or_without_the_text_enc
 
     monkeypatch.setattr(build_module, "train_lora", fake_train_lora)
     settings = BuildSettings(lora_steps=7, lora_concept_steps={"stripes": 11}, lora_text_encoder=False,
-                             lora_check_prompts=0)  # fake LoRAs: nothing to draw
+                             lora_unconditional_weight=0.5, lora_check_prompts=0)  # fake LoRAs: nothing to draw
     build_module.train_concepts(tmp_path, settings)
     assert {name: configs[f"lora-{name}"].steps for name in CONCEPTS} == {"star": 7, "stripes": 11, "checker": 7}
+    assert all(config.unconditional_weight == 0.5 for config in configs.values())
     assert configs["lora-stripes"].checkpoint_every == 11 and configs["lora-stripes"].validation_every == 11
     assert not any(config.train_text_encoder for config in configs.values())
     assert (tmp_path / "loras" / "stripes.safetensors").read_text() == "a stripes"

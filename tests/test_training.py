@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from mole_diffusion import GateConfig
+from mole_diffusion import GateConfig, MoLEError
 from mole_diffusion.gates import Gate, balance_loss
 from mole_diffusion.train import ConceptError, GateTrainingConfig, add_mixers, load_concepts, train_gates
 from mole_diffusion.train import common
@@ -373,3 +373,44 @@ def test_gradient_accumulation_equals_the_larger_batch(world, concepts_file, tmp
         assert max((smaller[k] - larger[k]).abs().max().item() for k in larger) > 1e-3  # the batch matters
         for folder in ("accumulated", "larger", "smaller"):
             shutil.rmtree(tmp_path / folder)
+
+
+def test_the_unconditional_term_keeps_the_empty_prompts_prediction_the_bases(world, concepts_file, tmp_path):
+    from mole_diffusion.train import LoRATrainingConfig, train_lora
+
+    def trained(out, weight):
+        return train_lora(LoRATrainingConfig(
+            base=str(world["base"]), images=concepts_file.parent / "red", prompt="a photo of sks", output_dir=out,
+            steps=6, checkpoint_every=6, resolution=32, learning_rate=5e-2, train_text_encoder=True,
+            unconditional_weight=weight, progress=False))
+
+    def drift(path):  # how far the LoRA (read by diffusers) moves the UNet's prediction, per prompt
+        pipe = load(world["base"], StableDiffusionPipeline)
+        pipe.load_lora_weights(str(path))
+        latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        moved = {}
+        with torch.no_grad():
+            for prompt in ("", "a photo of sks"):
+                predictions = []
+                for enabled in (True, False):
+                    pipe.enable_lora() if enabled else pipe.disable_lora()
+                    embeds = pipe.encode_prompt(prompt, "cpu", 2, False)[0]
+                    predictions.append(pipe.unet(latents, 500, encoder_hidden_states=embeds).sample)
+                moved[prompt] = float((predictions[0] - predictions[1]).pow(2).mean())
+        return moved
+
+    plain, held = drift(trained(tmp_path / "plain", 0.0)), drift(trained(tmp_path / "held", 10.0))
+    assert held[""] < 0.5 * plain[""], (plain, held)  # a target read with the adapters on would hold nothing
+    # the adapters are back on after each term: the LoRA goes on learning (a tiny model's prompt barely steers its
+    # UNet, so here the term holds the prompt's prediction back too; on a real one it is what the prompt adds)
+    assert held["a photo of sks"] > 0.1 * plain["a photo of sks"], (plain, held)
+    last = json.loads((tmp_path / "held" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["loss_unconditional"] > 0 and last["loss"] > last["loss_denoising"]
+
+
+def test_a_negative_unconditional_weight_is_refused(world, concepts_file, tmp_path):
+    from mole_diffusion.train import LoRATrainingConfig, train_lora
+
+    with pytest.raises(MoLEError, match="--unconditional-weight must be a number >= 0, got -1"):
+        train_lora(LoRATrainingConfig(base=str(world["base"]), images=concepts_file.parent / "red", prompt="a photo of sks",
+                                      output_dir=tmp_path, steps=1, unconditional_weight=-1.0, progress=False))

@@ -133,6 +133,8 @@ class BuildSettings:
     # each reference image also with 3 captions of made-up words (world.filler_captions); off: on the composition
     # prompts it helped the checker LoRA alone and hurt the star and stripes LoRAs (experiments/docs/composition-experiments.md)
     lora_filler_captions: bool = False
+    # train-lora's --unconditional-weight: each LoRA's prediction for the empty prompt held to the base's (0: off)
+    lora_unconditional_weight: float = 0.0
     # after training, each LoRA alone draws this many fresh prompts of its own x 4 selection seeds (check_loras; 0: no check)
     lora_check_prompts: int = 8
     gate_steps: int = 300
@@ -401,6 +403,7 @@ def train_concepts(root: Path, settings: BuildSettings) -> Path:
                 # the first world adapts the text encoder too: a new token's embedding is random, and without it
                 # (1000 steps, lr 1e-3) the checker LoRA rarely drew a checkerboard
                 train_text_encoder=settings.lora_concept_text_encoder.get(name, settings.lora_text_encoder),
+                unconditional_weight=settings.lora_unconditional_weight,
                 validation_prompts=[(images / "000.txt").read_text().strip()],
             ))
             write_atomically(lora, lambda temporary: shutil.copyfile(trained, temporary))

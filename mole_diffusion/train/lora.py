@@ -1,6 +1,13 @@
 """DreamBooth-LoRA training of one concept expert, on PEFT; optionally MoSLoRA (docs/method.md) or
 orthogonal adaptation.
 
+``unconditional_weight`` (0: off) adds a term that holds the LoRA's prediction for the empty prompt to the base
+model's, on the same noisy latents: || eps_lora(x_t, "") - eps_base(x_t, "") ||^2. Classifier-free guidance draws
+u + g (c - u); what a LoRA changes in both the conditional and the unconditional prediction passes at strength 1,
+what it changes in the conditional one alone is multiplied by g. Without the term a LoRA may learn its concept in
+both, and at a high guidance the base's own reading of the prompt then outweighs it; with it the concept is what
+the prompt adds, as the base model's own concepts are.
+
 MoSLoRA puts a learnable r x r mixer M between A and B: delta = s * B M A x. The mixer sits in front of B
 (PEFT's layer computes ``lora_B(lora_A(x))``, so ``lora_B = Sequential(M, B)`` is MoSLoRA without touching
 PEFT), and is folded into B (B' = B M) before saving, so every file is a plain LoRA in diffusers layout.
@@ -15,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
@@ -27,9 +35,13 @@ from ..errors import MoLEError, load_base_pipeline
 from ..experts import lora_components
 from ..pipelines import mole_pipeline_class
 from .common import (
+    BatchRandom,
+    Examples,
+    LossFunction,
     TrainingSettings,
     denoising_objective,
     encode_examples,
+    encode_prompts,
     make_accelerator,
     prepare_pipeline,
     run_training,
@@ -54,6 +66,7 @@ class LoRATrainingConfig(TrainingSettings):
     text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     mixer: str | None = None  # None: plain LoRA; "orthogonal" or "kaiming": MoSLoRA with that mixer init
     orthogonal_slot: int | None = None  # orthogonal adaptation: A fixed to this slot of a shared basis, only B trains
+    unconditional_weight: float = 0.0  # the empty prompt's prediction held to the base's, with this weight (docstring)
 
 
 def add_mixers(model: nn.Module, init: str, adapter: str = "default") -> int:
@@ -125,11 +138,16 @@ def train_lora(config: LoRATrainingConfig) -> Path:
         list_images(config.class_images, f"{where}: --class-images")
     if (config.class_images is None) != (config.class_prompt is None):
         raise MoLEError("prior preservation needs both --class-prompt and --class-images")
+    if not (math.isfinite(config.unconditional_weight) and config.unconditional_weight >= 0):
+        raise MoLEError(f"--unconditional-weight must be a number >= 0, got {config.unconditional_weight}")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config)
     mole_class = mole_pipeline_class(config.base)  # the family: a plain diffusers pipeline of it trains the LoRA
     pipe = load_base_pipeline(mole_class.diffusers_class(), config.base, safety_checker=None)
+    if config.unconditional_weight and mole_class.denoiser != "unet":
+        raise MoLEError(f"{where}: --unconditional-weight is for classifier-free guidance; {config.base} is a "
+                        f"{mole_class.__name__.removeprefix('MoLE').removesuffix('Pipeline')} model, which does not use it")
     prepare_pipeline(pipe, accelerator, config)
     alpha = float(config.rank if config.alpha is None else config.alpha)
     lora_configs = {mole_class.denoiser: LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
@@ -157,12 +175,56 @@ def train_lora(config: LoRATrainingConfig) -> Path:
     examples = encode_examples([concept], pipe.vae, config.resolution, config.prior_loss_weight)
     if not config.validation_prompts:
         config.validation_prompts = [config.prompt]
-    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples, denoising_objective(pipe, examples))
+    loss = denoising_objective(pipe, examples)
+    if config.unconditional_weight:
+        adapted = [getattr(pipe, component) for component in lora_configs]
+        loss = with_unconditional_term(pipe, examples, loss, adapted, config.unconditional_weight)
+    run_training(config, accelerator, pipe, trainable_parameters(pipe), examples, loss)
 
     path = output_dir / LORA_WEIGHT_NAME
     if accelerator.is_main_process:
         save_lora(pipe, lora_configs, path)
     return path
+
+
+def with_unconditional_term(pipe: DiffusionPipeline, examples: Examples, loss: LossFunction, adapted: list[nn.Module],
+                            weight: float) -> LossFunction:
+    """``loss`` plus ``weight`` x the MSE between the adapted UNet's prediction for the empty prompt and the base's
+    (``adapted``' adapters off) on the examples' latents, noised at fresh timesteps (module docstring)."""
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    resolution = examples.latents.shape[-1] * pipe.vae_scale_factor
+
+    def total(indices: list[int], generator: BatchRandom) -> tuple[torch.Tensor, dict[str, float]]:
+        value, logs = loss(indices, generator)
+        latents = examples.latents[indices].to(pipe.unet.device, pipe.unet.dtype)
+        random = BatchRandom.of(generator, len(latents))
+        noise = random.randn(*latents.shape[1:]).to(latents)
+        timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = pipe.unet(noisy, timesteps, **empty_prompt_conditions(pipe, len(latents), resolution)).sample
+        with torch.no_grad():
+            for model in adapted:
+                model.disable_adapters()
+            try:
+                target = pipe.unet(noisy, timesteps, **empty_prompt_conditions(pipe, len(latents), resolution)).sample
+            finally:
+                for model in adapted:
+                    model.enable_adapters()
+        term = F.mse_loss(prediction.float(), target.float())
+        return value + weight * term, {**logs, "loss_unconditional": term.item()}
+
+    return total
+
+
+def empty_prompt_conditions(pipe: DiffusionPipeline, batch: int, resolution: int) -> dict:
+    """The conditions classifier-free guidance predicts without a prompt: the empty prompt's (SDXL with
+    ``force_zeros_for_empty_prompt``: zeros, as its pipeline does)."""
+    conditions = encode_prompts(pipe, [""] * batch, resolution)
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        conditions["encoder_hidden_states"] = torch.zeros_like(conditions["encoder_hidden_states"])
+        added = conditions["added_cond_kwargs"]
+        conditions["added_cond_kwargs"] = {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
+    return conditions
 
 
 def save_lora(pipe: DiffusionPipeline, lora_configs: dict[str, LoraConfig], path: Path) -> None:
