@@ -401,8 +401,8 @@ def test_the_unconditional_term_keeps_the_empty_prompts_prediction_the_bases(wor
 
     plain, held = drift(trained(tmp_path / "plain", 0.0)), drift(trained(tmp_path / "held", 10.0))
     assert held[""] < 0.5 * plain[""], (plain, held)  # a target read with the adapters on would hold nothing
-    # the adapters are back on after each term: the LoRA goes on learning (a tiny model's prompt barely steers its
-    # UNet, so here the term holds the prompt's prediction back too; on a real one it is what the prompt adds)
+    # the adapters are back on after each term: the LoRA goes on learning (a tiny random model's prompt barely steers
+    # its UNet, so here the term holds the prompt's prediction back too; the demo world's LoRAs keep their concepts)
     assert held["a photo of sks"] > 0.1 * plain["a photo of sks"], (plain, held)
     last = json.loads((tmp_path / "held" / "log.jsonl").read_text().splitlines()[-1])
     assert last["loss_unconditional"] > 0 and last["loss"] > last["loss_denoising"]
