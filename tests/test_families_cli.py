@@ -29,6 +29,16 @@ def test_every_job_runs_on_the_family(family, tmp_path, capsys, monkeypatch):
     with safe_open("runs/dog/pytorch_lora_weights.safetensors", "pt") as f:
         components = {key.split(".")[0] for key in f.keys()}
     assert components == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl" else {"transformer", "text_encoder"})
+    # the empty prompt held to the base's: SDXL's unconditional prediction is its zero conditions; Flux has no
+    # classifier-free guidance to hold it for
+    held = ["train-lora", "--base", "tiny/pipeline", "--images", "tiny/images/dog", "--prompt", "a photo of sks dog",
+            "--out", "runs/held", "--unconditional-weight", "1", *SMALL]
+    if family == "sdxl":
+        assert main(held) == 0
+        assert json.loads((tmp_path / "runs/held/log.jsonl").read_text().splitlines()[-1])["loss_unconditional"] > 0
+    else:
+        capsys.readouterr()
+        assert main(held) == 1 and "--unconditional-weight is for classifier-free guidance" in capsys.readouterr().err
 
     # train-gates on the tiny concepts file: the gates move from their untrained values, nothing else trains
     assert main(["train-gates", "--base", "tiny/pipeline", "--concepts", "tiny/concepts.toml", "--out", "runs/gates",
