@@ -182,9 +182,10 @@ def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_si
     for gate in mole.gates.values():
         gate.float().requires_grad_(True)
         gate.log_temperature.requires_grad_(not hold)
-    # each gate's held rows, as untrained: (rows, weight rows, bias entries)
-    untrained = [(gate, rows, gate.weight[rows].detach().clone(), gate.bias[rows].detach().clone())
-                 for gate in mole.gates.values() for rows in [held.to(gate.weight.device)]] if hold else []
+    untrained = []  # (gate, its held rows, their untrained weights, their untrained biases)
+    for gate in mole.gates.values() if hold else ():
+        rows = held.to(gate.weight.device)
+        untrained.append((gate, rows, gate.weight[rows].detach().clone(), gate.bias[rows].detach().clone()))
 
     @torch.no_grad()
     def put_back_held_rows():  # before every forward, so no step ever sees them moved (AdamW moves them)

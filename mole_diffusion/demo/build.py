@@ -469,7 +469,7 @@ def check_loras(root: Path, settings: BuildSettings) -> dict[str, float]:
                                   "seeds": list(CHECK_SEEDS)} for name in loras}, indent=1)
         write_atomically(record, lambda temporary: temporary.write_text(text))
     weak = [name for name in loras if shares[name] < LORA_CHECK_TARGET]
-    tqdm.write(f"each LoRA alone on its own prompts (seeds 0-3, guidance {CHECK_GUIDANCE}): "
+    tqdm.write(f"each LoRA alone on its own prompts (seeds {CHECK_SEEDS[0]}-{CHECK_SEEDS[-1]}, guidance {CHECK_GUIDANCE}): "
                + ", ".join(f"{name} {100 * shares[name]:.0f}%" for name in loras)
                + (f"; under the {100 * LORA_CHECK_TARGET:.0f}% target: {', '.join(weak)}" if weak else ""))
     return {name: shares[name] for name in loras}

@@ -193,6 +193,22 @@ def with_unconditional_term(pipe: DiffusionPipeline, examples: Examples, loss: L
     (``adapted``' adapters off) on the examples' latents, noised at fresh timesteps (module docstring)."""
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = examples.latents.shape[-1] * pipe.vae_scale_factor
+    zeros = getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+    # the empty prompt reads differently through an adapted text encoder; zeros (SDXL) and the base's do not change
+    text_adapted = not zeros and any(model is getattr(pipe, name, None) for model in adapted
+                                     for name in ("text_encoder", "text_encoder_2"))
+    base_conditions: dict[int, dict] = {}  # batch size -> the base's empty-prompt conditions, encoded once
+
+    def base_prediction(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        for model in adapted:
+            model.disable_adapters()
+        try:
+            if len(noisy) not in base_conditions:
+                base_conditions[len(noisy)] = empty_prompt_conditions(pipe, len(noisy), resolution, zeros)
+            return pipe.unet(noisy, timesteps, **base_conditions[len(noisy)]).sample
+        finally:
+            for model in adapted:
+                model.enable_adapters()
 
     def total(indices: list[int], generator: BatchRandom) -> tuple[torch.Tensor, dict[str, float]]:
         value, logs = loss(indices, generator)
@@ -201,26 +217,21 @@ def with_unconditional_term(pipe: DiffusionPipeline, examples: Examples, loss: L
         noise = random.randn(*latents.shape[1:]).to(latents)
         timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = pipe.unet(noisy, timesteps, **empty_prompt_conditions(pipe, len(latents), resolution)).sample
         with torch.no_grad():
-            for model in adapted:
-                model.disable_adapters()
-            try:
-                target = pipe.unet(noisy, timesteps, **empty_prompt_conditions(pipe, len(latents), resolution)).sample
-            finally:
-                for model in adapted:
-                    model.enable_adapters()
-        term = F.mse_loss(prediction.float(), target.float())
+            target = base_prediction(noisy, timesteps)
+        conditions = (empty_prompt_conditions(pipe, len(latents), resolution, zeros) if text_adapted
+                      else base_conditions[len(latents)])
+        term = F.mse_loss(pipe.unet(noisy, timesteps, **conditions).sample.float(), target.float())
         return value + weight * term, {**logs, "loss_unconditional": term.item()}
 
     return total
 
 
-def empty_prompt_conditions(pipe: DiffusionPipeline, batch: int, resolution: int) -> dict:
-    """The conditions classifier-free guidance predicts without a prompt: the empty prompt's (SDXL with
-    ``force_zeros_for_empty_prompt``: zeros, as its pipeline does)."""
+def empty_prompt_conditions(pipe: DiffusionPipeline, batch: int, resolution: int, zeros: bool) -> dict:
+    """The conditions classifier-free guidance predicts without a prompt: the empty prompt's, or with ``zeros``
+    (SDXL's ``force_zeros_for_empty_prompt``) zeros in their place, as its pipeline does."""
     conditions = encode_prompts(pipe, [""] * batch, resolution)
-    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+    if zeros:
         conditions["encoder_hidden_states"] = torch.zeros_like(conditions["encoder_hidden_states"])
         added = conditions["added_cond_kwargs"]
         conditions["added_cond_kwargs"] = {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
