@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--knots", type=int, default=4, help="timestep offsets per gate (0: none)")
     parser.add_argument("--draws", type=int, default=4, help="noisings of each reference image")
     parser.add_argument("--holdout", type=int, default=8, help="every HOLDOUT-th reference is held out of the fit")
+    parser.add_argument("--references", type=int, help="the first N references of each concept (default: all)")
     parser.add_argument("--region", choices=tuple(REGIONS), default="shape",
                         help="what counts as the object: its drawn shape, or the disc it is drawn in")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     scenes = reference_scenes(args.assets)
     ordered = [scene for c in concepts for scene in scenes[c.name]]  # encode_examples' order
     latents = encode_examples(concepts, pipe.vae, RESOLUTION, prior_loss_weight=0.0).latents
+    if args.references is not None:
+        count = len(scenes[concepts[0].name])
+        chosen = [c * count + i for c in range(len(concepts)) for i in range(min(args.references, count))]
+        ordered, latents = [ordered[i] for i in chosen], latents[chosen]
     masks = torch.stack([REGIONS[args.region](scene) for scene in ordered])
     examples = gate_examples(pipe, gates, latents, [composition_caption(s) for s in ordered], masks, args.draws, seed=args.seed)
 

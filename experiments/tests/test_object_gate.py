@@ -54,7 +54,8 @@ def test_examples_are_each_position_of_the_gates_input_with_its_ground_share():
 
 
 def test_the_file_changes_the_checkers_rows_in_the_fitted_gates_only(tmp_path, capsys):
-    object_gate.main(["--out", str(tmp_path), "--draws", "1", "--groups", "unet.up_blocks.1.resnets.1", "--knots", "0"])
+    object_gate.main(["--out", str(tmp_path), "--draws", "1", "--references", "8", "--groups", "unet.up_blocks.1.resnets.1",
+                      "--knots", "0"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| unet.")]
     assert [row.split(" | ")[0] for row in rows] == ["| unet.up_blocks.1.resnets.1"]
     tensors = load_file(tmp_path / "gates.safetensors")
