@@ -12,7 +12,8 @@ concept's reference images, noised at random timesteps, under the composition pr
 in zwx style on a qkx background", as the UNet reads at sampling), with all three LoRAs on; their object regions
 come from the world's scenes recomputed from the build's seed (checked pixel for pixel). The timestep enters as the
 gate's offsets at ``--knots`` noise levels (so early steps, which cannot yet see an object, may settle on a weight
-of their own). No judge and no composition image is seen.
+of their own). ``--region disc`` counts the disc the object is drawn in as the object (a star's notches with it);
+``--references N`` fits on each concept's first N references. No judge and no composition image is seen.
 
 Prints, on the references held out of the fit (every ``--holdout``-th), the mean checker weight on cells wholly in
 the object and wholly in the background per band of noise levels, then writes ``OUT/gates.safetensors``, measured
@@ -32,30 +33,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from mole_diffusion import MoLEStableDiffusionPipeline
-from mole_diffusion.concepts import concept_triggers, load_concepts
-from mole_diffusion.config import GateConfig
+from mole_diffusion.concepts import load_concepts
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
-from mole_diffusion.quiet import quiet_loading
 from mole_diffusion.train.common import encode_examples, encode_prompts
 
-from .region_gates import RESOLUTION, object_mask, reference_scenes
+from .region_gates import RESOLUTION, object_mask, reference_scenes, region_pipeline
 
 BANDS = ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0))  # noise levels t / 1000
-
-
-def object_gate_pipeline(assets: Path, knots: int) -> MoLEStableDiffusionPipeline:
-    """The world's base with its LoRAs under untrained per-position softplus gates at weight 1 with the concepts'
-    trigger words (the plain sum of the LoRAs a prompt names), timestep-aware with ``knots`` offsets."""
-    concepts = load_concepts(assets / "concepts.toml")
-    with quiet_loading():
-        pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
-    gate = GateConfig(activation="softplus", prior_weights=[1.0] * len(concepts), per_position=True,
-                      timestep_knots=knots, triggers=concept_triggers(concepts))
-    pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=gate)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def disc_mask(scene: world.Scene, resolution: int = RESOLUTION) -> torch.Tensor:
@@ -168,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    pipe = object_gate_pipeline(args.assets, args.knots)
+    pipe = region_pipeline(args.assets, per_position=True, timestep_knots=args.knots)
     names = pipe.mole.expert_names
     if args.expert not in names:
         parser.error(f"--expert {args.expert}: the experts are {names}")

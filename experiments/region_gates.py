@@ -218,12 +218,13 @@ def train_region_gates(pipe, assets: Path, out: Path, steps: int = 300, batch_si
     return path
 
 
-def region_pipeline(assets: Path, per_position: bool = True) -> MoLEStableDiffusionPipeline:
-    """The world's base with its LoRAs, under untrained softplus gates at prior 1 with the concepts' trigger words."""
+def region_pipeline(assets: Path, per_position: bool = True, timestep_knots: int = 0) -> MoLEStableDiffusionPipeline:
+    """The world's base with its LoRAs, under untrained softplus gates at prior 1 with the concepts' trigger words
+    (the plain sum of the LoRAs a prompt names), timestep-aware with ``timestep_knots`` offsets."""
     concepts = load_concepts(assets / "concepts.toml")
     pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
     gate = GateConfig(activation="softplus", prior_weights=[1.0] * len(concepts), per_position=per_position,
-                      triggers=concept_triggers(concepts))
+                      timestep_knots=timestep_knots, triggers=concept_triggers(concepts))
     pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=gate)
     pipe.set_progress_bar_config(disable=True)
     return pipe

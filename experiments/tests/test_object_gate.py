@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from experiments import object_gate
-from experiments.object_gate import composition_caption, disc_mask, fit_row, gate_examples, object_gate_pipeline, row_weights
-from experiments.region_gates import object_mask
+from experiments.object_gate import composition_caption, disc_mask, fit_row, gate_examples, row_weights
+from experiments.region_gates import object_mask, region_pipeline
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.gates import Gate
@@ -37,7 +37,7 @@ def test_fitting_one_row_moves_only_that_row():
 
 
 def test_examples_are_each_position_of_the_gates_input_with_its_ground_share():
-    pipe = object_gate_pipeline(ASSETS, knots=2)
+    pipe = region_pipeline(ASSETS, timestep_knots=2)
     name = "unet.up_blocks.1.attentions.0"
     scenes = [world.Scene("star", "red", "grid", "large", (0.4, 0.5)), world.Scene("circle", "blue", "checker", "small", (0.7, 0.3))]
     latents = torch.randn(2, 4, 16, 16)
