@@ -129,13 +129,15 @@ def row_weights(gate, expert: int, features: torch.Tensor, levels: torch.Tensor)
     return F.softplus(logits / gate.log_temperature.detach().float().exp())  # the temperature is not fitted
 
 
-def band_weights(weights: torch.Tensor, levels: torch.Tensor, ground: torch.Tensor) -> list[tuple[float, float]]:
-    """Per noise band of ``BANDS``: the mean weight on cells wholly in the object, and wholly in the ground."""
-    rows = []
+def band_weights(weights: torch.Tensor, levels: torch.Tensor, ground: torch.Tensor) -> list[str]:
+    """Per noise band of ``BANDS``: "object / ground", the mean weight on cells wholly in the object and wholly in
+    the ground ("-" where the band holds none)."""
+    cells = []
     for low, high in BANDS:
         band = (levels >= low) & (levels < high)
-        rows.append((float(weights[band & (ground == 0)].mean()), float(weights[band & (ground == 1)].mean())))
-    return rows
+        means = [weights[band & (ground == side)] for side in (0, 1)]
+        cells.append(" / ".join(f"{float(m.mean()):.2f}" if len(m) else "-" for m in means))
+    return cells
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         held = image % args.holdout == 0
         error = fit_row(pipe.mole.gates[name], expert, features[~held], levels[~held], ground[~held])
         weights = row_weights(pipe.mole.gates[name], expert, features[held], levels[held])
-        bands = band_weights(weights, levels[held], ground[held])
-        print(f"| {name} | {error:.3f} | " + " | ".join(f"{o:.2f} / {g:.2f}" for o, g in bands) + " |", flush=True)
+        print(f"| {name} | {error:.3f} | " + " | ".join(band_weights(weights, levels[held], ground[held])) + " |", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_gates(args.out / "gates.safetensors")
     print(f"wrote {args.out / 'gates.safetensors'}")

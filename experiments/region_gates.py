@@ -52,6 +52,7 @@ from mole_diffusion.concepts import concept_triggers, load_concepts
 from mole_diffusion.config import GateConfig
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.quiet import quiet_loading
 from mole_diffusion.train.common import (
     BatchRandom,
     Examples,
@@ -222,7 +223,8 @@ def region_pipeline(assets: Path, per_position: bool = True, timestep_knots: int
     """The world's base with its LoRAs, under untrained softplus gates at prior 1 with the concepts' trigger words
     (the plain sum of the LoRAs a prompt names), timestep-aware with ``timestep_knots`` offsets."""
     concepts = load_concepts(assets / "concepts.toml")
-    pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
+    with quiet_loading():
+        pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
     gate = GateConfig(activation="softplus", prior_weights=[1.0] * len(concepts), per_position=per_position,
                       timestep_knots=timestep_knots, triggers=concept_triggers(concepts))
     pipe.load_experts({c.name: c.lora for c in concepts}, gate_config=gate)

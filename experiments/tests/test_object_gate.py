@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from experiments import object_gate
-from experiments.object_gate import composition_caption, disc_mask, fit_row, gate_examples, row_weights
+from experiments.object_gate import band_weights, composition_caption, disc_mask, fit_row, gate_examples, row_weights
 from experiments.region_gates import object_mask, region_pipeline
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
@@ -34,6 +34,11 @@ def test_fitting_one_row_moves_only_that_row():
     for key in ("weight", "bias", "timestep_logits"):
         assert torch.equal(gate.state_dict()[key][:2], before[key][:2])  # the other experts stay at weight 1
     assert torch.equal(gate.log_temperature, before["log_temperature"])
+
+
+def test_each_band_averages_its_object_and_ground_cells_and_an_empty_band_says_so():
+    weights, levels, ground = torch.tensor([0.1, 0.3, 0.9, 0.5, 1.0]), torch.tensor([0.1, 0.2, 0.2, 0.9, 0.8]), torch.tensor([0, 0, 1, 0.5, 1])
+    assert band_weights(weights, levels, ground) == ["0.20 / 0.90", "- / -", "- / 1.00"]  # the half-ground cell in neither
 
 
 def test_examples_are_each_position_of_the_gates_input_with_its_ground_share():
