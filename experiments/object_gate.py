@@ -26,7 +26,6 @@ as any other gate file:
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,12 +50,12 @@ def disc_mask(scene: world.Scene, resolution: int = RESOLUTION) -> torch.Tensor:
     return ((pixel - centre).norm(dim=-1) <= world.SIZES[scene.size] * resolution).float()
 
 
-REGIONS = {"shape": object_mask, "disc": disc_mask}
+OBJECT_MASKS = {"shape": object_mask, "disc": disc_mask}  # --region: what counts as the object
 
 
 def composition_caption(scene: world.Scene) -> str:
     """The composition prompt of ``scene``'s colour: its object a star in stripes on a checkerboard."""
-    return replace(scene, shape="star", style="stripes", background="checker").caption
+    return world.composition_prompts((scene.colour,))[0]
 
 
 @torch.no_grad()
@@ -104,11 +103,15 @@ def gate_examples(pipe, gates: list[str], latents: torch.Tensor, captions: list[
 def fit_row(gate, expert: int, features: torch.Tensor, levels: torch.Tensor, ground: torch.Tensor,
             steps: int = 500, learning_rate: float = 0.05) -> float:
     """Fit ``gate``'s row ``expert`` (weight, bias, timestep offsets; the temperature stays) so that its weight at
-    each example is ``ground`` in the least-squares sense; the other rows get no gradient, so Adam leaves them.
-    Returns the final mean squared error."""
+    each example is ``ground`` in the least-squares sense; under an element-wise activation (sigmoid, softplus) the
+    other rows get no gradient, so Adam leaves them. The gate's parameters are left frozen. Returns the final mean
+    squared error."""
+    if gate.activation == "softmax":
+        raise ValueError("fit_row fits one expert's weight alone; a softmax gate's weights move together")
     parameters = [p for p in (gate.weight, gate.bias, gate.timestep_logits) if p is not None]
     for parameter in parameters:
         parameter.requires_grad_(True)
+    gate.log_temperature.requires_grad_(False)
     optimiser = torch.optim.Adam(parameters, lr=learning_rate)
     with torch.enable_grad():
         for _ in range(steps):
@@ -122,11 +125,12 @@ def fit_row(gate, expert: int, features: torch.Tensor, levels: torch.Tensor, gro
 
 
 def row_weights(gate, expert: int, features: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """``expert``'s weight at each example (a position's unit feature at noise level ``levels``), as the gate gives it."""
-    logits = features @ gate.weight[expert].float() + gate.bias[expert].float()
+    """``expert``'s weight at each example (a position's unit feature at noise level ``levels``), as the gate gives it:
+    its logits at each example's own level, then its own activation (``Gate.activate``)."""
+    logits = F.linear(features, gate.weight.float(), gate.bias.float())
     if gate.timestep_logits is not None:
-        logits = logits + gate.timestep_offsets(levels, len(levels))[:, expert]
-    return F.softplus(logits / gate.log_temperature.detach().float().exp())  # the temperature is not fitted
+        logits = logits + gate.timestep_offsets(levels, len(levels))
+    return gate.activate(logits, dim=-1)[:, expert]
 
 
 def band_weights(weights: torch.Tensor, levels: torch.Tensor, ground: torch.Tensor) -> list[str]:
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=4, help="noisings of each reference image")
     parser.add_argument("--holdout", type=int, default=8, help="every HOLDOUT-th reference is held out of the fit")
     parser.add_argument("--references", type=int, help="the first N references of each concept (default: all)")
-    parser.add_argument("--region", choices=tuple(REGIONS), default="shape",
+    parser.add_argument("--region", choices=tuple(OBJECT_MASKS), default="shape",
                         help="what counts as the object: its drawn shape, or the disc it is drawn in")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         count = len(scenes[concepts[0].name])
         chosen = [c * count + i for c in range(len(concepts)) for i in range(min(args.references, count))]
         ordered, latents = [ordered[i] for i in chosen], latents[chosen]
-    masks = torch.stack([REGIONS[args.region](scene) for scene in ordered])
+    masks = torch.stack([OBJECT_MASKS[args.region](scene) for scene in ordered])
     examples = gate_examples(pipe, gates, latents, [composition_caption(s) for s in ordered], masks, args.draws, seed=args.seed)
 
     expert = names.index(args.expert)
