@@ -1,0 +1,196 @@
+"""A base that knows checkerboards: does the checker LoRA add with the star when its board is one instance of a pattern
+the base already draws?
+
+The second world's base knows two black-and-white grounds, ``grid`` and ``banded``, but no checkerboard, so the
+checker LoRA must teach one. Here the world's base is fine-tuned on its own world plus one more ground, ``tiled``: a
+coarse checkerboard of 4 x 4 cells (the concept's has 8 x 8), which the judge reads as banded or white, almost never
+(1 of 64) as the concept. The checker's references are then captioned with that word after the trigger, DreamBooth's class word
+("a red circle on a qkx tiled background"), and every LoRA is trained again on the fine-tuned base.
+
+    python -m experiments.known_pattern finetune --assets build/world-v2/assets --out build/known-pattern
+    mole-diffusion train-lora --base build/known-pattern/pipeline --images build/known-pattern/checker \\
+        --prompt "a shape on a qkx tiled background" ...      # the star and stripes LoRAs as the build trains them
+    python -m experiments.known_pattern measure --pipeline build/known-pattern/pipeline \\
+        --loras star=STAR stripes=STRIPES checker=CHECKER --class-word tiled
+
+``references --out DIR --class-word WORD`` writes only the checker's references, with another class word (for the
+installed base: "banded", "grid").
+
+``measure`` draws, on the selection seeds (from 0), each LoRA alone on fresh prompts of its own, each pair under the
+plain sum, and all three on the composition prompts, every checker phrase with the class word, and prints how often
+the judge reads the concepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mole_diffusion import MoLEStableDiffusionPipeline
+from mole_diffusion.demo import world
+from mole_diffusion.demo.images import RESOLUTION, scene_pixels
+from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.eval.attribute_judge import load_judge
+from mole_diffusion.quiet import quiet_loading
+
+from .instances import draw, shows, with_concept
+
+TILE_CELLS = 4
+CLASS_WORD = "tiled"
+
+
+@contextmanager
+def tiled_world() -> Iterator[world.World]:
+    """The second world with one more background, ``tiled`` (black and white cells, ``TILE_CELLS`` a side), drawable by
+    ``world.draw`` while the block runs."""
+    paint, backgrounds = world._pattern, world.ALL_BACKGROUNDS
+
+    def pattern(pen, background: str, resolution: int) -> None:
+        if background != CLASS_WORD:
+            return paint(pen, background, resolution)
+        edges = [resolution * k // TILE_CELLS for k in range(TILE_CELLS + 1)]
+        for row, col in itertools.product(range(TILE_CELLS), repeat=2):
+            if (row + col) % 2:
+                pen.rectangle((edges[col], edges[row], edges[col + 1] - 1, edges[row + 1] - 1), fill=world.PATTERN_DARK)
+
+    world._pattern, world.ALL_BACKGROUNDS = pattern, (*backgrounds, CLASS_WORD)
+    try:
+        yield replace(world.V2, name="v2-tiled", backgrounds=(*world.V2.backgrounds, CLASS_WORD))
+    finally:
+        world._pattern, world.ALL_BACKGROUNDS = paint, backgrounds
+
+
+def with_class_word(caption: str, word: str = CLASS_WORD) -> str:
+    """The caption with ``word`` after the checker's trigger: "... on a qkx background" -> "... on a qkx tiled background"."""
+    token = world.CONCEPTS["checker"].token
+    return caption.replace(f"{token} background", f"{token} {word} background") if word else caption
+
+
+def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLASS_WORD) -> Path:
+    """The checker's references as a build draws them (``count`` scenes from ``seed``), ``NNN.png`` with its caption
+    ``NNN.txt``, the class word after the trigger."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(world.concept_scenes("checker", count, seed, world.V2)):
+        world.draw(scene, RESOLUTION).save(out / f"{i:03d}.png")
+        (out / f"{i:03d}.txt").write_text(with_class_word(scene.caption, word) + "\n")
+    return out
+
+
+def fine_tune(pipeline: Path, out: Path, steps: int, scenes: int = 8000, share: float = 0.2, batch_size: int = 64,
+              learning_rate: float = 2e-4, scene_seed: int = 11) -> Path:
+    """Train ``pipeline``'s UNet and text encoder on scenes of the tiled world (``share`` of them on tiles) as the build
+    trains the base (captions dropped 10% of the time), the scenes drawn from ``scene_seed`` (not the base's own, 0);
+    writes ``out/pipeline``."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from mole_diffusion.train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
+
+    with quiet_loading():
+        pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
+    rng = random.Random(scene_seed)
+    with tiled_world() as tiled:
+        drawn = [world.random_scene(rng, world=tiled) for _ in range(scenes)]
+        drawn = [replace(s, background=CLASS_WORD) if rng.random() < share else s for s in drawn]
+        latents = []
+        with torch.no_grad():
+            for start in range(0, len(drawn), 256):
+                pixels = scene_pixels(drawn[start : start + 256]).float() / 127.5 - 1
+                latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+    examples = Examples(torch.cat(latents), [s.caption for s in drawn], torch.zeros(len(drawn), dtype=torch.long), torch.ones(len(drawn)))
+    training = TrainingSettings(output_dir=out / "training", steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                                seed=0, checkpoint_every=100, keep_checkpoints=1, resume=True, resolution=RESOLUTION)
+    accelerator = make_accelerator(training)
+    pipe.vae.requires_grad_(False)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    params = {f"unet.{n}": p for n, p in pipe.unet.named_parameters()}
+    params |= {f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()}
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def loss_function(indices, generator):
+        keep = generator.rand() >= 0.1
+        prompts = [examples.prompts[i] if k else "" for i, k in zip(indices, keep.tolist())]
+        conditions = encode_prompts(pipe, prompts, RESOLUTION)
+        return denoising_loss(pipe, noise_scheduler, examples.latents[indices], conditions, examples.loss_weights[indices], generator), {}
+
+    run_training(training, accelerator, pipe, params, examples, loss_function)
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    pipe.save_pretrained(out / "pipeline")
+    return out / "pipeline"
+
+
+def measure_prompts(prompts: int = 8, pair_prompts: int = 4, word: str = CLASS_WORD) -> dict[str, list[str]]:
+    """The prompts ``measure`` draws, by check: each concept alone (``prompts`` fresh scenes of its own), each pair
+    (``pair_prompts`` of the first's, with the second's concept), all three (the composition prompts); every checker
+    phrase with ``word``."""
+    names = tuple(world.CONCEPTS)
+    checks = {name: [s.caption for s in world.concept_scenes(name, prompts, seed=7004, world=world.V2)] for name in names}
+    for first, second in itertools.combinations(names, 2):
+        scenes = world.concept_scenes(first, pair_prompts, seed=7005, world=world.V2)
+        checks[f"{first} + {second}"] = [with_concept(s, second).caption for s in scenes]
+    checks["all three"] = world.composition_prompts()
+    return {check: [with_class_word(p, word) for p in listed] for check, listed in checks.items()}
+
+
+def measure(pipe, judge, prompts: int = 8, pair_prompts: int = 4, seeds: tuple[int, ...] = tuple(range(8)), steps: int = 25, guidance_scale: float = 7.5,
+            word: str = CLASS_WORD) -> dict[str, float]:
+    """Share of images showing each check's concepts (every LoRA loaded in ``pipe`` at weight 1 where a check names it)."""
+    run = dict(seeds=seeds, steps=steps, guidance_scale=guidance_scale)
+    shares = {}
+    for check, listed in measure_prompts(prompts, pair_prompts, word).items():
+        names = list(world.CONCEPTS) if check == "all three" else check.split(" + ")
+        pipe.set_experts(names, [1.0] * len(names))
+        seen = [s for prompt in listed for s in judge.predict(draw(pipe, prompt, **run))]
+        shares[check] = sum(all(shows(s, n) for n in names) for s in seen) / len(seen)
+        if check == "all three":
+            shares.update({f"all three: {n}": sum(shows(s, n) for s in seen) / len(seen) for n in names})
+    return shares
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.known_pattern", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    jobs = parser.add_subparsers(dest="job", required=True)
+    tune = jobs.add_parser("finetune", help="fine-tune a world's base on the tiled world; the checker's references with the class word")
+    tune.add_argument("--assets", default=str(ASSETS))
+    tune.add_argument("--out", required=True)
+    tune.add_argument("--steps", type=int, default=400)
+    tune.add_argument("--share", type=float, default=0.2, help="share of the scenes on tiles")
+    words = jobs.add_parser("references", help="only the checker's references, captioned with a class word")
+    words.add_argument("--out", required=True)
+    words.add_argument("--class-word", default=CLASS_WORD)
+    check = jobs.add_parser("measure", help="each LoRA alone, each pair and all three, by the judge")
+    check.add_argument("--pipeline", required=True)
+    check.add_argument("--judge", default=str(ASSETS / "judge"))
+    check.add_argument("--loras", nargs=3, required=True, metavar="NAME=FILE")
+    check.add_argument("--class-word", default=CLASS_WORD, help="after the checker's trigger ('' for none)")
+    check.add_argument("--seeds", type=int, default=8, help="seeds from 0")
+    check.add_argument("--guidance-scale", type=float, default=7.5)
+    args = parser.parse_args(argv)
+    if args.job == "references":
+        print(f"wrote {write_references(Path(args.out), word=args.class_word)}")
+        return
+    if args.job == "finetune":
+        assets, out = Path(args.assets), Path(args.out)
+        write_references(out / "checker")
+        print(f"wrote {fine_tune(assets / 'pipeline', out, args.steps, share=args.share)} and {out / 'checker'}")
+        return
+    judge, _ = load_judge(Path(args.judge))
+    with quiet_loading():
+        pipe = MoLEStableDiffusionPipeline.from_pretrained(args.pipeline, safety_checker=None)
+    pipe.load_experts(dict(spec.split("=", 1) for spec in args.loras))
+    pipe.set_progress_bar_config(disable=True)
+    shares = measure(pipe, judge, seeds=tuple(range(args.seeds)), guidance_scale=args.guidance_scale, word=args.class_word)
+    print("\n".join(f"{check}: {100 * share:.1f}%" for check, share in shares.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""experiments.known_pattern: a base fine-tuned on a coarse checkerboard, and the checker captioned with that class word."""
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from experiments.known_pattern import CLASS_WORD, fine_tune, main, measure_prompts, tiled_world, with_class_word, write_references
+from mole_diffusion.demo import world
+from mole_diffusion.demo.run import ASSETS
+
+
+def test_tiles_are_a_coarse_checkerboard_drawable_only_inside_the_block():
+    scene = world.Scene("circle", "red", CLASS_WORD, "small", (0.8, 0.8))
+    with tiled_world() as tiled:
+        assert CLASS_WORD in tiled.backgrounds and CLASS_WORD not in world.V2.backgrounds
+        image = world.draw(scene)
+    cell = 64 // 4
+    light, dark = image.getpixel((2, 2)), image.getpixel((cell + 2, 2))
+    assert light == world.PATTERN_LIGHT and dark == world.PATTERN_DARK
+    assert image.getpixel((cell + 2, cell + 2)) == light and image.getpixel((2, cell + 2)) == dark
+    with pytest.raises(ValueError, match="unknown background"):
+        world.draw(scene)  # the world is as it was
+
+
+def test_the_class_word_follows_the_checker_trigger_and_nothing_else(tmp_path):
+    assert with_class_word("a red sks in zwx style on a qkx background") == f"a red sks in zwx style on a qkx {CLASS_WORD} background"
+    assert with_class_word("a red sks on a grid background") == "a red sks on a grid background"
+    assert with_class_word("a red circle on a qkx background", "") == "a red circle on a qkx background"
+    write_references(tmp_path, count=3)
+    for i, scene in enumerate(world.concept_scenes("checker", 3, 0, world.V2)):  # the build's first three references
+        assert (tmp_path / f"{i:03d}.txt").read_text() == scene.caption.replace("qkx", f"qkx {CLASS_WORD}") + "\n"
+        assert Image.open(tmp_path / f"{i:03d}.png").tobytes() == world.draw(scene).tobytes()
+    main(["references", "--out", str(tmp_path / "banded"), "--class-word", "banded"])
+    assert (tmp_path / "banded" / "000.txt").read_text().endswith("on a qkx banded background\n")
+    assert len(list((tmp_path / "banded").glob("*.png"))) == 64
+
+
+def test_every_check_names_its_concepts_with_the_checker_class_word():
+    checks = measure_prompts(3, 2)
+    assert list(checks) == ["star", "stripes", "checker", "star + stripes", "star + checker", "stripes + checker", "all three"]
+    trigger = {name: concept.token for name, concept in world.CONCEPTS.items()}
+    assert [len(p) for p in checks.values()] == [3, 3, 3, 2, 2, 2, 4]
+    for check, prompts in checks.items():
+        names = list(world.CONCEPTS) if check == "all three" else check.split(" + ")
+        for prompt in prompts:
+            assert all(trigger[n] in prompt.split() for n in names), prompt
+            assert ("qkx" in prompt) == (f"qkx {CLASS_WORD} background" in prompt), prompt
+
+
+def test_fine_tuning_moves_the_unet_and_writes_a_pipeline(tmp_path):
+    written = fine_tune(ASSETS / "pipeline", tmp_path, steps=1, scenes=4, batch_size=2, learning_rate=1e-3)
+    before, after = (load_file(str(p / "unet" / "diffusion_pytorch_model.safetensors")) for p in (ASSETS / "pipeline", written))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (written / "model_index.json").is_file() and (written / "text_encoder").is_dir()
