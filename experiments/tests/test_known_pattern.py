@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from experiments.known_pattern import CLASS_WORD, fine_tune, main, measure_prompts, tiled_world, with_class_word, write_references
+from experiments.known_pattern import CLASS_WORD, fine_tune, main, measure, measure_prompts, tiled_world, with_class_word, write_references
 from mole_diffusion.demo import world
 from mole_diffusion.demo.run import ASSETS
 
@@ -54,3 +54,37 @@ def test_fine_tuning_moves_the_unet_and_writes_a_pipeline(tmp_path):
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (written / "model_index.json").is_file() and (written / "text_encoder").is_dir()
+
+
+class _RecordingPipe:
+    """Records which experts are on for each prompt drawn; every image is the prompt itself."""
+
+    def __init__(self):
+        self.on, self.drawn = [], []
+
+    def set_experts(self, names, weights):
+        self.on = dict(zip(names, weights))
+
+    def __call__(self, prompts, generator, num_inference_steps, guidance_scale):
+        self.drawn.append((prompts[0], dict(self.on), len(prompts)))
+        return type("Output", (), {"images": list(prompts)})()
+
+
+class _StarsOnlyJudge:
+    """Reads a star wherever the prompt names one, never stripes or a checkerboard."""
+
+    def predict(self, prompts):
+        return [{"shape": "star" if "sks" in p else "circle", "style": "solid", "background": "white"} for p in prompts]
+
+
+def test_measure_draws_each_check_with_its_loras_at_weight_one_and_counts_images_showing_all_of_them():
+    pipe = _RecordingPipe()
+    shares = measure(pipe, _StarsOnlyJudge(), prompts=2, pair_prompts=1, seeds=(0, 1, 2), steps=1)
+    assert shares["star"] == 1.0 and shares["stripes"] == 0.0 and shares["checker"] == 0.0
+    assert shares["star + stripes"] == 0.0 and shares["all three"] == 0.0 and shares["all three: star"] == 1.0
+    on = {}
+    for prompt, experts, images in pipe.drawn:
+        on.setdefault(frozenset(experts), []).append(prompt)
+        assert images == 3 and set(experts.values()) == {1.0}
+    assert len(on[frozenset(["star"])]) == 2 and len(on[frozenset(["star", "checker"])]) == 1
+    assert on[frozenset(world.CONCEPTS)] == [with_class_word(p) for p in world.composition_prompts()]
