@@ -31,14 +31,16 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from diffusers import StableDiffusionPipeline
 
 from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.demo import world
-from mole_diffusion.demo.images import RESOLUTION, scene_pixels
+from mole_diffusion.demo.build import scene_examples, train_denoiser
+from mole_diffusion.demo.images import RESOLUTION
 from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.eval.attribute_judge import load_judge
 from mole_diffusion.quiet import quiet_loading
+from mole_diffusion.train.common import TrainingSettings
 
 from .instances import draw, shows, with_concept
 
@@ -86,43 +88,18 @@ def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLAS
 def fine_tune(pipeline: Path, out: Path, steps: int, scenes: int = 8000, share: float = 0.2, batch_size: int = 64,
               learning_rate: float = 2e-4, scene_seed: int = 11) -> Path:
     """Train ``pipeline``'s UNet and text encoder on scenes of the tiled world (``share`` of them on tiles) as the build
-    trains the base (captions dropped 10% of the time), the scenes drawn from ``scene_seed`` (not the base's own, 0);
+    trains the base (``build.train_denoiser``), the scenes drawn from ``scene_seed`` (not the base's own, 0);
     writes ``out/pipeline``."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    from mole_diffusion.train.common import Examples, TrainingSettings, denoising_loss, encode_prompts, make_accelerator, run_training
-
     with quiet_loading():
         pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
     rng = random.Random(scene_seed)
     with tiled_world() as tiled:
         drawn = [world.random_scene(rng, world=tiled) for _ in range(scenes)]
         drawn = [replace(s, background=CLASS_WORD) if rng.random() < share else s for s in drawn]
-        latents = []
-        with torch.no_grad():
-            for start in range(0, len(drawn), 256):
-                pixels = scene_pixels(drawn[start : start + 256]).float() / 127.5 - 1
-                latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
-    examples = Examples(torch.cat(latents), [s.caption for s in drawn], torch.zeros(len(drawn), dtype=torch.long), torch.ones(len(drawn)))
-    training = TrainingSettings(output_dir=out / "training", steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                                seed=0, checkpoint_every=100, keep_checkpoints=1, resume=True, resolution=RESOLUTION)
-    accelerator = make_accelerator(training)
-    pipe.vae.requires_grad_(False)
-    pipe.unet.train()
-    pipe.text_encoder.train()
-    params = {f"unet.{n}": p for n, p in pipe.unet.named_parameters()}
-    params |= {f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()}
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    def loss_function(indices, generator):
-        keep = generator.rand() >= 0.1
-        prompts = [examples.prompts[i] if k else "" for i, k in zip(indices, keep.tolist())]
-        conditions = encode_prompts(pipe, prompts, RESOLUTION)
-        return denoising_loss(pipe, noise_scheduler, examples.latents[indices], conditions, examples.loss_weights[indices], generator), {}
-
-    run_training(training, accelerator, pipe, params, examples, loss_function)
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+        examples = scene_examples(pipe.vae, drawn)  # drawn here, where the tiles are
+    train_denoiser(pipe, examples, TrainingSettings(output_dir=out / "training", steps=steps, batch_size=batch_size,
+                                                    learning_rate=learning_rate, seed=0, checkpoint_every=100,
+                                                    keep_checkpoints=1, resume=True, resolution=RESOLUTION))
     pipe.save_pretrained(out / "pipeline")
     return out / "pipeline"
 

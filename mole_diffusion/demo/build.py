@@ -303,7 +303,7 @@ def make_pipeline(vae, settings: BuildSettings, tokenizer_dir: Path):
 def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> Path:
     """Train the UNet and text encoder on the base world (captions dropped 10% of the time, for guidance);
     ``work`` (default ``<out>-training``) keeps the VAE and the training checkpoints, so a stopped run resumes."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
 
     stage = work or out.with_name(out.name + "-training")
     stage.mkdir(parents=True, exist_ok=True)
@@ -316,17 +316,31 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
     pipe = make_pipeline(vae, settings, stage / "tokenizer")
 
     scenes = world.base_world(settings.base_images, seed=settings.seed, world=_world(settings))
-    latents = []
-    with torch.no_grad():
-        for start in range(0, len(scenes), 256):
-            pixels = scene_pixels(scenes[start : start + 256]).float() / 127.5 - 1
-            latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
-    examples = Examples(torch.cat(latents), [s.caption for s in scenes], torch.zeros(len(scenes), dtype=torch.long), torch.ones(len(scenes)))
-
-    training = TrainingSettings(
+    train_denoiser(pipe, scene_examples(vae, scenes), TrainingSettings(
         output_dir=stage, steps=settings.base_steps, batch_size=settings.base_batch_size, learning_rate=settings.base_learning_rate,
         seed=settings.seed, checkpoint_every=250, keep_checkpoints=1, resume=True, resolution=RESOLUTION,
-    )
+    ))
+    pipe.save_pretrained(out)
+    make_portable(out, stage / "tokenizer")
+    return out
+
+
+@torch.no_grad()
+def scene_examples(vae, scenes: list[world.Scene]) -> Examples:
+    """Each scene drawn and encoded by ``vae`` (the latent distribution's mean), with its caption, for ``train_denoiser``."""
+    latents = []
+    for start in range(0, len(scenes), 256):
+        pixels = scene_pixels(scenes[start : start + 256]).float() / 127.5 - 1
+        latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+    return Examples(torch.cat(latents), [s.caption for s in scenes], torch.zeros(len(scenes), dtype=torch.long), torch.ones(len(scenes)))
+
+
+def train_denoiser(pipe, examples: Examples, training: TrainingSettings) -> None:
+    """Train ``pipe``'s UNet and text encoder on ``examples`` (latents and captions), the captions dropped 10% of the
+    time so that guidance has an unconditional prediction to start from; the VAE stays frozen. Leaves ``pipe`` on
+    the CPU in eval mode."""
+    from diffusers import DDPMScheduler
+
     accelerator = make_accelerator(training)
     pipe.to(accelerator.device)
     pipe.vae.requires_grad_(False)
@@ -347,9 +361,6 @@ def train_base(out: Path, settings: BuildSettings, work: Path | None = None) -> 
     pipe.unet.eval()
     pipe.text_encoder.eval()
     pipe.to("cpu")
-    pipe.save_pretrained(out)
-    make_portable(out, stage / "tokenizer")
-    return out
 
 
 def make_portable(pipeline: Path, tokenizer_files: Path) -> None:
