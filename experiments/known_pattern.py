@@ -16,6 +16,11 @@ coarse checkerboard of 4 x 4 cells (the concept's has 8 x 8), which the judge re
 ``references --out DIR --class-word WORD`` writes only the checker's references, with another class word (for the
 installed base: "banded", "grid").
 
+``assets --pipeline P --loras star=.. stripes=.. checker=.. --gates G --out DIR`` puts the set together as a demo
+world folder (the fine-tuned pipeline, its LoRAs and gates, the installed judge and CLIP, every concept's references,
+the checker's with the class word, and ``class_word`` in its build settings), so that ``experiments.quality`` and
+``experiments.strengths --assets DIR`` measure every method on it with the class word in every checker phrase.
+
 ``measure`` draws, on the selection seeds (from 0), each LoRA alone on fresh prompts of its own, each pair under the
 plain sum, and all three on the composition prompts, every checker phrase with the class word, and prints how often
 the judge reads the concepts.
@@ -25,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -35,7 +42,7 @@ from diffusers import StableDiffusionPipeline
 
 from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.demo import world
-from mole_diffusion.demo.build import scene_examples, train_denoiser
+from mole_diffusion.demo.build import scene_examples, train_denoiser, write_manifest
 from mole_diffusion.demo.images import RESOLUTION
 from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.eval.attribute_judge import load_judge
@@ -82,6 +89,28 @@ def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLAS
     for i, scene in enumerate(world.concept_scenes("checker", count, seed, world.V2)):
         world.draw(scene, RESOLUTION).save(out / f"{i:03d}.png")
         (out / f"{i:03d}.txt").write_text(with_class_word(scene.caption, word) + "\n")
+    return out
+
+
+def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path, assets: Path = ASSETS,
+                 word: str = CLASS_WORD) -> Path:
+    """A demo world folder at ``out`` (checked by ``demo.run.check_assets``) holding ``pipeline``, ``loras`` and
+    ``gates``, with ``assets``' judge, CLIP and star and stripes references; the checker's references, its prompt and
+    the composition prompts carry ``word``, which ``build_settings.json`` records as ``class_word``."""
+    if out.exists():
+        raise FileExistsError(f"{out} exists; give a new folder")
+    shutil.copytree(pipeline, out / "pipeline")
+    for name in ("judge", "clip", "world/concepts/star", "world/concepts/stripes"):
+        shutil.copytree(assets / name, out / name)
+    write_references(out / "world/concepts/checker", word=word)
+    (out / "loras").mkdir()
+    for name in world.CONCEPTS:
+        shutil.copyfile(loras[name], out / "loras" / f"{name}.safetensors")
+    shutil.copyfile(gates, out / "gates.safetensors")
+    (out / "concepts.toml").write_text(with_class_word((assets / "concepts.toml").read_text(), word))
+    settings = json.loads((assets / "build_settings.json").read_text())
+    (out / "build_settings.json").write_text(json.dumps({**settings, "class_word": word}, indent=1))
+    write_manifest(out)
     return out
 
 
@@ -144,6 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     words = jobs.add_parser("references", help="only the checker's references, captioned with a class word")
     words.add_argument("--out", required=True)
     words.add_argument("--class-word", default=CLASS_WORD)
+    put = jobs.add_parser("assets", help="the set as a demo world folder, for experiments.quality and strengths")
+    put.add_argument("--assets", default=str(ASSETS), help="the world whose judge, CLIP and references it takes")
+    put.add_argument("--pipeline", required=True)
+    put.add_argument("--loras", nargs=3, required=True, metavar="NAME=FILE")
+    put.add_argument("--gates", required=True)
+    put.add_argument("--class-word", default=CLASS_WORD)
+    put.add_argument("--out", required=True)
     check = jobs.add_parser("measure", help="each LoRA alone, each pair and all three, by the judge")
     check.add_argument("--pipeline", required=True)
     check.add_argument("--judge", default=str(ASSETS / "judge"))
@@ -154,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.job == "references":
         print(f"wrote {write_references(Path(args.out), word=args.class_word)}")
+        return
+    if args.job == "assets":
+        loras = {name: Path(file) for name, file in (spec.split("=", 1) for spec in args.loras)}
+        print(f"wrote {write_assets(Path(args.out), Path(args.pipeline), loras, Path(args.gates), Path(args.assets), args.class_word)}")
         return
     if args.job == "finetune":
         assets, out = Path(args.assets), Path(args.out)

@@ -36,6 +36,7 @@ from mole_diffusion.eval.presence import AttributeJudgePresence
 
 from . import spatial
 from .instances import built_world
+from .known_pattern import with_class_word
 
 METHODS = ["base", "single_{}", "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties", "peft_dare_linear",
            "switch", "composite", "regional", "mole", "mole_constant", "mole_without_{}"]
@@ -58,6 +59,12 @@ def own_scenes(name: str, known: world.World) -> list[world.Scene]:
     """Each concept's own prompts: in the first world one scene per colour (``lift_scenes``); in a later one six
     fresh scenes of the concept, every other factor varied over the world's values (seeds the build never used)."""
     return lift_scenes(name) if known is world.V1 else world.concept_scenes(name, 6, seed=7004, world=known)
+
+
+def world_prompts(prompts: list[str], settings: dict) -> list[str]:
+    """``prompts`` as the world words them: the checker's class word after its trigger in a set put together with
+    one (``experiments.known_pattern assets`` records it as the build setting ``class_word``)."""
+    return [with_class_word(p, settings.get("class_word", "")) for p in prompts]
 
 
 def read_summary(run: Path, label: str = "") -> list[dict]:
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["## Demo world quality", "", f"`python -m experiments.quality {shlex.join(argv or sys.argv[1:])}` "
              f"({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
 
-    known, _ = built_world(assets)
+    known, settings = built_world(assets)
     judge, _ = load_judge(assets / "judge")
     vae = AutoencoderKL.from_pretrained(assets / "pipeline" / "vae")
     count = 400
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                   clip_model=f"local-dir:{assets / 'clip'}", presence_model=str(assets / "judge"), seeds=seeds,
                   scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
     methods = [m.format(n) for m in args.methods or METHODS for n in (names if "{}" in m else [None])]
-    prompts = world.composition_prompts(tuple(args.colours))
+    prompts = world_prompts(world.composition_prompts(tuple(args.colours)), settings)
     drawn = {}
     if args.layout:
         pipe, spatial_judge = spatial.load_world(assets)
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(lift_seeds)} seeds from {lift_seeds[0]}): how often each method shows it.", "",
                   "| concept | " + " | ".join(["base", "lora alone", "nla", "sum", "regional", "mole"]) + " |", "|---|" + "---|" * 6]
         for name in names:
-            own = [s.caption for s in own_scenes(name, known)]
+            own = world_prompts([s.caption for s in own_scenes(name, known)], settings)
             lift_methods = ["base", f"single_{name}", "nla", "sum", "regional", "mole"]
             run = evaluate(EvaluationConfig(**{**common, "seeds": lift_seeds}, output_dir=out / f"own-{name}", prompts=own,
                                             methods=lift_methods))

@@ -19,7 +19,8 @@ from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate
 from mole_diffusion.eval.report import format_cell
 
-from .quality import read_summary
+from .instances import built_world
+from .quality import read_summary, world_prompts
 
 
 def label(weights: list[float]) -> str:
@@ -46,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give weight triples, --grid, or both")
 
     assets = Path(args.assets)
+    prompts = world_prompts(world.composition_prompts(tuple(args.colours)), built_world(assets)[1])
     results = []
     for weights in triples:
         run = evaluate(EvaluationConfig(
             base=str(assets / "pipeline"), concepts=assets / "concepts.toml", clip_model=f"local-dir:{assets / 'clip'}",
             presence_model=str(assets / "judge"), seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
             scheduler="ddim", steps=25, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-            output_dir=Path(args.out) / ("w" + "_".join(f"{w:g}" for w in weights)), prompts=world.composition_prompts(tuple(args.colours)),
+            output_dir=Path(args.out) / ("w" + "_".join(f"{w:g}" for w in weights)), prompts=prompts,
             methods=["nla"], nla_weights=weights, progress=False))
         summary = read_summary(run)[0]
         results.append((summary["present_all"], weights))

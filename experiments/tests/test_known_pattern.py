@@ -1,13 +1,16 @@
 """experiments.known_pattern: a base fine-tuned on a coarse checkerboard, and the checker captioned with that class word."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from experiments.known_pattern import CLASS_WORD, fine_tune, main, measure, measure_prompts, tiled_world, with_class_word, write_references
+from mole_diffusion.concepts import load_compositions, load_concepts
 from mole_diffusion.demo import world
-from mole_diffusion.demo.run import ASSETS
+from mole_diffusion.demo.run import ASSETS, check_assets
 
 
 def test_tiles_are_a_coarse_checkerboard_drawable_only_inside_the_block():
@@ -88,3 +91,28 @@ def test_measure_draws_each_check_with_its_loras_at_weight_one_and_counts_images
         assert images == 3 and set(experts.values()) == {1.0}
     assert len(on[frozenset(["star"])]) == 2 and len(on[frozenset(["star", "checker"])]) == 1
     assert on[frozenset(world.CONCEPTS)] == [with_class_word(p) for p in world.composition_prompts()]
+
+
+def test_the_set_is_put_together_as_a_demo_world_whose_checker_phrases_carry_the_class_word(tmp_path):
+    pipeline = tmp_path / "tuned"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    loras = {name: tmp_path / f"{name}-lora.safetensors" for name in world.CONCEPTS}
+    for name, file in loras.items():
+        file.write_bytes(name.encode())
+    (tmp_path / "g.safetensors").write_bytes(b"gates")
+    out = tmp_path / "set"
+    main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(out),
+          "--loras", *(f"{n}={f}" for n, f in loras.items())])
+    assert sorted(check_assets(out)) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != "manifest.json" and p.is_file())
+    assert [(out / "loras" / f"{n}.safetensors").read_bytes() for n in world.CONCEPTS] == [n.encode() for n in world.CONCEPTS]
+    assert (out / "gates.safetensors").read_bytes() == b"gates"
+    concepts = {c.name: c for c in load_concepts(out / "concepts.toml")}
+    assert concepts["checker"].prompt == f"a shape on a qkx {CLASS_WORD} background" and concepts["star"].prompt == "a sks"
+    assert all(f"qkx {CLASS_WORD} background" in p for p in load_compositions(out / "concepts.toml"))
+    assert (out / "world/concepts/checker/000.txt").read_text().endswith(f"qkx {CLASS_WORD} background\n")
+    assert (out / "world/concepts/star/000.png").read_bytes() == (ASSETS / "world/concepts/star/000.png").read_bytes()
+    assert json.loads((out / "build_settings.json").read_text())["class_word"] == CLASS_WORD
+    with pytest.raises(FileExistsError, match="exists"):
+        main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(out),
+              "--loras", *(f"{n}={f}" for n, f in loras.items())])

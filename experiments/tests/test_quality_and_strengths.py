@@ -84,3 +84,27 @@ def test_quality_scores_a_spatial_sampler_on_the_methods_prompts_and_seeds(tmp_p
     (composition,) = configs
     assert composition.seeds == [100, 101, 102] and composition.prompts == composition_prompts()
     assert composition.image_folders == {"layout_without_star": str(tmp_path / "layout" / "layout_without_star")}
+
+
+def test_a_world_put_together_with_a_class_word_gets_it_in_every_checker_phrase(tmp_path, monkeypatch):
+    """A set from ``experiments.known_pattern assets`` records its checker's class word; the composition prompts,
+    each concept's own prompts and the strengths grid all carry it after the trigger, as its references did."""
+    configs = []
+    for module in (quality, strengths):
+        monkeypatch.setattr(module, "evaluate", lambda config: configs.append(config) or config.output_dir)
+        monkeypatch.setattr(module, "built_world", lambda assets: (world.V2, {"world": "v2", "class_word": "tiled"}))
+    monkeypatch.setattr(quality, "read_summary", lambda run, label="": [])
+    monkeypatch.setattr(quality, "read_rows", lambda run, label="": [])
+    monkeypatch.setattr(quality, "round_trip_accuracy", lambda judge, vae, count, known: {"shape": 1.0})
+    monkeypatch.setattr(quality, "paired_lines", lambda rows, names, reference: [])
+    quality.main(["--out", str(tmp_path), "--seeds", "1", "--methods", "sum"])
+    composition, *own = configs
+    assert composition.prompts == [p.replace("qkx", "qkx tiled") for p in composition_prompts()]
+    assert [len(c.prompts) for c in own] == [6, 6, 6]
+    phrases = [p for c in own for p in c.prompts if "qkx" in p]
+    assert len(phrases) >= 6 and all("qkx tiled background" in p for p in phrases)
+
+    configs.clear()
+    monkeypatch.setattr(strengths, "read_summary", lambda run: [{"method": "nla", "n": 4, **{f"present_{c}{end}": 0.5 for c in (*world.CONCEPTS, "all") for end in ("", "_low", "_high")}}])
+    strengths.main(["--out", str(tmp_path), "1,1,1"])
+    assert configs[0].prompts == composition.prompts
