@@ -40,6 +40,19 @@ def built_world(assets: Path) -> tuple[world.World, dict]:
     return world.WORLDS[settings.get("world", "v1")], settings
 
 
+def with_class_word(caption: str, word: str) -> str:
+    """The caption with ``word`` after the checker's trigger: "... on a qkx background" -> "... on a qkx tiled
+    background" (a set whose checker was trained with a class word, ``experiments.known_pattern``)."""
+    token = world.CONCEPTS["checker"].token
+    return caption.replace(f"{token} background", f"{token} {word} background") if word else caption
+
+
+def world_prompts(prompts: list[str], settings: dict) -> list[str]:
+    """``prompts`` as the world words them: the checker's class word after its trigger in a set put together with
+    one (``experiments.known_pattern assets`` records it as the build setting ``class_word``)."""
+    return [with_class_word(p, settings.get("class_word", "")) for p in prompts]
+
+
 def spread(centres: list[tuple[float, float] | None]) -> float | None:
     """How far centres scatter: sqrt(var x + var y) over those found (None with fewer than two)."""
     found = [c for c in centres if c is not None]
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     assets, out = Path(args.assets), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     known, settings = built_world(assets)
+    word = settings.get("class_word", "")  # the checker's class word in a set of experiments.known_pattern
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     judge, _ = load_judge(assets / "judge")
     pipe = MoLEStableDiffusionPipeline.from_pretrained(assets / "pipeline", safety_checker=None)
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_experts(list(NAMES), [0.0] * len(NAMES))
     read = {factor: 0 for factor in ("shape", "colour", "style", "background")}
     for scene in world.base_world(args.prompts, seed=7001, world=known):
-        for seen in judge.predict(draw(pipe, scene.caption, **run)):
+        for seen in judge.predict(draw(pipe, with_class_word(scene.caption, word), **run)):
             for factor in read:
                 read[factor] += seen[factor] == scene_labels(scene)[factor]
     total = args.prompts * len(seeds)
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.set_experts([name], [1.0])
         present, spreads = 0, []
         for scene in world.concept_scenes(name, args.prompts, seed=7002, world=known):
-            images = draw(pipe, scene.caption, **run)
+            images = draw(pipe, with_class_word(scene.caption, word), **run)
             present += sum(shows(seen, name) for seen in judge.predict(images))
             spreads.append(spread(judge.locate(images)))
         references = spread([s.center for s in world.concept_scenes(name, settings["concept_images"], settings["seed"], known)])
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         both = 0
         for scene in world.concept_scenes(first, args.prompts, seed=7003, world=known):
             scene = with_concept(scene, second)
-            for seen in judge.predict(draw(pipe, scene.caption, **run)):
+            for seen in judge.predict(draw(pipe, with_class_word(scene.caption, word), **run)):
                 both += shows(seen, first) and shows(seen, second)
         lines.append(f"| {first} + {second} | {100 * both / total:.1f}% |")
         print(lines[-1], flush=True)

@@ -49,10 +49,10 @@ from mole_diffusion.eval.attribute_judge import load_judge
 from mole_diffusion.quiet import quiet_loading
 from mole_diffusion.train.common import TrainingSettings
 
-from .instances import draw, shows, with_concept
+from .instances import draw, shows, with_class_word, with_concept
 
 TILE_CELLS = 4
-CLASS_WORD = "tiled"
+CLASS_WORD = "tiled"  # the default of every job's --class-word
 
 
 @contextmanager
@@ -74,12 +74,6 @@ def tiled_world() -> Iterator[world.World]:
         yield replace(world.V2, name="v2-tiled", backgrounds=(*world.V2.backgrounds, CLASS_WORD))
     finally:
         world._pattern, world.ALL_BACKGROUNDS = paint, backgrounds
-
-
-def with_class_word(caption: str, word: str = CLASS_WORD) -> str:
-    """The caption with ``word`` after the checker's trigger: "... on a qkx background" -> "... on a qkx tiled background"."""
-    token = world.CONCEPTS["checker"].token
-    return caption.replace(f"{token} background", f"{token} {word} background") if word else caption
 
 
 def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLASS_WORD) -> Path:

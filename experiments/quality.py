@@ -35,8 +35,7 @@ from mole_diffusion.eval.summary import paired_table
 from mole_diffusion.eval.presence import AttributeJudgePresence
 
 from . import spatial
-from .instances import built_world
-from .known_pattern import with_class_word
+from .instances import built_world, world_prompts
 
 METHODS = ["base", "single_{}", "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties", "peft_dare_linear",
            "switch", "composite", "regional", "mole", "mole_constant", "mole_without_{}"]
@@ -59,12 +58,6 @@ def own_scenes(name: str, known: world.World) -> list[world.Scene]:
     """Each concept's own prompts: in the first world one scene per colour (``lift_scenes``); in a later one six
     fresh scenes of the concept, every other factor varied over the world's values (seeds the build never used)."""
     return lift_scenes(name) if known is world.V1 else world.concept_scenes(name, 6, seed=7004, world=known)
-
-
-def world_prompts(prompts: list[str], settings: dict) -> list[str]:
-    """``prompts`` as the world words them: the checker's class word after its trigger in a set put together with
-    one (``experiments.known_pattern assets`` records it as the build setting ``class_word``)."""
-    return [with_class_word(p, settings.get("class_word", "")) for p in prompts]
 
 
 def read_summary(run: Path, label: str = "") -> list[dict]:

@@ -19,8 +19,8 @@ from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate
 from mole_diffusion.eval.report import format_cell
 
-from .instances import built_world
-from .quality import read_summary, world_prompts
+from .instances import built_world, world_prompts
+from .quality import read_summary
 
 
 def label(weights: list[float]) -> str:

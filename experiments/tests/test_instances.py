@@ -31,3 +31,13 @@ def test_the_checks_run_on_the_shipped_world_and_write_their_tables(tmp_path, ca
     for name in instances.NAMES:
         assert f"| {name} |" in text
     assert text.count(" + ") == 3 and capsys.readouterr().out.endswith(f"wrote {tmp_path / 'instances.md'}\n")
+
+
+def test_a_set_with_a_class_word_is_drawn_with_it_in_every_checker_phrase(tmp_path, monkeypatch):
+    prompts = []
+    settings = {**instances.built_world(ASSETS)[1], "class_word": "tiled"}
+    monkeypatch.setattr(instances, "built_world", lambda assets: (world.V2, settings))
+    monkeypatch.setattr(instances, "draw", lambda pipe, prompt, seeds, **kw: prompts.append(prompt) or [world.draw(world.Scene("circle", "red", "blue", "large", (0.5, 0.5)))] * len(seeds))
+    instances.main(["--out", str(tmp_path), "--prompts", "1", "--seeds", "1", "--steps", "1"])
+    phrases = [p for p in prompts if "qkx" in p]
+    assert len(prompts) == 7 and len(phrases) == 3 and all("qkx tiled background" in p for p in phrases)

@@ -27,8 +27,8 @@ def test_tiles_are_a_coarse_checkerboard_drawable_only_inside_the_block():
 
 
 def test_the_class_word_follows_the_checker_trigger_and_nothing_else(tmp_path):
-    assert with_class_word("a red sks in zwx style on a qkx background") == f"a red sks in zwx style on a qkx {CLASS_WORD} background"
-    assert with_class_word("a red sks on a grid background") == "a red sks on a grid background"
+    assert with_class_word("a red sks in zwx style on a qkx background", CLASS_WORD) == f"a red sks in zwx style on a qkx {CLASS_WORD} background"
+    assert with_class_word("a red sks on a grid background", CLASS_WORD) == "a red sks on a grid background"
     assert with_class_word("a red circle on a qkx background", "") == "a red circle on a qkx background"
     write_references(tmp_path, count=3)
     for i, scene in enumerate(world.concept_scenes("checker", 3, 0, world.V2)):  # the build's first three references
@@ -90,7 +90,7 @@ def test_measure_draws_each_check_with_its_loras_at_weight_one_and_counts_images
         on.setdefault(frozenset(experts), []).append(prompt)
         assert images == 3 and set(experts.values()) == {1.0}
     assert len(on[frozenset(["star"])]) == 2 and len(on[frozenset(["star", "checker"])]) == 1
-    assert on[frozenset(world.CONCEPTS)] == [with_class_word(p) for p in world.composition_prompts()]
+    assert on[frozenset(world.CONCEPTS)] == [with_class_word(p, CLASS_WORD) for p in world.composition_prompts()]
 
 
 def test_the_set_is_put_together_as_a_demo_world_whose_checker_phrases_carry_the_class_word(tmp_path):
