@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         presence = AttributeJudgePresence(assets / "judge", names)
         for spec in args.layout:
             spatial.run(pipe, spatial_judge, presence, out / "layout", spec, args.seeds, args.first_seed,
-                        steps=args.steps, guidance_scale=args.guidance_scale)
+                        steps=args.steps, guidance_scale=args.guidance_scale, word=settings.get("class_word", ""))
             drawn[spec.split(":")[0]] = str(out / "layout" / spec.split(":")[0])
         del pipe
     run = evaluate(EvaluationConfig(**common, output_dir=out / "composition", prompts=prompts, methods=methods,

@@ -55,6 +55,8 @@ from mole_diffusion.eval.stats import format_rate
 from mole_diffusion.quiet import quiet_loading
 from mole_diffusion.schedulers import use_scheduler
 
+from .instances import with_class_word
+
 NAMES = ("star", "stripes", "checker")
 MASKS = ("judge", "split", "disc")
 
@@ -404,9 +406,10 @@ def rejudge(presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
 
 
 def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int = 0,
-        colours: tuple[str, ...] | None = None, steps: int = 25, guidance_scale: float = 5.0) -> dict[str, tuple[int, int]]:
-    """{rate: (images that show it, images)} for one spec over the composition prompts; the images are written to
-    OUT/<label>/p<prompt index>-s<seed>.png."""
+        colours: tuple[str, ...] | None = None, steps: int = 25, guidance_scale: float = 5.0,
+        word: str = "") -> dict[str, tuple[int, int]]:
+    """{rate: (images that show it, images)} for one spec over the composition prompts (``word``: the checker's class
+    word, in a set of ``experiments.known_pattern``); the images are written to OUT/<label>/p<prompt index>-s<seed>.png."""
     label, mask, lead, _, where, dilate = spec.split(":")
     if where not in ("object", "everywhere", "two-pass", "inpaint", "inpaint-inside"):
         raise ValueError(f"{spec}: WHERE is 'object', 'everywhere', 'two-pass', 'inpaint' or 'inpaint-inside', got {where!r}")
@@ -427,7 +430,7 @@ def run(pipe, judge, presence, out: Path, spec: str, seeds: int, first_seed: int
     counts, active = dict.fromkeys(COUNTED, 0), active_concepts(spec)
     folder = out / label
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = world.composition_prompts(*([colours] if colours else []))
+    prompts = [with_class_word(p, word) for p in world.composition_prompts(*([colours] if colours else []))]
     try:
         for p, prompt in enumerate(prompts):
             for seed in range(first_seed, first_seed + seeds):

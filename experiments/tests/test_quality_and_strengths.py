@@ -80,7 +80,7 @@ def test_quality_scores_a_spatial_sampler_on_the_methods_prompts_and_seeds(tmp_p
                         drawn.append((out, spec, seeds, first_seed, kw)))
     spec = "layout_without_star:split:4:0,1,2:inpaint-inside:1"
     quality.main(["--out", str(tmp_path), "--seeds", "3", "--first-seed", "100", "--skip-lift", "--layout", spec])
-    assert drawn == [(tmp_path / "layout", spec, 3, 100, {"steps": 25, "guidance_scale": 5.0})]
+    assert drawn == [(tmp_path / "layout", spec, 3, 100, {"steps": 25, "guidance_scale": 5.0, "word": ""})]
     (composition,) = configs
     assert composition.seeds == [100, 101, 102] and composition.prompts == composition_prompts()
     assert composition.image_folders == {"layout_without_star": str(tmp_path / "layout" / "layout_without_star")}
@@ -97,7 +97,11 @@ def test_a_world_put_together_with_a_class_word_gets_it_in_every_checker_phrase(
     monkeypatch.setattr(quality, "read_rows", lambda run, label="": [])
     monkeypatch.setattr(quality, "round_trip_accuracy", lambda judge, vae, count, known: {"shape": 1.0})
     monkeypatch.setattr(quality, "paired_lines", lambda rows, names, reference: [])
-    quality.main(["--out", str(tmp_path), "--seeds", "1", "--methods", "sum"])
+    layouts = []
+    monkeypatch.setattr(spatial, "load_world", lambda assets: ("pipe", "judge"))
+    monkeypatch.setattr(spatial, "run", lambda *args, **kw: layouts.append(kw["word"]))
+    quality.main(["--out", str(tmp_path), "--seeds", "1", "--methods", "sum", "--layout", "layout:split:4:1,1,2:inpaint-inside:1"])
+    assert layouts == ["tiled"]
     composition, *own = configs
     assert composition.prompts == [p.replace("qkx", "qkx tiled") for p in composition_prompts()]
     assert [len(c.prompts) for c in own] == [6, 6, 6]

@@ -3,6 +3,7 @@ and the re-reading of an earlier run's images."""
 
 import pytest
 import torch
+from PIL import Image
 
 from experiments import spatial
 from experiments.spatial import (
@@ -172,3 +173,24 @@ def test_a_specs_active_concepts_are_those_with_a_weight_above_zero():
     assert active_concepts("a:split:4:0,1,2:inpaint-inside:1") == ["stripes", "checker"]
     assert active_concepts("a:split:4:1,1,0:inpaint-inside:1") == ["star", "stripes"]
     assert active_concepts("a:split:8:1,0:two-pass:2") == ["star", "checker"]  # CHECKER 1 unless given
+
+
+def test_the_layout_sampler_draws_the_composition_prompts_with_a_sets_class_word(tmp_path, monkeypatch):
+    drawn = []
+
+    class Sampler:  # records the prompts it is asked for, draws a blank image
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, prompt, seed):
+            drawn.append((prompt, seed))
+            return Image.new("RGB", (64, 64)), None
+
+    class Presence:
+        def read(self, images, prompts):
+            return [({name: True for name in spatial.NAMES}, None) for _ in images]
+
+    monkeypatch.setattr(spatial, "LayoutThenBackground", Sampler)
+    counts = spatial.run(None, None, Presence(), tmp_path, "layout:split:4:1,1,2:inpaint-inside:1", 1, 100, word="tiled")
+    assert drawn == [(p.replace("qkx", "qkx tiled"), 100) for p in world.composition_prompts()]
+    assert counts["all"] == (4, 4) and len(list((tmp_path / "layout").glob("*.png"))) == 4
