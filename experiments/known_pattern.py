@@ -18,8 +18,8 @@ installed base: "banded", "grid").
 
 ``assets --pipeline P --loras star=.. stripes=.. checker=.. --gates G --out DIR`` puts the set together as a demo
 world folder (the fine-tuned pipeline, its LoRAs and gates, the installed judge and CLIP, every concept's references,
-the checker's with the class word, and ``class_word`` in its build settings), so that ``experiments.quality`` and
-``experiments.strengths --assets DIR`` measure every method on it with the class word in every checker phrase.
+the checker's with the class word, and ``class_word`` in its build settings), so that ``experiments.quality``,
+``strengths`` and ``instances --assets DIR`` measure every method on it with the class word in every checker phrase.
 
 ``measure`` draws, on the selection seeds (from 0), each LoRA alone on fresh prompts of its own, each pair under the
 plain sum, and all three on the composition prompts, every checker phrase with the class word, and prints how often
@@ -93,6 +93,11 @@ def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path,
     the composition prompts carry ``word``, which ``build_settings.json`` records as ``class_word``."""
     if out.exists():
         raise FileExistsError(f"{out} exists; give a new folder")
+    if sorted(loras) != sorted(world.CONCEPTS):
+        raise ValueError(f"--loras names {sorted(loras)}; expected one LoRA for each of {sorted(world.CONCEPTS)}")
+    missing = [str(f) for f in (pipeline / "model_index.json", gates, *loras.values()) if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"not found: {', '.join(missing)} (a diffusers pipeline folder, a gate file and three LoRA files)")
     shutil.copytree(pipeline, out / "pipeline")
     for name in ("judge", "clip", "world/concepts/star", "world/concepts/stripes"):
         shutil.copytree(assets / name, out / name)

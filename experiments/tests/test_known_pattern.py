@@ -113,6 +113,13 @@ def test_the_set_is_put_together_as_a_demo_world_whose_checker_phrases_carry_the
     assert (out / "world/concepts/checker/000.txt").read_text().endswith(f"qkx {CLASS_WORD} background\n")
     assert (out / "world/concepts/star/000.png").read_bytes() == (ASSETS / "world/concepts/star/000.png").read_bytes()
     assert json.loads((out / "build_settings.json").read_text())["class_word"] == CLASS_WORD
+    with pytest.raises(ValueError, match=r"expected one LoRA for each of \['checker', 'star', 'stripes'\]"):
+        main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "other"),
+              "--loras", f"star={loras['star']}", f"stripes={loras['stripes']}", f"chekcer={loras['checker']}"])
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "nothing.safetensors"), "--out", str(tmp_path / "other"),
+              "--loras", *(f"{n}={f}" for n, f in loras.items())])
+    assert not (tmp_path / "other").exists()  # nothing written before the inputs are checked
     with pytest.raises(FileExistsError, match="exists"):
         main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(out),
               "--loras", *(f"{n}={f}" for n, f in loras.items())])
