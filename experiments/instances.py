@@ -42,15 +42,10 @@ def built_world(assets: Path) -> tuple[world.World, dict]:
 
 def with_class_word(caption: str, word: str) -> str:
     """The caption with ``word`` after the checker's trigger: "... on a qkx background" -> "... on a qkx tiled
-    background" (a set whose checker was trained with a class word, ``experiments.known_pattern``)."""
+    background" (a set whose checker was trained with a class word: ``experiments.known_pattern assets`` records it as
+    the build setting ``class_word``, which every measurement reads from ``built_world``'s settings)."""
     token = world.CONCEPTS["checker"].token
     return caption.replace(f"{token} background", f"{token} {word} background") if word else caption
-
-
-def world_prompts(prompts: list[str], settings: dict) -> list[str]:
-    """``prompts`` as the world words them: the checker's class word after its trigger in a set put together with
-    one (``experiments.known_pattern assets`` records it as the build setting ``class_word``)."""
-    return [with_class_word(p, settings.get("class_word", "")) for p in prompts]
 
 
 def spread(centres: list[tuple[float, float] | None]) -> float | None:

@@ -95,7 +95,7 @@ def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path,
         raise FileExistsError(f"{out} exists; give a new folder")
     if sorted(loras) != sorted(world.CONCEPTS):
         raise ValueError(f"--loras names {sorted(loras)}; expected one LoRA for each of {sorted(world.CONCEPTS)}")
-    missing = [str(f) for f in (pipeline / "model_index.json", gates, *loras.values()) if not Path(f).is_file()]
+    missing = [str(f) for f in (pipeline / "model_index.json", gates, *loras.values()) if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"not found: {', '.join(missing)} (a diffusers pipeline folder, a gate file and three LoRA files)")
     shutil.copytree(pipeline, out / "pipeline")

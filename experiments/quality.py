@@ -35,7 +35,7 @@ from mole_diffusion.eval.summary import paired_table
 from mole_diffusion.eval.presence import AttributeJudgePresence
 
 from . import spatial
-from .instances import built_world, world_prompts
+from .instances import built_world, with_class_word
 
 METHODS = ["base", "single_{}", "nla", "sum", "set_adapters", "peft_cat", "peft_svd", "peft_ties", "peft_dare_linear",
            "switch", "composite", "regional", "mole", "mole_constant", "mole_without_{}"]
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
              f"({args.steps} DDIM steps, guidance {args.guidance_scale})", ""]
 
     known, settings = built_world(assets)
+    word = settings.get("class_word", "")  # the checker's class word in a set of experiments.known_pattern
     judge, _ = load_judge(assets / "judge")
     vae = AutoencoderKL.from_pretrained(assets / "pipeline" / "vae")
     count = 400
@@ -148,14 +149,14 @@ def main(argv: list[str] | None = None) -> None:
                   clip_model=f"local-dir:{assets / 'clip'}", presence_model=str(assets / "judge"), seeds=seeds,
                   scheduler="ddim", steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
     methods = [m.format(n) for m in args.methods or METHODS for n in (names if "{}" in m else [None])]
-    prompts = world_prompts(world.composition_prompts(tuple(args.colours)), settings)
+    prompts = [with_class_word(p, word) for p in world.composition_prompts(tuple(args.colours))]
     drawn = {}
     if args.layout:
         pipe, spatial_judge = spatial.load_world(assets)
         presence = AttributeJudgePresence(assets / "judge", names)
         for spec in args.layout:
             spatial.run(pipe, spatial_judge, presence, out / "layout", spec, args.seeds, args.first_seed,
-                        steps=args.steps, guidance_scale=args.guidance_scale, word=settings.get("class_word", ""))
+                        steps=args.steps, guidance_scale=args.guidance_scale, word=word)
             drawn[spec.split(":")[0]] = str(out / "layout" / spec.split(":")[0])
         del pipe
     run = evaluate(EvaluationConfig(**common, output_dir=out / "composition", prompts=prompts, methods=methods,
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(lift_seeds)} seeds from {lift_seeds[0]}): how often each method shows it.", "",
                   "| concept | " + " | ".join(["base", "lora alone", "nla", "sum", "regional", "mole"]) + " |", "|---|" + "---|" * 6]
         for name in names:
-            own = world_prompts([s.caption for s in own_scenes(name, known)], settings)
+            own = [with_class_word(s.caption, word) for s in own_scenes(name, known)]
             lift_methods = ["base", f"single_{name}", "nla", "sum", "regional", "mole"]
             run = evaluate(EvaluationConfig(**{**common, "seeds": lift_seeds}, output_dir=out / f"own-{name}", prompts=own,
                                             methods=lift_methods))

@@ -19,7 +19,7 @@ from mole_diffusion.demo.run import ASSETS
 from mole_diffusion.eval.evaluate import EvaluationConfig, evaluate
 from mole_diffusion.eval.report import format_cell
 
-from .instances import built_world, world_prompts
+from .instances import built_world, with_class_word
 from .quality import read_summary
 
 
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give weight triples, --grid, or both")
 
     assets = Path(args.assets)
-    prompts = world_prompts(world.composition_prompts(tuple(args.colours)), built_world(assets)[1])
+    word = built_world(assets)[1].get("class_word", "")  # the checker's class word in a set of experiments.known_pattern
+    prompts = [with_class_word(p, word) for p in world.composition_prompts(tuple(args.colours))]
     results = []
     for weights in triples:
         run = evaluate(EvaluationConfig(
