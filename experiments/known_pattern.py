@@ -14,7 +14,8 @@ coarse checkerboard of 4 x 4 cells (the concept's has 8 x 8), which the judge re
         --loras star=STAR stripes=STRIPES checker=CHECKER --class-word tiled
 
 ``references --out DIR --class-word WORD`` writes only the checker's references, with another class word (for the
-installed base: "banded", "grid").
+installed base: "banded", "grid"); ``--concept star --tiled`` the star's, drawn over the tiled world's grounds as
+well (tiles are a ground the fine-tuned base knows, so the star's references may vary over them too).
 
 ``assets --pipeline P --loras star=.. stripes=.. checker=.. --gates G --out DIR`` puts the set together as a demo
 world folder (the fine-tuned pipeline, its LoRAs and gates, the installed judge and CLIP, every concept's references,
@@ -34,7 +35,7 @@ import json
 import random
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,13 +77,16 @@ def tiled_world() -> Iterator[world.World]:
         world._pattern, world.ALL_BACKGROUNDS = paint, backgrounds
 
 
-def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLASS_WORD) -> Path:
-    """The checker's references as a build draws them (``count`` scenes from ``seed``), ``NNN.png`` with its caption
-    ``NNN.txt``, the class word after the trigger."""
+def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLASS_WORD, concept: str = "checker",
+                     tiled: bool = False) -> Path:
+    """A concept's references as a build draws them (``count`` scenes from ``seed``), ``NNN.png`` with its caption
+    ``NNN.txt``, the class word after the checker's trigger. With ``tiled`` the other factors vary over the tiled
+    world's values, so a star or a striped object is also drawn on tiles ("a red sks on a tiled background")."""
     out.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(world.concept_scenes("checker", count, seed, world.V2)):
-        world.draw(scene, RESOLUTION).save(out / f"{i:03d}.png")
-        (out / f"{i:03d}.txt").write_text(with_class_word(scene.caption, word) + "\n")
+    with tiled_world() if tiled else nullcontext(world.V2) as drawn_world:
+        for i, scene in enumerate(world.concept_scenes(concept, count, seed, drawn_world)):
+            world.draw(scene, RESOLUTION).save(out / f"{i:03d}.png")
+            (out / f"{i:03d}.txt").write_text(with_class_word(scene.caption, word) + "\n")
     return out
 
 
@@ -169,9 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     tune.add_argument("--out", required=True)
     tune.add_argument("--steps", type=int, default=400)
     tune.add_argument("--share", type=float, default=0.2, help="share of the scenes on tiles")
-    words = jobs.add_parser("references", help="only the checker's references, captioned with a class word")
+    words = jobs.add_parser("references", help="one concept's references: the checker's with a class word, any on tiles too")
     words.add_argument("--out", required=True)
     words.add_argument("--class-word", default=CLASS_WORD)
+    words.add_argument("--concept", default="checker", choices=sorted(world.CONCEPTS))
+    words.add_argument("--tiled", action="store_true", help="vary the other factors over the tiled world (tiles among the grounds)")
     put = jobs.add_parser("assets", help="the set as a demo world folder, for experiments.quality and strengths")
     put.add_argument("--assets", default=str(ASSETS), help="the world whose judge, CLIP and references it takes")
     put.add_argument("--pipeline", required=True)
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--guidance-scale", type=float, default=7.5)
     args = parser.parse_args(argv)
     if args.job == "references":
-        print(f"wrote {write_references(Path(args.out), word=args.class_word)}")
+        print(f"wrote {write_references(Path(args.out), word=args.class_word, concept=args.concept, tiled=args.tiled)}")
         return
     if args.job == "assets":
         loras = {name: Path(file) for name, file in (spec.split("=", 1) for spec in args.loras)}

@@ -39,6 +39,20 @@ def test_the_class_word_follows_the_checker_trigger_and_nothing_else(tmp_path):
     assert len(list((tmp_path / "banded").glob("*.png"))) == 64
 
 
+def test_a_concepts_references_on_tiles_vary_the_ground_over_the_tiled_world(tmp_path):
+    main(["references", "--out", str(tmp_path / "star"), "--concept", "star", "--tiled"])
+    captions = [(tmp_path / "star" / f"{i:03d}.txt").read_text() for i in range(64)]
+    assert all(c.startswith("a ") and " sks " in c for c in captions)
+    on_tiles = [i for i, c in enumerate(captions) if c.endswith(f"on a {CLASS_WORD} background\n")]
+    assert 0 < len(on_tiles) < 64  # tiles are one ground among the world's
+    with tiled_world() as tiled:
+        scenes = world.concept_scenes("star", 64, 0, tiled)
+        assert Image.open(tmp_path / "star" / f"{on_tiles[0]:03d}.png").tobytes() == world.draw(scenes[on_tiles[0]]).tobytes()
+    write_references(tmp_path / "plain", count=8, concept="star")  # without --tiled: the build's references
+    assert [(tmp_path / "plain" / f"{i:03d}.txt").read_text() for i in range(8)] == [
+        s.caption + "\n" for s in world.concept_scenes("star", 8, 0, world.V2)]
+
+
 def test_every_check_names_its_concepts_with_the_checker_class_word():
     checks = measure_prompts(3, 2)
     assert list(checks) == ["star", "stripes", "checker", "star + stripes", "star + checker", "stripes + checker", "all three"]
