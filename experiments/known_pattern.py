@@ -91,10 +91,11 @@ def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLAS
 
 
 def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path, assets: Path = ASSETS,
-                 word: str = CLASS_WORD) -> Path:
+                 word: str = CLASS_WORD, tiled: bool = False) -> Path:
     """A demo world folder at ``out`` (checked by ``demo.run.check_assets``) holding ``pipeline``, ``loras`` and
-    ``gates``, with ``assets``' judge, CLIP and star and stripes references; the checker's references, its prompt and
-    the composition prompts carry ``word``, which ``build_settings.json`` records as ``class_word``."""
+    ``gates``, with ``assets``' judge, CLIP and star and stripes references (with ``tiled``, theirs drawn over the
+    tiled world, as ``references --tiled`` draws them); the checker's references, its prompt and the composition
+    prompts carry ``word``, which ``build_settings.json`` records as ``class_word``."""
     if out.exists():
         raise FileExistsError(f"{out} exists; give a new folder")
     if sorted(loras) != sorted(world.CONCEPTS):
@@ -103,8 +104,13 @@ def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path,
     if missing:
         raise FileNotFoundError(f"not found: {', '.join(missing)} (a diffusers pipeline folder, a gate file and three LoRA files)")
     shutil.copytree(pipeline, out / "pipeline")
-    for name in ("judge", "clip", "world/concepts/star", "world/concepts/stripes"):
+    for name in ("judge", "clip"):
         shutil.copytree(assets / name, out / name)
+    for name in ("star", "stripes"):
+        if tiled:
+            write_references(out / "world/concepts" / name, concept=name, tiled=True)
+        else:
+            shutil.copytree(assets / "world/concepts" / name, out / "world/concepts" / name)
     write_references(out / "world/concepts/checker", word=word)
     (out / "loras").mkdir()
     for name in world.CONCEPTS:
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     put.add_argument("--loras", nargs=3, required=True, metavar="NAME=FILE")
     put.add_argument("--gates", required=True)
     put.add_argument("--class-word", default=CLASS_WORD)
+    put.add_argument("--tiled", action="store_true", help="the star's and stripes' references drawn over the tiled world")
     put.add_argument("--out", required=True)
     check = jobs.add_parser("measure", help="each LoRA alone, each pair and all three, by the judge")
     check.add_argument("--pipeline", required=True)
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.job == "assets":
         loras = {name: Path(file) for name, file in (spec.split("=", 1) for spec in args.loras)}
-        print(f"wrote {write_assets(Path(args.out), Path(args.pipeline), loras, Path(args.gates), Path(args.assets), args.class_word)}")
+        print(f"wrote {write_assets(Path(args.out), Path(args.pipeline), loras, Path(args.gates), Path(args.assets), args.class_word, args.tiled)}")
         return
     if args.job == "finetune":
         assets, out = Path(args.assets), Path(args.out)

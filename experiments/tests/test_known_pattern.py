@@ -127,6 +127,12 @@ def test_the_set_is_put_together_as_a_demo_world_whose_checker_phrases_carry_the
     assert (out / "world/concepts/checker/000.txt").read_text().endswith(f"qkx {CLASS_WORD} background\n")
     assert (out / "world/concepts/star/000.png").read_bytes() == (ASSETS / "world/concepts/star/000.png").read_bytes()
     assert json.loads((out / "build_settings.json").read_text())["class_word"] == CLASS_WORD
+    main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "tiles"),
+          "--loras", *(f"{n}={f}" for n, f in loras.items()), "--tiled"])
+    write_references(tmp_path / "star-on-tiles", concept="star", tiled=True)
+    for name in ("000.png", "001.txt", "063.png"):  # the references the set's star was trained on
+        assert (tmp_path / "tiles/world/concepts/star" / name).read_bytes() == (tmp_path / "star-on-tiles" / name).read_bytes()
+    assert any(CLASS_WORD in f.read_text() for f in (tmp_path / "tiles/world/concepts/stripes").glob("*.txt"))
     with pytest.raises(ValueError, match=r"expected one LoRA for each of \['checker', 'star', 'stripes'\]"):
         main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "other"),
               "--loras", f"star={loras['star']}", f"stripes={loras['stripes']}", f"chekcer={loras['checker']}"])
