@@ -19,7 +19,8 @@ well (tiles are a ground the fine-tuned base knows, so the star's references may
 
 ``assets --pipeline P --loras star=.. stripes=.. checker=.. --gates G --out DIR`` puts the set together as a demo
 world folder (the fine-tuned pipeline, its LoRAs and gates, the installed judge and CLIP, every concept's references,
-the checker's with the class word, and ``class_word`` in its build settings), so that ``experiments.quality``,
+the checker's with the class word, and ``class_word`` in its build settings; with ``--tiled`` the star's and
+stripes' references drawn over tiles too), so that ``experiments.quality``,
 ``strengths`` and ``instances --assets DIR`` measure every method on it with the class word in every checker phrase.
 
 ``measure`` draws, on the selection seeds (from 0), each LoRA alone on fresh prompts of its own, each pair under the
