@@ -5,8 +5,8 @@ prints (and writes ``OUT/instances.md``) three checks, each on seeds the build n
    attribute judge reads each factor the caption names (shape, colour, style, background);
 2. **each LoRA alone, on its own prompts** (captions of fresh scenes of its concept, the other factors varied):
    how often its concept is there, and whether the layout follows the seed: the spread of the object's centre
-   across seeds (``locate``: the judge's object map), against the spread of the centres in its references. A LoRA
-   that memorised draws one training picture whatever the seed (spread near 0);
+   across seeds (``locate``: the judge's object map), against the spread of the centres in the references the world
+   holds, located the same way. A LoRA that memorised draws one training picture whatever the seed (spread near 0);
 3. **pairs add**: for each pair of concepts, prompts naming both, drawn with the plain sum of the two LoRAs; how
    often both are there.
 
@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from mole_diffusion import MoLEStableDiffusionPipeline
 from mole_diffusion.demo import world
@@ -55,6 +56,12 @@ def spread(centres: list[tuple[float, float] | None]) -> float | None:
         return None
     xs, ys = torch.tensor([c[0] for c in found]), torch.tensor([c[1] for c in found])
     return math.sqrt(float(xs.var(unbiased=False) + ys.var(unbiased=False)))
+
+
+def reference_spread(judge, folder: Path) -> float | None:
+    """The spread of the object's centre over a concept's reference images in ``folder``, located by ``judge`` as
+    the generated images' are: the references the world holds, however they were drawn."""
+    return spread(judge.locate([Image.open(f).convert("RGB") for f in sorted(folder.glob("*.png"))]))
 
 
 def draw(pipe, prompt: str, seeds: list[int], steps: int, guidance_scale: float):
@@ -121,12 +128,12 @@ def main(argv: list[str] | None = None) -> None:
             images = draw(pipe, with_class_word(scene.caption, word), **run)
             present += sum(shows(seen, name) for seen in judge.predict(images))
             spreads.append(spread(judge.locate(images)))
-        references = spread([s.center for s in world.concept_scenes(name, settings["concept_images"], settings["seed"], known)])
+        references = reference_spread(judge, assets / "world" / "concepts" / name)
         found = [s for s in spreads if s is not None]
         mean = sum(found) / len(found) if found else None
-        ratio = f"{mean / references:.2f}" if mean is not None else "-"
+        ratio = f"{mean / references:.2f}" if mean is not None and references else "-"
         lines.append(f"| {name} | {100 * present / total:.1f}% | {'-' if mean is None else f'{mean:.3f}'} | "
-                     f"{references:.3f} | {ratio} |")
+                     f"{'-' if references is None else f'{references:.3f}'} | {ratio} |")
         print(lines[-1], flush=True)
     lines.append("")
 

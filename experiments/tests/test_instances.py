@@ -41,3 +41,15 @@ def test_a_set_with_a_class_word_is_drawn_with_it_in_every_checker_phrase(tmp_pa
     instances.main(["--out", str(tmp_path), "--prompts", "1", "--seeds", "1", "--steps", "1"])
     phrases = [p for p in prompts if "qkx" in p]
     assert len(prompts) == 7 and len(phrases) == 3 and all("qkx tiled background" in p for p in phrases)
+
+
+def test_the_references_spread_is_read_from_the_images_in_the_folder(tmp_path):
+    from mole_diffusion.eval.attribute_judge import load_judge
+
+    judge, _ = load_judge(ASSETS / "judge")
+    for name, centres in {"still": [(0.5, 0.5)] * 4, "corners": [(0.3, 0.3), (0.7, 0.7), (0.3, 0.7), (0.7, 0.3)]}.items():
+        (tmp_path / name).mkdir()
+        for i, centre in enumerate(centres):
+            world.draw(world.Scene("star", "red", "white", "small", centre)).save(tmp_path / name / f"{i:03d}.png")
+    assert instances.reference_spread(judge, tmp_path / "still") == pytest.approx(0.0, abs=0.02)
+    assert instances.reference_spread(judge, tmp_path / "corners") == pytest.approx(instances.spread([(0.3, 0.3), (0.7, 0.7), (0.3, 0.7), (0.7, 0.3)]), abs=0.05)
