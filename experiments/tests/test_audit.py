@@ -67,3 +67,18 @@ def test_every_labels_file_in_the_docs_reads_and_has_its_images():
         rows, concepts = read_labels(path)
         assert concepts == ["star", "stripes", "checker"], path
         assert all(row["image"].is_file() for row in rows), path
+
+
+def test_the_labelled_images_are_not_ignored_by_git():
+    """A labelled image git ignores is there in the checkout that made it and missing from every clean clone."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    docs = Path(__file__).parents[1] / "docs"
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(docs), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    images = [str(row["image"]) for path in sorted(docs.glob("eye-audit-*.csv")) for row in read_labels(path)[0]]
+    ignored = subprocess.run(["git", "-C", str(docs), "check-ignore", "--no-index", "--stdin"], input="\n".join(images),
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == [], f"{len(ignored)} labelled images are ignored by .gitignore, e.g. {ignored[:1]}"
