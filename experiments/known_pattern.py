@@ -15,12 +15,14 @@ coarse checkerboard of 4 x 4 cells (the concept's has 8 x 8), which the judge re
 
 ``references --out DIR --class-word WORD`` writes only the checker's references, with another class word (for the
 installed base: "banded", "grid"); ``--concept star --tiled`` the star's, drawn over the tiled world's grounds as
-well (tiles are a ground the fine-tuned base knows, so the star's references may vary over them too).
+well (tiles are a ground the fine-tuned base knows, so the star's references may vary over them too); ``--count N``
+draws N of them (the build draws 64).
 
 ``assets --pipeline P --loras star=.. stripes=.. checker=.. --gates G --out DIR`` puts the set together as a demo
 world folder (the fine-tuned pipeline, its LoRAs and gates, the installed judge and CLIP, every concept's references,
 the checker's with the class word, and ``class_word`` in its build settings; with ``--tiled`` the star's and
-stripes' references drawn over tiles too), so that ``experiments.quality``,
+stripes' references drawn over tiles too; ``--references NAME=DIR`` copies a concept's from DIR, those its LoRA
+learned from), so that ``experiments.quality``,
 ``strengths`` and ``instances --assets DIR`` measure every method on it with the class word in every checker phrase.
 
 ``measure`` draws, on the selection seeds (from 0), each LoRA alone on fresh prompts of its own, each pair under the
@@ -92,11 +94,20 @@ def write_references(out: Path, count: int = 64, seed: int = 0, word: str = CLAS
 
 
 def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path, assets: Path = ASSETS,
-                 word: str = CLASS_WORD, tiled: bool = False) -> Path:
+                 word: str = CLASS_WORD, tiled: bool = False, references: dict[str, Path] | None = None) -> Path:
     """A demo world folder at ``out`` (checked by ``demo.run.check_assets``) holding ``pipeline``, ``loras`` and
     ``gates``, with ``assets``' judge, CLIP and star and stripes references (with ``tiled``, theirs drawn over the
     tiled world, as ``references --tiled`` draws them); the checker's references, its prompt and the composition
-    prompts carry ``word``, which ``build_settings.json`` records as ``class_word``."""
+    prompts carry ``word``, which ``build_settings.json`` records as ``class_word``. ``references`` names folders
+    copied in place of a concept's drawn references (those its LoRA and the gates learned from, when drawn otherwise,
+    say more of them)."""
+    references = {name: Path(folder) for name, folder in (references or {}).items()}
+    unknown = sorted(set(references) - set(world.CONCEPTS))
+    if unknown:
+        raise ValueError(f"--references names {unknown}; expected concepts among {sorted(world.CONCEPTS)}")
+    empty = [str(folder) for folder in references.values() if not any(folder.glob("*.png"))]
+    if empty:
+        raise FileNotFoundError(f"no reference images (*.png) in {', '.join(empty)}")
     if out.exists():
         raise FileExistsError(f"{out} exists; give a new folder")
     if sorted(loras) != sorted(world.CONCEPTS):
@@ -107,12 +118,17 @@ def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path,
     shutil.copytree(pipeline, out / "pipeline")
     for name in ("judge", "clip"):
         shutil.copytree(assets / name, out / name)
+    for name, folder in references.items():
+        shutil.copytree(folder, out / "world/concepts" / name)
     for name in ("star", "stripes"):
+        if name in references:
+            continue
         if tiled:
             write_references(out / "world/concepts" / name, concept=name, tiled=True)
         else:
             shutil.copytree(assets / "world/concepts" / name, out / "world/concepts" / name)
-    write_references(out / "world/concepts/checker", word=word)
+    if "checker" not in references:
+        write_references(out / "world/concepts/checker", word=word)
     (out / "loras").mkdir()
     for name in world.CONCEPTS:
         shutil.copyfile(loras[name], out / "loras" / f"{name}.safetensors")
@@ -185,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     words.add_argument("--class-word", default=CLASS_WORD)
     words.add_argument("--concept", default="checker", choices=sorted(world.CONCEPTS))
     words.add_argument("--tiled", action="store_true", help="vary the other factors over the tiled world (tiles among the grounds)")
+    words.add_argument("--count", type=int, default=64, help="how many references (the build draws 64)")
     put = jobs.add_parser("assets", help="the set as a demo world folder, for experiments.quality and strengths")
     put.add_argument("--assets", default=str(ASSETS), help="the world whose judge, CLIP and references it takes")
     put.add_argument("--pipeline", required=True)
@@ -192,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     put.add_argument("--gates", required=True)
     put.add_argument("--class-word", default=CLASS_WORD)
     put.add_argument("--tiled", action="store_true", help="the star's and stripes' references drawn over the tiled world")
+    put.add_argument("--references", nargs="+", default=[], metavar="NAME=DIR",
+                     help="a concept's references copied from DIR (those its LoRA learned from) instead of drawn")
     put.add_argument("--out", required=True)
     check = jobs.add_parser("measure", help="each LoRA alone, each pair and all three, by the judge")
     check.add_argument("--pipeline", required=True)
@@ -202,11 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--guidance-scale", type=float, default=7.5)
     args = parser.parse_args(argv)
     if args.job == "references":
-        print(f"wrote {write_references(Path(args.out), word=args.class_word, concept=args.concept, tiled=args.tiled)}")
+        print(f"wrote {write_references(Path(args.out), args.count, word=args.class_word, concept=args.concept, tiled=args.tiled)}")
         return
     if args.job == "assets":
         loras = {name: Path(file) for name, file in (spec.split("=", 1) for spec in args.loras)}
-        print(f"wrote {write_assets(Path(args.out), Path(args.pipeline), loras, Path(args.gates), Path(args.assets), args.class_word, args.tiled)}")
+        references = dict(spec.split("=", 1) for spec in args.references)
+        print(f"wrote {write_assets(Path(args.out), Path(args.pipeline), loras, Path(args.gates), Path(args.assets), args.class_word, args.tiled, references)}")
         return
     if args.job == "finetune":
         assets, out = Path(args.assets), Path(args.out)

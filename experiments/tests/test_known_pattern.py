@@ -37,6 +37,8 @@ def test_the_class_word_follows_the_checker_trigger_and_nothing_else(tmp_path):
     main(["references", "--out", str(tmp_path / "banded"), "--class-word", "banded"])
     assert (tmp_path / "banded" / "000.txt").read_text().endswith("on a qkx banded background\n")
     assert len(list((tmp_path / "banded").glob("*.png"))) == 64
+    main(["references", "--out", str(tmp_path / "more"), "--concept", "star", "--tiled", "--count", "5"])
+    assert sorted(f.name for f in (tmp_path / "more").iterdir()) == [f"{i:03d}.{e}" for i in range(5) for e in ("png", "txt")]
 
 
 def test_a_concepts_references_on_tiles_vary_the_ground_over_the_tiled_world(tmp_path):
@@ -133,6 +135,21 @@ def test_the_set_is_put_together_as_a_demo_world_whose_checker_phrases_carry_the
     for name in ("000.png", "001.txt", "063.png"):  # the references the set's star was trained on
         assert (tmp_path / "tiles/world/concepts/star" / name).read_bytes() == (tmp_path / "star-on-tiles" / name).read_bytes()
     assert any(CLASS_WORD in f.read_text() for f in (tmp_path / "tiles/world/concepts/stripes").glob("*.txt"))
+    own = tmp_path / "own-star"
+    write_references(own, count=3, concept="star", seed=5)
+    main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "own"),
+          "--loras", *(f"{n}={f}" for n, f in loras.items()), "--tiled", "--references", f"star={own}"])
+    copied = tmp_path / "own/world/concepts/star"  # exactly the folder given; the others drawn as before
+    assert sorted(f.name for f in copied.iterdir()) == sorted(f.name for f in own.iterdir())
+    assert all((copied / f.name).read_bytes() == f.read_bytes() for f in own.iterdir())
+    assert len(list((tmp_path / "own/world/concepts/stripes").glob("*.png"))) == 64
+    with pytest.raises(ValueError, match=r"--references names \['stars'\]"):
+        main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "other"),
+              "--loras", *(f"{n}={f}" for n, f in loras.items()), "--references", f"stars={own}"])
+    with pytest.raises(FileNotFoundError, match=r"no reference images \(\*.png\) in .*empty"):
+        (tmp_path / "empty").mkdir()
+        main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "other"),
+              "--loras", *(f"{n}={f}" for n, f in loras.items()), "--references", f"checker={tmp_path / 'empty'}"])
     with pytest.raises(ValueError, match=r"expected one LoRA for each of \['checker', 'star', 'stripes'\]"):
         main(["assets", "--pipeline", str(pipeline), "--gates", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "other"),
               "--loras", f"star={loras['star']}", f"stripes={loras['stripes']}", f"chekcer={loras['checker']}"])
