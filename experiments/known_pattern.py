@@ -118,17 +118,16 @@ def write_assets(out: Path, pipeline: Path, loras: dict[str, Path], gates: Path,
     shutil.copytree(pipeline, out / "pipeline")
     for name in ("judge", "clip"):
         shutil.copytree(assets / name, out / name)
-    for name, folder in references.items():
-        shutil.copytree(folder, out / "world/concepts" / name)
-    for name in ("star", "stripes"):
+    for name in world.CONCEPTS:  # each concept's references: given, or the checker's with the class word, or drawn
+        target = out / "world/concepts" / name
         if name in references:
-            continue
-        if tiled:
-            write_references(out / "world/concepts" / name, concept=name, tiled=True)
+            shutil.copytree(references[name], target)
+        elif name == "checker":
+            write_references(target, word=word)
+        elif tiled:
+            write_references(target, concept=name, tiled=True)
         else:
-            shutil.copytree(assets / "world/concepts" / name, out / "world/concepts" / name)
-    if "checker" not in references:
-        write_references(out / "world/concepts/checker", word=word)
+            shutil.copytree(assets / "world/concepts" / name, target)
     (out / "loras").mkdir()
     for name in world.CONCEPTS:
         shutil.copyfile(loras[name], out / "loras" / f"{name}.safetensors")
